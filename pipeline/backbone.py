@@ -1,0 +1,133 @@
+"""The frozen VGG16 convolutional body: weights (ImageNet, a local file, or seeded random), normalisation, pooling."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import VGG16_Weights, vgg16
+from torchvision.models.vgg import cfgs, make_layers
+
+from pipeline import config
+from pipeline.config import FeatureConfig
+from pipeline.device import autocast, resolve_device, resolve_precision
+from pipeline.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def pool_features(fmap: torch.Tensor, pool: str) -> torch.Tensor:
+    """Pool the (B, 512, h, w) pool5 map into one (B, D) vector per image."""
+    if pool == "avg":
+        return F.adaptive_avg_pool2d(fmap, 1).flatten(1)
+    if pool == "max":
+        return F.adaptive_max_pool2d(fmap, 1).flatten(1)
+    if pool == "avgmax":
+        return torch.cat([F.adaptive_avg_pool2d(fmap, 1), F.adaptive_max_pool2d(fmap, 1)], dim=1).flatten(1)
+    if pool == "flatten":  # torchvision's own avgpool + flatten: the input of VGG16's classifier
+        return F.adaptive_avg_pool2d(fmap, config.FLATTEN_GRID).flatten(1)
+    raise ValueError(f"unknown pool {pool!r}")
+
+
+class VGG16Body(nn.Module):
+    """uint8 images (B, 3, H, W) -> pooled pool5 features (B, D), with the ImageNet normalisation built in."""
+
+    def __init__(self, features: nn.Sequential, pool: str, mean, std):
+        super().__init__()
+        self.features = features
+        self.pool = pool
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images.float() - self.mean) / self.std  # == convert_image_dtype then normalize, in one pass
+        return pool_features(self.features(x), self.pool)
+
+
+def vgg16_features(weights: str) -> nn.Sequential:
+    """The 31 layers of torchvision's `vgg16().features`, with the requested weights loaded."""
+    if weights == "imagenet":
+        return _imagenet_features()
+    layers = make_layers(cfgs["D"], batch_norm=False)
+    if weights == "none":
+        _seeded_init(layers)
+    else:
+        _load_state_dict(layers, Path(weights))
+    return layers
+
+
+def _seeded_init(layers: nn.Sequential) -> None:
+    """torchvision's VGG initialisation, from a fixed seed, without touching the global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.RANDOM_SEED)
+        for m in layers.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+
+
+def _imagenet_features() -> nn.Sequential:
+    weights = VGG16_Weights.IMAGENET1K_V1
+    _check_imagenet_transforms(weights)
+    try:
+        return vgg16(weights=weights).features
+    except Exception as e:  # no network, proxy, disk full: torch.hub raises many types
+        raise UserError(f"could not download {config.IMAGENET_WEIGHTS} ({type(e).__name__}: {e}); offline, use "
+                        "--weights PATH (a local VGG16 state dict) or --weights none (random init)") from None
+
+
+def _check_imagenet_transforms(weights: VGG16_Weights) -> None:
+    """The fast path plans with constants from config.py; they must be what torchvision says."""
+    t = weights.transforms()
+    found = (list(t.resize_size), list(t.crop_size), tuple(t.mean), tuple(t.std))
+    expected = ([config.IMAGENET_RESIZE], [config.IMAGENET_CROP], config.IMAGENET_MEAN, config.IMAGENET_STD)
+    if found != expected:
+        raise RuntimeError(f"torchvision's {config.IMAGENET_WEIGHTS} transforms changed: {found} != {expected}")
+
+
+def _load_state_dict(layers: nn.Sequential, path: Path) -> None:
+    """A full VGG16 state dict, or one holding only `features.*` (or the bare Sequential's keys)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"--weights {path}: not a loadable torch state dict ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict):
+        raise UserError(f"--weights {path}: expected a state dict, found a {type(state).__name__}")
+    body = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")} or state
+    try:
+        layers.load_state_dict(body, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        raise UserError(f"--weights {path}: not VGG16 convolution weights ({first})") from None
+
+
+def build_body(feature_cfg: FeatureConfig, weights: str) -> VGG16Body:
+    """The frozen, eval-mode body for a feature config; `weights` is the user's spec (imagenet|none|path)."""
+    identity = config.weights_identity(weights)
+    if identity != feature_cfg.weights:
+        raise UserError(f"weights {weights!r} are {identity}, but the features were made with {feature_cfg.weights}")
+    body = VGG16Body(vgg16_features(weights), feature_cfg.pool, feature_cfg.mean, feature_cfg.std)
+    body.requires_grad_(False)
+    return body.eval()
+
+
+class Extractor:
+    """A body placed on its device: uint8 image batches in, float32 numpy features out."""
+
+    def __init__(self, body: VGG16Body, device: str = "auto", precision: str = "auto"):
+        self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels once
+        self.body = body.to(self.device, memory_format=torch.channels_last).eval()
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor) -> np.ndarray:
+        x = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        with autocast(self.device, self.precision):
+            y = self.body(x)
+        return y.float().cpu().numpy()

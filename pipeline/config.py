@@ -1,0 +1,138 @@
+"""Frozen configs of the extract stage, and the fingerprint that names what a feature cache holds."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+
+from pipeline.errors import UserError
+
+POOLS = ("avg", "max", "avgmax", "flatten")
+DTYPES = ("float16", "float32")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DECODERS = ("cpu", "gpu")
+VGG16_CHANNELS = 512
+FLATTEN_GRID = 7  # torchvision's VGG avgpool: AdaptiveAvgPool2d((7, 7)), the input of the original classifier
+RANDOM_SEED = 0
+
+# torchvision's VGG16_Weights.IMAGENET1K_V1.transforms(): kept here so that planning an extraction (and the
+# "up to date" answer) needs no torch import; backbone.py checks them against torchvision when it loads the model.
+IMAGENET_WEIGHTS = "VGG16_Weights.IMAGENET1K_V1"
+IMAGENET_RESIZE, IMAGENET_CROP = 256, 224
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """Everything that defines the features in a cache; its hash is the cache's fingerprint.
+
+    Device, autocast precision and decoder are recorded beside it (`extraction`), not in it: they change
+    values only at the level of float rounding, so a cache made on a GPU serves a head used on a CPU.
+    """
+
+    weights: str  # "torchvision:<enum>", "sha256:<hex of the file>" or "random:seed=0,torch=<version>"
+    pool: str
+    image_size: int
+    resize_size: int
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
+    antialias: bool = True
+    dtype: str = "float16"
+    backbone: str = "torchvision.models.vgg16.features"
+
+    @property
+    def feature_dim(self) -> int:
+        return {"avg": 1, "max": 1, "avgmax": 2, "flatten": FLATTEN_GRID**2}[self.pool] * VGG16_CHANNELS
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FeatureConfig":
+        d = dict(d)
+        d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
+        return cls(**d)
+
+    def fingerprint(self) -> str:
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """What `pipeline extract` was asked to do."""
+
+    data: Path
+    out: Path | None = None
+    weights: str = "imagenet"  # imagenet | none | path to a state dict
+    pool: str = "avg"
+    image_size: int = 224
+    batch_size: int = 0  # 0: 256 on CUDA, 32 elsewhere
+    workers: int = -1  # -1: chosen from the device and the CPU count
+    device: str = "auto"
+    precision: str = "auto"
+    dtype: str = "float16"
+    decode: str = "cpu"
+    force: bool = False
+    verify: bool = False  # hash every file, not only those whose size or mtime changed
+    features_dir: Path = field(default=Path("features"))
+
+    def __post_init__(self):
+        _check_choice("--pool", self.pool, POOLS)
+        _check_choice("--dtype", self.dtype, DTYPES)
+        _check_choice("--device", self.device, DEVICES)
+        _check_choice("--precision", self.precision, PRECISIONS)
+        _check_choice("--decode", self.decode, DECODERS)
+        if not 32 <= self.image_size <= 1024:
+            raise UserError(f"--image-size {self.image_size} is out of range (expected 32 to 1024)")
+        if self.batch_size < 0:
+            raise UserError(f"--batch-size {self.batch_size} must be positive (or 0 for automatic)")
+
+
+def _check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UserError(f"{option} {value!r} is not one of {', '.join(choices)}")
+
+
+def sha256_file(path: Path, block: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def weights_identity(weights: str) -> str:
+    """Name the weights so that two caches compare equal only when they were made with the same numbers."""
+    if weights == "imagenet":
+        return f"torchvision:{IMAGENET_WEIGHTS}"
+    if weights == "none":
+        return f"random:seed={RANDOM_SEED},torch={version('torch')}"
+    path = Path(weights)
+    if not path.is_file():
+        raise UserError(f"--weights {weights!r} is not 'imagenet', 'none' or an existing state-dict file")
+    return f"sha256:{sha256_file(path)}"
+
+
+def feature_config(weights: str, pool: str, image_size: int, dtype: str) -> FeatureConfig:
+    """The feature definition for these options; resize keeps torchvision's 256/224 ratio at any crop size."""
+    resize = round(image_size * IMAGENET_RESIZE / IMAGENET_CROP)
+    return FeatureConfig(weights=weights_identity(weights), pool=pool, image_size=image_size, resize_size=resize, dtype=dtype)
+
+
+def library_versions() -> dict[str, str]:
+    names = ("vggcache", "torch", "torchvision", "numpy", "h5py", "pillow", "scikit-learn")
+    return {name: _version_or_none(name) for name in names}
+
+
+def _version_or_none(name: str) -> str:
+    try:
+        return version(name)
+    except Exception:  # not installed as a distribution (e.g. running from a source tree)
+        return "unknown"

@@ -1,0 +1,158 @@
+"""Find the images of a dataset (ImageFolder tree or CSV manifest), its splits and its label map."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.errors import UserError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+FLAT_SPLIT = "all"
+MANIFEST_HEADER = ("path", "label", "split")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image of the dataset: its split, its path relative to the dataset root, and its class name."""
+
+    split: str
+    path: str
+    label: str
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """What discovery found: where the images live, their class names (label order) and the images."""
+
+    root: Path
+    name: str
+    kind: str  # "folder" or "csv"
+    class_names: tuple[str, ...]
+    items: tuple[Item, ...]
+
+    def label_index(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.class_names)}
+
+    @property
+    def splits(self) -> list[str]:
+        return sorted({item.split for item in self.items})
+
+
+def is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def discover(source: Path) -> Dataset:
+    """Describe the dataset at `source`: a folder tree or a `.csv` manifest."""
+    source = Path(source)
+    if not source.exists():
+        raise UserError(f"data path not found: {source}")
+    if source.is_file():
+        if source.suffix.lower() != ".csv":
+            raise UserError(f"data path {source} is a file but not a .csv manifest (expected a folder or a .csv)")
+        items = _read_manifest(source)
+        root, name, kind = source.parent, source.stem, "csv"
+    else:
+        items = _scan_folder(source)
+        root, name, kind = source, source.resolve().name, "folder"
+    class_names = _class_names(items, source)
+    return Dataset(root=root, name=name, kind=kind, class_names=class_names, items=tuple(sorted(items, key=_order)))
+
+
+def _order(item: Item) -> tuple[str, str]:
+    return item.split, item.path
+
+
+def _visible_entries(folder: Path) -> list[os.DirEntry]:
+    with os.scandir(folder) as it:
+        return sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+
+
+def _images_below(folder: Path) -> list[str]:
+    """All image files under `folder`, recursively, as paths relative to it (sorted, '/'-separated)."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        rel = Path(dirpath).relative_to(folder)
+        found += [(rel / f).as_posix() for f in sorted(filenames) if is_image_name(f) and not f.startswith(".")]
+    return found
+
+
+def _scan_folder(root: Path) -> list[Item]:
+    """Split layout (root/<split>/<class>/...) when top-level folders hold class folders, else flat (root/<class>/...)."""
+    top = [e for e in _visible_entries(root) if e.is_dir()]
+    if not top:
+        raise UserError(f"no class folders in {root} (expected {root}/<class>/<image> or {root}/<split>/<class>/<image>)")
+    holds_images = {e.name: any(not c.is_dir() and is_image_name(c.name) for c in _visible_entries(Path(e.path))) for e in top}
+    if any(holds_images.values()):
+        bare = [name for name, has in holds_images.items() if not has]
+        if bare and all(any(c.is_dir() for c in _visible_entries(root / n)) for n in bare):
+            raise UserError(f"{root} mixes class folders with split folders ({', '.join(bare)}): use one layout")
+        return _scan_split(root, FLAT_SPLIT, prefix="")
+    items: list[Item] = []
+    for split in top:
+        items += _scan_split(Path(split.path), split.name, prefix=f"{split.name}/")
+    if not items:
+        raise UserError(f"no images found under {root} (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return items
+
+
+def _scan_split(folder: Path, split: str, prefix: str) -> list[Item]:
+    classes = [e for e in _visible_entries(folder) if e.is_dir()]
+    if not classes:
+        raise UserError(f"no class folders in {folder} (expected {folder}/<class>/<image>)")
+    items = []
+    for cls in classes:
+        items += [Item(split, f"{prefix}{cls.name}/{rel}", cls.name) for rel in _images_below(Path(cls.path))]
+    return items
+
+
+def _read_manifest(csv_path: Path) -> list[Item]:
+    """Rows `path,label[,split]` (an optional header row names them); paths are relative to the CSV's folder."""
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        rows = [(n, row) for n, row in enumerate(csv.reader(f), start=1) if any(cell.strip() for cell in row)]
+    if rows and tuple(c.strip().lower() for c in rows[0][1]) in (MANIFEST_HEADER[:2], MANIFEST_HEADER):
+        rows = rows[1:]
+    if not rows:
+        raise UserError(f"manifest {csv_path} lists no images (expected rows 'path,label[,split]')")
+    items, seen = [], {}
+    for line, row in rows:
+        item = _manifest_item(csv_path, line, row)
+        if item.path in seen:
+            raise UserError(f"manifest {csv_path} line {line}: {item.path} is already listed on line {seen[item.path]}")
+        seen[item.path] = line
+        items.append(item)
+    return items
+
+
+def _manifest_item(csv_path: Path, line: int, row: list[str]) -> Item:
+    cells = [c.strip() for c in row]
+    if len(cells) not in (2, 3) or not all(cells):
+        raise UserError(f"manifest {csv_path} line {line}: expected 'path,label[,split]', got {','.join(row)!r}")
+    path = Path(cells[0])
+    if path.is_absolute() or ".." in path.parts:
+        raise UserError(f"manifest {csv_path} line {line}: path {cells[0]!r} must be relative to the CSV's folder")
+    return Item(cells[2] if len(cells) == 3 else FLAT_SPLIT, path.as_posix(), cells[1])
+
+
+def _class_names(items: list[Item], source: Path) -> tuple[str, ...]:
+    """Class names come from the train split (or `all`) and must cover every other split."""
+    if not items:
+        raise UserError(f"no images found under {source} (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    splits = {item.split for item in items}
+    reference = next((s for s in ("train", FLAT_SPLIT) if s in splits), None)
+    if reference is None:
+        log.warning("no 'train' split in %s: class names are the union of all splits", source)
+        return tuple(sorted({item.label for item in items}))
+    names = sorted({item.label for item in items if item.split == reference})
+    unknown = sorted({(item.split, item.label) for item in items if item.label not in names})
+    if unknown:
+        split, label = unknown[0]
+        raise UserError(f"class {label!r} in split {split!r} is not a class of {reference!r} (classes: {', '.join(names)})")
+    return tuple(names)

@@ -1,0 +1,44 @@
+"""Resolve the device and the autocast precision once, and wrap only the forward pass in autocast."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from pipeline.errors import UserError
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` picks CUDA, then Apple's MPS, then the CPU; an explicit device that is absent is a user error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but torch sees no CUDA device (use --device auto or cpu)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps was asked for, but torch sees no MPS device (use --device auto or cpu)")
+    return torch.device(name)
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """`auto` is bf16 autocast on CUDA (tensor cores, fp32 range) and plain fp32 elsewhere (fastest and exact on CPUs)."""
+    if name == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if name == "fp16" and device.type == "cpu":
+        raise UserError("--precision fp16 is not supported on the CPU (use fp32 or bf16)")
+    return name
+
+
+def autocast(device: torch.device, precision: str):
+    """Autocast context for the forward pass alone; a no-op for fp32."""
+    dtype = _DTYPES[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+

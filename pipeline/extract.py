@@ -1,0 +1,264 @@
+"""The extract stage: plan what is new or changed, run the frozen body over it once, write a complete cache.
+
+read (reader.py, in DataLoader workers) -> embed (backbone.py) -> commit per batch (journal.py) -> write (store.py).
+torch is imported only when images must go through the model: an up-to-date rerun answers in about a second.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import store
+from pipeline.config import ExtractConfig, FeatureConfig, feature_config, library_versions, sha256_file
+from pipeline.data import Dataset, discover
+from pipeline.errors import Interrupted, UserError
+from pipeline.journal import Journal
+from pipeline.progress import Progress
+from pipeline.store import Record
+
+log = logging.getLogger(__name__)
+
+COMMIT_EVERY_S = 2.0  # batches are committed together at most this often: a kill loses at most ~2 s of work
+
+
+@dataclass
+class Plan:
+    """Every image with the record the cache will hold; `sources` says where done rows come from."""
+
+    records: list[Record] = field(default_factory=list)
+    sources: dict[str, str] = field(default_factory=dict)  # path -> "cache" | "journal"
+    todo: list[Record] = field(default_factory=list)
+
+
+@dataclass
+class ExtractSummary:
+    out: Path
+    fingerprint: str
+    up_to_date: bool
+    rows: dict[str, int]
+    extracted: int
+    failed: list[Record]
+    feature_dim: int
+    file_bytes: int
+    seconds: float
+    images_per_s: float
+
+
+def default_output(features_dir: Path, dataset_name: str, fcfg: FeatureConfig) -> Path:
+    return Path(features_dir) / f"{dataset_name}-{fcfg.fingerprint()}.h5"
+
+
+def partial_dir(out: Path) -> Path:
+    return Path(f"{out}.partial")
+
+
+def extract(cfg: ExtractConfig) -> ExtractSummary:
+    """Bring the cache for `cfg.data` up to date with the images on disk; resumable at any point."""
+    start = time.perf_counter()
+    dataset = discover(cfg.data)
+    fcfg = feature_config(cfg.weights, cfg.pool, cfg.image_size, cfg.dtype)
+    out = Path(cfg.out) if cfg.out else default_output(cfg.features_dir, dataset.name, fcfg)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    old_header, old_records = _previous_cache(out, fcfg, cfg.force)
+    with Journal(partial_dir(out), fcfg.fingerprint()) as journal:
+        if cfg.force:
+            journal.clear()
+        plan = make_plan(dataset, old_records, journal.entries, cfg.verify)
+        if old_header is not None and _unchanged(plan, old_header, old_records, dataset):
+            journal.remove()
+            log.info("%s is up to date (%d images)", out, len(old_records))
+            return _summary(out, fcfg, plan, 0, time.perf_counter() - start, 0.0, up_to_date=True)
+        extraction, model_seconds = old_header.extraction if old_header else {}, 0.0
+        if plan.todo:
+            extraction = _run_model(cfg, fcfg, dataset.root, plan.todo, journal)
+            model_seconds = extraction["seconds"]
+            plan = make_plan(dataset, old_records, journal.entries, verify=False)
+        header = _header(fcfg, dataset, old_header, extraction)
+        _write(out, header, plan, old_records, journal, fcfg.dtype)
+        journal.remove()
+    n_new = int(extraction.get("images", 0)) if model_seconds else 0
+    return _summary(out, fcfg, plan, n_new, time.perf_counter() - start, n_new / model_seconds if model_seconds else 0.0)
+
+
+def _previous_cache(out: Path, fcfg: FeatureConfig, force: bool) -> tuple[store.Header | None, list[Record]]:
+    """The existing cache at `out`, if it was made with this very config; anything else is refused or replaced."""
+    if force or not out.exists():
+        return None, []
+    try:
+        header, records = store.read_records(out)
+    except UserError as e:
+        raise UserError(f"{e}; refusing to overwrite it (use --force to replace it, or another --out)") from None
+    if header.fingerprint != fcfg.fingerprint():
+        changed = {k: (header.config.get(k), v) for k, v in fcfg.to_dict().items() if header.config.get(k) != v}
+        diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+        raise UserError(f"{out} holds features of extractor config {header.fingerprint}, this run's is "
+                        f"{fcfg.fingerprint()} ({diff}); use another --out, or --force to replace it")
+    return header, records
+
+
+def _stat(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def _done_before(prev: Record | None, size: int, mtime_ns: int, path: Path, verify: bool) -> Record | None:
+    """`prev` if it still describes the file: same size and mtime, or (after a touch or copy) the same content."""
+    if prev is None:
+        return None
+    if prev.size == size and prev.mtime_ns == mtime_ns and not (verify and prev.sha256):
+        return prev
+    if prev.ok and prev.sha256 and prev.size == size and sha256_file(path) == prev.sha256:
+        return replace(prev, mtime_ns=mtime_ns)
+    return None
+
+
+def make_plan(dataset: Dataset, cached: list[Record], journal: dict, verify: bool) -> Plan:
+    """Decide, image by image, whether its row is in the cache, in the journal, or still to be extracted."""
+    labels, old = dataset.label_index(), {r.path: r for r in cached}
+    plan = Plan()
+    for item in dataset.items:
+        path, label = dataset.root / item.path, labels[item.label]
+        stamp = _stat(path)
+        if stamp is None:
+            plan.records.append(Record(item.split, item.path, -1, -1, -1, "", "FileNotFoundError: listed but missing"))
+            continue
+        for source, prev in (("cache", old.get(item.path)), ("journal", journal.get(item.path, (None,))[0])):
+            done = _done_before(prev, *stamp, path, verify and source == "cache")
+            if done is not None:
+                plan.records.append(replace(done, split=item.split, label=label if done.ok else -1))
+                plan.sources[item.path] = source
+                break
+        else:
+            plan.todo.append(Record(item.split, item.path, label, *stamp))
+            plan.records.append(plan.todo[-1])
+    return plan
+
+
+def _unchanged(plan: Plan, header: store.Header, cached: list[Record], dataset: Dataset) -> bool:
+    return (not plan.todo and "journal" not in plan.sources.values() and list(dataset.class_names) == header.class_names
+            and set(plan.records) == set(cached))
+
+
+def _run_model(cfg: ExtractConfig, fcfg: FeatureConfig, root: Path, todo: list[Record], journal: Journal) -> dict:
+    """Embed `todo` in batches, committing to the journal as it goes; returns how the extraction ran."""
+    import torch
+
+    from pipeline.backbone import Extractor, build_body
+    from pipeline.reader import ImageFiles, make_loader
+
+    extractor = Extractor(build_body(fcfg, cfg.weights), cfg.device, cfg.precision)
+    on_cuda = extractor.device.type == "cuda"
+    batch_size = cfg.batch_size or (256 if on_cuda else 32)
+    workers = cfg.workers if cfg.workers >= 0 else default_workers(on_cuda)
+    files = ImageFiles(root, [r.path for r in todo], fcfg.resize_size, fcfg.image_size)
+    loader = make_loader(files, batch_size, workers, pin_memory=on_cuda)
+    log.info("extracting %d images on %s (%s), batch %d, %d workers", len(todo), extractor.device,
+             extractor.precision, batch_size, workers)
+    start = time.perf_counter()
+    _embed_all(extractor, loader, todo, journal, fcfg)
+    seconds = time.perf_counter() - start
+    return {"device": str(extractor.device), "precision": extractor.precision, "decode": cfg.decode,
+            "batch_size": batch_size, "workers": workers, "torch_threads": torch.get_num_threads(),
+            "weights_file": None if cfg.weights in ("imagenet", "none") else str(Path(cfg.weights).resolve()),
+            "images": len(todo), "seconds": round(seconds, 3), "images_per_s": round(len(todo) / seconds, 2)}
+
+
+def default_workers(on_cuda: bool) -> int:
+    """On a GPU, decoding is the bottleneck: many workers. On a CPU the model is: one worker keeps it fed."""
+    cores = os.cpu_count() or 1
+    return min(16, cores) if on_cuda else 1
+
+
+def _embed_all(extractor, loader, todo: list[Record], journal: Journal, fcfg: FeatureConfig) -> None:
+    pending_records, pending_features, last_commit = [], [], time.perf_counter()
+
+    def commit():
+        nonlocal pending_records, pending_features, last_commit
+        if pending_records:
+            journal.append(pending_records, np.concatenate(pending_features).astype(fcfg.dtype))
+        pending_records, pending_features, last_commit = [], [], time.perf_counter()
+
+    try:
+        with Progress(len(todo), "extract") as progress:
+            for batch in loader:
+                records, features = _embed_batch(extractor, batch, todo, fcfg.feature_dim)
+                pending_records += records
+                pending_features.append(features)
+                if time.perf_counter() - last_commit >= COMMIT_EVERY_S:
+                    commit()
+                progress.advance(len(records))
+        commit()
+    except KeyboardInterrupt:
+        commit()
+        raise Interrupted(f"interrupted: {len(journal.entries)} of {len(todo)} images are saved in {journal.directory}; "
+                          "rerun the same command to resume") from None
+
+
+def _embed_batch(extractor, batch: dict, todo: list[Record], dim: int) -> tuple[list[Record], np.ndarray]:
+    """One loader batch -> its records (failures included) and the feature rows of the images that decoded."""
+    errors, digests = batch["error"], batch["sha256"]
+    ok = [k for k, e in enumerate(errors) if not e]
+    images = batch["image"] if len(ok) == len(errors) else batch["image"][ok]
+    features = extractor(images) if ok else np.empty((0, dim), np.float32)
+    records = []
+    for k, index in enumerate(batch["index"].tolist()):
+        r = todo[index]
+        if errors[k]:
+            log.warning("skipped %s: %s", r.path, errors[k])
+        records.append(replace(r, sha256=digests[k], reason=errors[k], label=-1 if errors[k] else r.label))
+    return records, features
+
+
+def _header(fcfg: FeatureConfig, dataset: Dataset, old: store.Header | None, extraction: dict) -> store.Header:
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    source = {"root": str(dataset.root.resolve()), "kind": dataset.kind, "name": dataset.name}
+    return store.Header(fingerprint=fcfg.fingerprint(), config=fcfg.to_dict(), class_names=list(dataset.class_names),
+                        feature_dim=fcfg.feature_dim, source=source, extraction=extraction,
+                        versions=library_versions(), created=old.created if old else now, updated=now)
+
+
+def _write(out: Path, header: store.Header, plan: Plan, cached: list[Record], journal: Journal, dtype: str) -> None:
+    """Write the new cache from rows kept from the old one and rows in the journal, then swap it in."""
+    positions = store.row_positions(cached)
+    old = store.RowReader(out) if "cache" in plan.sources.values() else None
+
+    def fetch(rows: list[Record]) -> np.ndarray:
+        groups = defaultdict(list)
+        for i, r in enumerate(rows):
+            if plan.sources[r.path] == "cache":
+                split, row = positions[r.path]
+                groups["cache", split].append((i, row))
+            else:
+                groups["journal", journal.entries[r.path][1]].append((i, journal.entries[r.path][2]))
+        block = np.empty((len(rows), header.feature_dim), dtype)
+        for (kind, where), pairs in groups.items():
+            index, pos = (np.array(column) for column in zip(*pairs))
+            block[index] = old.rows(where, pos) if kind == "cache" else journal.rows(where, pos)
+        return block
+
+    try:
+        store.write_atomic(out, header, plan.records, fetch, dtype)
+    finally:
+        if old is not None:
+            old.close()
+
+
+def _summary(out: Path, fcfg: FeatureConfig, plan: Plan, extracted: int, seconds: float, rate: float,
+             up_to_date: bool = False) -> ExtractSummary:
+    rows = defaultdict(int)
+    for r in plan.records:
+        rows[r.split] += r.ok
+    return ExtractSummary(out=out, fingerprint=fcfg.fingerprint(), up_to_date=up_to_date, rows=dict(rows),
+                          extracted=extracted, failed=[r for r in plan.records if not r.ok],
+                          feature_dim=fcfg.feature_dim, file_bytes=out.stat().st_size, seconds=seconds, images_per_s=rate)
