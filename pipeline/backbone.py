@@ -52,22 +52,22 @@ def vgg16_features(weights: str) -> nn.Sequential:
     """The 31 layers of torchvision's `vgg16().features`, with the requested weights loaded."""
     if weights == "imagenet":
         return _imagenet_features()
-    layers = make_layers(cfgs["D"], batch_norm=False)
-    if weights == "none":
-        _seeded_init(layers)
-    else:
+    with torch.random.fork_rng(devices=[]):  # layer construction draws from the RNG too: keep the caller's intact
+        torch.manual_seed(config.RANDOM_SEED)
+        layers = make_layers(cfgs["D"], batch_norm=False)
+        if weights == "none":
+            _vgg_init(layers)
+    if weights != "none":
         _load_state_dict(layers, Path(weights))
     return layers
 
 
-def _seeded_init(layers: nn.Sequential) -> None:
-    """torchvision's VGG initialisation, from a fixed seed, without touching the global RNG."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.RANDOM_SEED)
-        for m in layers.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
+def _vgg_init(layers: nn.Sequential) -> None:
+    """torchvision's VGG initialisation of the convolutions (its constructor applies the same)."""
+    for m in layers.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(m.bias)
 
 
 def _imagenet_features() -> nn.Sequential:

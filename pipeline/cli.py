@@ -110,5 +110,19 @@ def info(file: Path = typer.Argument(..., help="A feature cache (.h5)."),
             typer.echo(f"  failed {f['path']}: {f['reason']}")
 
 
+@app.command("make-demo-data")
+@_user_errors
+def make_demo_data(out: Path = typer.Argument(Path("demo_data"), help="Folder to create."),
+                   train: int = typer.Option(40, help="Training images per class."),
+                   val: int = typer.Option(15, help="Validation images per class."),
+                   test: int = typer.Option(15, help="Test images per class."),
+                   seed: int = typer.Option(0, help="Random seed.")):
+    """Generate a small labelled JPEG folder (circle / square / stripes) to try the pipeline offline."""
+    from pipeline.synthetic import make_image_folder
+
+    make_image_folder(out, {"train": train, "val": val, "test": test}, size=(96, 72), seed=seed)
+    typer.echo(f"wrote {out}: 3 classes, {train}/{val}/{test} train/val/test images per class")
+
+
 def main() -> None:
     app()

@@ -1,0 +1,36 @@
+"""Shared fixtures: tiny image folders and a tiny saved VGG16 state dict, all built in tmp_path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.synthetic import make_image_folder
+
+SIZE = 32  # the smallest crop VGG16 accepts (five 2x2 max-pools): keeps a CPU forward in milliseconds
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """data/{train,val}/{circle,square,stripes}/*.jpg: 4 train and 2 val images per class."""
+    return make_image_folder(tmp_path / "data", {"train": 4, "val": 2}, size=(40, 36))
+
+
+@pytest.fixture(scope="session")
+def weights_file(tmp_path_factory) -> Path:
+    """A features-only VGG16 state dict with random weights, saved as a user's file would be."""
+    import torch
+    from torchvision.models import vgg16
+
+    torch.manual_seed(123)
+    path = tmp_path_factory.mktemp("weights") / "vgg16_features.pth"
+    torch.save({f"features.{k}": v for k, v in vgg16(weights=None).features.state_dict().items()}, path)
+    return path
+
+
+def extract_config(data: Path, out: Path, **kw):
+    from pipeline.config import ExtractConfig
+
+    return ExtractConfig(data=data, out=out, weights=kw.pop("weights", "none"), image_size=kw.pop("image_size", SIZE),
+                         batch_size=kw.pop("batch_size", 4), workers=kw.pop("workers", 0), **kw)

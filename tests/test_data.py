@@ -1,0 +1,82 @@
+"""Discovery: layouts, manifests, label maps, and a one-line error for every malformed input."""
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.data import FLAT_SPLIT, discover
+from pipeline.errors import UserError
+
+
+def touch(path: Path, data: bytes = b"x") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+def test_split_layout_finds_splits_classes_and_relative_paths(tmp_path):
+    for p in ["train/b/1.JPG", "train/a/2.png", "train/a/sub/3.jpeg", "val/a/4.webp", "train/a/notes.txt", "train/a/.hidden.jpg"]:
+        touch(tmp_path / p)
+    ds = discover(tmp_path)
+    assert ds.class_names == ("a", "b")
+    assert ds.splits == ["train", "val"]
+    assert [(i.split, i.path, i.label) for i in ds.items] == [
+        ("train", "train/a/2.png", "a"), ("train", "train/a/sub/3.jpeg", "a"), ("train", "train/b/1.JPG", "b"),
+        ("val", "val/a/4.webp", "a")]
+
+
+def test_flat_layout_is_split_all(tmp_path):
+    touch(tmp_path / "cats" / "1.jpg")
+    touch(tmp_path / "dogs" / "1.gif")
+    ds = discover(tmp_path)
+    assert ds.splits == [FLAT_SPLIT] and ds.class_names == ("cats", "dogs")
+    assert [i.path for i in ds.items] == ["cats/1.jpg", "dogs/1.gif"]
+
+
+def test_manifest_with_header_and_splits(tmp_path):
+    (tmp_path / "m.csv").write_text("path,label,split\nimg/1.jpg,cat,train\nimg/2.jpg,dog,train\nimg/3.jpg,cat,test\n")
+    ds = discover(tmp_path / "m.csv")
+    assert ds.kind == "csv" and ds.root == tmp_path and ds.name == "m"
+    assert ds.class_names == ("cat", "dog")
+    assert [(i.split, i.path) for i in ds.items] == [("test", "img/3.jpg"), ("train", "img/1.jpg"), ("train", "img/2.jpg")]
+
+
+def test_manifest_without_header_is_split_all(tmp_path):
+    (tmp_path / "m.csv").write_text("a.jpg,x\nb.jpg,y\n")
+    assert {i.split for i in discover(tmp_path / "m.csv").items} == {FLAT_SPLIT}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("path,label\na.jpg\n", "line 2: expected 'path,label[,split]'"),
+    ("a.jpg,x,train,extra\n", "line 1: expected"),
+    ("a.jpg,,train\n", "line 1: expected"),
+    ("/abs/a.jpg,x\n", "must be relative"),
+    ("a.jpg,x\na.jpg,y\n", "a.jpg is already listed on line 1"),
+    ("path,label\n", "lists no images"),
+    ("a.jpg,x,train\nb.jpg,z,val\n", "class 'z' in split 'val' is not a class of 'train'"),
+])
+def test_malformed_manifest_is_a_user_error(tmp_path, text, message):
+    (tmp_path / "m.csv").write_text(text)
+    with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        discover(tmp_path / "m.csv")
+
+
+def test_unknown_class_in_val_is_named(tmp_path):
+    touch(tmp_path / "train" / "a" / "1.jpg")
+    touch(tmp_path / "val" / "zebra" / "1.jpg")
+    with pytest.raises(UserError, match="class 'zebra' in split 'val' is not a class of 'train'"):
+        discover(tmp_path)
+
+
+def test_bad_paths_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="data path not found"):
+        discover(tmp_path / "missing")
+    with pytest.raises(UserError, match="no class folders"):
+        discover(tmp_path)
+    touch(tmp_path / "loose.jpg")
+    with pytest.raises(UserError, match="no class folders"):
+        discover(tmp_path)
+    with pytest.raises(UserError, match="not a .csv manifest"):
+        discover(tmp_path / "loose.jpg")
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    with pytest.raises(UserError, match="no images found"):
+        discover(tmp_path)

@@ -1,0 +1,79 @@
+"""Decoding: every Pillow mode becomes RGB, EXIF orientation is applied, bad files become reasons, never crashes."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.models import VGG16_Weights
+
+from pipeline.reader import ImageFiles, open_image, preprocess
+
+
+def encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("make, expected", [
+    (lambda: Image.new("L", (8, 8), 100), (100, 100, 100)),
+    (lambda: Image.new("RGBA", (8, 8), (10, 20, 30, 0)), (10, 20, 30)),
+    (lambda: Image.new("CMYK", (8, 8), (0, 0, 0, 0)), (255, 255, 255)),
+    (lambda: Image.fromarray(np.full((8, 8), 65535, np.uint16)), (255, 255, 255)),
+    (lambda: Image.fromarray(np.full((8, 8), 32896, np.uint16)), (128, 128, 128)),
+])
+def test_modes_convert_to_rgb(make, expected):
+    img = open_image(encode(make(), "TIFF"))
+    assert img.mode == "RGB"
+    assert img.getpixel((3, 3)) == expected
+
+
+def test_palette_with_transparency_converts_to_rgb():
+    img = Image.new("P", (8, 8), 1)
+    img.putpalette([0, 0, 0, 200, 100, 50] + [0] * 762)
+    out = open_image(encode(img, "PNG", transparency=0))
+    assert out.mode == "RGB" and out.getpixel((0, 0)) == (200, 100, 50)
+
+
+def test_exif_orientation_is_applied():
+    img = Image.new("RGB", (40, 20), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    assert open_image(encode(img, "JPEG", exif=exif.tobytes())).size == (20, 40)
+
+
+def test_jpeg_draft_decodes_near_target_size_not_below():
+    big = Image.new("RGB", (1600, 1200), (0, 128, 255))
+    img = open_image(encode(big, "JPEG"), draft_size=256)
+    assert min(img.size) >= 256 and img.size[0] <= 800  # decoded at 1/4 scale (400x300), not at full size
+
+
+def test_preprocess_matches_torchvision_imagenet_transforms():
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8))
+    ours = preprocess(img, 256, 224)
+    assert ours.dtype == torch.uint8 and ours.shape == (3, 224, 224)
+    theirs = VGG16_Weights.IMAGENET1K_V1.transforms()(img)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    torch.testing.assert_close((ours.float() / 255 - mean) / std, theirs)
+
+
+def test_bad_files_are_reported_not_raised(tmp_path, monkeypatch):
+    good = encode(Image.new("RGB", (64, 64), (1, 2, 3)), "JPEG")
+    files = {"ok.jpg": good, "empty.jpg": b"", "text.png": b"hello, not an image",
+             "truncated.jpg": good[: len(good) // 2], "bomb.png": encode(Image.new("RGB", (200, 200)), "PNG")}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200 * 200 - 1)  # 1x to 2x the limit: Pillow only warns
+    ds = ImageFiles(tmp_path, list(files) + ["missing.jpg"], 36, 32)
+    errors = {ds.paths[i]: ds[i]["error"] for i in range(len(ds))}
+    assert errors["ok.jpg"] == ""
+    assert errors["empty.jpg"] == "empty file (0 bytes)"
+    assert errors["text.png"] == "not a decodable image (19 bytes)"
+    assert "truncated" in errors["truncated.jpg"].lower()
+    assert "DecompressionBomb" in errors["bomb.png"]
+    assert errors["missing.jpg"].startswith("FileNotFoundError")
+    item = ds[5]  # missing: nothing was read, so no digest
+    assert item["image"].shape == (3, 32, 32) and item["sha256"] == ""
