@@ -26,7 +26,9 @@ from pipeline.store import Record
 
 log = logging.getLogger(__name__)
 
-COMMIT_EVERY_S = 2.0  # batches are committed together at most this often: a kill loses at most ~2 s of work
+# Batches are committed together at most this often, so a kill loses at most ~2 s of work and a fast GPU does not
+# fsync hundreds of tiny shards a second. Tests set 0 to commit every batch.
+COMMIT_EVERY_S = float(os.environ.get("VGGCACHE_COMMIT_EVERY_S", "2.0"))
 
 
 @dataclass

@@ -1,0 +1,193 @@
+"""The extract stage end to end: values, bad images, incremental updates, no-op reruns, and resume after kill -9."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import SIZE, extract_config
+from pipeline import backbone, extract as extract_module, store
+from pipeline.backbone import Extractor, build_body
+from pipeline.config import feature_config
+from pipeline.errors import UserError
+from pipeline.extract import extract
+from pipeline.reader import open_image, preprocess
+from pipeline.synthetic import make_image_folder
+
+
+def read_all(path: Path) -> dict:
+    """Every dataset of every split, as numpy arrays, plus the root attrs that do not depend on time."""
+    with h5py.File(path) as f:
+        out = {f"{s}/{k}": f[s][k][:] for s in f for k in f[s]}
+        out["class_names"] = f.attrs["class_names"]
+        out["config"] = f.attrs["config"]
+    return out
+
+
+def assert_same_cache(a: Path, b: Path) -> None:
+    x, y = read_all(a), read_all(b)
+    assert x.keys() == y.keys()
+    for key in x:
+        if key.endswith("mtimes_ns"):
+            continue
+        assert np.array_equal(x[key], y[key]), key
+
+
+def test_rows_equal_a_direct_forward_of_each_image(image_folder, tmp_path, weights_file):
+    out = tmp_path / "f.h5"
+    s = extract(extract_config(image_folder, out, weights=str(weights_file), dtype="float32", batch_size=5))
+    assert s.rows == {"train": 12, "val": 6} and s.extracted == 18 and not s.failed
+    fcfg = feature_config(str(weights_file), "avg", SIZE, "float32")
+    extractor = Extractor(build_body(fcfg, str(weights_file)), "cpu")
+    for split in ("train", "val"):
+        got = store.read_split(out, split)
+        images = torch.stack([preprocess(open_image((image_folder / p).read_bytes(), fcfg.resize_size),
+                                         fcfg.resize_size, SIZE) for p in got.paths])
+        np.testing.assert_allclose(got.features, extractor(images), rtol=1e-5, atol=1e-6)
+        names = ["circle", "square", "stripes"]
+        assert [names[i] for i in got.labels] == [p.split("/")[1] for p in got.paths]
+
+
+def test_bad_images_are_skipped_and_recorded(image_folder, tmp_path):
+    (image_folder / "train/circle/zero.jpg").write_bytes(b"")
+    (image_folder / "train/circle/text.PNG").write_bytes(b"plain text")
+    good = (image_folder / "train/square/00000.jpg").read_bytes()
+    (image_folder / "val/square/cut.jpg").write_bytes(good[: len(good) // 3])
+    Image.new("L", (40, 40), 7).save(image_folder / "train/stripes/grey.png")
+    Image.new("CMYK", (40, 40)).save(image_folder / "train/stripes/cmyk.jpg")
+    s = extract(extract_config(image_folder, tmp_path / "f.h5"))
+    reasons = {r.path: r.reason for r in s.failed}
+    assert set(reasons) == {"train/circle/zero.jpg", "train/circle/text.PNG", "val/square/cut.jpg"}
+    assert reasons["train/circle/zero.jpg"] == "empty file (0 bytes)"
+    assert s.rows == {"train": 14, "val": 6}
+    train = store.read_split(tmp_path / "f.h5", "train")
+    assert len(train.paths) == len(train.labels) == train.features.shape[0] == 14
+    assert np.isfinite(train.features).all()
+
+
+def test_rerun_is_a_no_op_without_loading_the_model(image_folder, tmp_path, monkeypatch):
+    out = tmp_path / "f.h5"
+    extract(extract_config(image_folder, out))
+    before = out.stat().st_mtime_ns
+    monkeypatch.setattr(backbone, "build_body", lambda *a: pytest.fail("the model was loaded"))
+    s = extract(extract_config(image_folder, out))
+    assert s.up_to_date and s.extracted == 0 and out.stat().st_mtime_ns == before
+    assert not Path(f"{out}.partial").exists()
+
+
+def test_added_removed_changed_and_touched_files(image_folder, tmp_path):
+    out = tmp_path / "f.h5"
+    extract(extract_config(image_folder, out))
+    old = store.read_split(out, "train")
+    make_image_folder(tmp_path / "more", {"train": 1}, size=(40, 36), seed=9)
+    (tmp_path / "more/train/circle/00000.jpg").rename(image_folder / "train/circle/new.jpg")
+    (image_folder / "train/square/00001.jpg").unlink()
+    changed = image_folder / "train/stripes/00002.jpg"
+    Image.new("RGB", (40, 36), (250, 10, 10)).save(changed)
+    os.utime(image_folder / "train/circle/00000.jpg", ns=(1, 1))  # touched: same bytes, new mtime
+    s = extract(extract_config(image_folder, out))
+    assert s.extracted == 2 and not s.up_to_date
+    new = store.read_split(out, "train")
+    assert "train/circle/new.jpg" in new.paths and "train/square/00001.jpg" not in new.paths
+    row = lambda split, p: split.features[split.paths.index(p)]
+    assert not np.array_equal(row(old, "train/stripes/00002.jpg"), row(new, "train/stripes/00002.jpg"))
+    assert np.array_equal(row(old, "train/circle/00000.jpg"), row(new, "train/circle/00000.jpg"))
+    assert extract(extract_config(image_folder, out)).up_to_date
+    fresh = tmp_path / "fresh.h5"
+    extract(extract_config(image_folder, fresh))
+    assert_same_cache(out, fresh)
+
+
+def test_other_config_never_writes_into_an_existing_cache(image_folder, tmp_path):
+    out = tmp_path / "f.h5"
+    extract(extract_config(image_folder, out))
+    with pytest.raises(UserError, match=r"holds features of extractor config .*pool: 'avg' -> 'max'.*--force"):
+        extract(extract_config(image_folder, out, pool="max"))
+    s = extract(extract_config(image_folder, None, pool="max", features_dir=tmp_path))
+    assert s.out.name.startswith("data-") and s.out != out and s.feature_dim == 512
+    s = extract(extract_config(image_folder, out, pool="avgmax", force=True))
+    assert store.read_header(out).config["pool"] == "avgmax" and s.extracted == 18
+
+
+def test_default_name_carries_the_fingerprint(image_folder, tmp_path):
+    s = extract(extract_config(image_folder, None, features_dir=tmp_path / "features"))
+    assert s.out == tmp_path / "features" / f"data-{s.fingerprint}.h5"
+    assert store.read_header(s.out).fingerprint == feature_config("none", "avg", SIZE, "float16").fingerprint()
+
+
+def test_damaged_shards_are_ignored_and_redone(image_folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(extract_module, "COMMIT_EVERY_S", 0.0)
+    out = tmp_path / "f.h5"
+    real = extract_module._write
+
+    def crash_before_writing(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(extract_module, "_write", crash_before_writing)
+    with pytest.raises(KeyboardInterrupt):
+        extract(extract_config(image_folder, out))
+    partial = Path(f"{out}.partial")
+    (partial / "000001.json").write_text("{ truncated")
+    (partial / "000002.npy").unlink()
+    monkeypatch.setattr(extract_module, "_write", real)
+    s = extract(extract_config(image_folder, out))
+    assert s.extracted == 8 and not partial.exists()  # shards 1 and 2 (4 images each) were redone
+    reference = tmp_path / "ref.h5"
+    extract(extract_config(image_folder, reference))
+    assert_same_cache(out, reference)
+
+
+CLI = [sys.executable, "-m", "pipeline", "-q", "extract"]
+
+
+def run_until(args, env, condition, sig=signal.SIGKILL, timeout=60):
+    proc = subprocess.Popen(CLI + args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + timeout
+    while proc.poll() is None and not condition() and time.time() < deadline:
+        time.sleep(0.005)
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out + err
+
+
+def test_resume_after_kill_9_at_several_points_matches_an_uninterrupted_run(tmp_path):
+    data = make_image_folder(tmp_path / "data", {"train": 12, "val": 4}, size=(48, 40))
+    env = dict(os.environ, VGGCACHE_COMMIT_EVERY_S="0")
+    args = lambda out: [str(data), "--out", str(out), "--weights", "none", "--image-size", "48",
+                        "--batch-size", "4", "--workers", "0", "--dtype", "float32"]
+    reference = tmp_path / "ref.h5"
+    assert subprocess.run(CLI + args(reference), env=env, capture_output=True).returncode == 0
+    out = tmp_path / "f.h5"
+    partial = Path(f"{out}.partial")
+    shards = lambda n: (lambda: len(list(partial.glob("0*.json"))) >= n)
+    codes = []
+    for condition in (shards(1), shards(5), lambda: Path(f"{out}.tmp").exists()):
+        codes.append(run_until(args(out), env, condition)[0])
+        if codes[-1] == 0:
+            break
+    assert codes[0] == -signal.SIGKILL and set(codes) <= {-signal.SIGKILL, 0}
+    code, output = run_until(args(out), env, lambda: False)
+    assert code == 0, output
+    assert_same_cache(out, reference)
+    assert not partial.exists() and not Path(f"{out}.tmp").exists()
+
+
+def test_ctrl_c_exits_130_and_says_how_to_resume(tmp_path):
+    data = make_image_folder(tmp_path / "data", {"train": 12}, size=(48, 40))
+    out = tmp_path / "f.h5"
+    env = dict(os.environ, VGGCACHE_COMMIT_EVERY_S="0")
+    args = [str(data), "--out", str(out), "--weights", "none", "--image-size", "48", "--batch-size", "4", "--workers", "0"]
+    code, output = run_until(args, env, lambda: len(list(Path(f"{out}.partial").glob("0*.json"))) >= 1, signal.SIGINT)
+    assert code == 130, output
+    assert "rerun the same command to resume" in output and "Traceback" not in output
+    code, output = run_until(args, env, lambda: False)
+    assert code == 0 and len(store.read_split(out, "train").paths) == 36
