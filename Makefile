@@ -10,7 +10,12 @@ OUT ?=
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test extract info clean
+RUN ?=
+IMAGES ?=
+FEATURES ?=
+HEAD ?= logreg
+
+.PHONY: help install demo test extract info train-head evaluate predict runs bench clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
@@ -27,6 +32,8 @@ demo: $(STAMP)  ## Generate a small dataset and run the whole job on it (offline
 	$(PY) -m pipeline make-demo-data demo_data
 	$(PY) -m pipeline extract demo_data --weights none --image-size 64 --out features/demo.h5
 	$(PY) -m pipeline info features/demo.h5
+	$(PY) -m pipeline train-head features/demo.h5 --head logreg --out models/demo-logreg-$$(date +%Y%m%d-%H%M%S)
+	$(PY) -m pipeline evaluate $$(ls -d models/demo-logreg-* | tail -1) --split test
 
 test: $(STAMP)  ## Run the test suite
 	$(PY) -m pytest -q
@@ -37,6 +44,21 @@ extract: $(STAMP)  ## Extract features: make extract DATA=path [WEIGHTS=imagenet
 
 info: $(STAMP)  ## Summarise a feature cache: make info FEATURES=file.h5
 	$(PY) -m pipeline info "$(FEATURES)"
+
+train-head: $(STAMP)  ## Train a head: make train-head FEATURES=file.h5 [HEAD=logreg|linear] [ARGS=...]
+	@test -n "$(FEATURES)" || { echo "usage: make train-head FEATURES=file.h5 [HEAD=logreg|linear] [ARGS=...]" >&2; exit 2; }
+	$(PY) -m pipeline train-head "$(FEATURES)" --head "$(HEAD)" $(ARGS)
+
+evaluate: $(STAMP)  ## Score a run: make evaluate RUN=models/NAME [ARGS="--features f.h5 --split test"]
+	@test -n "$(RUN)" || { echo "usage: make evaluate RUN=models/NAME [ARGS=...]" >&2; exit 2; }
+	$(PY) -m pipeline evaluate "$(RUN)" $(ARGS)
+
+predict: $(STAMP)  ## Predict images: make predict RUN=models/NAME IMAGES="a.jpg folder/" [ARGS="--out p.csv"]
+	@test -n "$(RUN)" -a -n "$(IMAGES)" || { echo "usage: make predict RUN=models/NAME IMAGES=... [ARGS=...]" >&2; exit 2; }
+	$(PY) -m pipeline predict "$(RUN)" $(IMAGES) $(ARGS)
+
+runs: $(STAMP)  ## Compare every saved run under models/
+	$(PY) -m pipeline runs models $(ARGS)
 
 clean:  ## Remove the demo data, caches and trained heads (keeps .venv)
 	rm -rf demo_data features/*.h5 features/*.partial models/*/

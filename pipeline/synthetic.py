@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-SHAPES = ("circle", "square", "stripes")
+SHAPES = ("circle", "checks", "stripes")
 
 
 def draw(shape: str, size: tuple[int, int], rng: np.random.Generator) -> Image.Image:
-    """One image of `shape` on a noisy background; colour, position and scale vary, so the task is not trivial."""
+    """One image of `shape` on a noisy background; colours, position and scale vary, so the task is not trivial."""
     w, h = size
     background = rng.integers(0, 256, 3)
     pixels = np.clip(background + rng.normal(0, 25, (h, w, 3)), 0, 255).astype(np.uint8)
@@ -22,8 +22,11 @@ def draw(shape: str, size: tuple[int, int], rng: np.random.Generator) -> Image.I
     cx, cy = int(rng.uniform(r, w - r)), int(rng.uniform(r, h - r))
     if shape == "circle":
         pen.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
-    elif shape == "square":
-        pen.rectangle([cx - r, cy - r, cx + r, cy + r], fill=colour)
+    elif shape == "checks":
+        step = max(2, r // 2)
+        for x in range(0, w, step):
+            for y in range((x // step) % 2 * step, h, 2 * step):
+                pen.rectangle([x, y, x + step - 1, y + step - 1], fill=colour)
     else:
         step = max(2, r // 2)
         for x in range(0, w, 2 * step):

@@ -13,7 +13,7 @@ SIZE = 32  # the smallest crop VGG16 accepts (five 2x2 max-pools): keeps a CPU f
 
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
-    """data/{train,val}/{circle,square,stripes}/*.jpg: 4 train and 2 val images per class."""
+    """data/{train,val}/{circle,checks,stripes}/*.jpg: 4 train and 2 val images per class."""
     return make_image_folder(tmp_path / "data", {"train": 4, "val": 2}, size=(40, 36))
 
 

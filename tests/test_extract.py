@@ -52,20 +52,20 @@ def test_rows_equal_a_direct_forward_of_each_image(image_folder, tmp_path, weigh
         images = torch.stack([preprocess(open_image((image_folder / p).read_bytes(), fcfg.resize_size),
                                          fcfg.resize_size, SIZE) for p in got.paths])
         np.testing.assert_allclose(got.features, extractor(images), rtol=1e-5, atol=1e-6)
-        names = ["circle", "square", "stripes"]
+        names = ["circle", "checks", "stripes"]
         assert [names[i] for i in got.labels] == [p.split("/")[1] for p in got.paths]
 
 
 def test_bad_images_are_skipped_and_recorded(image_folder, tmp_path):
     (image_folder / "train/circle/zero.jpg").write_bytes(b"")
     (image_folder / "train/circle/text.PNG").write_bytes(b"plain text")
-    good = (image_folder / "train/square/00000.jpg").read_bytes()
-    (image_folder / "val/square/cut.jpg").write_bytes(good[: len(good) // 3])
+    good = (image_folder / "train/checks/00000.jpg").read_bytes()
+    (image_folder / "val/checks/cut.jpg").write_bytes(good[: len(good) // 3])
     Image.new("L", (40, 40), 7).save(image_folder / "train/stripes/grey.png")
     Image.new("CMYK", (40, 40)).save(image_folder / "train/stripes/cmyk.jpg")
     s = extract(extract_config(image_folder, tmp_path / "f.h5"))
     reasons = {r.path: r.reason for r in s.failed}
-    assert set(reasons) == {"train/circle/zero.jpg", "train/circle/text.PNG", "val/square/cut.jpg"}
+    assert set(reasons) == {"train/circle/zero.jpg", "train/circle/text.PNG", "val/checks/cut.jpg"}
     assert reasons["train/circle/zero.jpg"] == "empty file (0 bytes)"
     assert s.rows == {"train": 14, "val": 6}
     train = store.read_split(tmp_path / "f.h5", "train")
@@ -89,14 +89,14 @@ def test_added_removed_changed_and_touched_files(image_folder, tmp_path):
     old = store.read_split(out, "train")
     make_image_folder(tmp_path / "more", {"train": 1}, size=(40, 36), seed=9)
     (tmp_path / "more/train/circle/00000.jpg").rename(image_folder / "train/circle/new.jpg")
-    (image_folder / "train/square/00001.jpg").unlink()
+    (image_folder / "train/checks/00001.jpg").unlink()
     changed = image_folder / "train/stripes/00002.jpg"
     Image.new("RGB", (40, 36), (250, 10, 10)).save(changed)
     os.utime(image_folder / "train/circle/00000.jpg", ns=(1, 1))  # touched: same bytes, new mtime
     s = extract(extract_config(image_folder, out))
     assert s.extracted == 2 and not s.up_to_date
     new = store.read_split(out, "train")
-    assert "train/circle/new.jpg" in new.paths and "train/square/00001.jpg" not in new.paths
+    assert "train/circle/new.jpg" in new.paths and "train/checks/00001.jpg" not in new.paths
     row = lambda split, p: split.features[split.paths.index(p)]
     assert not np.array_equal(row(old, "train/stripes/00002.jpg"), row(new, "train/stripes/00002.jpg"))
     assert np.array_equal(row(old, "train/circle/00000.jpg"), row(new, "train/circle/00000.jpg"))

@@ -1,0 +1,108 @@
+"""The predict stage: rebuild the run's exact extractor, embed new images, apply the head, write one row per image."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.config import FeatureConfig
+from pipeline.data import is_image_name
+from pipeline.errors import UserError
+from pipeline.runs import Run, load_run
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ("path", "predicted", "probability", "top_k", "error")
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    run: Path
+    images: tuple[Path, ...]
+    out: Path | None = None  # None: CSV on stdout
+    top_k: int = 3
+    weights: str | None = None  # the weights file, when the run's features came from one and it has moved
+    batch_size: int = 32
+    workers: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+
+
+def collect_images(paths: tuple[Path, ...]) -> list[str]:
+    """Files as given; folders searched recursively for image extensions."""
+    found = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found += sorted(str(f) for f in p.rglob("*") if f.is_file() and is_image_name(f.name))
+        elif p.is_file():
+            found.append(str(p))
+        else:
+            raise UserError(f"image path not found: {p}")
+    if not found:
+        raise UserError(f"no images found in {', '.join(map(str, paths))}")
+    return found
+
+
+def weights_for(run: Run, override: str | None) -> str:
+    """The --weights spec that rebuilds the run's extractor; build_body then checks it is the very same."""
+    identity = run.info["features"]["config"]["weights"]
+    if identity.startswith("torchvision:"):
+        return "imagenet"
+    if identity.startswith("random:"):
+        return "none"
+    path = override or run.info["features"].get("weights_file")
+    if not path or not Path(path).is_file():
+        raise UserError(f"run {run.folder.name} needs the weights file with {identity} "
+                        f"(recorded at {path}); pass it with --weights PATH")
+    return path
+
+
+def predict(cfg: PredictConfig) -> list[dict]:
+    """One row per image (predicted class, its probability, the top-k, or the error), written as CSV to cfg.out."""
+    from pipeline.backbone import Extractor, build_body
+    from pipeline.reader import ImageFiles, make_loader
+
+    run = load_run(cfg.run)
+    head = run.load_head()
+    fcfg = FeatureConfig.from_dict(run.info["features"]["config"])
+    paths = collect_images(cfg.images)
+    extractor = Extractor(build_body(fcfg, weights_for(run, cfg.weights)), cfg.device, cfg.precision)
+    loader = make_loader(ImageFiles(Path(""), paths, fcfg.resize_size, fcfg.image_size), cfg.batch_size, cfg.workers,
+                         pin_memory=extractor.device.type == "cuda")
+    rows = []
+    for batch in loader:
+        ok = [k for k, e in enumerate(batch["error"]) if not e]
+        proba = np.zeros((len(ok), len(run.class_names)))
+        if ok:
+            # round through the cache's storage dtype: the head was trained on exactly such values
+            features = extractor(batch["image"][ok]).astype(fcfg.dtype).astype(np.float32)
+            proba[:, head.classes_] = head.predict_proba(features)
+        by_k = dict(zip(ok, proba))
+        rows += [_row(paths[i], by_k.get(k), batch["error"][k], run.class_names, cfg.top_k)
+                 for k, i in enumerate(batch["index"].tolist())]
+    write_csv(rows, cfg.out)
+    return rows
+
+
+def _row(path: str, proba, error: str, names: list[str], k: int) -> dict:
+    if proba is None:
+        return {"path": path, "predicted": "", "probability": "", "top_k": "", "error": error, "proba": None}
+    order = np.argsort(-proba, kind="stable")[:k]
+    return {"path": path, "predicted": names[order[0]], "probability": f"{proba[order[0]]:.6f}",
+            "top_k": ";".join(f"{names[j]}:{proba[j]:.4f}" for j in order), "error": "", "proba": proba}
+
+
+def write_csv(rows: list[dict], out: Path | None) -> None:
+    f = open(out, "w", newline="") if out else sys.stdout
+    try:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    finally:
+        if out:
+            f.close()
