@@ -27,10 +27,10 @@ def test_extract_then_info(image_folder, tmp_path):
     assert again.exit_code == 0 and "up to date" in again.output
     info = invoke("info", out, "--json")
     d = json.loads(info.stdout)
-    assert d["splits"]["train"]["per_class"] == {"circle": 4, "checks": 4, "stripes": 4}
+    assert d["splits"]["train"]["per_class"] == {"checks": 4, "circle": 4, "stripes": 4}
     assert d["splits"]["train"]["failed"][0]["path"] == "train/circle/broken.jpg"
     text = invoke("info", out)
-    assert "split train: 12 rows (circle 4, checks 4, stripes 4), 1 failed" in text.output
+    assert "split train: 12 rows (checks 4, circle 4, stripes 4), 1 failed" in text.output
 
 
 def error_cases(tmp_path, image_folder):

@@ -52,7 +52,7 @@ def test_rows_equal_a_direct_forward_of_each_image(image_folder, tmp_path, weigh
         images = torch.stack([preprocess(open_image((image_folder / p).read_bytes(), fcfg.resize_size),
                                          fcfg.resize_size, SIZE) for p in got.paths])
         np.testing.assert_allclose(got.features, extractor(images), rtol=1e-5, atol=1e-6)
-        names = ["circle", "checks", "stripes"]
+        names = ["checks", "circle", "stripes"]
         assert [names[i] for i in got.labels] == [p.split("/")[1] for p in got.paths]
 
 
