@@ -1,0 +1,167 @@
+"""train-head, evaluate, predict and runs: on synthetic feature files and end to end on tiny images."""
+
+import csv
+import json
+
+import h5py
+import numpy as np
+import pytest
+from sklearn.datasets import make_blobs
+from typer.testing import CliRunner
+
+from conftest import SIZE
+from pipeline import store
+from pipeline.cli import app
+from pipeline.errors import UserError
+from pipeline.evaluate import evaluate_run
+from pipeline.runs import load_run
+from pipeline.store import Header, Record
+from pipeline.train import HeadConfig, TrainConfig, train_head
+
+runner = CliRunner()
+
+
+def feature_file(path, splits=("train", "val", "test"), fingerprint="f" * 12, n=90, classes=("a", "b", "c"), seed=0):
+    """A cache of separable blobs, written through the real schema."""
+    X, y = make_blobs(n_samples=n * len(splits), centers=len(classes), n_features=16, cluster_std=1.5, random_state=seed)
+    records, rows = [], {}
+    for i, (x, label) in enumerate(zip(X, y)):
+        split = splits[i % len(splits)]
+        records.append(Record(split, f"{split}/{i:04d}.jpg", int(label), 1, 1, "0" * 64))
+        rows[records[-1].path] = x
+    header = Header(fingerprint=fingerprint, config={"pool": "avg", "weights": "random:x"}, class_names=list(classes),
+                    feature_dim=16)
+    store.write_atomic(path, header, records, lambda rs: np.stack([rows[r.path] for r in rs]), "float32")
+    return path
+
+
+@pytest.mark.parametrize("kind", ["logreg", "linear"])
+def test_train_head_chooses_on_val_scores_test_and_saves_everything(tmp_path, kind):
+    f = feature_file(tmp_path / "f.h5")
+    run = train_head(TrainConfig(features=f, out=tmp_path / "run", head=HeadConfig(kind=kind, device="cpu")))
+    assert {p.name for p in run.folder.iterdir()} == {"run.json", "metrics.json", "report.txt", "confusion_matrix.png",
+                                                      "head.joblib" if kind == "logreg" else "head.pt"}
+    assert run.metrics["val"]["accuracy"] > 0.95 and run.metrics["test"]["accuracy"] > 0.95
+    info = json.loads((run.folder / "run.json").read_text())
+    assert len(info["sweep"]) == (7 if kind == "logreg" else 4)
+    best = max(info["sweep"], key=lambda s: (s["val_accuracy"], -s["val_log_loss"]))
+    assert info["head"]["params"] == best["params"]
+    assert info["features"]["fingerprint"] == "f" * 12 and info["features"]["class_names"] == ["a", "b", "c"]
+    assert set(run.metrics["test"]) >= {"accuracy", "balanced_accuracy", "macro_f1", "log_loss", "per_class", "confusion_matrix"}
+    assert "macro-F1" in (run.folder / "report.txt").read_text()
+    reloaded = load_run(run.folder).load_head()
+    test = store.read_split(f, "test")
+    assert (reloaded.predict(test.features) == test.labels).mean() == run.metrics["test"]["accuracy"]
+
+
+def test_without_val_split_a_stratified_fraction_of_train_is_held_out(tmp_path):
+    f = feature_file(tmp_path / "f.h5", splits=("train",), n=100)
+    run = train_head(TrainConfig(features=f, out=tmp_path / "run", val_fraction=0.25, head=HeadConfig(C=1.0)))
+    assert run.info["splits"]["n_val"] == 25 and run.info["splits"]["n_train"] == 75
+    assert "0.25 of 'train', stratified, seed 0" == run.info["splits"]["val"]
+    assert "test" not in run.metrics and len(run.info["sweep"]) == 1
+
+
+def test_top5_reported_beyond_five_classes(tmp_path):
+    f = feature_file(tmp_path / "f.h5", classes=tuple("abcdefg"), n=140)
+    run = train_head(TrainConfig(features=f, out=tmp_path / "run", head=HeadConfig(C=1.0)))
+    assert 0.95 < run.metrics["val"]["top5_accuracy"] <= 1.0
+
+
+def test_evaluate_refuses_features_of_another_extractor(tmp_path):
+    run = train_head(TrainConfig(features=feature_file(tmp_path / "f.h5"), out=tmp_path / "run"))
+    other = feature_file(tmp_path / "other.h5", fingerprint="0" * 12)
+    with pytest.raises(UserError, match=r"made by extractor config 000000000000 .* trained on ffffffffffff"):
+        evaluate_run(run.folder, other, "test")
+    metrics, split, _ = evaluate_run(run.folder, None, None)
+    assert split == "test" and metrics["accuracy"] == run.metrics["test"]["accuracy"]
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_stage_two_errors_exit_2_with_one_line(tmp_path):
+    good = feature_file(tmp_path / "f.h5")
+    (tmp_path / "junk.h5").write_bytes(b"junk")
+    with h5py.File(tmp_path / "foreign.h5", "w") as f:
+        f["x"] = [1]
+    one_class = feature_file(tmp_path / "one.h5", classes=("a",))
+    cases = [
+        (["train-head", tmp_path / "missing.h5"], "feature file not found"),
+        (["train-head", tmp_path / "junk.h5"], "is not a readable HDF5 file"),
+        (["train-head", tmp_path / "foreign.h5"], "not a vggcache feature file"),
+        (["train-head", good, "--train-split", "nope"], "has no split 'nope'"),
+        (["train-head", one_class], "has one class only ('a')"),
+        (["train-head", good, "--head", "svm"], "--head 'svm' is not one of logreg, linear"),
+        (["evaluate", tmp_path / "no-run"], "run folder not found"),
+    ]
+    run = train_head(TrainConfig(features=good, out=tmp_path / "run", head=HeadConfig(C=1.0)))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "run.json").write_text("{}")
+    cases.append((["evaluate", tmp_path / "broken"], "missing metrics.json"))
+    cases.append((["evaluate", run.folder, "--split", "nope"], "has no split 'nope'"))
+    for args, message in cases:
+        result = invoke(*args)
+        assert result.exit_code == 2 and message in result.output, (args, result.output)
+        assert len(result.output.strip().splitlines()) == 1, result.output
+    (run.folder / "head.joblib").write_bytes(b"tampered")
+    result = invoke("evaluate", run.folder)
+    assert result.exit_code == 2 and "does not match the sha256" in result.output
+    (run.folder / "head.joblib").unlink()
+    result = invoke("evaluate", run.folder)
+    assert result.exit_code == 2 and "missing its head file head.joblib" in result.output
+
+
+def test_runs_table_sorted_by_validation_score(tmp_path):
+    f = feature_file(tmp_path / "f.h5")
+    train_head(TrainConfig(features=f, out=tmp_path / "models" / "strong", head=HeadConfig(C=1.0)))
+    train_head(TrainConfig(features=f, out=tmp_path / "models" / "weak", head=HeadConfig(C=1e-6)))
+    result = invoke("runs", tmp_path / "models", "--json")
+    rows = json.loads(result.stdout)
+    assert [r["name"] for r in rows] == ["strong", "weak"] and rows[0]["val_accuracy"] > rows[1]["val_accuracy"]
+    text = invoke("runs", tmp_path / "models").output
+    assert text.index("strong") < text.index("weak") and "C=1e-06" in text
+
+
+def test_end_to_end_on_tiny_images(image_folder, tmp_path, weights_file):
+    out = tmp_path / "f.h5"
+    fast = ["--image-size", SIZE, "--batch-size", 8, "--workers", 0]
+    assert invoke("extract", image_folder, "--out", out, "--weights", weights_file, *fast).exit_code == 0
+    for kind in ("logreg", "linear"):
+        result = invoke("train-head", out, "--head", kind, "--out", tmp_path / kind, "--device", "cpu")
+        assert result.exit_code == 0, result.output
+        assert "accuracy" in result.output and (tmp_path / kind / "confusion_matrix.png").stat().st_size > 10_000
+        result = invoke("evaluate", tmp_path / kind, "--split", "train", "--json")
+        assert result.exit_code == 0 and json.loads(result.stdout)["n"] == 12
+
+        # predict on training images == the head applied to their cached rows
+        train = store.read_split(out, "train")
+        (image_folder / "bad.jpg").write_bytes(b"broken")
+        images = [image_folder / p for p in train.paths[:3]] + [image_folder / "bad.jpg"]
+        result = invoke("predict", tmp_path / kind, *images, "--out", tmp_path / "p.csv", "--top-k", 2, "--device", "cpu")
+        assert result.exit_code == 0, result.output
+        rows = list(csv.DictReader(open(tmp_path / "p.csv")))
+        head = load_run(tmp_path / kind).load_head()
+        expected = head.predict_proba(train.features[:3])
+        names = ["checks", "circle", "stripes"]
+        for row, p in zip(rows[:3], expected):
+            assert row["predicted"] == names[p.argmax()]
+            assert float(row["probability"]) == pytest.approx(p.max(), abs=1e-5)
+            assert len(row["top_k"].split(";")) == 2
+        assert rows[3]["error"] == "not a decodable image (6 bytes)" and rows[3]["predicted"] == ""
+        (image_folder / "bad.jpg").unlink()
+
+
+def test_predict_refuses_other_weights(image_folder, tmp_path, weights_file):
+    out = tmp_path / "f.h5"
+    invoke("extract", image_folder, "--out", out, "--weights", weights_file, "--image-size", SIZE, "--workers", 0)
+    invoke("train-head", out, "--out", tmp_path / "run", "--C", 1)
+    other = tmp_path / "other.pth"
+    import torch
+
+    state = torch.load(weights_file)
+    state["features.0.bias"] = state["features.0.bias"] + 1
+    torch.save(state, other)
+    result = invoke("predict", tmp_path / "run", image_folder, "--weights", other)
+    assert result.exit_code == 2 and "but the features were made with sha256:" in result.output
