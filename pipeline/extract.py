@@ -46,7 +46,9 @@ class ExtractSummary:
     fingerprint: str
     up_to_date: bool
     rows: dict[str, int]
-    extracted: int
+    extracted: int  # went through the model in this run
+    reused: int  # rows kept from the previous cache
+    resumed: int  # rows finished by an earlier, interrupted run
     failed: list[Record]
     feature_dim: int
     file_bytes: int
@@ -261,6 +263,8 @@ def _summary(out: Path, fcfg: FeatureConfig, plan: Plan, extracted: int, seconds
     rows = defaultdict(int)
     for r in plan.records:
         rows[r.split] += r.ok
+    sources = list(plan.sources.values())
     return ExtractSummary(out=out, fingerprint=fcfg.fingerprint(), up_to_date=up_to_date, rows=dict(rows),
-                          extracted=extracted, failed=[r for r in plan.records if not r.ok],
+                          extracted=extracted, reused=sources.count("cache"),
+                          resumed=sources.count("journal") - extracted, failed=[r for r in plan.records if not r.ok],
                           feature_dim=fcfg.feature_dim, file_bytes=out.stat().st_size, seconds=seconds, images_per_s=rate)

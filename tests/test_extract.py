@@ -94,7 +94,7 @@ def test_added_removed_changed_and_touched_files(image_folder, tmp_path):
     Image.new("RGB", (40, 36), (250, 10, 10)).save(changed)
     os.utime(image_folder / "train/circle/00000.jpg", ns=(1, 1))  # touched: same bytes, new mtime
     s = extract(extract_config(image_folder, out))
-    assert s.extracted == 2 and not s.up_to_date
+    assert (s.extracted, s.reused, s.resumed) == (2, 16, 0) and not s.up_to_date
     new = store.read_split(out, "train")
     assert "train/circle/new.jpg" in new.paths and "train/checks/00001.jpg" not in new.paths
     row = lambda split, p: split.features[split.paths.index(p)]
@@ -139,7 +139,7 @@ def test_damaged_shards_are_ignored_and_redone(image_folder, tmp_path, monkeypat
     (partial / "000002.npy").unlink()
     monkeypatch.setattr(extract_module, "_write", real)
     s = extract(extract_config(image_folder, out))
-    assert s.extracted == 8 and not partial.exists()  # shards 1 and 2 (4 images each) were redone
+    assert (s.extracted, s.resumed) == (8, 10) and not partial.exists()  # shards 1 and 2 (4 images each) redone
     reference = tmp_path / "ref.h5"
     extract(extract_config(image_folder, reference))
     assert_same_cache(out, reference)
