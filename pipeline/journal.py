@@ -46,8 +46,10 @@ class Journal:
         self.directory.mkdir(parents=True, exist_ok=True)
         self._lock = open(self.directory / "lock", "w")
         try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            # A POSIX record lock, not flock: DataLoader workers are forked and would inherit an flock, keeping it
+            # held after a kill -9 of the main process for as long as the orphaned workers live.
+            fcntl.lockf(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
             self._lock.close()
             raise UserError(f"another extraction is writing {self.directory} (its lock is held); wait for it to end") from None
         self._load()

@@ -1,0 +1,61 @@
+"""The journal's lock: one writer at a time, and a killed writer never keeps the next run out."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pipeline.errors import UserError
+from pipeline.journal import Journal
+from pipeline.store import Record
+
+HOLD = """
+import os, sys, time
+from pipeline.journal import Journal
+j = Journal(sys.argv[1], "fp").__enter__()
+child = os.fork()
+if child == 0:  # like a DataLoader worker: forked while the lock is held, so it inherits the descriptor
+    time.sleep(60)
+    os._exit(0)
+print(child, flush=True)
+if sys.argv[2] == "die":
+    os._exit(0)  # no cleanup, as under kill -9; the forked child lives on
+time.sleep(60)
+"""
+
+
+def hold(directory, mode):
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(directory), mode], stdout=subprocess.PIPE, text=True)
+    return proc, int(proc.stdout.readline())
+
+
+def test_a_second_writer_is_refused(tmp_path):
+    proc, child = hold(tmp_path / "j", "stay")
+    try:
+        with pytest.raises(UserError, match="another extraction is writing"):
+            Journal(tmp_path / "j", "fp").__enter__()
+    finally:
+        proc.kill()
+        subprocess.run(["kill", "-9", str(child)])
+
+
+def test_orphaned_forked_workers_do_not_hold_the_lock(tmp_path):
+    proc, child = hold(tmp_path / "j", "die")
+    proc.wait()
+    try:
+        with Journal(tmp_path / "j", "fp") as journal:
+            assert journal.entries == {}
+    finally:
+        subprocess.run(["kill", "-9", str(child)])
+
+
+def test_shards_survive_reopening_and_another_fingerprint_discards_them(tmp_path):
+    records = [Record("train", "a.jpg", 0, 1, 1, "x"), Record("train", "b.jpg", -1, 1, 1, "", "empty file (0 bytes)")]
+    with Journal(tmp_path / "j", "fp") as journal:
+        journal.append(records, np.ones((1, 4), np.float16))
+    with Journal(tmp_path / "j", "fp") as journal:
+        assert journal.entries["a.jpg"] == (records[0], 0, 0) and journal.entries["b.jpg"] == (records[1], 0, -1)
+        assert journal.rows(0, np.array([0])).tolist() == [[1.0] * 4]
+    with Journal(tmp_path / "j", "other") as journal:
+        assert journal.entries == {}
