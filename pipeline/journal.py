@@ -56,6 +56,8 @@ class Journal:
         return self
 
     def __exit__(self, *exc) -> None:
+        if not self._shards and self.directory.exists():
+            self.remove()  # nothing worth resuming (e.g. the model failed to load): leave no empty folder behind
         if self._lock is not None:
             self._lock.close()  # closing the file releases the lock
             self._lock = None
