@@ -191,3 +191,23 @@ def test_ctrl_c_exits_130_and_says_how_to_resume(tmp_path):
     assert "rerun the same command to resume" in output and "Traceback" not in output
     code, output = run_until(args, env, lambda: False)
     assert code == 0 and len(store.read_split(out, "train").paths) == 36
+
+
+def test_csv_manifest_relabel_keeps_features_and_missing_files_are_recorded(image_folder, tmp_path, monkeypatch):
+    manifest = image_folder / "m.csv"
+    manifest.write_text("path,label,split\ntrain/circle/00000.jpg,round,train\ntrain/checks/00000.jpg,grid,train\n"
+                        "val/circle/00000.jpg,round,val\nval/gone.jpg,grid,val\n")
+    out = tmp_path / "m.h5"
+    s = extract(extract_config(manifest, out))
+    assert s.rows == {"train": 2, "val": 1} and [(r.path, r.reason) for r in s.failed] == [
+        ("val/gone.jpg", "FileNotFoundError: listed but missing")]
+    before = store.read_split(out, "train")
+    manifest.write_text(manifest.read_text().replace("train/checks/00000.jpg,grid", "train/checks/00000.jpg,round"))
+    monkeypatch.setattr(backbone, "build_body", lambda *a: pytest.fail("relabelling must not run the model"))
+    with pytest.raises(UserError, match="class 'grid' in split 'val' is not a class of 'train'"):
+        extract(extract_config(manifest, out))
+    manifest.write_text(manifest.read_text().replace("val/gone.jpg,grid", "val/gone.jpg,round"))
+    s = extract(extract_config(manifest, out))
+    after = store.read_split(out, "train")
+    assert s.extracted == 0 and store.read_header(out).class_names == ["round"]
+    assert after.labels.tolist() == [0, 0] and np.array_equal(after.features, before.features)
