@@ -159,23 +159,35 @@ def _run_model(cfg: ExtractConfig, fcfg: FeatureConfig, root: Path, todo: list[R
     import torch
 
     from pipeline.backbone import Extractor, build_body
-    from pipeline.reader import ImageFiles, make_loader
 
     extractor = Extractor(build_body(fcfg, cfg.weights), cfg.device, cfg.precision)
     on_cuda = extractor.device.type == "cuda"
+    if cfg.decode == "gpu" and not on_cuda:
+        raise UserError(f"--decode gpu needs a CUDA device, and this run is on {extractor.device} (use --decode cpu)")
     batch_size = cfg.batch_size or (256 if on_cuda else 32)
     workers = cfg.workers if cfg.workers >= 0 else default_workers(on_cuda)
-    files = ImageFiles(root, [r.path for r in todo], fcfg.resize_size, fcfg.image_size)
-    loader = make_loader(files, batch_size, workers, pin_memory=on_cuda)
-    log.info("extracting %d images on %s (%s), batch %d, %d workers", len(todo), extractor.device,
-             extractor.precision, batch_size, workers)
+    batches = _batches(cfg.decode, root, [r.path for r in todo], fcfg, batch_size, workers, extractor.device)
+    log.info("extracting %d images on %s (%s), batch %d, %d workers, %s decode", len(todo), extractor.device,
+             extractor.precision, batch_size, workers, cfg.decode)
     start = time.perf_counter()
-    _embed_all(extractor, loader, todo, journal, fcfg)
+    _embed_all(extractor, batches, todo, journal, fcfg)
     seconds = time.perf_counter() - start
     return {"device": str(extractor.device), "precision": extractor.precision, "decode": cfg.decode,
             "batch_size": batch_size, "workers": workers, "torch_threads": torch.get_num_threads(),
             "weights_file": None if cfg.weights in ("imagenet", "none") else str(Path(cfg.weights).resolve()),
             "images": len(todo), "seconds": round(seconds, 3), "images_per_s": round(len(todo) / seconds, 2)}
+
+
+def _batches(decode: str, root: Path, paths: list[str], fcfg: FeatureConfig, batch_size: int, workers: int, device):
+    """Batches of {index, image (uint8), error, sha256}: decoded by Pillow in workers, or by nvJPEG on the GPU."""
+    from pipeline import reader
+
+    if decode == "cpu":
+        files = reader.ImageFiles(root, paths, fcfg.resize_size, fcfg.image_size)
+        return reader.make_loader(files, batch_size, workers, pin_memory=device.type == "cuda")
+    files = reader.EncodedFiles(root, paths, fcfg.resize_size, fcfg.image_size)
+    loader = reader.make_encoded_loader(files, batch_size, workers)
+    return (reader.decode_on_device(items, fcfg.resize_size, fcfg.image_size, device) for items in loader)
 
 
 def default_workers(on_cuda: bool) -> int:

@@ -82,3 +82,81 @@ def make_loader(dataset: ImageFiles, batch_size: int, workers: int, pin_memory: 
     """Batches in dataset order; workers decode and resize so the main process only runs the model."""
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=pin_memory,
                       prefetch_factor=4 if workers else None, persistent_workers=False)
+
+
+# --- opt-in batched decoding on the GPU (`--decode gpu`): workers only read bytes and parse headers -------------
+
+_EXIF_ORIENTATION = 0x0112
+
+
+def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
+    """Apply an EXIF orientation (1-8) to a CHW tensor, as PIL's ImageOps.exif_transpose does to an image."""
+    ops = {2: lambda x: x.flip(-1), 3: lambda x: x.flip(-2, -1), 4: lambda x: x.flip(-2),
+           5: lambda x: x.transpose(-2, -1), 6: lambda x: torch.rot90(x, -1, (-2, -1)),
+           7: lambda x: x.transpose(-2, -1).flip(-2, -1), 8: lambda x: torch.rot90(x, 1, (-2, -1))}
+    return ops[orientation](image) if orientation in ops else image
+
+
+class EncodedFiles(ImageFiles):
+    """Baseline RGB/greyscale JPEGs come back as raw bytes for nvJPEG; anything else is decoded here on the CPU."""
+
+    def __getitem__(self, index: int) -> dict:
+        item = {"index": index, "raw": None, "orientation": 1, "image": None, "error": "", "sha256": ""}
+        data = None
+        try:
+            data = (self.root / self.paths[index]).read_bytes()
+            item["sha256"] = hashlib.sha256(data).hexdigest()
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                header = Image.open(io.BytesIO(data))  # parses the header only: size, mode, EXIF
+            if header.format == "JPEG" and header.mode in ("RGB", "L"):
+                item["raw"] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                item["orientation"] = int(header.getexif().get(_EXIF_ORIENTATION, 1))
+            else:
+                item["image"] = preprocess(open_image(data, self.resize_size), self.resize_size, self.crop_size)
+        except Exception as e:
+            item["error"] = describe_failure(e, None if data is None else len(data))
+        return item
+
+
+def decode_on_device(items: list[dict], resize_size: int, crop_size: int, device) -> dict:
+    """A batch from EncodedFiles -> the same dict ImageFiles batches give, images already on `device`."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    raw = [k for k, it in enumerate(items) if it["raw"] is not None]
+    decoded = {}
+    if raw:
+        try:
+            decoded = dict(zip(raw, decode_jpeg([items[k]["raw"] for k in raw], mode=ImageReadMode.RGB, device=device)))
+        except RuntimeError:  # one bad file fails the whole batched call: decode one by one to find it
+            decoded = _decode_one_by_one(items, raw, device)
+    images, errors = [], [it["error"] for it in items]
+    for k, it in enumerate(items):
+        if k in decoded:
+            img = orient(decoded[k], it["orientation"])
+            img = TF.center_crop(TF.resize(img, resize_size, interpolation=InterpolationMode.BILINEAR, antialias=True), crop_size)
+        elif it["image"] is not None:
+            img = it["image"].to(device)
+        else:
+            errors[k] = errors[k] or "not decodable by nvJPEG"
+            img = torch.zeros(3, crop_size, crop_size, dtype=torch.uint8, device=device)
+        images.append(img)
+    return {"index": torch.tensor([it["index"] for it in items]), "image": torch.stack(images), "error": errors,
+            "sha256": [it["sha256"] for it in items]}
+
+
+def _decode_one_by_one(items: list[dict], raw: list[int], device) -> dict:
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    decoded = {}
+    for k in raw:
+        try:
+            decoded[k] = decode_jpeg(items[k]["raw"], mode=ImageReadMode.RGB, device=device)
+        except RuntimeError as e:
+            items[k]["error"] = f"RuntimeError: {e}".strip()[:300]
+    return decoded
+
+
+def make_encoded_loader(dataset: EncodedFiles, batch_size: int, workers: int) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=list,
+                      prefetch_factor=4 if workers else None)

@@ -63,6 +63,7 @@ def test_every_input_error_exits_2_with_one_line(tmp_path, image_folder):
     ("--weights", "nowhere.pth", "is not 'imagenet', 'none' or an existing state-dict file"),
     ("--image-size", "16", "--image-size 16 is out of range"),
     ("--device", "tpu", "--device 'tpu' is not one of"),
+    ("--decode", "gpu", "--decode gpu needs a CUDA device"),
 ])
 def test_bad_options_exit_2(image_folder, option, value, message):
     args = [a for a in FAST]

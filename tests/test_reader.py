@@ -77,3 +77,46 @@ def test_bad_files_are_reported_not_raised(tmp_path, monkeypatch):
     assert errors["missing.jpg"].startswith("FileNotFoundError")
     item = ds[5]  # missing: nothing was read, so no digest
     assert item["image"].shape == (3, 32, 32) and item["sha256"] == ""
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_tensor_orientation_matches_pillow(orientation):
+    from PIL import ImageOps
+
+    from pipeline.reader import orient
+
+    arr = np.random.default_rng(orientation).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    img = Image.fromarray(arr)
+    exif = img.getexif()
+    exif[0x0112] = orientation
+    img.info["exif"] = exif.tobytes()
+    expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(encode(img, "PNG", exif=exif.tobytes())))))
+    got = orient(torch.from_numpy(arr).permute(2, 0, 1), orientation).permute(1, 2, 0).numpy()
+    assert np.array_equal(got, expected)
+
+
+def test_batched_jpeg_decode_path_matches_pillow_path_on_cpu(tmp_path):
+    """The --decode gpu code path, run with device='cpu' (nvJPEG is not here): same images as the Pillow path."""
+    from pipeline.reader import EncodedFiles, decode_on_device
+
+    rng = np.random.default_rng(0)
+    smooth = np.kron(rng.integers(0, 256, (12, 16, 3)), np.ones((8, 8, 1))).astype(np.uint8)  # 96x128, JPEG-friendly
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    files = {"a.jpg": encode(Image.fromarray(smooth), "JPEG", quality=95),
+             "rot.jpg": encode(Image.fromarray(smooth), "JPEG", quality=95, exif=exif.tobytes()),
+             "b.png": encode(Image.fromarray(smooth), "PNG"), "cmyk.jpg": encode(Image.new("CMYK", (50, 40)), "JPEG"),
+             "bad.jpg": b"\xff\xd8\xff garbage"}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    names = list(files)
+    encoded, plain = EncodedFiles(tmp_path, names, 73, 64), ImageFiles(tmp_path, names, 73, 64)
+    assert encoded[0]["raw"] is not None and encoded[1]["orientation"] == 6
+    assert encoded[2]["image"] is not None and encoded[3]["image"] is not None  # PNG, CMYK: decoded in the worker
+    batch = decode_on_device([encoded[i] for i in range(5)], 73, 64, "cpu")
+    assert batch["image"].shape == (5, 3, 64, 64) and batch["index"].tolist() == [0, 1, 2, 3, 4]
+    assert batch["error"][:4] == ["", "", "", ""] and batch["error"][4]
+    for i in range(4):
+        diff = (batch["image"][i].float() - plain[i]["image"].float()).abs().mean()
+        assert diff < 3, (names[i], diff)
+    assert batch["sha256"][0] == plain[0]["sha256"]
