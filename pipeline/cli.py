@@ -56,10 +56,10 @@ def extract(
     weights: str = typer.Option("imagenet", help="imagenet (torchvision download), none (seeded random init), or a local state-dict file."),
     pool: str = typer.Option("avg", help="avg (512), max (512), avgmax (1024) or flatten (25088)."),
     image_size: int = typer.Option(224, help="Centre-crop side; images are resized to 256/224 of it first."),
-    batch_size: int = typer.Option(0, help="Images per forward [default: 256 on CUDA, 32 elsewhere]."),
+    batch_size: int = typer.Option(0, help="Images per forward [default: 256 on CUDA, 8 elsewhere]."),
     workers: int = typer.Option(-1, help="DataLoader decode workers [default: 16 on CUDA (at most the cores), 1 on CPU]."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
-    precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 elsewhere), fp32, bf16 or fp16."),
+    precision: str = typer.Option("auto", help="auto (bf16 on CUDA and on CPUs with native bf16, else fp32), fp32, bf16 or fp16."),
     dtype: str = typer.Option("float16", help="Storage dtype of the features: float16 or float32."),
     decode: str = typer.Option("cpu", help="cpu (Pillow in workers) or gpu (batched nvJPEG, CUDA only)."),
     force: bool = typer.Option(False, "--force", help="Rebuild from scratch, replacing any existing file."),
@@ -169,13 +169,14 @@ def predict(run: Path = typer.Argument(..., help="A run folder made by train-hea
             top_k: int = typer.Option(3, help="Classes listed per image."),
             weights: Optional[str] = typer.Option(None, help="The weights file, if the run's has moved (checked by sha256)."),
             batch_size: int = typer.Option(32, help="Images per forward."),
-            device: str = typer.Option("auto", help="auto, cpu, cuda or mps.")):
+            device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
+            precision: str = typer.Option("auto", help="auto (as the run's features were extracted), fp32, bf16 or fp16.")):
     """Predict classes of new images with a saved run: same extractor as its features, then its head."""
     from pipeline.predict import PredictConfig
     from pipeline.predict import predict as run_predict
 
     rows = run_predict(PredictConfig(run=run, images=tuple(images), out=out, top_k=top_k, weights=weights,
-                                     batch_size=batch_size, device=device))
+                                     batch_size=batch_size, device=device, precision=precision))
     if out:
         failed = sum(bool(r["error"]) for r in rows)
         typer.echo(f"wrote {out}: {len(rows)} images, {failed} unreadable")

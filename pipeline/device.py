@@ -26,10 +26,19 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with bf16 instructions (AVX512-BF16, AMX), where oneDNN runs bf16 convolutions ~2x faster."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a private check: absent from some builds
+        return False
+
+
 def resolve_precision(name: str, device: torch.device) -> str:
-    """`auto` is bf16 autocast on CUDA (tensor cores, fp32 range) and plain fp32 elsewhere (fastest and exact on CPUs)."""
+    """`auto`: bf16 autocast on CUDA and on CPUs with native bf16, fp32 elsewhere (emulated bf16 is slower)."""
     if name == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
+        native = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+        return "bf16" if native else "fp32"
     if name == "fp16" and device.type == "cpu":
         raise UserError("--precision fp16 is not supported on the CPU (use fp32 or bf16)")
     return name

@@ -30,7 +30,7 @@ class PredictConfig:
     batch_size: int = 32
     workers: int = 0
     device: str = "auto"
-    precision: str = "auto"
+    precision: str = "auto"  # auto: as the run's features were extracted (fp32 or bf16), else the device's default
 
 
 def collect_images(paths: tuple[Path, ...]) -> list[str]:
@@ -62,6 +62,12 @@ def weights_for(run: Run, override: str | None) -> str:
     return path
 
 
+def precision_for(run: Run, asked: str) -> str:
+    """By default, the precision the training features were extracted with, so a cached image predicts the same."""
+    recorded = run.info["features"].get("precision")
+    return recorded if asked == "auto" and recorded in ("fp32", "bf16") else asked
+
+
 def predict(cfg: PredictConfig) -> list[dict]:
     """One row per image (predicted class, its probability, the top-k, or the error), written as CSV to cfg.out."""
     from pipeline.backbone import Extractor, build_body
@@ -71,7 +77,7 @@ def predict(cfg: PredictConfig) -> list[dict]:
     head = run.load_head()
     fcfg = FeatureConfig.from_dict(run.info["features"]["config"])
     paths = collect_images(cfg.images)
-    extractor = Extractor(build_body(fcfg, weights_for(run, cfg.weights)), cfg.device, cfg.precision)
+    extractor = Extractor(build_body(fcfg, weights_for(run, cfg.weights)), cfg.device, precision_for(run, cfg.precision))
     loader = make_loader(ImageFiles(Path(""), paths, fcfg.resize_size, fcfg.image_size), cfg.batch_size, cfg.workers,
                          pin_memory=extractor.device.type == "cuda")
     rows = []

@@ -58,7 +58,8 @@ def save_run(folder: Path, head, info: dict, metrics: dict, header: store.Header
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **info,
             "features": {"path": str(Path(features).resolve()), "fingerprint": header.fingerprint,
                          "config": header.config, "class_names": header.class_names,
-                         "weights_file": header.extraction.get("weights_file")},
+                         "weights_file": header.extraction.get("weights_file"),
+                         "precision": header.extraction.get("precision")},
             "versions": library_versions(), "head_file": head_path.name, "head_sha256": sha256_file(head_path)}
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (folder / "run.json").write_text(json.dumps(info, indent=2))  # written last: a folder with run.json is complete

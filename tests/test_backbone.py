@@ -2,6 +2,8 @@
 
 from urllib.error import URLError
 
+import numpy as np
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -32,7 +34,7 @@ def test_body_equals_direct_torchvision_forward(weights_file, pool, dim):
         expected = {"avg": F.adaptive_avg_pool2d(fmap, 1).flatten(1), "max": F.adaptive_max_pool2d(fmap, 1).flatten(1),
                     "avgmax": torch.cat([F.adaptive_avg_pool2d(fmap, 1).flatten(1), F.adaptive_max_pool2d(fmap, 1).flatten(1)], 1),
                     "flatten": torch.flatten(reference.avgpool(fmap), 1)}[pool]
-    got = Extractor(body, "cpu")(images)
+    got = Extractor(body, "cpu", "fp32")(images)
     assert got.shape == (3, dim)
     torch.testing.assert_close(torch.from_numpy(got), expected, rtol=1e-4, atol=1e-5)
 
@@ -84,3 +86,11 @@ def test_imagenet_download_failure_names_the_offline_options(monkeypatch):
     monkeypatch.setattr(backbone, "vgg16", offline)
     with pytest.raises(UserError, match=r"--weights PATH .* --weights none"):
         vgg16_features("imagenet")
+
+
+def test_bf16_autocast_features_are_close_to_fp32(weights_file):
+    body = build_body(feature_config(str(weights_file), "avg", 64, "float32"), str(weights_file))
+    images = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
+    fp32, bf16 = Extractor(body, "cpu", "fp32")(images), Extractor(body, "cpu", "bf16")(images)
+    cosine = (fp32 * bf16).sum(1) / (np.linalg.norm(fp32, axis=1) * np.linalg.norm(bf16, axis=1))
+    assert cosine.min() > 0.999 and not np.array_equal(fp32, bf16)

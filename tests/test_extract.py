@@ -43,10 +43,11 @@ def assert_same_cache(a: Path, b: Path) -> None:
 
 def test_rows_equal_a_direct_forward_of_each_image(image_folder, tmp_path, weights_file):
     out = tmp_path / "f.h5"
-    s = extract(extract_config(image_folder, out, weights=str(weights_file), dtype="float32", batch_size=5))
+    s = extract(extract_config(image_folder, out, weights=str(weights_file), dtype="float32", batch_size=5,
+                               precision="fp32"))
     assert s.rows == {"train": 12, "val": 6} and s.extracted == 18 and not s.failed
     fcfg = feature_config(str(weights_file), "avg", SIZE, "float32")
-    extractor = Extractor(build_body(fcfg, str(weights_file)), "cpu")
+    extractor = Extractor(build_body(fcfg, str(weights_file)), "cpu", "fp32")
     for split in ("train", "val"):
         got = store.read_split(out, split)
         images = torch.stack([preprocess(open_image((image_folder / p).read_bytes(), fcfg.resize_size),
