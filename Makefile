@@ -60,5 +60,8 @@ predict: $(STAMP)  ## Predict images: make predict RUN=models/NAME IMAGES="a.jpg
 runs: $(STAMP)  ## Compare every saved run under models/
 	$(PY) -m pipeline runs models $(ARGS)
 
+bench: $(STAMP)  ## Benchmark both stages: make bench [DATA=jpeg folder] [WEIGHTS=...] (prints a table, writes bench/results/)
+	$(PY) bench/bench.py $(if $(DATA),--data "$(DATA)") $(if $(filter-out imagenet,$(WEIGHTS)),--weights "$(WEIGHTS)") $(ARGS)
+
 clean:  ## Remove the demo data, caches and trained heads (keeps .venv)
 	rm -rf demo_data features/*.h5 features/*.partial models/*/

@@ -85,6 +85,9 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
             extraction = _run_model(cfg, fcfg, dataset.root, plan.todo, journal)
             model_seconds = extraction["seconds"]
             plan = make_plan(dataset, old_records, journal.entries, verify=False)
+            if plan.todo:  # files changed while we read them: their new content is not in the journal
+                raise UserError(f"{len(plan.todo)} files changed during extraction (e.g. {plan.todo[0].path}); "
+                                "rerun the same command to extract them (nothing done so far is lost)")
         header = _header(fcfg, dataset, old_header, extraction)
         _write(out, header, plan, old_records, journal, fcfg.dtype)
         journal.remove()

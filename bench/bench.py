@@ -1,0 +1,355 @@
+"""`make bench`: both stages against the machine's limit and against the tutorial's loop, measured in one run.
+
+Prints a markdown table and writes the same figures as JSON under bench/results/. Every ratio compares figures
+taken in this same run, so they hold on a noisy shared machine. Speed targets live here, never in the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pipeline import store  # noqa: E402
+from pipeline.backbone import vgg16_features  # noqa: E402
+from pipeline.config import ExtractConfig  # noqa: E402
+from pipeline.device import autocast, resolve_device, resolve_precision  # noqa: E402
+from pipeline.extract import default_workers, extract  # noqa: E402
+from pipeline.synthetic import make_image_folder  # noqa: E402
+
+GFLOP_PER_IMAGE = 30.7  # VGG16 convolutional body at 224x224
+SHARED_DATA = ROOT.parent / "shared" / "data" / "hymenoptera"
+
+
+def timed(fn, min_seconds: float) -> tuple[int, float]:
+    """Call fn (which returns a count) until min_seconds have passed; returns (count, seconds)."""
+    start, n = time.perf_counter(), 0
+    while True:
+        n += fn()
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_seconds:
+            return n, elapsed
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_limit(device, batches, layouts, precisions, seconds) -> dict:
+    """Row 1: the bare body on preloaded tensors; every layout x precision x batch size, best per precision."""
+    body = vgg16_features("none").eval().to(device)
+    results = []
+    for precision in precisions:
+        for layout in layouts:
+            fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+            model = body.to(memory_format=fmt)
+            for bs in batches:
+                x = torch.randn(bs, 3, 224, 224, device=device).contiguous(memory_format=fmt)
+
+                def step():
+                    with torch.inference_mode(), autocast(device, precision):
+                        model(x)
+                    sync(device)
+                    return bs
+
+                step()  # warm-up: oneDNN / cuDNN pick their kernels
+                n, s = timed(step, seconds)
+                results.append({"precision": precision, "layout": layout, "batch": bs, "images_per_s": n / s})
+                print(f"  limit {precision} {layout} batch {bs}: {n / s:.1f} images/s", flush=True)
+    best = {p: max((r for r in results if r["precision"] == p), key=lambda r: r["images_per_s"]) for p in precisions}
+    return {"all": results, "best": best}
+
+
+def bench_input_pipeline(data: Path, batch: int, workers: int, device) -> dict:
+    """Row 2: decode + resize + crop through the extract DataLoader settings, no model."""
+    from pipeline.data import discover
+    from pipeline.reader import ImageFiles, make_loader
+
+    paths = [i.path for i in discover(data).items]
+    loader = make_loader(ImageFiles(data, paths, 256, 224), batch, workers, pin_memory=device.type == "cuda")
+    start = time.perf_counter()
+    n = sum(len(b["index"]) for b in loader)
+    seconds = time.perf_counter() - start
+    return {"images": n, "seconds": seconds, "images_per_s": n / seconds, "workers": workers}
+
+
+def bench_extract(data: Path, weights: str, device: str, decode: str, out: Path) -> dict:
+    """Row 3: `extract` end to end on the JPEG folder (fresh cache)."""
+    start = time.perf_counter()
+    s = extract(ExtractConfig(data=data, out=out, weights=weights, device=device, decode=decode, force=True))
+    total = time.perf_counter() - start
+    header = store.read_header(out)
+    return {"images": s.extracted, "seconds": total, "model_images_per_s": s.images_per_s,
+            "images_per_s": s.extracted / total, "precision": header.extraction["precision"],
+            "batch": header.extraction["batch_size"], "workers": header.extraction["workers"],
+            "file_bytes": s.file_bytes, "failed": len(s.failed)}
+
+
+def bench_tutorial(data: Path, device, subset: int, seconds_cap: float) -> dict:
+    """Row 4: the PyTorch tutorial's loop: full vgg16 + classifier, batch 4, NCHW fp32, 4 workers, every epoch."""
+    from torch import nn
+    from torchvision import datasets, transforms
+    from torchvision.models import vgg16
+
+    norm = transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    tf = {"train": transforms.Compose([transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(),
+                                       transforms.ToTensor(), norm]),
+          "val": transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(), norm])}
+    model = vgg16(weights=None)
+    model.features = vgg16_features("none")
+    for p in model.parameters():
+        p.requires_grad = False
+    model.classifier[6] = nn.Linear(4096, 2)
+    model = model.to(device)
+    optimizer = torch.optim.SGD(model.classifier[6].parameters(), lr=0.001, momentum=0.9)
+    total, n, start = 0, 0, time.perf_counter()
+    for phase in ("train", "val"):
+        folder = datasets.ImageFolder(data / phase, tf[phase])
+        total += len(folder)
+        subset_ds = torch.utils.data.Subset(folder, list(range(0, len(folder), max(1, len(folder) // (subset // 2))))[: subset // 2])
+        loader = torch.utils.data.DataLoader(subset_ds, batch_size=4, shuffle=phase == "train", num_workers=4)
+        model.train(phase == "train")
+        for inputs, labels in loader:
+            inputs, labels = inputs.to(device), labels.to(device)
+            optimizer.zero_grad()
+            with torch.set_grad_enabled(phase == "train"):
+                loss = nn.functional.cross_entropy(model(inputs), labels)
+                if phase == "train":
+                    loss.backward()
+                    optimizer.step()
+            n += len(labels)
+            if time.perf_counter() - start > seconds_cap:
+                break
+    seconds = time.perf_counter() - start
+    rate = n / seconds
+    return {"images_measured": n, "seconds_measured": seconds, "images_per_s": rate,
+            "dataset_images": total, "epoch_seconds": total / rate, "epochs_25_seconds": 25 * total / rate}
+
+
+def synthetic_features(n: int, dim: int = 512, classes: int = 10, seed: int = 0):
+    from sklearn.datasets import make_classification
+
+    X, y = make_classification(n_samples=n, n_features=dim, n_informative=64, n_redundant=0, n_classes=classes,
+                               n_clusters_per_class=2, class_sep=1.5, random_state=seed)
+    return X.astype(np.float16).astype(np.float32), y
+
+
+def fit_seconds(kind: str, X, y, Xv, yv) -> dict:
+    """Row 5 cell: the whole train-head sweep (7 C values, or 4 weight decays with early stopping)."""
+    from pipeline.train import Data, HeadConfig, sweep
+
+    start = time.perf_counter()
+    head, chosen, table = sweep(HeadConfig(kind=kind), Data(X, y, Xv, yv, None, "val"))
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "val_accuracy": max(t["val_accuracy"] for t in table), "candidates": len(table)}
+
+
+def bench_heads(sizes, real_cache: Path | None) -> dict:
+    out = {}
+    for n in sizes:
+        X, y = synthetic_features(int(n * 1.25))
+        split = n
+        for kind in ("logreg", "linear"):
+            out[f"{kind}_{n}"] = fit_seconds(kind, X[:split], y[:split], X[split:], y[split:])
+            print(f"  head {kind} on {n} x 512: {out[f'{kind}_{n}']['seconds']:.2f} s", flush=True)
+    if real_cache is not None:
+        tr, va = store.read_split(real_cache, "train"), store.read_split(real_cache, "val")
+        for kind in ("logreg", "linear"):
+            out[f"{kind}_real"] = fit_seconds(kind, tr.features.astype(np.float32), tr.labels,
+                                              va.features.astype(np.float32), va.labels)
+    return out
+
+
+def bench_rerun(data: Path, weights: str, out: Path) -> dict:
+    """Row 6a: an unchanged rerun, as the user runs it: a fresh CLI process."""
+    cmd = [sys.executable, "-m", "pipeline", "-q", "extract", str(data), "--weights", weights, "--out", str(out)]
+    start = time.perf_counter()
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    return {"seconds": time.perf_counter() - start, "up_to_date": "up to date" in result.stdout}
+
+
+def bench_hdf5_read(tmp: Path) -> dict:
+    """Row 6b: read throughput of a features split, 50,000 x 512 float16, contiguous slices (page cache warm)."""
+    n, dim = 50_000, 512
+    rows = np.random.default_rng(0).standard_normal((n, dim)).astype(np.float16)
+    records = [store.Record("train", f"{i:06d}.jpg", i % 10, 1, 1, "0" * 64) for i in range(n)]
+    header = store.Header(fingerprint="bench", config={}, class_names=[str(i) for i in range(10)], feature_dim=dim)
+    path = tmp / "read.h5"
+    store.write_atomic(path, header, records, lambda rs: rows[[int(r.path[:6]) for r in rs]], "float16")
+    start = time.perf_counter()
+    got = store.read_split(path, "train")
+    seconds = time.perf_counter() - start
+    return {"rows": n, "megabytes": got.features.nbytes / 1e6, "seconds": seconds,
+            "megabytes_per_s": got.features.nbytes / 1e6 / seconds}
+
+
+RSS_PROBE = """
+import json, sys
+from pipeline.cli import app
+try:
+    app(sys.argv[1:], standalone_mode=False)
+finally:
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so it would report the benchmark's own peak
+    hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
+    print(json.dumps({"peak_kb": hwm}))
+"""
+
+
+def bench_memory(tmp: Path, counts=(400, 4000)) -> dict:
+    """Row 7: peak RSS of the extract process for a small and a large dataset (workers: decoding only, flat)."""
+    out = {}
+    for n in counts:
+        per_class = n // 3 + 1
+        data = make_image_folder(tmp / f"mem{n}", {"train": per_class}, size=(80, 60), seed=n)
+        args = ["-q", "extract", str(data), "--weights", "none", "--image-size", "64", "--out", str(tmp / f"mem{n}.h5")]
+        start = time.perf_counter()
+        result = subprocess.run([sys.executable, "-c", RSS_PROBE, *args], capture_output=True, text=True, cwd=ROOT)
+        rss = json.loads(result.stdout.strip().splitlines()[-1])
+        out[n] = {"images": 3 * per_class, "peak_rss_mb": rss["peak_kb"] / 1024, "seconds": time.perf_counter() - start}
+        print(f"  memory {3 * per_class} images: {out[n]['peak_rss_mb']:.0f} MB", flush=True)
+    return out
+
+
+def generated_jpegs(root: Path, n: int) -> Path:
+    """Realistic-size JPEGs (500x375) when no real folder is at hand."""
+    per_class = max(1, n // 6)
+    return make_image_folder(root, {"train": per_class, "val": per_class}, size=(500, 375), classes=("a", "b", "c"))
+
+
+def ratios_and_targets(r: dict) -> list[tuple[str, str, str, bool | None]]:
+    """(what, figure, target, met) rows for the table."""
+    limit = r["limit"]["best"][r["extract"]["precision"]]["images_per_s"]
+    e2e = r["extract"]["images_per_s"]
+    tut = r["tutorial"]
+    ours_total = r["extract"]["seconds"] + r["heads"].get("logreg_real", {}).get("seconds", 0.0)
+    head_worst = max(v["seconds"] for k, v in r["heads"].items() if k.endswith("_real")) if "logreg_real" in r["heads"] else None
+    mem = r["memory"]
+    rows = [
+        ("extract / limit", f"{e2e / limit:.2f}", ">= 0.90", e2e / limit >= 0.90),
+        ("extract / tutorial loop (images/s)", f"{e2e / tut['images_per_s']:.2f}x", ">= 1.7x", e2e / tut["images_per_s"] >= 1.7),
+        ("tutorial 25 epochs / (extract once + logreg)", f"{tut['epochs_25_seconds'] / ours_total:.1f}x", ">= 20x",
+         tut["epochs_25_seconds"] / ours_total >= 20),
+        ("unchanged rerun / first extraction", f"1/{r['extract']['seconds'] / r['rerun']['seconds']:.0f}", "<= 1/50",
+         r["rerun"]["seconds"] * 50 <= r["extract"]["seconds"]),
+        ("peak RSS, 4,000 minus 400 images", f"{mem['4000']['peak_rss_mb'] - mem['400']['peak_rss_mb']:.0f} MB", "<= 200 MB",
+         mem["4000"]["peak_rss_mb"] - mem["400"]["peak_rss_mb"] <= 200),
+    ]
+    if head_worst is not None:
+        rows.insert(3, ("slowest head on the real cache / its extraction", f"1/{r['extract']['seconds'] / head_worst:.0f}",
+                        "<= 1/50", head_worst * 50 <= r["extract"]["seconds"]))
+    return rows
+
+
+def markdown(r: dict) -> str:
+    m = r["machine"]
+    best = r["limit"]["best"]
+    lines = [f"Machine: {m['cpu']} ({m['cores']} cores), device {m['device']}, torch {m['torch']}, "
+             f"{m['threads']} threads; data: {r['data']} ({r['extract']['images']} images); weights: {r['weights']}", "",
+             "| # | what | figure |", "| --- | --- | --- |"]
+    for p, b in best.items():
+        lines.append(f"| 1 | limit: bare `vgg16.features`, {p}, {b['layout']}, batch {b['batch']} | "
+                     f"{b['images_per_s']:.1f} images/s, {b['images_per_s'] * GFLOP_PER_IMAGE:.0f} GFLOP/s |")
+    ip = r["input"]
+    lines.append(f"| 2 | input pipeline alone ({ip['workers']} workers) | {ip['images_per_s']:.1f} images/s |")
+    e = r["extract"]
+    lines.append(f"| 3 | `extract` end to end ({e['precision']}, batch {e['batch']}, {e['workers']} workers) | "
+                 f"{e['images_per_s']:.1f} images/s ({e['seconds']:.1f} s; model loop {e['model_images_per_s']:.1f}/s), "
+                 f"{e['file_bytes'] / 1e3:.0f} KB |")
+    t = r["tutorial"]
+    lines.append(f"| 4 | tutorial loop (vgg16 + classifier, batch 4, NCHW fp32, 4 workers) | {t['images_per_s']:.1f} images/s, "
+                 f"{t['epoch_seconds']:.0f} s/epoch, {t['epochs_25_seconds'] / 60:.1f} min for 25 epochs |")
+    for k, v in r["heads"].items():
+        kind, n = k.split("_")
+        where = "real cache" if n == "real" else f"{int(n):,} x 512 synthetic"
+        lines.append(f"| 5 | `{kind}` head, whole sweep ({v['candidates']} fits), {where} | {v['seconds']:.2f} s |")
+    lines.append(f"| 6 | unchanged rerun (fresh CLI process) | {r['rerun']['seconds']:.2f} s |")
+    h = r["hdf5_read"]
+    lines.append(f"| 6 | HDF5 read, {h['rows']:,} x 512 float16 | {h['megabytes_per_s']:.0f} MB/s |")
+    for n, v in r["memory"].items():
+        lines.append(f"| 7 | peak RSS of the extract process, {v['images']:,} images | {v['peak_rss_mb']:.0f} MB |")
+    lines += ["", "| target | measured | wanted | met |", "| --- | --- | --- | --- |"]
+    lines += [f"| {what} | {fig} | {want} | {'yes' if ok else 'NO'} |" for what, fig, want, ok in r["targets"]]
+    return "\n".join(lines)
+
+
+def machine(device) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "device": str(device), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "python": platform.python_version()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    shared_weights = ROOT.parent / "shared" / "weights" / "vgg16_imagenet_features.pth"
+    p.add_argument("--data", type=Path, default=SHARED_DATA if SHARED_DATA.is_dir() else None)
+    p.add_argument("--weights", default=str(shared_weights) if shared_weights.is_file() else "none")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--decode", default="cpu")
+    p.add_argument("--generated", type=int, default=400, help="JPEGs to generate when --data is not given")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    return p.parse_args()
+
+
+def run(args, tmp: Path) -> dict:
+    device = resolve_device(args.device)
+    cuda = device.type == "cuda"
+    data = args.data or generated_jpegs(tmp / "jpegs", args.generated)
+    precisions = ["bf16", "fp16"] if cuda else (["fp32", "bf16"] if resolve_precision("auto", device) == "bf16" else ["fp32"])
+    r = {"data": str(data), "weights": args.weights, "machine": machine(device)}
+    print("1. limit", flush=True)
+    r["limit"] = bench_limit(device, (64, 128, 256, 512) if cuda else (4, 8, 16),
+                             ("channels_last",) if cuda else ("channels_last", "nchw"), precisions, 2.0 if cuda else 4.0)
+    print("2. input pipeline", flush=True)
+    r["input"] = bench_input_pipeline(data, 256 if cuda else 8, default_workers(cuda), device)
+    print("3. extract", flush=True)
+    r["extract"] = bench_extract(data, args.weights, args.device, args.decode, tmp / "bench.h5")
+    print("4. tutorial loop", flush=True)
+    r["tutorial"] = bench_tutorial(data, device, subset=400 if cuda else 48, seconds_cap=60)
+    print("5. heads", flush=True)
+    r["heads"] = bench_heads((10_000, 50_000), tmp / "bench.h5" if (Path(data) / "val").is_dir() else None)
+    print("6. cache", flush=True)
+    r["rerun"] = bench_rerun(data, args.weights, tmp / "bench.h5")
+    r["hdf5_read"] = bench_hdf5_read(tmp)
+    print("7. memory", flush=True)
+    r["memory"] = {str(k): v for k, v in bench_memory(tmp).items()}
+    r["targets"] = ratios_and_targets(r)
+    return r
+
+
+def main() -> None:
+    args = parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        r = run(args, Path(tmp))
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name in (f"bench-{stamp}.json", "latest.json"):
+        (args.out / name).write_text(json.dumps(r, indent=2, default=str))
+    table = markdown(r)
+    (args.out / "latest.md").write_text(table + "\n")
+    print("\n" + table)
+
+
+if __name__ == "__main__":
+    main()
