@@ -28,7 +28,7 @@ from pipeline import store  # noqa: E402
 from pipeline.backbone import vgg16_features  # noqa: E402
 from pipeline.config import ExtractConfig  # noqa: E402
 from pipeline.device import autocast, resolve_device, resolve_precision  # noqa: E402
-from pipeline.extract import default_workers, extract  # noqa: E402
+from pipeline.extract import default_batch_size, default_workers, extract  # noqa: E402
 from pipeline.synthetic import make_image_folder  # noqa: E402
 
 GFLOP_PER_IMAGE = 30.7  # VGG16 convolutional body at 224x224
@@ -322,7 +322,7 @@ def run(args, tmp: Path) -> dict:
     r["limit"] = bench_limit(device, (64, 128, 256, 512) if cuda else (4, 8, 16),
                              ("channels_last",) if cuda else ("channels_last", "nchw"), precisions, 2.0 if cuda else 4.0)
     print("2. input pipeline", flush=True)
-    r["input"] = bench_input_pipeline(data, 256 if cuda else 8, default_workers(cuda), device)
+    r["input"] = bench_input_pipeline(data, default_batch_size(cuda), default_workers(cuda), device)
     print("3. extract", flush=True)
     r["extract"] = bench_extract(data, args.weights, args.device, args.decode, tmp / "bench.h5")
     print("4. tutorial loop", flush=True)

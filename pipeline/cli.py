@@ -56,7 +56,7 @@ def extract(
     weights: str = typer.Option("imagenet", help="imagenet (torchvision download), none (seeded random init), or a local state-dict file."),
     pool: str = typer.Option("avg", help="avg (512), max (512), avgmax (1024) or flatten (25088)."),
     image_size: int = typer.Option(224, help="Centre-crop side; images are resized to 256/224 of it first."),
-    batch_size: int = typer.Option(0, help="Images per forward [default: 256 on CUDA, 8 elsewhere]."),
+    batch_size: int = typer.Option(0, help="Images per forward [default: 256 on CUDA, 4 elsewhere]."),
     workers: int = typer.Option(-1, help="DataLoader decode workers [default: 16 on CUDA (at most the cores), 1 on CPU]."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
     precision: str = typer.Option("auto", help="auto (bf16 on CUDA and on CPUs with native bf16, else fp32), fp32, bf16 or fp16."),

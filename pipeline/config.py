@@ -73,7 +73,7 @@ class ExtractConfig:
     weights: str = "imagenet"  # imagenet | none | path to a state dict
     pool: str = "avg"
     image_size: int = 224
-    batch_size: int = 0  # 0: 256 on CUDA, 8 elsewhere
+    batch_size: int = 0  # 0: 256 on CUDA, 4 elsewhere
     workers: int = -1  # -1: chosen from the device and the CPU count
     device: str = "auto"
     precision: str = "auto"
