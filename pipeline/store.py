@@ -30,7 +30,7 @@ STR = h5py.string_dtype("utf-8")
 FAILED_DTYPE = np.dtype([("path", STR), ("reason", STR), ("size", "<i8"), ("mtime_ns", "<i8")])
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: one per image in memory, ~40% smaller
 class Record:
     """One image as the cache knows it: a feature row when `reason` is empty, else a recorded failure."""
 
