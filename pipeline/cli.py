@@ -78,7 +78,7 @@ def extract(
     rows = ", ".join(f"{split} {n}" for split, n in sorted(s.rows.items()))
     typer.echo(f"wrote {s.out}: {sum(s.rows.values())} images ({rows}), {len(s.failed)} failed, dim {s.feature_dim}, "
                f"{_size(s.file_bytes)}")
-    typer.echo(f"extracted {s.extracted} images in {s.seconds:.1f} s ({s.images_per_s:.1f} images/s), "
+    typer.echo(f"extracted {s.extracted} images in {s.seconds:.1f} s ({s.images_per_s:.1f} images/s through the model), "
                f"reused {s.reused} from the cache, resumed {s.resumed} from an interrupted run; fingerprint {s.fingerprint}")
     for r in s.failed:
         typer.echo(f"  failed {r.path}: {r.reason}")
