@@ -225,7 +225,7 @@ def _embed_all(extractor, loader, todo: list[Record], journal: Journal, fcfg: Fe
         commit()
     except KeyboardInterrupt:
         commit()
-        raise Interrupted(f"interrupted: {len(journal.entries)} of {len(todo)} images are saved in {journal.directory}; "
+        raise Interrupted(f"interrupted: {len(journal.entries)} images are saved in {journal.directory}; "
                           "rerun the same command to resume") from None
 
 
