@@ -212,3 +212,17 @@ def test_csv_manifest_relabel_keeps_features_and_missing_files_are_recorded(imag
     after = store.read_split(out, "train")
     assert s.extracted == 0 and store.read_header(out).class_names == ["round"]
     assert after.labels.tolist() == [0, 0] and np.array_equal(after.features, before.features)
+
+
+def test_verify_finds_content_changes_that_keep_size_and_mtime(image_folder, tmp_path):
+    out = tmp_path / "f.h5"
+    extract(extract_config(image_folder, out))
+    target = image_folder / "train/stripes/00001.jpg"
+    st = target.stat()
+    data = bytearray(target.read_bytes())
+    other = (image_folder / "train/circle/00001.jpg").read_bytes()
+    target.write_bytes(other[: len(data)].ljust(len(data), b"\0"))  # same size, new content
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert extract(extract_config(image_folder, out)).up_to_date  # size and mtime alone cannot see it
+    s = extract(extract_config(image_folder, out, verify=True))
+    assert s.extracted == 1 and not s.up_to_date
