@@ -130,11 +130,12 @@ def decode_on_device(items: list[dict], resize_size: int, crop_size: int, device
             decoded = dict(zip(raw, decode_jpeg([items[k]["raw"] for k in raw], mode=ImageReadMode.RGB, device=device)))
         except RuntimeError:  # one bad file fails the whole batched call: decode one by one to find it
             decoded = _decode_one_by_one(items, raw, device)
+    resized = _resize_by_shape({k: orient(img, items[k]["orientation"]) for k, img in decoded.items()},
+                               resize_size, crop_size)
     images, errors = [], [it["error"] for it in items]
     for k, it in enumerate(items):
-        if k in decoded:
-            img = orient(decoded[k], it["orientation"])
-            img = TF.center_crop(TF.resize(img, resize_size, interpolation=InterpolationMode.BILINEAR, antialias=True), crop_size)
+        if k in resized:
+            img = resized[k]
         elif it["image"] is not None:
             img = it["image"].to(device)
         else:
@@ -143,6 +144,20 @@ def decode_on_device(items: list[dict], resize_size: int, crop_size: int, device
         images.append(img)
     return {"index": torch.tensor([it["index"] for it in items]), "image": torch.stack(images), "error": errors,
             "sha256": [it["sha256"] for it in items]}
+
+
+def _resize_by_shape(images: dict, resize_size: int, crop_size: int) -> dict:
+    """Resize and crop images of one shape together: one kernel launch per shape, not per image."""
+    by_shape: dict[tuple, list] = {}
+    for k, img in images.items():
+        by_shape.setdefault(tuple(img.shape), []).append(k)
+    out = {}
+    for keys in by_shape.values():
+        batch = torch.stack([images[k] for k in keys])
+        batch = TF.center_crop(TF.resize(batch, resize_size, interpolation=InterpolationMode.BILINEAR, antialias=True),
+                               crop_size)
+        out.update(zip(keys, batch))
+    return out
 
 
 def _decode_one_by_one(items: list[dict], raw: list[int], device) -> dict:

@@ -106,17 +106,17 @@ def test_batched_jpeg_decode_path_matches_pillow_path_on_cpu(tmp_path):
     files = {"a.jpg": encode(Image.fromarray(smooth), "JPEG", quality=95),
              "rot.jpg": encode(Image.fromarray(smooth), "JPEG", quality=95, exif=exif.tobytes()),
              "b.png": encode(Image.fromarray(smooth), "PNG"), "cmyk.jpg": encode(Image.new("CMYK", (50, 40)), "JPEG"),
-             "bad.jpg": b"\xff\xd8\xff garbage"}
+             "bad.jpg": b"\xff\xd8\xff garbage", "a2.jpg": encode(Image.fromarray(smooth[::-1].copy()), "JPEG", quality=95)}
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
     names = list(files)
     encoded, plain = EncodedFiles(tmp_path, names, 73, 64), ImageFiles(tmp_path, names, 73, 64)
     assert encoded[0]["raw"] is not None and encoded[1]["orientation"] == 6
     assert encoded[2]["image"] is not None and encoded[3]["image"] is not None  # PNG, CMYK: decoded in the worker
-    batch = decode_on_device([encoded[i] for i in range(5)], 73, 64, "cpu")
-    assert batch["image"].shape == (5, 3, 64, 64) and batch["index"].tolist() == [0, 1, 2, 3, 4]
-    assert batch["error"][:4] == ["", "", "", ""] and batch["error"][4]
-    for i in range(4):
+    batch = decode_on_device([encoded[i] for i in range(6)], 73, 64, "cpu")  # a.jpg and a2.jpg: resized together
+    assert batch["image"].shape == (6, 3, 64, 64) and batch["index"].tolist() == [0, 1, 2, 3, 4, 5]
+    assert batch["error"] == ["", "", "", "", batch["error"][4], ""] and batch["error"][4]
+    for i in (0, 1, 2, 3, 5):
         diff = (batch["image"][i].float() - plain[i]["image"].float()).abs().mean()
         assert diff < 3, (names[i], diff)
     assert batch["sha256"][0] == plain[0]["sha256"]
