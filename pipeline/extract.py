@@ -187,7 +187,8 @@ def _batches(decode: str, root: Path, paths: list[str], fcfg: FeatureConfig, bat
 
     if decode == "cpu":
         files = reader.ImageFiles(root, paths, fcfg.resize_size, fcfg.image_size)
-        return reader.make_loader(files, batch_size, workers, pin_memory=device.type == "cuda")
+        return reader.make_loader(files, batch_size, workers, pin_memory=device.type == "cuda",
+                                  yield_to_model=device.type == "cpu")
     files = reader.EncodedFiles(root, paths, fcfg.resize_size, fcfg.image_size)
     loader = reader.make_encoded_loader(files, batch_size, workers)
     return (reader.decode_on_device(items, fcfg.resize_size, fcfg.image_size, device) for items in loader)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import warnings
 from pathlib import Path
 
@@ -78,10 +79,20 @@ class ImageFiles(torch.utils.data.Dataset):
         return {"index": index, "image": image, "error": error, "sha256": digest}
 
 
-def make_loader(dataset: ImageFiles, batch_size: int, workers: int, pin_memory: bool) -> DataLoader:
-    """Batches in dataset order; workers decode and resize so the main process only runs the model."""
+def _lower_priority(worker_id: int) -> None:
+    os.nice(10)
+
+
+def make_loader(dataset: ImageFiles, batch_size: int, workers: int, pin_memory: bool,
+                yield_to_model: bool = False) -> DataLoader:
+    """Batches in dataset order; workers decode and resize so the main process only runs the model.
+
+    `yield_to_model` (CPU runs): the forward owns the cores, and a niced decoder fills its gaps instead of
+    preempting a convolution thread that the other threads then wait for (+2-4% measured on 2 cores).
+    """
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=pin_memory,
-                      prefetch_factor=4 if workers else None, persistent_workers=False)
+                      prefetch_factor=4 if workers else None, persistent_workers=False,
+                      worker_init_fn=_lower_priority if yield_to_model and workers else None)
 
 
 # --- opt-in batched decoding on the GPU (`--decode gpu`): workers only read bytes and parse headers -------------
