@@ -42,12 +42,15 @@ class Run:
         return load_head(self.info["head"]["kind"], self.info["head"]["params"], path)
 
 
-def new_run_folder(folder: Path) -> Path:
-    folder = Path(folder)
-    if (folder / "run.json").exists():
+def ensure_free(folder: Path) -> None:
+    if (Path(folder) / "run.json").exists():
         raise UserError(f"{folder} already holds a run; choose another --out")
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+
+
+def new_run_folder(folder: Path) -> Path:
+    ensure_free(folder)
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return Path(folder)
 
 
 def save_run(folder: Path, head, info: dict, metrics: dict, header: store.Header, features: Path) -> Run:

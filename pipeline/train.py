@@ -145,8 +145,8 @@ def train_head(cfg: TrainConfig) -> runs.Run:
         import torch  # noqa: F401  (a one-off ~3 s import: not part of the fit time we report)
     start = time.perf_counter()
     header = store.read_header(cfg.features)
-    if cfg.out and (Path(cfg.out) / "run.json").exists():  # fail before the fit, not after
-        runs.new_run_folder(cfg.out)
+    if cfg.out:
+        runs.ensure_free(cfg.out)  # fail before the fit, not after it
     data = load_data(cfg, header)
     loaded = time.perf_counter()
     head, chosen, table = sweep(cfg.head, data)
