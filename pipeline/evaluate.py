@@ -10,6 +10,7 @@ from sklearn import metrics as skm
 
 from pipeline import runs, store
 from pipeline.errors import UserError
+from pipeline.heads import full_proba
 
 
 def classification_metrics(y_true: np.ndarray, proba: np.ndarray, class_names: list[str]) -> dict:
@@ -100,8 +101,7 @@ def evaluate_run(run_folder: Path, features: Path | None = None, split: str | No
     split = split or ("test" if "test" in splits else "val" if "val" in splits else splits[0])
     data = store.read_split(features, split)
     y = _relabel(data.labels, header.class_names, run.class_names, features)
-    proba = np.zeros((len(y), len(run.class_names)))
-    proba[:, head.classes_] = head.predict_proba(data.features)
+    proba = full_proba(head, data.features, len(run.class_names))
     return classification_metrics(y, proba, run.class_names), split, features
 
 

@@ -140,6 +140,13 @@ def _train(head: LinearHead, X, y, Xv, yv) -> tuple[int, int, float]:
     return epoch, best[1], best[0]
 
 
+def full_proba(head, X, n_classes: int) -> np.ndarray:
+    """Probabilities over all `n_classes` label indices, 0 for classes the head never saw in training."""
+    proba = np.zeros((len(X), n_classes))
+    proba[:, head.classes_] = head.predict_proba(X)
+    return proba
+
+
 def make_head(kind: str, **params):
     return {"logreg": LogRegHead, "linear": LinearHead}[kind](**params)
 

@@ -14,7 +14,7 @@ from sklearn.model_selection import train_test_split
 from pipeline import runs, store
 from pipeline.errors import UserError
 from pipeline.evaluate import classification_metrics, write_reports
-from pipeline.heads import HEADS, make_head
+from pipeline.heads import HEADS, full_proba, make_head
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def sweep(cfg: HeadConfig, data: Data) -> tuple[object, dict, list[dict]]:
     for params in cfg.candidates():
         start = time.perf_counter()
         head = make_head(cfg.kind, **params).fit(data.X_train, data.y_train, eval_set=(data.X_val, data.y_val))
-        proba = _full_proba(head, data.X_val, int(max(data.y_train.max(), data.y_val.max())) + 1)
+        proba = full_proba(head, data.X_val, int(max(data.y_train.max(), data.y_val.max())) + 1)
         score = {"params": params, "val_accuracy": float((proba.argmax(1) == data.y_val).mean()),
                  "val_log_loss": float(-np.log(np.clip(proba[np.arange(len(data.y_val)), data.y_val], 1e-15, 1)).mean()),
                  "fit_seconds": round(time.perf_counter() - start, 3)}
@@ -130,13 +130,6 @@ def sweep(cfg: HeadConfig, data: Data) -> tuple[object, dict, list[dict]]:
             best = (key, head, params)
     log.info("chose %s=%g on validation from %d candidates", cfg.swept, best[2][cfg.swept], len(table))
     return best[1], best[2], table
-
-
-def _full_proba(head, X: np.ndarray, n_classes: int) -> np.ndarray:
-    """Probabilities over all classes of the file, also those the head never saw in training (probability 0)."""
-    proba = np.zeros((len(X), n_classes))
-    proba[:, head.classes_] = head.predict_proba(X)
-    return proba
 
 
 def train_head(cfg: TrainConfig) -> runs.Run:
@@ -152,9 +145,9 @@ def train_head(cfg: TrainConfig) -> runs.Run:
     head, chosen, table = sweep(cfg.head, data)
     fitted = time.perf_counter()
     names = header.class_names
-    metrics = {"val": classification_metrics(data.y_val, _full_proba(head, data.X_val, len(names)), names)}
+    metrics = {"val": classification_metrics(data.y_val, full_proba(head, data.X_val, len(names)), names)}
     if data.test is not None:
-        metrics["test"] = classification_metrics(data.test.labels, _full_proba(head, data.test.features, len(names)), names)
+        metrics["test"] = classification_metrics(data.test.labels, full_proba(head, data.test.features, len(names)), names)
     info = {"head": {"kind": cfg.head.kind, "config": asdict(cfg.head), "params": chosen,
                      "chosen": {cfg.head.swept: chosen[cfg.head.swept]},
                      "converged": bool(getattr(head, "converged_", True))},
