@@ -232,9 +232,10 @@ def _embed_all(extractor, loader, todo: list[Record], journal: Journal, fcfg: Fe
 
 def _embed_batch(extractor, batch: dict, todo: list[Record], dim: int) -> tuple[list[Record], np.ndarray]:
     """One loader batch -> its records (failures included) and the feature rows of the images that decoded."""
+    from pipeline.reader import decoded_images  # lazily, like all torch code here: already loaded by then
+
     errors, digests = batch["error"], batch["sha256"]
-    ok = [k for k, e in enumerate(errors) if not e]
-    images = batch["image"] if len(ok) == len(errors) else batch["image"][ok]
+    ok, images = decoded_images(batch)
     features = extractor(images) if ok else np.empty((0, dim), np.float32)
     records = []
     for k, index in enumerate(batch["index"].tolist()):

@@ -13,6 +13,7 @@ import numpy as np
 from pipeline.config import FeatureConfig
 from pipeline.data import is_image_name
 from pipeline.errors import UserError
+from pipeline.heads import full_proba
 from pipeline.runs import Run, load_run
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ def precision_for(run: Run, asked: str) -> str:
 def predict(cfg: PredictConfig) -> list[dict]:
     """One row per image (predicted class, its probability, the top-k, or the error), written as CSV to cfg.out."""
     from pipeline.backbone import Extractor, build_body
-    from pipeline.reader import ImageFiles, make_loader
+    from pipeline.reader import ImageFiles, decoded_images, make_loader
 
     run = load_run(cfg.run)
     head = run.load_head()
@@ -82,13 +83,12 @@ def predict(cfg: PredictConfig) -> list[dict]:
                          pin_memory=extractor.device.type == "cuda")
     rows = []
     for batch in loader:
-        ok = [k for k, e in enumerate(batch["error"]) if not e]
-        proba = np.zeros((len(ok), len(run.class_names)))
+        ok, images = decoded_images(batch)
+        by_k = {}
         if ok:
             # round through the cache's storage dtype: the head was trained on exactly such values
-            features = extractor(batch["image"][ok]).astype(fcfg.dtype).astype(np.float32)
-            proba[:, head.classes_] = head.predict_proba(features)
-        by_k = dict(zip(ok, proba))
+            features = extractor(images).astype(fcfg.dtype).astype(np.float32)
+            by_k = dict(zip(ok, full_proba(head, features, len(run.class_names))))
         rows += [_row(paths[i], by_k.get(k), batch["error"][k], run.class_names, cfg.top_k)
                  for k, i in enumerate(batch["index"].tolist())]
     write_csv(rows, cfg.out)

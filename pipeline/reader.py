@@ -79,6 +79,12 @@ class ImageFiles(torch.utils.data.Dataset):
         return {"index": index, "image": image, "error": error, "sha256": digest}
 
 
+def decoded_images(batch: dict) -> tuple[list[int], torch.Tensor]:
+    """Positions of the images of a batch that decoded, and those images (the whole, still pinned, batch if all did)."""
+    ok = [k for k, e in enumerate(batch["error"]) if not e]
+    return ok, batch["image"] if len(ok) == len(batch["error"]) else batch["image"][ok]
+
+
 def _lower_priority(worker_id: int) -> None:
     os.nice(10)
 
