@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
@@ -117,7 +118,14 @@ def weights_identity(weights: str) -> str:
     path = Path(weights)
     if not path.is_file():
         raise UserError(f"--weights {weights!r} is not 'imagenet', 'none' or an existing state-dict file")
-    return f"sha256:{sha256_file(path)}"
+    st = path.stat()
+    return f"sha256:{_weights_sha256(str(path.resolve()), st.st_size, st.st_mtime_ns)}"
+
+
+@functools.lru_cache(maxsize=8)
+def _weights_sha256(path: str, size: int, mtime_ns: int) -> str:
+    """Planning and model building both ask for the identity: hash a weights file (~60 MB) once per process."""
+    return sha256_file(Path(path))
 
 
 def feature_config(weights: str, pool: str, image_size: int, dtype: str) -> FeatureConfig:
