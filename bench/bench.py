@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -154,7 +153,7 @@ def fit_seconds(kind: str, X, y, Xv, yv) -> dict:
     from pipeline.train import Data, HeadConfig, sweep
 
     start = time.perf_counter()
-    head, chosen, table = sweep(HeadConfig(kind=kind), Data(X, y, Xv, yv, None, "val"))
+    _, _, table = sweep(HeadConfig(kind=kind), Data(X, y, Xv, yv, None, "val"))
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "val_accuracy": max(t["val_accuracy"] for t in table), "candidates": len(table)}
 
