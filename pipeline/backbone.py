@@ -7,30 +7,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchvision.models import VGG16_Weights, vgg16
 from torchvision.models.vgg import cfgs, make_layers
 
-from pipeline import config
+from pipeline import config, pools
 from pipeline.config import FeatureConfig
 from pipeline.device import autocast, resolve_device, resolve_precision
 from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
-
-
-def pool_features(fmap: torch.Tensor, pool: str) -> torch.Tensor:
-    """Pool the (B, 512, h, w) pool5 map into one (B, D) vector per image."""
-    if pool == "avg":
-        return F.adaptive_avg_pool2d(fmap, 1).flatten(1)
-    if pool == "max":
-        return F.adaptive_max_pool2d(fmap, 1).flatten(1)
-    if pool == "avgmax":
-        return torch.cat([F.adaptive_avg_pool2d(fmap, 1), F.adaptive_max_pool2d(fmap, 1)], dim=1).flatten(1)
-    if pool == "flatten":  # torchvision's own avgpool + flatten: the input of VGG16's classifier
-        return F.adaptive_avg_pool2d(fmap, config.FLATTEN_GRID).flatten(1)
-    raise ValueError(f"unknown pool {pool!r}")
 
 
 class VGG16Body(nn.Module):
@@ -39,13 +25,13 @@ class VGG16Body(nn.Module):
     def __init__(self, features: nn.Sequential, pool: str, mean, std):
         super().__init__()
         self.features = features
-        self.pool = pool
+        self.pool = pools.get(pool)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = (images.float() - self.mean) / self.std  # == convert_image_dtype then normalize, in one pass
-        return pool_features(self.features(x), self.pool)
+        return self.pool.apply(self.features(x))
 
 
 def vgg16_features(weights: str) -> nn.Sequential:
@@ -94,7 +80,7 @@ def _load_state_dict(layers: nn.Sequential, path: Path) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"--weights {path}: not a loadable torch state dict ({type(e).__name__}: {e})") from None
+        raise UserError(f"--weights {path}: not a loadable torch state dict ({_load_failure(e)})") from None
     if not isinstance(state, dict):
         raise UserError(f"--weights {path}: expected a state dict, found a {type(state).__name__}")
     body = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")} or state
@@ -103,6 +89,14 @@ def _load_state_dict(layers: nn.Sequential, path: Path) -> None:
     except RuntimeError as e:
         first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
         raise UserError(f"--weights {path}: not VGG16 convolution weights ({first})") from None
+
+
+def _load_failure(e: Exception) -> str:
+    """One line on why torch.load refused a file; never torch's advice to retry with weights_only=False."""
+    if "Weights only load failed" in str(e):
+        return "it holds pickled Python objects besides tensors, which are never loaded: they could run code"
+    first = str(e).strip().splitlines()[0] if str(e).strip() else "the file is empty or truncated"
+    return f"{type(e).__name__}: {first[:200]}"
 
 
 def build_body(feature_cfg: FeatureConfig, weights: str) -> VGG16Body:

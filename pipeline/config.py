@@ -9,15 +9,16 @@ from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 
+from pipeline import pools
 from pipeline.errors import UserError
+from pipeline.params import Interval, OneOf, validate
 
-POOLS = ("avg", "max", "avgmax", "flatten")
+POOLS = tuple(pools.POOLS)
 DTYPES = ("float16", "float32")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DECODERS = ("cpu", "gpu")
 VGG16_CHANNELS = 512
-FLATTEN_GRID = 7  # torchvision's VGG avgpool: AdaptiveAvgPool2d((7, 7)), the input of the original classifier
 RANDOM_SEED = 0
 
 # torchvision's VGG16_Weights.IMAGENET1K_V1.transforms(): kept here so that planning an extraction (and the
@@ -49,7 +50,7 @@ class FeatureConfig:
 
     @property
     def feature_dim(self) -> int:
-        return {"avg": 1, "max": 1, "avgmax": 2, "flatten": FLATTEN_GRID**2}[self.pool] * VGG16_CHANNELS
+        return pools.get(self.pool).dim(VGG16_CHANNELS)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -84,21 +85,19 @@ class ExtractConfig:
     verify: bool = False  # hash every file, not only those whose size or mtime changed
     features_dir: Path = field(default=Path("features"))
 
+    PARAMS = {
+        "pool": OneOf(POOLS),
+        "dtype": OneOf(DTYPES),
+        "device": OneOf(DEVICES),
+        "precision": OneOf(PRECISIONS),
+        "decode": OneOf(DECODERS),
+        "image_size": Interval(int, 32, 1024),
+        "batch_size": Interval(int, 0, 65536),
+        "workers": Interval(int, -1, 256),
+    }
+
     def __post_init__(self):
-        _check_choice("--pool", self.pool, POOLS)
-        _check_choice("--dtype", self.dtype, DTYPES)
-        _check_choice("--device", self.device, DEVICES)
-        _check_choice("--precision", self.precision, PRECISIONS)
-        _check_choice("--decode", self.decode, DECODERS)
-        if not 32 <= self.image_size <= 1024:
-            raise UserError(f"--image-size {self.image_size} is out of range (expected 32 to 1024)")
-        if self.batch_size < 0:
-            raise UserError(f"--batch-size {self.batch_size} must be positive (or 0 for automatic)")
-
-
-def _check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise UserError(f"{option} {value!r} is not one of {', '.join(choices)}")
+        validate(self)
 
 
 def sha256_file(path: Path, block: int = 1 << 20) -> str:

@@ -74,14 +74,48 @@ def _visible_entries(folder: Path) -> list[os.DirEntry]:
         return sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
 
 
-def _images_below(folder: Path) -> list[str]:
-    """All image files under `folder`, recursively, as paths relative to it (sorted, '/'-separated)."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        rel = Path(dirpath).relative_to(folder)
-        found += [(rel / f).as_posix() for f in sorted(filenames) if is_image_name(f) and not f.startswith(".")]
-    return found
+def _dir_key(path: str | Path) -> tuple[int, int] | None:
+    """The identity of the real directory behind `path` (links followed); None if it cannot be reached."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+class _Walk:
+    """Directories already scanned, by real identity: each is entered once, so a link back up the tree (a loop) or
+    into another class folder is skipped instead of listing images again under the wrong label."""
+
+    def __init__(self, root: Path, fences: list[Path]):
+        self.root = root
+        self.seen = {key for key in map(_dir_key, fences) if key is not None}
+        self.skipped: list[str] = []
+
+    def images_below(self, folder: Path) -> list[str]:
+        """All image files under `folder`, recursively, as paths relative to it (sorted, '/'-separated)."""
+        found = []
+        for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+            rel = Path(dirpath).relative_to(folder)
+            dirnames[:] = [d for d in sorted(dirnames) if not d.startswith(".") and self._first_visit(Path(dirpath) / d)]
+            found += [(rel / f).as_posix() for f in sorted(filenames) if is_image_name(f) and not f.startswith(".")]
+        return found
+
+    def _first_visit(self, path: Path) -> bool:
+        key = _dir_key(path)
+        if key is None:
+            return False
+        if key in self.seen:
+            self.skipped.append(path.relative_to(self.root).as_posix())
+            return False
+        self.seen.add(key)
+        return True
+
+    def report(self) -> None:
+        if self.skipped:
+            shown = ", ".join(self.skipped[:5]) + (", ..." if len(self.skipped) > 5 else "")
+            log.warning("skipped %d directory links that lead back into folders already scanned (a loop, or another "
+                        "class): %s", len(self.skipped), shown)
 
 
 def _scan_folder(root: Path) -> list[Item]:
@@ -94,29 +128,38 @@ def _scan_folder(root: Path) -> list[Item]:
         bare = [name for name, has in holds_images.items() if not has]
         if bare and all(any(c.is_dir() for c in _visible_entries(root / n)) for n in bare):
             raise UserError(f"{root} mixes class folders with split folders ({', '.join(bare)}): use one layout")
-        return _scan_split(root, FLAT_SPLIT, prefix="")
-    items: list[Item] = []
-    for split in top:
-        items += _scan_split(Path(split.path), split.name, prefix=f"{split.name}/")
+        walk = _Walk(root, [root, *(Path(e.path) for e in top)])
+        items = _scan_split(walk, root, FLAT_SPLIT, prefix="")
+    else:
+        classes = [Path(c.path) for e in top for c in _visible_entries(Path(e.path)) if c.is_dir()]
+        walk = _Walk(root, [root, *(Path(e.path) for e in top), *classes])
+        items = [item for split in top for item in _scan_split(walk, Path(split.path), split.name, prefix=f"{split.name}/")]
+    walk.report()
     if not items:
         raise UserError(f"no images found under {root} (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
     return items
 
 
-def _scan_split(folder: Path, split: str, prefix: str) -> list[Item]:
+def _scan_split(walk: _Walk, folder: Path, split: str, prefix: str) -> list[Item]:
     classes = [e for e in _visible_entries(folder) if e.is_dir()]
     if not classes:
         raise UserError(f"no class folders in {folder} (expected {folder}/<class>/<image>)")
     items = []
     for cls in classes:
-        items += [Item(split, f"{prefix}{cls.name}/{rel}", cls.name) for rel in _images_below(Path(cls.path))]
+        items += [Item(split, f"{prefix}{cls.name}/{rel}", cls.name) for rel in walk.images_below(Path(cls.path))]
     return items
 
 
 def _read_manifest(csv_path: Path) -> list[Item]:
     """Rows `path,label[,split]` (an optional header row names them); paths are relative to the CSV's folder."""
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        rows = [(n, row) for n, row in enumerate(csv.reader(f), start=1) if any(cell.strip() for cell in row)]
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            rows = [(n, row) for n, row in enumerate(csv.reader(f), start=1) if any(cell.strip() for cell in row)]
+    except UnicodeDecodeError as e:
+        raise UserError(f"manifest {csv_path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                        "save it as UTF-8") from None
+    except csv.Error as e:
+        raise UserError(f"manifest {csv_path} is not a readable CSV file ({e})") from None
     if rows and tuple(c.strip().lower() for c in rows[0][1]) in (MANIFEST_HEADER[:2], MANIFEST_HEADER):
         rows = rows[1:]
     if not rows:

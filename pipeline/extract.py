@@ -6,6 +6,8 @@ torch is imported only when images must go through the model: an up-to-date reru
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
 import time
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import store
+from pipeline import files, store
 from pipeline.config import ExtractConfig, FeatureConfig, feature_config, library_versions, sha256_file
 from pipeline.data import Dataset, discover
 from pipeline.errors import Interrupted, UserError
@@ -70,45 +72,58 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
     dataset = discover(cfg.data)
     fcfg = feature_config(cfg.weights, cfg.pool, cfg.image_size, cfg.dtype)
     out = Path(cfg.out) if cfg.out else default_output(cfg.features_dir, dataset.name, fcfg)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    old_header, old_records = _previous_cache(out, fcfg, cfg.force)
-    with Journal(partial_dir(out), fcfg.fingerprint()) as journal:
+    files.ensure_writable_file(out, "--out")
+    # The lock comes first: the previous cache is read under it, so no other run can swap it in between.
+    with Journal(partial_dir(out), fcfg.fingerprint()) as journal, _previous_cache(out, fcfg, cfg.force) as old:
         if cfg.force:
             journal.clear()
+        else:
+            journal.resume()
+        old_records = old.records() if old else []
         plan = make_plan(dataset, old_records, journal.entries, cfg.verify)
-        if old_header is not None and _unchanged(plan, old_header, old_records, dataset):
+        if old is not None and _unchanged(plan, old.header, old_records, dataset):
             journal.remove()
             log.info("%s is up to date (%d images)", out, len(old_records))
             return _summary(out, fcfg, plan, 0, time.perf_counter() - start, 0.0, up_to_date=True)
-        extraction, model_seconds = old_header.extraction if old_header else {}, 0.0
+        extraction, model_seconds = old.header.extraction if old else {}, 0.0
         if plan.todo:
+            files.ensure_free_space(out.parent, _bytes_needed(plan, fcfg), f"extracting {len(plan.todo)} images")
             extraction = _run_model(cfg, fcfg, dataset.root, plan.todo, journal)
             model_seconds = extraction["seconds"]
             plan = make_plan(dataset, old_records, journal.entries, verify=False)
             if plan.todo:  # files changed while we read them: their new content is not in the journal
                 raise UserError(f"{len(plan.todo)} files changed during extraction (e.g. {plan.todo[0].path}); "
                                 "rerun the same command to extract them (nothing done so far is lost)")
-        header = _header(fcfg, dataset, old_header, extraction)
-        _write(out, header, plan, old_records, journal, fcfg.dtype)
+        header = _header(fcfg, dataset, old.header if old else None, extraction)
+        _write(out, header, plan, old, old_records, journal, fcfg.dtype)
         journal.remove()
     n_new = int(extraction.get("images", 0)) if model_seconds else 0
     return _summary(out, fcfg, plan, n_new, time.perf_counter() - start, n_new / model_seconds if model_seconds else 0.0)
 
 
-def _previous_cache(out: Path, fcfg: FeatureConfig, force: bool) -> tuple[store.Header | None, list[Record]]:
-    """The existing cache at `out`, if it was made with this very config; anything else is refused or replaced."""
+@contextlib.contextmanager
+def _previous_cache(out: Path, fcfg: FeatureConfig, force: bool):
+    """The existing cache at `out`, open, if it was made with this very config; anything else is refused or replaced."""
     if force or not out.exists():
-        return None, []
+        yield None
+        return
     try:
-        header, records = store.read_records(out)
+        cache = store.open_cache(out)
     except UserError as e:
         raise UserError(f"{e}; refusing to overwrite it (use --force to replace it, or another --out)") from None
-    if header.fingerprint != fcfg.fingerprint():
-        changed = {k: (header.config.get(k), v) for k, v in fcfg.to_dict().items() if header.config.get(k) != v}
-        diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-        raise UserError(f"{out} holds features of extractor config {header.fingerprint}, this run's is "
-                        f"{fcfg.fingerprint()} ({diff}); use another --out, or --force to replace it")
-    return header, records
+    with cache:
+        if cache.header.fingerprint != fcfg.fingerprint():
+            changed = {k: (cache.header.config.get(k), v) for k, v in fcfg.to_dict().items() if cache.header.config.get(k) != v}
+            diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            raise UserError(f"{out} holds features of extractor config {cache.header.fingerprint}, this run's is "
+                            f"{fcfg.fingerprint()} ({diff}); use another --out, or --force to replace it")
+        yield cache
+
+
+def _bytes_needed(plan: Plan, fcfg: FeatureConfig) -> int:
+    """The journal's shards for the images to extract, then the new cache beside the old one."""
+    journal = len(plan.todo) * (fcfg.feature_dim * np.dtype(fcfg.dtype).itemsize + 400)
+    return journal + store.estimated_bytes(len(plan.records), fcfg.feature_dim, fcfg.dtype)
 
 
 def _stat(path: Path) -> tuple[int, int] | None:
@@ -119,19 +134,45 @@ def _stat(path: Path) -> tuple[int, int] | None:
     return st.st_size, st.st_mtime_ns
 
 
-def _done_before(prev: Record | None, size: int, mtime_ns: int, path: Path, verify: bool) -> Record | None:
-    """`prev` if it still describes the file: same size and mtime, or (after a touch or copy) the same content."""
+def _unreadable_now(path: Path) -> str:
+    """Why `path` cannot be read now (the reason recorded for it), or "" when it can."""
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        return store.unreadable_reason(e)
+    return ""
+
+
+def _done_before(prev: Record | None, stamp: tuple[int, int], path: Path, verify: bool, digest) -> Record | None:
+    """`prev` if it still describes the file: same size and mtime, or (after a touch or copy) the same content.
+
+    A failure is redone when the file changed, always with `verify`, and, when the file could not be read at all,
+    as soon as it can be (a fixed permission or a remounted disk changes neither size nor mtime).
+    """
+    size, mtime_ns = stamp
     if prev is None:
         return None
-    if prev.size == size and prev.mtime_ns == mtime_ns and not (verify and prev.sha256):
+    if not prev.ok:
+        if verify or (prev.size, prev.mtime_ns) != stamp:
+            return None
+        if prev.unreadable:
+            reason = _unreadable_now(path)
+            return replace(prev, reason=reason) if reason else None
         return prev
-    if prev.ok and prev.sha256 and prev.size == size and sha256_file(path) == prev.sha256:
+    if (prev.size, prev.mtime_ns) == stamp and not verify:
+        return prev
+    if prev.sha256 and prev.size == size and digest() == prev.sha256:
         return replace(prev, mtime_ns=mtime_ns)
     return None
 
 
 def make_plan(dataset: Dataset, cached: list[Record], journal: dict, verify: bool) -> Plan:
-    """Decide, image by image, whether its row is in the cache, in the journal, or still to be extracted."""
+    """Decide, image by image, whether its row is in the journal, in the cache, or still to be extracted.
+
+    The journal is asked first: its rows were made after the cache was written, so where both know a file,
+    the journal's row is the newer one (after `--verify` found a changed file, the cache's row is stale).
+    """
     labels, old = dataset.label_index(), {r.path: r for r in cached}
     plan = Plan()
     for item in dataset.items:
@@ -140,8 +181,9 @@ def make_plan(dataset: Dataset, cached: list[Record], journal: dict, verify: boo
         if stamp is None:
             plan.records.append(Record(item.split, item.path, -1, -1, -1, "", "FileNotFoundError: listed but missing"))
             continue
-        for source, prev in (("cache", old.get(item.path)), ("journal", journal.get(item.path, (None,))[0])):
-            done = _done_before(prev, *stamp, path, verify and source == "cache")
+        digest = functools.cache(lambda path=path: sha256_file(path))  # hashed at most once, and only if needed
+        for source, prev in (("journal", journal.get(item.path, (None,))[0]), ("cache", old.get(item.path))):
+            done = _done_before(prev, stamp, path, verify, digest)
             if done is not None:
                 plan.records.append(replace(done, split=item.split, label=label if done.ok else -1))
                 plan.sources[item.path] = source
@@ -228,6 +270,9 @@ def _embed_all(extractor, loader, todo: list[Record], journal: Journal, fcfg: Fe
         commit()
         raise Interrupted(f"interrupted: {len(journal.entries)} images are saved in {journal.directory}; "
                           "rerun the same command to resume") from None
+    except files.DiskFull as e:
+        raise files.DiskFull(f"{e}: {len(journal.entries)} images are saved in {journal.directory}; "
+                             "free some space and rerun the same command to resume") from None
 
 
 def _embed_batch(extractor, batch: dict, todo: list[Record], dim: int) -> tuple[list[Record], np.ndarray]:
@@ -254,10 +299,10 @@ def _header(fcfg: FeatureConfig, dataset: Dataset, old: store.Header | None, ext
                         versions=library_versions(), created=old.created if old else now, updated=now)
 
 
-def _write(out: Path, header: store.Header, plan: Plan, cached: list[Record], journal: Journal, dtype: str) -> None:
+def _write(out: Path, header: store.Header, plan: Plan, old: store.Cache | None, old_records: list[Record],
+           journal: Journal, dtype: str) -> None:
     """Write the new cache from rows kept from the old one and rows in the journal, then swap it in."""
-    positions = store.row_positions(cached)
-    old = store.RowReader(out) if "cache" in plan.sources.values() else None
+    positions = store.row_positions(old_records)
 
     def fetch(rows: list[Record]) -> np.ndarray:
         groups = defaultdict(list)
@@ -273,11 +318,13 @@ def _write(out: Path, header: store.Header, plan: Plan, cached: list[Record], jo
             block[index] = old.rows(where, pos) if kind == "cache" else journal.rows(where, pos)
         return block
 
+    saved = f"{len(journal.entries)} images are saved in {journal.directory}" if journal.entries else "nothing was lost"
     try:
+        files.ensure_free_space(out.parent, store.estimated_bytes(len(plan.records), header.feature_dim, dtype),
+                                "writing the cache")
         store.write_atomic(out, header, plan.records, fetch, dtype)
-    finally:
-        if old is not None:
-            old.close()
+    except UserError as e:  # DiskFull too: the journal keeps every extracted row, so a rerun only writes
+        raise type(e)(f"{e}; {saved}: free some space and rerun the same command") from None
 
 
 def _summary(out: Path, fcfg: FeatureConfig, plan: Plan, extracted: int, seconds: float, rate: float,

@@ -15,6 +15,8 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+from pipeline.store import unreadable_reason
+
 _SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 
 
@@ -52,7 +54,13 @@ def preprocess(img: Image.Image, resize_size: int, crop_size: int) -> torch.Tens
 
 
 def describe_failure(e: Exception, n_bytes: int | None) -> str:
-    """A short, deterministic reason (Pillow's own message for unknown formats names a memory address)."""
+    """A short, deterministic reason (Pillow's own message for unknown formats names a memory address).
+
+    `n_bytes` None: the file could not be read at all; `store.unreadable_reason` marks it so, which tells the
+    next run to try it again (a permission or I/O problem can be fixed without changing the file).
+    """
+    if n_bytes is None:
+        return unreadable_reason(e)
     if isinstance(e, UnidentifiedImageError):
         return "empty file (0 bytes)" if n_bytes == 0 else f"not a decodable image ({n_bytes} bytes)"
     return f"{type(e).__name__}: {e}".strip()[:300]
@@ -68,10 +76,14 @@ class ImageFiles(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    def read(self, index: int) -> bytes:
+        with open(self.root / self.paths[index], "rb") as f:
+            return f.read()
+
     def __getitem__(self, index: int) -> dict:
         image, error, digest, data = torch.zeros(3, self.crop_size, self.crop_size, dtype=torch.uint8), "", "", None
         try:
-            data = (self.root / self.paths[index]).read_bytes()
+            data = self.read(index)
             digest = hashlib.sha256(data).hexdigest()
             image = preprocess(open_image(data, self.resize_size), self.resize_size, self.crop_size)
         except Exception as e:  # any failure is this file's, not the run's: report it and go on
@@ -121,7 +133,7 @@ class EncodedFiles(ImageFiles):
         item = {"index": index, "raw": None, "orientation": 1, "image": None, "error": "", "sha256": ""}
         data = None
         try:
-            data = (self.root / self.paths[index]).read_bytes()
+            data = self.read(index)
             item["sha256"] = hashlib.sha256(data).hexdigest()
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -4,7 +4,7 @@
               source (JSON), extraction (JSON), feature_dim, created, updated
     /<split>/features   (N, D) float16|float32, chunked by rows
     /<split>/labels     (N,) int64, index into class_names
-    /<split>/paths      (N,) UTF-8, relative to the dataset root
+    /<split>/paths      (N,) UTF-8 text, relative to the dataset root (a name that is not UTF-8: its raw bytes)
     /<split>/sizes      (N,) int64 bytes      \
     /<split>/mtimes_ns  (N,) int64            }  what the next run compares to spot changed files
     /<split>/sha256     (N,) ASCII hex digest /
@@ -22,11 +22,14 @@ from typing import Callable, Iterable
 import h5py
 import numpy as np
 
+from pipeline import files
 from pipeline.errors import UserError
 
 SCHEMA_VERSION = 1
 CHUNK_BYTES = 1 << 20  # ~1 MiB row chunks: large contiguous reads, small enough for partial reads
+FLUSH_BYTES = 64 << 20  # flush the file every ~64 MiB of features written (see write_atomic)
 STR = h5py.string_dtype("utf-8")
+UNREADABLE = "cannot read"  # how the reason of a file that could not be read at all starts (see Record.unreadable)
 FAILED_DTYPE = np.dtype([("path", STR), ("reason", STR), ("size", "<i8"), ("mtime_ns", "<i8")])
 
 
@@ -45,6 +48,17 @@ class Record:
     @property
     def ok(self) -> bool:
         return not self.reason
+
+    @property
+    def unreadable(self) -> bool:
+        """The file could not be read at all (permissions, I/O): a failure that may go away without the file changing."""
+        return self.reason.startswith(UNREADABLE)
+
+
+def unreadable_reason(e: Exception) -> str:
+    """The recorded reason of a file that could not be read at all (see Record.unreadable)."""
+    detail = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+    return f"{UNREADABLE} ({type(e).__name__}: {detail})"[:300]
 
 
 @dataclass
@@ -69,77 +83,69 @@ class SplitFeatures:
     paths: list[str]
 
 
-_JSON_ATTRS = ("config", "class_names", "source", "extraction", "versions")
+_JSON_ATTRS = {"config": dict, "class_names": list, "source": dict, "extraction": dict, "versions": dict}
+_TEXT_ATTRS = ("fingerprint", "created", "updated")
+SPLIT_DATASETS = ("features", "labels", "paths", "sizes", "mtimes_ns", "sha256", "failed")
+FEATURE_DTYPES = (np.dtype("float16"), np.dtype("float32"))
 
 
-def _open(path: Path, mode: str = "r") -> h5py.File:
-    if not Path(path).is_file():
-        raise UserError(f"feature file not found: {path}")
-    try:
-        f = h5py.File(path, mode)
-    except OSError as e:
-        raise UserError(f"{path} is not a readable HDF5 file ({e})") from None
-    version = f.attrs.get("schema_version")
-    if version is None:
-        f.close()
-        raise UserError(f"{path} is not a vggcache feature file (no schema_version attribute)")
-    if int(version) > SCHEMA_VERSION:
-        f.close()
-        raise UserError(f"{path} has schema_version {int(version)}; this vggcache reads up to {SCHEMA_VERSION}: upgrade it")
-    return f
+def _encode_path(path: str) -> bytes:
+    """File names are stored as their bytes: a name that is not valid UTF-8 (kept by Python as surrogate escapes)
+    round-trips exactly instead of failing the write."""
+    return path.encode("utf-8", "surrogateescape")
 
 
-def read_header(path: Path) -> Header:
-    with _open(path) as f:
-        return _header_of(f)
+def _decode_path(value) -> str:
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else str(value)
 
 
-def _header_of(f: h5py.File) -> Header:
-    a = f.attrs
-    values = {k: json.loads(a[k]) for k in _JSON_ATTRS}
-    return Header(fingerprint=str(a["fingerprint"]), feature_dim=int(a["feature_dim"]),
-                  created=str(a["created"]), updated=str(a["updated"]), **values)
+class Damaged(UserError):
+    """The file is HDF5 but not a complete vggcache cache: names what is wrong."""
 
 
-def splits_of(path: Path) -> list[str]:
-    with _open(path) as f:
-        return sorted(k for k in f.keys() if isinstance(f[k], h5py.Group))
-
-
-def read_records(path: Path) -> tuple[Header, list[Record]]:
-    """Header and every record (rows, then failures, per split) without reading any features."""
-    with _open(path) as f:
-        records = []
-        for split in sorted(f.keys()):
-            g = f[split]
-            columns = zip(g["paths"].asstr()[:], g["labels"][:], g["sizes"][:], g["mtimes_ns"][:], g["sha256"].asstr()[:])
-            records += [Record(split, p, int(lab), int(s), int(m), h) for p, lab, s, m, h in columns]
-            records += [Record(split, _text(r["path"]), -1, int(r["size"]), int(r["mtime_ns"]), "", _text(r["reason"]))
-                        for r in g["failed"][:]]
-        return _header_of(f), records
-
-
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def read_split(path: Path, split: str) -> SplitFeatures:
-    """Features, labels and paths of one split, read in one contiguous slice each."""
-    with _open(path) as f:
-        if split not in f:
-            raise UserError(f"{path} has no split {split!r} (splits: {', '.join(sorted(f.keys())) or 'none'})")
-        g = f[split]
-        return SplitFeatures(g["features"][:], g["labels"][:], list(g["paths"].asstr()[:]))
-
-
-class RowReader:
-    """Reads feature rows of an existing cache by (split, row) positions, for copying them into a new one."""
+class Cache:
+    """An open, validated cache: the header, its splits, and reads of whole splits. Open once per command."""
 
     def __init__(self, path: Path):
-        self._file = _open(path)
+        self.path = Path(path)
+        self._file = _open_validated(self.path)
+        self.header = _header_of(self._file)
+        self.splits = sorted(self._file.keys())
+
+    def __enter__(self) -> "Cache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def _group(self, split: str) -> h5py.Group:
+        if split not in self.splits:
+            raise UserError(f"{self.path} has no split {split!r} (splits: {', '.join(self.splits) or 'none'})")
+        return self._file[split]
+
+    def read_split(self, split: str) -> "SplitFeatures":
+        """Features, labels and paths of one split, read in one contiguous slice each."""
+        g = self._group(split)
+        return SplitFeatures(g["features"][:], g["labels"][:], list(g["paths"].asstr(errors="surrogateescape")[:]))
+
+    def records(self) -> list[Record]:
+        """Every record (rows, then failures, per split) without reading any features."""
+        out = []
+        for split in self.splits:
+            g = self._file[split]
+            columns = zip(g["paths"].asstr(errors="surrogateescape")[:], g["labels"][:], g["sizes"][:],
+                          g["mtimes_ns"][:], g["sha256"].asstr()[:])
+            out += [Record(split, p, int(lab), int(s), int(m), h) for p, lab, s, m, h in columns]
+            out += [Record(split, _decode_path(r["path"]), -1, int(r["size"]), int(r["mtime_ns"]), "",
+                           _decode_path(r["reason"])) for r in g["failed"][:]]
+        return out
 
     def rows(self, split: str, positions: np.ndarray) -> np.ndarray:
-        ds = self._file[split]["features"]
+        """Feature rows by position within a split (any order), for copying them into a new cache."""
+        ds = self._group(split)["features"]
         lo, hi = int(positions.min()), int(positions.max()) + 1
         if hi - lo <= 4 * len(positions) + 1024:  # a nearly contiguous run: one slice beats a point selection
             return ds[lo:hi][positions - lo]
@@ -148,12 +154,129 @@ class RowReader:
         out[order] = ds[positions[order]]
         return out
 
-    def close(self) -> None:
-        self._file.close()
+
+def open_cache(path: Path) -> Cache:
+    return Cache(path)
+
+
+def _open_validated(path: Path) -> h5py.File:
+    if not Path(path).is_file():
+        raise UserError(f"feature file not found: {path}")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise UserError(f"{path} is not a readable HDF5 file ({e})") from None
+    try:
+        _validate(f)
+    except Damaged as e:
+        f.close()
+        raise Damaged(f"{path} {e}") from None
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
+def _validate(f: h5py.File) -> None:
+    """The whole schema, checked once on opening; every problem is one `Damaged` line naming what is wrong."""
+    if "schema_version" not in f.attrs:
+        raise Damaged("is not a vggcache feature file (no schema_version attribute)")
+    version = f.attrs["schema_version"]
+    if not isinstance(version, (int, np.integer)) or isinstance(version, (bool, np.bool_)) or version < 1:
+        raise Damaged(f"is damaged: schema_version is {_show(version)}, expected a positive integer")
+    if int(version) > SCHEMA_VERSION:
+        raise Damaged(f"has schema_version {int(version)}; this vggcache reads up to {SCHEMA_VERSION}: upgrade it")
+    header = _checked_attrs(f.attrs)
+    for name, member in f.items():
+        if not isinstance(member, h5py.Group):
+            raise Damaged(f"is damaged: unexpected dataset /{name} at the root (splits are groups)")
+        _check_split(name, member, header["feature_dim"], len(header["class_names"]))
+
+
+def _show(value) -> str:
+    return repr(value.decode(errors="replace") if isinstance(value, bytes) else value)[:60]
+
+
+def _checked_attrs(attrs) -> dict:
+    found = {}
+    for key in (*_TEXT_ATTRS, "feature_dim", *_JSON_ATTRS):
+        if key not in attrs:
+            raise Damaged(f"is damaged: the root attribute {key!r} is missing")
+    for key in _TEXT_ATTRS:
+        if not isinstance(attrs[key], (str, bytes)):
+            raise Damaged(f"is damaged: the root attribute {key!r} is {_show(attrs[key])}, expected text")
+    dim = attrs["feature_dim"]
+    if not isinstance(dim, (int, np.integer)) or isinstance(dim, (bool, np.bool_)) or dim < 1:
+        raise Damaged(f"is damaged: feature_dim is {_show(dim)}, expected a positive integer")
+    found["feature_dim"] = int(dim)
+    for key, kind in _JSON_ATTRS.items():
+        try:
+            found[key] = json.loads(attrs[key])
+        except (TypeError, ValueError):
+            raise Damaged(f"is damaged: the root attribute {key!r} is not JSON") from None
+        if not isinstance(found[key], kind):
+            raise Damaged(f"is damaged: the root attribute {key!r} is not a JSON {'object' if kind is dict else 'list'}")
+    if not found["class_names"] or not all(isinstance(c, str) for c in found["class_names"]):
+        raise Damaged("is damaged: class_names is not a non-empty list of names")
+    return found
+
+
+def _check_split(split: str, g: h5py.Group, dim: int, n_classes: int) -> None:
+    names = set(g.keys())
+    missing = [d for d in SPLIT_DATASETS if d not in names]
+    if missing:
+        raise Damaged(f"is damaged: split {split!r} has no {', '.join(missing)} dataset")
+    extra = sorted(names - set(SPLIT_DATASETS))
+    if extra:
+        raise Damaged(f"is damaged: split {split!r} holds unexpected members {', '.join(extra)}")
+    if not all(isinstance(g[d], h5py.Dataset) for d in SPLIT_DATASETS):
+        raise Damaged(f"is damaged: a member of split {split!r} is not a dataset")
+    features = g["features"]
+    if features.ndim != 2 or features.shape[1] != dim or features.dtype not in FEATURE_DTYPES:
+        raise Damaged(f"is damaged: {split}/features is {features.shape} {features.dtype}, expected (N, {dim}) float16|float32")
+    n = features.shape[0]
+    for column in ("labels", "paths", "sizes", "mtimes_ns", "sha256"):
+        if g[column].shape != (n,):
+            raise Damaged(f"is damaged: {split}/{column} has shape {g[column].shape}, expected ({n},) like {split}/features")
+    labels = g["labels"][:]
+    if labels.dtype.kind not in "iu" or (n and (labels.min() < 0 or labels.max() >= n_classes)):
+        raise Damaged(f"is damaged: {split}/labels are not indices into the {n_classes} class names")
+    failed = g["failed"]
+    if failed.ndim != 1 or failed.dtype.names is None or set(FAILED_DTYPE.names) - set(failed.dtype.names):
+        raise Damaged(f"is damaged: {split}/failed is not a table of ({', '.join(FAILED_DTYPE.names)})")
+
+
+def read_header(path: Path) -> Header:
+    with open_cache(path) as cache:
+        return cache.header
+
+
+def splits_of(path: Path) -> list[str]:
+    with open_cache(path) as cache:
+        return cache.splits
+
+
+def read_records(path: Path) -> tuple[Header, list[Record]]:
+    """Header and every record (rows, then failures, per split) without reading any features."""
+    with open_cache(path) as cache:
+        return cache.header, cache.records()
+
+
+def _header_of(f: h5py.File) -> Header:
+    a = f.attrs
+    values = {k: json.loads(a[k]) for k in _JSON_ATTRS}
+    return Header(fingerprint=_decode_path(a["fingerprint"]), feature_dim=int(a["feature_dim"]),
+                  created=_decode_path(a["created"]), updated=_decode_path(a["updated"]), **values)
+
+
+def read_split(path: Path, split: str) -> SplitFeatures:
+    """Features, labels and paths of one split (opens the file for this one read)."""
+    with open_cache(path) as cache:
+        return cache.read_split(split)
 
 
 def row_positions(records: Iterable[Record]) -> dict[str, tuple[str, int]]:
-    """Map path -> (split, row) for the rows of a cache, in the order `read_records` returns them."""
+    """Map path -> (split, row) for the rows of a cache, in the order `Cache.records` returns them."""
     positions, counters = {}, {}
     for r in records:
         if r.ok:
@@ -162,17 +285,56 @@ def row_positions(records: Iterable[Record]) -> dict[str, tuple[str, int]]:
     return positions
 
 
+def estimated_bytes(n_rows: int, dim: int, dtype: str) -> int:
+    """About what a cache of `n_rows` takes on disk: the features plus ~200 bytes of columns per row."""
+    return n_rows * (dim * np.dtype(dtype).itemsize + 200) + (1 << 20)
+
+
 def write_atomic(path: Path, header: Header, records: list[Record],
                  fetch: Callable[[list[Record]], np.ndarray], dtype: str) -> None:
-    """Write a complete cache to a temporary name, then rename it over `path`: readers never see half a file."""
+    """Write a complete cache to a temporary name, then rename it over `path`: readers never see half a file.
+
+    HDF5 defers its writes: a full disk would otherwise surface at interpreter exit, as a crash. So the file is
+    flushed after every block of rows, and on any failure it is truncated (freeing the space HDF5 still wants
+    to write into), closed and removed, and a full disk is reported as a `DiskFull` user error.
+    """
     tmp = Path(f"{path}.tmp")
-    with h5py.File(tmp, "w") as f:
+    f = h5py.File(tmp, "w")
+    alive = []  # every dataset stays open until the last flush: closing one may write, and there a failure is lost
+    try:
         _write_header(f, header)
         for split in sorted({r.split for r in records}):
-            _write_split(f.create_group(split), [r for r in records if r.split == split], header.feature_dim, fetch, dtype)
-    with open(tmp, "rb+") as fd:
-        os.fsync(fd.fileno())
-    os.replace(tmp, path)
+            _write_split(f.create_group(split), [r for r in records if r.split == split], header.feature_dim,
+                         fetch, dtype, alive)
+            f.flush()
+    except BaseException as e:
+        _discard(f, tmp, alive)
+        if files.is_disk_full(e):
+            raise files.DiskFull(f"the disk holding {tmp} is full") from None
+        raise
+    alive.clear()
+    f.close()
+    try:
+        with open(tmp, "rb+") as fd:
+            os.fsync(fd.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if files.is_disk_full(e):
+            raise files.DiskFull(f"the disk holding {tmp} is full") from None
+        raise
+
+
+def _discard(f: h5py.File, tmp: Path, alive: list) -> None:
+    """Throw a half-written file away so that HDF5 has nothing left to write, neither now nor at exit."""
+    try:
+        os.truncate(tmp, 0)  # frees the disk: the writes HDF5 still owes can now succeed, into a file we delete
+        for obj in alive:
+            obj.id.close()
+        f.close()
+    except Exception:  # the close may still fail: the file is being thrown away anyway
+        pass
+    tmp.unlink(missing_ok=True)
 
 
 def _write_header(f: h5py.File, header: Header) -> None:
@@ -184,28 +346,36 @@ def _write_header(f: h5py.File, header: Header) -> None:
         f.attrs[key] = json.dumps(getattr(header, key), sort_keys=True)
 
 
-def _write_split(g: h5py.Group, records: list[Record], dim: int, fetch, dtype: str) -> None:
+def _write_split(g: h5py.Group, records: list[Record], dim: int, fetch, dtype: str, alive: list) -> None:
     rows = sorted((r for r in records if r.ok), key=lambda r: r.path)
     failed = sorted((r for r in records if not r.ok), key=lambda r: r.path)
     chunk_rows = max(1, CHUNK_BYTES // (dim * np.dtype(dtype).itemsize))
     features = g.create_dataset("features", (len(rows), dim), dtype=dtype,
                                 chunks=(min(chunk_rows, max(1, len(rows))), dim))
+    alive += [g, features]
+    block = chunk_rows * max(1, FLUSH_BYTES // CHUNK_BYTES)
     for start in range(0, len(rows), chunk_rows):
         features[start:start + chunk_rows] = fetch(rows[start:start + chunk_rows])
-    g.create_dataset("labels", data=np.array([r.label for r in rows], dtype="<i8"))
-    g.create_dataset("paths", data=np.array([r.path for r in rows], dtype=object), dtype=STR)
-    g.create_dataset("sizes", data=np.array([r.size for r in rows], dtype="<i8"))
-    g.create_dataset("mtimes_ns", data=np.array([r.mtime_ns for r in rows], dtype="<i8"))
-    g.create_dataset("sha256", data=np.array([r.sha256 for r in rows], dtype="S64"))
-    g.create_dataset("failed", data=np.array([(r.path, r.reason, r.size, r.mtime_ns) for r in failed], dtype=FAILED_DTYPE))
+        if (start + chunk_rows) % block == 0:
+            g.file.flush()  # a full disk fails here, where it can be handled, not in a destructor at exit
+    columns = {"labels": np.array([r.label for r in rows], dtype="<i8"),
+               "paths": np.array([_encode_path(r.path) for r in rows], dtype=object),
+               "sizes": np.array([r.size for r in rows], dtype="<i8"),
+               "mtimes_ns": np.array([r.mtime_ns for r in rows], dtype="<i8"),
+               "sha256": np.array([r.sha256 for r in rows], dtype="S64"),
+               "failed": np.array([(_encode_path(r.path), _encode_path(r.reason), r.size, r.mtime_ns) for r in failed],
+                                  dtype=FAILED_DTYPE)}
+    for name, data in columns.items():
+        alive.append(g.create_dataset(name, data=data, dtype=STR if name == "paths" else None))
 
 
 def describe(path: Path) -> dict:
     """A JSON-able summary of a cache: header, rows per split and class, and every failed file."""
-    header, records = read_records(path)
-    splits: dict[str, dict] = {}
+    with open_cache(path) as cache:
+        header, records, names = cache.header, cache.records(), cache.splits
+    splits = {split: {"rows": 0, "per_class": {name: 0 for name in header.class_names}, "failed": []} for split in names}
     for r in records:
-        s = splits.setdefault(r.split, {"rows": 0, "per_class": {name: 0 for name in header.class_names}, "failed": []})
+        s = splits[r.split]
         if r.ok:
             s["rows"] += 1
             s["per_class"][header.class_names[r.label]] += 1

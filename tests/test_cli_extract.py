@@ -58,11 +58,11 @@ def test_every_input_error_exits_2_with_one_line(tmp_path, image_folder):
 
 
 @pytest.mark.parametrize("option, value, message", [
-    ("--pool", "mean", "--pool 'mean' is not one of avg, max, avgmax, flatten"),
-    ("--dtype", "int8", "--dtype 'int8' is not one of float16, float32"),
+    ("--pool", "mean", "--pool 'mean' is not valid (expected one of avg, max, avgmax, flatten)"),
+    ("--dtype", "int8", "--dtype 'int8' is not valid (expected one of float16, float32)"),
     ("--weights", "nowhere.pth", "is not 'imagenet', 'none' or an existing state-dict file"),
-    ("--image-size", "16", "--image-size 16 is out of range"),
-    ("--device", "tpu", "--device 'tpu' is not one of"),
+    ("--image-size", "16", "--image-size 16 is not valid (expected an integer in [32, 1024])"),
+    ("--device", "tpu", "--device 'tpu' is not valid (expected one of"),
     ("--decode", "gpu", "--decode gpu needs a CUDA device"),
 ])
 def test_bad_options_exit_2(image_folder, option, value, message):

@@ -80,3 +80,26 @@ def test_bad_paths_are_user_errors(tmp_path):
     (tmp_path / "train" / "a").mkdir(parents=True)
     with pytest.raises(UserError, match="no images found"):
         discover(tmp_path)
+
+
+def test_directory_links_back_into_the_tree_are_followed_once(tmp_path, caplog):
+    touch(tmp_path / "train" / "a" / "1.jpg")
+    touch(tmp_path / "train" / "b" / "2.jpg")
+    (tmp_path / "train" / "a" / "up").symlink_to("..")  # a loop, through which class b is also reachable
+    (tmp_path / "train" / "a" / "sister").symlink_to("../b")
+    elsewhere = tmp_path.parent / f"{tmp_path.name}-outside"
+    touch(elsewhere / "3.jpg")
+    (tmp_path / "train" / "b" / "linked").symlink_to(elsewhere)  # a link out of the tree is followed
+    with caplog.at_level("WARNING"):
+        ds = discover(tmp_path)
+    assert [(i.path, i.label) for i in ds.items] == [("train/a/1.jpg", "a"), ("train/b/2.jpg", "b"),
+                                                    ("train/b/linked/3.jpg", "b")]
+    warnings = [r.getMessage() for r in caplog.records]
+    assert warnings == ["skipped 2 directory links that lead back into folders already scanned (a loop, or another "
+                        "class): train/a/sister, train/a/up"]
+
+
+def test_a_manifest_that_is_not_utf8_is_a_user_error(tmp_path):
+    (tmp_path / "m.csv").write_bytes("path,label\ncafé.jpg,x\n".encode("latin-1"))
+    with pytest.raises(UserError, match=r"manifest .*m\.csv is not UTF-8 text \(byte 0xe9 at offset 14\)"):
+        discover(tmp_path / "m.csv")

@@ -1,6 +1,9 @@
 """The extract stage end to end: values, bad images, incremental updates, no-op reruns, and resume after kill -9."""
 
+import errno
+import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +17,7 @@ import torch
 from PIL import Image
 
 from conftest import SIZE, extract_config
-from pipeline import backbone, extract as extract_module, store
+from pipeline import backbone, extract as extract_module, files, store
 from pipeline.backbone import Extractor, build_body
 from pipeline.config import feature_config
 from pipeline.errors import UserError
@@ -217,6 +220,7 @@ def test_csv_manifest_relabel_keeps_features_and_missing_files_are_recorded(imag
 def test_verify_finds_content_changes_that_keep_size_and_mtime(image_folder, tmp_path):
     out = tmp_path / "f.h5"
     extract(extract_config(image_folder, out))
+    before = store.read_split(out, "train")
     target = image_folder / "train/stripes/00001.jpg"
     st = target.stat()
     data = bytearray(target.read_bytes())
@@ -225,4 +229,124 @@ def test_verify_finds_content_changes_that_keep_size_and_mtime(image_folder, tmp
     os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert extract(extract_config(image_folder, out)).up_to_date  # size and mtime alone cannot see it
     s = extract(extract_config(image_folder, out, verify=True))
-    assert s.extracted == 1 and not s.up_to_date
+    assert (s.extracted, s.resumed, s.up_to_date) == (1, 0, False)
+    records = {r.path: r for r in store.read_records(out)[1]}
+    assert records["train/stripes/00001.jpg"].sha256 == hashlib.sha256(target.read_bytes()).hexdigest()
+    fresh = tmp_path / "fresh.h5"
+    extract(extract_config(image_folder, fresh))
+    got, want = store.read_split(out, "train"), store.read_split(fresh, "train")
+    row = got.paths.index("train/stripes/00001.jpg")
+    assert got.paths == want.paths and not np.array_equal(got.features[row], before.features[row])
+    # the new row, not the stale one: equal to rounding (it went through the model in a batch of its own)
+    np.testing.assert_allclose(got.features[row], want.features[row], rtol=1e-2, atol=1e-3)
+    assert extract(extract_config(image_folder, out, verify=True)).up_to_date
+
+
+def test_a_name_that_is_not_utf8_is_extracted_and_kept(image_folder, tmp_path):
+    odd = os.path.join(os.fsencode(image_folder / "train/circle"), b"\xff\xfe.jpg")
+    with open(odd, "wb") as f:
+        f.write((image_folder / "train/circle/00000.jpg").read_bytes())
+    out = tmp_path / "f.h5"
+    s = extract(extract_config(image_folder, out))
+    name = os.fsdecode(b"train/circle/\xff\xfe.jpg")
+    assert s.rows["train"] == 13 and not s.failed and name in store.read_split(out, "train").paths
+    assert extract(extract_config(image_folder, out)).up_to_date
+
+
+@pytest.fixture
+def unreadable(monkeypatch):
+    """Make files unreadable the way chmod 000 does for a non-root user (tests may run as root, which chmod
+    cannot stop): opening them raises PermissionError until the returned set is emptied."""
+    blocked: set[str] = set()
+    real_open = open
+
+    def guarded_open(file, *args, **kwargs):
+        if os.fspath(file) in blocked:
+            raise PermissionError(13, "Permission denied", os.fspath(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", guarded_open)
+    return blocked
+
+
+def test_an_unreadable_file_is_recorded_then_retried_once_it_can_be_read(image_folder, tmp_path, unreadable, monkeypatch):
+    out, target = tmp_path / "f.h5", image_folder / "train/checks/00002.jpg"
+    unreadable.add(str(target))
+    s = extract(extract_config(image_folder, out))
+    assert [(r.path, r.reason) for r in s.failed] == [
+        ("train/checks/00002.jpg", "cannot read (PermissionError: Permission denied)")]
+    real_build = backbone.build_body
+    monkeypatch.setattr(backbone, "build_body", lambda *a: pytest.fail("an unchanged, still unreadable file ran the model"))
+    assert extract(extract_config(image_folder, out)).up_to_date
+    unreadable.clear()  # chmod 644: neither size nor mtime changes
+    monkeypatch.setattr(backbone, "build_body", real_build)
+    s = extract(extract_config(image_folder, out))
+    assert (s.extracted, s.failed) == (1, []) and "train/checks/00002.jpg" in store.read_split(out, "train").paths
+
+
+def test_verify_retries_every_failed_file(image_folder, tmp_path):
+    out, target = tmp_path / "f.h5", image_folder / "train/checks/00002.jpg"
+    good, st = target.read_bytes(), target.stat()
+    target.write_bytes(b"\0" * len(good))  # undecodable, same size
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert len(extract(extract_config(image_folder, out)).failed) == 1
+    target.write_bytes(good)  # fixed in place, same size and mtime
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert extract(extract_config(image_folder, out)).up_to_date
+    s = extract(extract_config(image_folder, out, verify=True))
+    assert (s.extracted, s.failed) == (1, [])
+
+
+def test_the_lock_is_taken_before_the_previous_cache_is_read(image_folder, tmp_path):
+    out = tmp_path / "f.h5"
+    out.write_bytes(b"a damaged cache")  # read first, this would be the error
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pipeline.journal import Journal; "
+                               "j = Journal(sys.argv[1], 'x').__enter__(); print('locked', flush=True); time.sleep(60)",
+                               f"{out}.partial"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(UserError, match="another extraction is writing"):
+            extract(extract_config(image_folder, out))
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_full_disk_while_extracting_says_what_is_saved(image_folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(extract_module, "COMMIT_EVERY_S", 0.0)
+    out, calls = tmp_path / "f.h5", []
+    real_save = np.save
+
+    def save_until_full(f, array):
+        calls.append(1)
+        if len(calls) > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(f, array)
+
+    monkeypatch.setattr(np, "save", save_until_full)
+    with pytest.raises(files.DiskFull, match=r"is full: 8 images are saved in .*f\.h5\.partial; free some space"):
+        extract(extract_config(image_folder, out))
+    monkeypatch.setattr(np, "save", real_save)
+    s = extract(extract_config(image_folder, out))
+    assert (s.extracted, s.resumed) == (10, 8) and not list(tmp_path.glob("**/*.tmp"))
+
+
+def test_a_full_disk_while_writing_the_cache_removes_the_partial_file(image_folder, tmp_path, monkeypatch):
+    out = tmp_path / "f.h5"
+
+    def full(self, key, value):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(h5py.Dataset, "__setitem__", full)
+    with pytest.raises(files.DiskFull, match=r"is full; 18 images are saved in .*f\.h5\.partial: free some space and rerun"):
+        extract(extract_config(image_folder, out))
+    assert not out.exists() and not Path(f"{out}.tmp").exists() and Path(f"{out}.partial").is_dir()
+    monkeypatch.undo()
+    assert extract(extract_config(image_folder, out)).resumed == 18
+
+
+def test_too_little_disk_space_is_refused_before_the_model_runs(image_folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    monkeypatch.setattr(backbone, "build_body", lambda *a: pytest.fail("the model was loaded"))
+    with pytest.raises(UserError, match=r"not enough disk space in .*: extracting 18 images needs about 1\.\d MB, 1000 B free"):
+        extract(extract_config(image_folder, tmp_path / "f.h5"))

@@ -45,7 +45,7 @@ def test_orphaned_forked_workers_do_not_hold_the_lock(tmp_path):
     proc.wait()
     try:
         with Journal(tmp_path / "j", "fp") as journal:
-            assert journal.entries == {}
+            assert journal.resume().entries == {}
     finally:
         subprocess.run(["kill", "-9", str(child)])
 
@@ -53,9 +53,21 @@ def test_orphaned_forked_workers_do_not_hold_the_lock(tmp_path):
 def test_shards_survive_reopening_and_another_fingerprint_discards_them(tmp_path):
     records = [Record("train", "a.jpg", 0, 1, 1, "x"), Record("train", "b.jpg", -1, 1, 1, "", "empty file (0 bytes)")]
     with Journal(tmp_path / "j", "fp") as journal:
-        journal.append(records, np.ones((1, 4), np.float16))
+        journal.resume().append(records, np.ones((1, 4), np.float16))
     with Journal(tmp_path / "j", "fp") as journal:
+        journal.resume()
         assert journal.entries["a.jpg"] == (records[0], 0, 0) and journal.entries["b.jpg"] == (records[1], 0, -1)
         assert journal.rows(0, np.array([0])).tolist() == [[1.0] * 4]
     with Journal(tmp_path / "j", "other") as journal:
-        assert journal.entries == {}
+        assert journal.resume().entries == {}
+    with Journal(tmp_path / "j", "fp") as journal:  # and the folder is now the other config's: nothing to adopt
+        assert journal.resume().entries == {}
+
+
+def test_a_forced_restart_keeps_the_folder_tied_to_its_config(tmp_path):
+    records = [Record("train", "a.jpg", 0, 1, 1, "x")]
+    with Journal(tmp_path / "j", "fp") as journal:
+        journal.resume().clear()
+        journal.append(records, np.ones((1, 4), np.float16))
+    with Journal(tmp_path / "j", "other") as journal:  # shards written after a --force belong to "fp" only
+        assert journal.resume().entries == {}

@@ -1,6 +1,7 @@
 """The HDF5 schema: a round trip through write_atomic, read back with the library and with plain h5py."""
 
 import json
+import re
 
 import h5py
 import numpy as np
@@ -59,11 +60,75 @@ def test_describe_counts_rows_per_class_and_failures(tmp_path):
     assert d["splits"]["val"]["rows"] == 1
 
 
-def test_row_reader_gathers_by_position(tmp_path):
+def test_rows_are_gathered_by_position(tmp_path):
     write_example(tmp_path / "c.h5")
-    reader = store.RowReader(tmp_path / "c.h5")
-    assert reader.rows("train", np.array([1, 0]))[:, 0].tolist() == [2.0, 1.0]
-    reader.close()
+    with store.open_cache(tmp_path / "c.h5") as cache:
+        assert cache.rows("train", np.array([1, 0]))[:, 0].tolist() == [2.0, 1.0]
+
+
+def test_a_name_that_is_not_utf8_round_trips_as_its_bytes(tmp_path):
+    name = b"train/a/\xff\xfe.jpg".decode("utf-8", "surrogateescape")  # as os.listdir returns it
+    records = [Record("train", name, 0, 1, 2, "a" * 64), Record("train", name + "2", -1, 3, 4, "", "cannot read (x)")]
+    header = Header(fingerprint="abc", config={}, class_names=["a"], feature_dim=2)
+    store.write_atomic(tmp_path / "c.h5", header, records, lambda rows: np.ones((len(rows), 2)), "float16")
+    assert set(store.read_records(tmp_path / "c.h5")[1]) == set(records)
+    assert store.read_split(tmp_path / "c.h5", "train").paths == [name]
+    with h5py.File(tmp_path / "c.h5") as f:  # plain h5py sees the file name's own bytes
+        assert f["train/paths"][0] == b"train/a/\xff\xfe.jpg"
+
+
+def _drop(name):
+    def damage(f):
+        del f[name]
+    return damage
+
+
+def _set_attr(key, value):
+    def damage(f):
+        f.attrs[key] = value
+    return damage
+
+
+def _del_attr(key):
+    def damage(f):
+        del f.attrs[key]
+    return damage
+
+
+def _add_root_dataset(f):
+    f["stray"] = [1, 2, 3]
+
+
+def _short_labels(f):
+    del f["train/labels"]
+    f["train/labels"] = np.array([0], dtype="<i8")
+
+
+def _label_out_of_range(f):
+    f["train/labels"][0] = 7
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_drop("train/paths"), "split 'train' has no paths dataset"),
+    (_drop("val/failed"), "split 'val' has no failed dataset"),
+    (_drop("train/features"), "split 'train' has no features dataset"),
+    (_del_attr("config"), "the root attribute 'config' is missing"),
+    (_del_attr("fingerprint"), "the root attribute 'fingerprint' is missing"),
+    (_set_attr("config", "{not json"), "the root attribute 'config' is not JSON"),
+    (_set_attr("class_names", "[]"), "class_names is not a non-empty list"),
+    (_set_attr("schema_version", "one"), "schema_version is 'one', expected a positive integer"),
+    (_set_attr("feature_dim", 5), "train/features is (2, 4) float16, expected (N, 5)"),
+    (_add_root_dataset, "unexpected dataset /stray at the root"),
+    (_short_labels, "train/labels has shape (1,), expected (2,)"),
+    (_label_out_of_range, "train/labels are not indices into the 2 class names"),
+], ids=["no-paths", "no-failed", "no-features", "no-config", "no-fingerprint", "config-not-json", "no-classes",
+        "schema-version-text", "dim-mismatch", "root-dataset", "short-column", "label-range"])
+def test_a_damaged_cache_is_one_line_naming_what_is_wrong(tmp_path, damage, message):
+    write_example(tmp_path / "c.h5")
+    with h5py.File(tmp_path / "c.h5", "a") as f:
+        damage(f)
+    with pytest.raises(store.Damaged, match=re.escape(message)):
+        store.read_header(tmp_path / "c.h5")
 
 
 def test_foreign_corrupt_missing_and_newer_files_are_refused(tmp_path):

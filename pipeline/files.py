@@ -1,0 +1,65 @@
+"""Checks at the file-system boundary: is a place writable, is there room, was an error a full disk.
+
+Long commands call these before their work (a forward pass over a dataset, a sweep of fits), so a wrong --out
+or a small disk fails in the first second with one line, not after hours with a traceback.
+"""
+
+from __future__ import annotations
+
+import errno
+import shutil
+import tempfile
+from pathlib import Path
+
+from pipeline.errors import UserError
+
+
+class DiskFull(UserError):
+    """The disk filled while writing; the message says what is saved and how to continue."""
+
+
+def ensure_writable_dir(folder: Path, option: str) -> None:
+    """Create `folder` if needed and prove that a file can be created in it (os.access lies for root and on NFS)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".vggcache-write-test-"):
+            pass
+    except OSError as e:
+        raise UserError(f"{option}: cannot write in {folder} ({e.strerror or type(e).__name__})") from None
+
+
+def ensure_writable_file(path: Path, option: str) -> None:
+    """`path` can be created or replaced: its folder is writable and it is not a folder itself."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{option} {path} is a folder, expected a file name")
+    ensure_writable_dir(path.parent, option)
+    if path.exists():
+        try:
+            open(path, "ab").close()  # opens for writing without changing a byte
+        except OSError as e:
+            raise UserError(f"{option}: cannot write {path} ({e.strerror or type(e).__name__})") from None
+
+
+def ensure_free_space(folder: Path, need_bytes: int, what: str) -> None:
+    """Refuse to start work whose output cannot fit on the disk holding `folder`."""
+    free = shutil.disk_usage(folder).free
+    if free < need_bytes:
+        raise UserError(f"not enough disk space in {folder}: {what} needs about {human_bytes(need_bytes)}, "
+                        f"{human_bytes(free)} free")
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """ENOSPC or EDQUOT, raised by Python or reported inside an HDF5 error message."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "No space left on device" in str(e) or "Disk quota exceeded" in str(e)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"

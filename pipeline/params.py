@@ -1,0 +1,87 @@
+"""Declared constraints on config values, checked in one place, as scikit-learn's `_parameter_constraints` are.
+
+Every config dataclass lists its constraints in a `PARAMS` class attribute and calls `validate(self)` from
+`__post_init__`; a bad value becomes one `UserError` line that names the option, the value and what was expected.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from numbers import Integral, Real
+
+from pipeline.errors import UserError
+
+
+@dataclass(frozen=True)
+class OneOf:
+    """A value among fixed choices."""
+
+    choices: tuple
+
+    def accepts(self, value) -> bool:
+        return value in self.choices
+
+    def expected(self) -> str:
+        return "one of " + ", ".join(map(str, self.choices))
+
+
+@dataclass(frozen=True)
+class Interval:
+    """An int or a float in [low, high]; `open_low`/`open_high` exclude the bound; None means unbounded."""
+
+    kind: type  # int or float
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+
+    def accepts(self, value) -> bool:
+        if isinstance(value, bool) or not isinstance(value, Integral if self.kind is int else Real):
+            return False
+        if not math.isfinite(value):
+            return False
+        below = self.low is not None and (value <= self.low if self.open_low else value < self.low)
+        above = self.high is not None and (value >= self.high if self.open_high else value > self.high)
+        return not (below or above)
+
+    def expected(self) -> str:
+        noun = "an integer" if self.kind is int else "a number"
+        if self.low is not None and self.high is not None:
+            left, right = "(" if self.open_low else "[", ")" if self.open_high else "]"
+            return f"{noun} in {left}{self.low:g}, {self.high:g}{right}"
+        if self.low is not None:
+            return f"{noun} {'>' if self.open_low else '>='} {self.low:g}"
+        if self.high is not None:
+            return f"{noun} {'<' if self.open_high else '<='} {self.high:g}"
+        return noun
+
+
+@dataclass(frozen=True)
+class Optional:
+    """None (the default: chosen automatically) or a value the inner constraint accepts."""
+
+    inner: OneOf | Interval
+
+    def accepts(self, value) -> bool:
+        return value is None or self.inner.accepts(value)
+
+    def expected(self) -> str:
+        return self.inner.expected()
+
+
+def option_name(field_name: str) -> str:
+    """The CLI option of a config field: `top_k` -> `--top-k`."""
+    return "--" + field_name.replace("_", "-")
+
+
+def validate(config) -> None:
+    """Check every declared field of `config`; raise one UserError naming the first bad value."""
+    declared = type(config).PARAMS
+    names = {f.name for f in fields(config)}
+    for name, constraint in declared.items():
+        assert name in names, f"{type(config).__name__}.PARAMS names an unknown field {name!r}"
+        value = getattr(config, name)
+        if not constraint.accepts(value):
+            option = getattr(type(config), "OPTIONS", {}).get(name, option_name(name))
+            raise UserError(f"{option} {value!r} is not valid (expected {constraint.expected()})")
