@@ -1,4 +1,7 @@
-"""The command line: parse options, call one library function, print its result. No logic lives here."""
+"""The command line: parse options, call one library function, print its result. No logic lives here.
+
+Defaults are read from the config dataclasses, so they live in one place; every value is checked by its config.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +9,46 @@ import functools
 import json
 import logging
 import sys
+from dataclasses import fields
 from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperGroup
 
+from pipeline.config import EvaluateConfig, ExtractConfig, HeadConfig, PredictConfig, TrainConfig
 from pipeline.errors import Interrupted, UserError
+from pipeline.files import human_bytes
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+
+class _OneLineErrors(TyperGroup):
+    """Usage errors (a text where a number goes, an unknown option, a missing argument) as one line and exit 2,
+    like every other user error, instead of a framed usage panel."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except Exception as e:
+            if type(e).__name__ == "NoArgsIsHelpError":
+                typer.echo(e.format_message())
+                sys.exit(2)
+            if hasattr(e, "format_message") and hasattr(e, "exit_code"):  # click's UsageError and its kin
+                typer.echo(f"error: {e.format_message()}", err=True)
+                sys.exit(2)
+            raise
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+app = typer.Typer(cls=_OneLineErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Cache frozen VGG16 features of an image folder in HDF5, then train fast heads on them.")
+
+
+def _default(config: type, name: str):
+    """The default of a config field: the CLI shows and uses the config's own."""
+    return next(f.default for f in fields(config) if f.name == name)
+
+
+X, H, T, P = (functools.partial(_default, c) for c in (ExtractConfig, HeadConfig, TrainConfig, PredictConfig))
 
 
 @app.callback()
@@ -32,20 +66,18 @@ def _user_errors(command):
         try:
             return command(*args, **kwargs)
         except UserError as e:
-            typer.echo(f"error: {e}", err=True)
+            _echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
         except Interrupted as e:
-            typer.echo(str(e), err=True)
+            _echo(str(e), err=True)
             raise typer.Exit(130) from None
 
     return wrapper
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
+def _echo(text: str, err: bool = False) -> None:
+    """Print text for a person: a file name that is not UTF-8 shows its odd bytes as \\xNN escapes."""
+    typer.echo(text.encode("utf-8", "backslashreplace").decode("utf-8"), err=err)
 
 
 @app.command()
@@ -53,35 +85,34 @@ def _size(n: int) -> str:
 def extract(
     data: Path = typer.Argument(..., help="ImageFolder tree (DATA/<split>/<class>/... or DATA/<class>/...) or a CSV manifest path,label[,split]."),
     out: Optional[Path] = typer.Option(None, help="Output file [default: features/<dataset>-<fingerprint>.h5]."),
-    weights: str = typer.Option("imagenet", help="imagenet (torchvision download), none (seeded random init), or a local state-dict file."),
-    pool: str = typer.Option("avg", help="avg (512), max (512), avgmax (1024) or flatten (25088)."),
-    image_size: int = typer.Option(224, help="Centre-crop side; images are resized to 256/224 of it first."),
-    batch_size: int = typer.Option(0, help="Images per forward [default: 256 on CUDA, 4 elsewhere]."),
-    workers: int = typer.Option(-1, help="DataLoader decode workers [default: 16 on CUDA (at most the cores), 1 on CPU]."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
-    precision: str = typer.Option("auto", help="auto (bf16 on CUDA and on CPUs with native bf16, else fp32), fp32, bf16 or fp16."),
-    dtype: str = typer.Option("float16", help="Storage dtype of the features: float16 or float32."),
-    decode: str = typer.Option("cpu", help="cpu (Pillow in workers) or gpu (batched nvJPEG, CUDA only)."),
+    weights: str = typer.Option(X("weights"), help="imagenet (torchvision download), none (seeded random init), or a local state-dict file."),
+    pool: str = typer.Option(X("pool"), help="avg (512), max (512), avgmax (1024) or flatten (25088)."),
+    image_size: int = typer.Option(X("image_size"), help="Centre-crop side; images are resized to 256/224 of it first."),
+    batch_size: int = typer.Option(X("batch_size"), help="Images per forward [default 0: 256 on CUDA, 4 elsewhere]."),
+    workers: int = typer.Option(X("workers"), help="DataLoader decode workers [default -1: 16 on CUDA (at most the cores), 1 on CPU]."),
+    device: str = typer.Option(X("device"), help="auto, cpu, cuda or mps."),
+    precision: str = typer.Option(X("precision"), help="auto (bf16 on CUDA and on CPUs with native bf16, else fp32), fp32, bf16 or fp16."),
+    dtype: str = typer.Option(X("dtype"), help="Storage dtype of the features: float16 or float32."),
+    decode: str = typer.Option(X("decode"), help="cpu (Pillow in workers) or gpu (batched nvJPEG, CUDA only)."),
     force: bool = typer.Option(False, "--force", help="Rebuild from scratch, replacing any existing file."),
-    verify: bool = typer.Option(False, "--verify", help="Hash every file to detect content changes, not only size/mtime changes."),
+    verify: bool = typer.Option(False, "--verify", help="Hash every file to detect content changes, and retry every failed file."),
 ):
     """Run the frozen VGG16 body over every image once and cache the pooled features in HDF5."""
-    from pipeline.config import ExtractConfig
     from pipeline.extract import extract as run_extract
 
     s = run_extract(ExtractConfig(data=data, out=out, weights=weights, pool=pool, image_size=image_size,
                                   batch_size=batch_size, workers=workers, device=device, precision=precision,
                                   dtype=dtype, decode=decode, force=force, verify=verify))
     if s.up_to_date:
-        typer.echo(f"up to date: {s.out} ({sum(s.rows.values())} images, {s.seconds:.2f} s)")
+        _echo(f"up to date: {s.out} ({sum(s.rows.values())} images, {s.seconds:.2f} s)")
         return
     rows = ", ".join(f"{split} {n}" for split, n in sorted(s.rows.items()))
-    typer.echo(f"wrote {s.out}: {sum(s.rows.values())} images ({rows}), {len(s.failed)} failed, dim {s.feature_dim}, "
-               f"{_size(s.file_bytes)}")
-    typer.echo(f"extracted {s.extracted} images in {s.seconds:.1f} s ({s.images_per_s:.1f} images/s through the model), "
-               f"reused {s.reused} from the cache, resumed {s.resumed} from an interrupted run; fingerprint {s.fingerprint}")
+    _echo(f"wrote {s.out}: {sum(s.rows.values())} images ({rows}), {len(s.failed)} failed, dim {s.feature_dim}, "
+          f"{human_bytes(s.file_bytes)}")
+    _echo(f"extracted {s.extracted} images in {s.seconds:.1f} s ({s.images_per_s:.1f} images/s through the model), "
+          f"reused {s.reused} from the cache, resumed {s.resumed} from an interrupted run; fingerprint {s.fingerprint}")
     for r in s.failed:
-        typer.echo(f"  failed {r.path}: {r.reason}")
+        _echo(f"  failed {r.path}: {r.reason}")
 
 
 @app.command()
@@ -95,57 +126,58 @@ def info(file: Path = typer.Argument(..., help="A feature cache (.h5)."),
     if as_json:
         typer.echo(json.dumps(d, indent=2))
         return
-    typer.echo(f"{d['path']}  ({_size(d['file_bytes'])}, schema ok)")
-    typer.echo(f"fingerprint  {d['fingerprint']}   feature dim {d['feature_dim']}   classes {len(d['class_names'])}")
-    typer.echo(f"config       {json.dumps(d['config'], sort_keys=True)}")
-    typer.echo(f"source       {d['source'].get('root')} ({d['source'].get('kind')})")
-    typer.echo(f"created      {d['created']}   updated {d['updated']}")
+    _echo(f"{d['path']}  ({human_bytes(d['file_bytes'])}, schema ok)")
+    _echo(f"fingerprint  {d['fingerprint']}   feature dim {d['feature_dim']}   classes {len(d['class_names'])}")
+    _echo(f"config       {json.dumps(d['config'], sort_keys=True)}")
+    _echo(f"source       {d['source'].get('root')} ({d['source'].get('kind')})")
+    _echo(f"created      {d['created']}   updated {d['updated']}")
     if d["extraction"]:
         e = d["extraction"]
-        typer.echo(f"extraction   {e.get('device')} {e.get('precision')}, {e.get('images_per_s')} images/s")
+        _echo(f"extraction   {e.get('device')} {e.get('precision')}, {e.get('images_per_s')} images/s")
     for split, s in sorted(d["splits"].items()):
         per_class = ", ".join(f"{name} {n}" for name, n in s["per_class"].items())
-        typer.echo(f"split {split}: {s['rows']} rows ({per_class}), {len(s['failed'])} failed")
+        _echo(f"split {split}: {s['rows']} rows ({per_class}), {len(s['failed'])} failed")
         for f in s["failed"]:
-            typer.echo(f"  failed {f['path']}: {f['reason']}")
+            _echo(f"  failed {f['path']}: {f['reason']}")
 
 
 @app.command("train-head")
 @_user_errors
 def train_head(
     features: Path = typer.Argument(..., help="A feature cache made by `extract`."),
-    head: str = typer.Option("logreg", help="logreg (scikit-learn) or linear (torch)."),
+    head: str = typer.Option(H("kind"), help="logreg (scikit-learn) or linear (torch)."),
     out: Optional[Path] = typer.Option(None, help="Run folder [default: models/<features>-<head>-<time>]."),
-    train_split: str = typer.Option("train", help="Split to fit on."),
-    val_split: str = typer.Option("val", help="Split to choose hyperparameters on (held out of train when absent)."),
-    test_split: str = typer.Option("test", help="Split scored once at the end, when present."),
-    val_fraction: float = typer.Option(0.2, help="Fraction of train held out when there is no validation split."),
+    train_split: str = typer.Option(T("train_split"), help="Split to fit on."),
+    val_split: str = typer.Option(T("val_split"), help="Split to choose hyperparameters on (held out of train when absent)."),
+    test_split: str = typer.Option(T("test_split"), help="Split scored once at the end, when present."),
+    val_fraction: float = typer.Option(T("val_fraction"), help="Fraction of train held out when there is no validation split."),
     C: Optional[float] = typer.Option(None, "--C", help="logreg: fix C instead of sweeping 1e-4..1e2."),
-    hidden: int = typer.Option(0, help="linear: width of one hidden layer (0: a single linear layer)."),
-    dropout: float = typer.Option(0.5, help="linear: dropout after the hidden layer."),
-    lr: float = typer.Option(1e-3, help="linear: AdamW learning rate."),
+    hidden: int = typer.Option(H("hidden"), help="linear: width of one hidden layer (0: a single linear layer)."),
+    dropout: float = typer.Option(H("dropout"), help="linear: dropout after the hidden layer."),
+    lr: float = typer.Option(H("lr"), help="linear: AdamW learning rate."),
     weight_decay: Optional[float] = typer.Option(None, help="linear: fix weight decay instead of sweeping 1e-4..1e-1."),
-    epochs: int = typer.Option(200, help="linear: most epochs (early stopping on validation loss)."),
-    patience: int = typer.Option(15, help="linear: epochs without a better validation loss before stopping."),
-    seed: int = typer.Option(0, help="Seed of the held-out split and of the linear head."),
-    device: str = typer.Option("auto", help="linear: auto, cpu, cuda or mps."),
+    epochs: int = typer.Option(H("epochs"), help="linear: most epochs."),
+    batch_size: int = typer.Option(H("batch_size"), help="linear: rows per step."),
+    patience: int = typer.Option(H("n_iter_no_change"), help="linear: epochs without a better held-out loss before stopping."),
+    early_stop_fraction: float = typer.Option(H("validation_fraction"), help="linear: fraction of train held out for early stopping."),
+    seed: int = typer.Option(H("seed"), help="Seed of the held-out splits and of the linear head."),
+    device: str = typer.Option(H("device"), help="linear: auto, cpu, cuda or mps."),
 ):
     """Train a head on cached features, choose its hyperparameters on validation, save and report it."""
-    from pipeline.evaluate import format_metrics
-    from pipeline.train import HeadConfig, TrainConfig
+    from pipeline.metrics import format_metrics
     from pipeline.train import train_head as run_train
 
+    head_cfg = HeadConfig(kind=head, C=C, hidden=hidden, dropout=dropout, lr=lr, weight_decay=weight_decay, epochs=epochs,
+                          batch_size=batch_size, n_iter_no_change=patience, validation_fraction=early_stop_fraction,
+                          seed=seed, device=device)
     run = run_train(TrainConfig(features=features, out=out, train_split=train_split, val_split=val_split,
-                                test_split=test_split, val_fraction=val_fraction,
-                                head=HeadConfig(kind=head, C=C, hidden=hidden, dropout=dropout, lr=lr,
-                                                weight_decay=weight_decay, epochs=epochs, patience=patience,
-                                                seed=seed, device=device)))
+                                test_split=test_split, val_fraction=val_fraction, head=head_cfg))
     for split, m in run.metrics.items():
-        typer.echo(format_metrics(m, f"{run.folder.name} on {split}") + "\n")
-    t = run.info["timings"]
-    chosen = ", ".join(f"{k}={v:g}" for k, v in run.info["head"]["chosen"].items())
-    typer.echo(f"chose {chosen} on {run.info['splits']['val']}; fit {t['fit_seconds']:.2f} s "
-               f"({len(run.info['sweep'])} candidates); saved {run.folder}")
+        _echo(format_metrics(m, f"{run.folder.name} on {split}") + "\n")
+    r = run.record
+    chosen = ", ".join(f"{k}={v:g}" for k, v in r.head.chosen.items())
+    _echo(f"chose {chosen} on {r.splits.val}; fit {r.timings.fit_seconds:.2f} s ({len(r.sweep)} candidates); "
+          f"saved {run.folder}")
 
 
 @app.command()
@@ -155,10 +187,11 @@ def evaluate(run: Path = typer.Argument(..., help="A run folder made by train-he
              split: Optional[str] = typer.Option(None, help="Split to score [default: test, else val]."),
              as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON.")):
     """Score a saved head on any split of a feature file made with the same extractor config."""
-    from pipeline.evaluate import evaluate_run, format_metrics
+    from pipeline.evaluate import evaluate_run
+    from pipeline.metrics import format_metrics
 
-    metrics, split, features = evaluate_run(run, features, split)
-    typer.echo(json.dumps(metrics, indent=2) if as_json else format_metrics(metrics, f"{Path(run).name} on {features.name}:{split}"))
+    e = evaluate_run(EvaluateConfig(run=run, features=features, split=split))
+    _echo(json.dumps(e.metrics, indent=2) if as_json else format_metrics(e.metrics, f"{Path(run).name} on {e.features.name}:{e.split}"))
 
 
 @app.command()
@@ -166,20 +199,20 @@ def evaluate(run: Path = typer.Argument(..., help="A run folder made by train-he
 def predict(run: Path = typer.Argument(..., help="A run folder made by train-head."),
             images: list[Path] = typer.Argument(..., help="Image files or folders (searched recursively)."),
             out: Optional[Path] = typer.Option(None, help="CSV file to write [default: standard output]."),
-            top_k: int = typer.Option(3, help="Classes listed per image."),
+            top_k: int = typer.Option(P("top_k"), help="Classes listed per image."),
             weights: Optional[str] = typer.Option(None, help="The weights file, if the run's has moved (checked by sha256)."),
-            batch_size: int = typer.Option(32, help="Images per forward."),
-            device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
-            precision: str = typer.Option("auto", help="auto (as the run's features were extracted), fp32, bf16 or fp16.")):
+            batch_size: int = typer.Option(P("batch_size"), help="Images per forward."),
+            workers: int = typer.Option(P("workers"), help="DataLoader decode workers."),
+            device: str = typer.Option(P("device"), help="auto, cpu, cuda or mps."),
+            precision: str = typer.Option(P("precision"), help="auto (as the run's features were extracted), fp32, bf16 or fp16.")):
     """Predict classes of new images with a saved run: same extractor as its features, then its head."""
-    from pipeline.predict import PredictConfig
     from pipeline.predict import predict as run_predict
 
     rows = run_predict(PredictConfig(run=run, images=tuple(images), out=out, top_k=top_k, weights=weights,
-                                     batch_size=batch_size, device=device, precision=precision))
+                                     batch_size=batch_size, workers=workers, device=device, precision=precision))
     if out:
         failed = sum(bool(r["error"]) for r in rows)
-        typer.echo(f"wrote {out}: {len(rows)} images, {failed} unreadable")
+        _echo(f"wrote {out}: {len(rows)} images, {failed} unreadable")
 
 
 @app.command()
@@ -194,26 +227,26 @@ def runs(models: Path = typer.Argument(Path("models"), help="Folder of run folde
         typer.echo(json.dumps(rows, indent=2))
         return
     fmt = lambda v: "-" if v is None else f"{v:.4f}"
-    header = f"{'name':<40} {'head':<7} {'features':<32} {'params':<24} {'val acc':>8} {'val F1':>7} {'test acc':>8} {'test F1':>7} {'fit s':>6}"
-    typer.echo(header)
+    _echo(f"{'name':<40} {'head':<7} {'features':<32} {'params':<24} {'val acc':>8} {'val F1':>7} {'test acc':>8} "
+          f"{'test F1':>7} {'fit s':>6}")
     for r in rows:
         params = ",".join(f"{k}={v:g}" for k, v in r["chosen"].items())
-        typer.echo(f"{r['name']:<40} {r['head']:<7} {r['features']:<32} {params:<24} {fmt(r['val_accuracy']):>8} "
-                   f"{fmt(r['val_macro_f1']):>7} {fmt(r['test_accuracy']):>8} {fmt(r['test_macro_f1']):>7} {r['fit_seconds']:>6.2f}")
+        _echo(f"{r['name']:<40} {r['head']:<7} {r['features']:<32} {params:<24} {fmt(r['val_accuracy']):>8} "
+              f"{fmt(r['val_macro_f1']):>7} {fmt(r['test_accuracy']):>8} {fmt(r['test_macro_f1']):>7} {r['fit_seconds']:>6.2f}")
 
 
 @app.command("make-demo-data")
 @_user_errors
 def make_demo_data(out: Path = typer.Argument(Path("demo_data"), help="Folder to create."),
-                   train: int = typer.Option(40, help="Training images per class."),
-                   val: int = typer.Option(15, help="Validation images per class."),
-                   test: int = typer.Option(15, help="Test images per class."),
-                   seed: int = typer.Option(0, help="Random seed.")):
+                   train: int = typer.Option(40, min=1, help="Training images per class."),
+                   val: int = typer.Option(15, min=1, help="Validation images per class."),
+                   test: int = typer.Option(15, min=1, help="Test images per class."),
+                   seed: int = typer.Option(0, min=0, help="Random seed.")):
     """Generate a small labelled JPEG folder (circle / checks / stripes) to try the pipeline offline."""
     from pipeline.synthetic import make_image_folder
 
     make_image_folder(out, {"train": train, "val": val, "test": test}, size=(96, 72), seed=seed)
-    typer.echo(f"wrote {out}: 3 classes, {train}/{val}/{test} train/val/test images per class")
+    _echo(f"wrote {out}: 3 classes, {train}/{val}/{test} train/val/test images per class")
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""Frozen configs of the extract stage, and the fingerprint that names what a feature cache holds."""
+"""Every stage's frozen config, validated where it is built (defaults live here once), and the fingerprint that
+names what a feature cache holds."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from pathlib import Path
 
 from pipeline import pools
 from pipeline.errors import UserError
-from pipeline.params import Interval, OneOf, validate
+from pipeline.heads import HEADS
+from pipeline.params import Interval, OneOf, Optional, validate
 
 POOLS = tuple(pools.POOLS)
 DTYPES = ("float16", "float32")
@@ -95,6 +97,104 @@ class ExtractConfig:
         "batch_size": Interval(int, 0, 65536),
         "workers": Interval(int, -1, 256),
     }
+
+    def __post_init__(self):
+        validate(self)
+
+
+POSITIVE = Interval(float, 0, None, open_low=True)
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """Which head, and the hyperparameters fixed by the user (None: chosen by the sweep on validation)."""
+
+    kind: str = "logreg"
+    C: float | None = None
+    hidden: int = 0
+    dropout: float = 0.5
+    lr: float = 1e-3
+    weight_decay: float | None = None
+    epochs: int = 200
+    batch_size: int = 256
+    n_iter_no_change: int = 15
+    validation_fraction: float = 0.1
+    seed: int = 0
+    device: str = "auto"
+
+    PARAMS = {
+        "kind": OneOf(tuple(HEADS)), "C": Optional(POSITIVE), "hidden": Interval(int, 0, 1 << 16),
+        "dropout": Interval(float, 0, 1, open_high=True), "lr": POSITIVE,
+        "weight_decay": Optional(Interval(float, 0, None)), "epochs": Interval(int, 1, 100_000),
+        "batch_size": Interval(int, 1, 1 << 20), "n_iter_no_change": Interval(int, 1, 100_000),
+        "validation_fraction": Interval(float, 0, 1, open_low=True, open_high=True),
+        "seed": Interval(int, 0, 2**32 - 1), "device": OneOf(DEVICES),
+    }
+    OPTIONS = {"kind": "--head", "n_iter_no_change": "--patience", "validation_fraction": "--early-stop-fraction"}
+
+    def __post_init__(self):
+        validate(self)
+
+    @property
+    def swept(self) -> str:
+        """The hyperparameter the sweep varies."""
+        return HEADS[self.kind].swept
+
+    def candidates(self) -> list[dict]:
+        """The constructor arguments of every head the sweep fits."""
+        fixed_value = getattr(self, self.swept)
+        grid = [fixed_value] if fixed_value is not None else list(HEADS[self.kind].grid)
+        if self.kind == "logreg":
+            return [{"C": c} for c in grid]
+        fixed = {"hidden": self.hidden, "dropout": self.dropout, "lr": self.lr, "epochs": self.epochs,
+                 "batch_size": self.batch_size, "n_iter_no_change": self.n_iter_no_change,
+                 "validation_fraction": self.validation_fraction, "seed": self.seed, "device": self.device}
+        return [fixed | {"weight_decay": wd} for wd in grid]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    features: Path
+    head: HeadConfig = field(default_factory=HeadConfig)
+    out: Path | None = None
+    models_dir: Path = Path("models")
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    val_fraction: float = 0.2  # held out of train, stratified, when the file has no validation split
+
+    PARAMS = {"val_fraction": Interval(float, 0, 1, open_low=True, open_high=True)}
+
+    def __post_init__(self):
+        validate(self)
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    run: Path
+    images: tuple[Path, ...]
+    out: Path | None = None  # None: CSV on stdout
+    top_k: int = 3
+    weights: str | None = None  # the weights file, when the run's features came from one and it has moved
+    batch_size: int = 32
+    workers: int = 0
+    device: str = "auto"
+    precision: str = "auto"  # auto: as the run's features were extracted (fp32 or bf16), else the device's default
+
+    PARAMS = {"top_k": Interval(int, 1, 1 << 20), "batch_size": Interval(int, 1, 65536), "workers": Interval(int, 0, 256),
+              "device": OneOf(DEVICES), "precision": OneOf(PRECISIONS)}
+
+    def __post_init__(self):
+        validate(self)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    run: Path
+    features: Path | None = None  # None: the cache the run was trained on
+    split: str | None = None  # None: test, else val, else the first split
+
+    PARAMS = {}  # nothing to constrain but the files themselves, which are checked when they are opened
 
     def __post_init__(self):
         validate(self)

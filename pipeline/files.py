@@ -21,6 +21,9 @@ class DiskFull(UserError):
 def ensure_writable_dir(folder: Path, option: str) -> None:
     """Create `folder` if needed and prove that a file can be created in it (os.access lies for root and on NFS)."""
     folder = Path(folder)
+    existing = next(p for p in (folder, *folder.parents) if p.exists() or p == Path(p.anchor))
+    if not existing.is_dir():
+        raise UserError(f"{option}: {existing} is a file, not a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".vggcache-write-test-"):

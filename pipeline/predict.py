@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import FeatureConfig
+from pipeline import files
+from pipeline.config import FeatureConfig, PredictConfig
 from pipeline.data import is_image_name
 from pipeline.errors import UserError
 from pipeline.heads import full_proba
@@ -19,19 +20,6 @@ from pipeline.runs import Run, load_run
 log = logging.getLogger(__name__)
 
 COLUMNS = ("path", "predicted", "probability", "top_k", "error")
-
-
-@dataclass(frozen=True)
-class PredictConfig:
-    run: Path
-    images: tuple[Path, ...]
-    out: Path | None = None  # None: CSV on stdout
-    top_k: int = 3
-    weights: str | None = None  # the weights file, when the run's features came from one and it has moved
-    batch_size: int = 32
-    workers: int = 0
-    device: str = "auto"
-    precision: str = "auto"  # auto: as the run's features were extracted (fp32 or bf16), else the device's default
 
 
 def collect_images(paths: tuple[Path, ...]) -> list[str]:
@@ -51,12 +39,12 @@ def collect_images(paths: tuple[Path, ...]) -> list[str]:
 
 def weights_for(run: Run, override: str | None) -> str:
     """The --weights spec that rebuilds the run's extractor; build_body then checks it is the very same."""
-    identity = run.info["features"]["config"]["weights"]
+    identity = run.record.features.config.get("weights", "")
     if identity.startswith("torchvision:"):
         return "imagenet"
     if identity.startswith("random:"):
         return "none"
-    path = override or run.info["features"].get("weights_file")
+    path = override or run.record.features.weights_file
     if not path or not Path(path).is_file():
         raise UserError(f"run {run.folder.name} needs the weights file with {identity} "
                         f"(recorded at {path}); pass it with --weights PATH")
@@ -65,7 +53,7 @@ def weights_for(run: Run, override: str | None) -> str:
 
 def precision_for(run: Run, asked: str) -> str:
     """By default, the precision the training features were extracted with, so a cached image predicts the same."""
-    recorded = run.info["features"].get("precision")
+    recorded = run.record.features.precision
     return recorded if asked == "auto" and recorded in ("fp32", "bf16") else asked
 
 
@@ -76,8 +64,10 @@ def predict(cfg: PredictConfig) -> list[dict]:
 
     run = load_run(cfg.run)
     head = run.load_head()
-    fcfg = FeatureConfig.from_dict(run.info["features"]["config"])
+    fcfg = _feature_config(run)
     paths = collect_images(cfg.images)
+    if cfg.out:
+        files.ensure_writable_file(cfg.out, "--out")  # before the forward pass, not after it
     extractor = Extractor(build_body(fcfg, weights_for(run, cfg.weights)), cfg.device, precision_for(run, cfg.precision))
     loader = make_loader(ImageFiles(Path(""), paths, fcfg.resize_size, fcfg.image_size), cfg.batch_size, cfg.workers,
                          pin_memory=extractor.device.type == "cuda")
@@ -103,12 +93,28 @@ def _row(path: str, proba, error: str, names: list[str], k: int) -> dict:
             "top_k": ";".join(f"{names[j]}:{proba[j]:.4f}" for j in order), "error": "", "proba": proba}
 
 
-def write_csv(rows: list[dict], out: Path | None) -> None:
-    f = open(out, "w", newline="") if out else sys.stdout
+def _feature_config(run: Run) -> FeatureConfig:
     try:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+        return FeatureConfig.from_dict(run.record.features.config)
+    except (TypeError, KeyError, ValueError) as e:
+        raise UserError(f"{run.folder / 'run.json'} is damaged: features.config is not an extractor config ({e})") from None
+
+
+def write_csv(rows: list[dict], out: Path | None) -> None:
+    """UTF-8 CSV; a file name that is not UTF-8 is written as its own bytes (surrogateescape), as the cache keeps it."""
+    if out:
+        with open(out, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+            _write_rows(f, rows)
+        return
+    stdout = io.TextIOWrapper(sys.stdout.buffer, encoding="utf-8", errors="surrogateescape", newline="", write_through=True)
+    try:
+        _write_rows(stdout, rows)
+        stdout.flush()
     finally:
-        if out:
-            f.close()
+        stdout.detach()  # sys.stdout keeps its buffer
+
+
+def _write_rows(f, rows: list[dict]) -> None:
+    writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)

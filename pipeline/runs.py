@@ -1,90 +1,224 @@
-"""A run folder (models/NAME): the head, run.json, metrics.json, report.txt, confusion_matrix.png; save, load, list."""
+"""A run folder (models/NAME): its typed record, and the one place that writes, reads and lists run folders.
+
+    run.json              RunRecord (schema_version 2): head, sweep, splits, timings, the features' identity
+    head.npz              the head's learned arrays (read with allow_pickle=False)
+    metrics.json          split -> metrics (see metrics.py)
+    report.txt            the metrics as tables
+    confusion_matrix.png  test, else val
+
+What a run folder is trusted for: it is data, never code. Loading one parses JSON and reads numeric arrays with
+`allow_pickle=False`; the only file it names, the head, must be a plain file inside the folder. The sha256 in
+run.json catches a damaged or swapped head file, not a deliberate edit (whoever can write the folder can write the
+hash too): a run from someone else can give wrong predictions, but it cannot run code on your machine.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+import typing
+from dataclasses import MISSING, asdict, dataclass, fields, is_dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pipeline import store
+from pipeline import files, plots
 from pipeline.config import library_versions, sha256_file
 from pipeline.errors import UserError
-from pipeline.heads import load_head, save_head
+from pipeline.heads import HEAD_FILE, HEADS, load_head, save_head
+from pipeline.metrics import format_metrics
 
 log = logging.getLogger(__name__)
 
-RUN_SCHEMA_VERSION = 1
+RUN_SCHEMA_VERSION = 2  # 1: the head was a joblib pickle, never loaded since (it could run code)
+RUN_FILE, METRICS_FILE, REPORT_FILE, CONFUSION_FILE = "run.json", "metrics.json", "report.txt", "confusion_matrix.png"
+
+
+@dataclass(frozen=True)
+class FeatureSource:
+    """The cache a head was trained on: enough to refuse foreign features and to rebuild the extractor."""
+
+    path: str
+    fingerprint: str
+    config: dict
+    class_names: list
+    weights_file: typing.Optional[str]
+    precision: typing.Optional[str]
+
+
+@dataclass(frozen=True)
+class HeadRecord:
+    kind: str
+    config: dict  # the HeadConfig the user asked for
+    params: dict  # constructor arguments of the chosen head
+    chosen: dict  # swept hyperparameter -> chosen value
+    converged: bool
+
+
+@dataclass(frozen=True)
+class SplitsRecord:
+    train: str
+    val: str  # a split name, or how it was held out of train
+    test: typing.Optional[str]
+    n_train: int
+    n_val: int
+
+
+@dataclass(frozen=True)
+class Timings:
+    load_seconds: float
+    fit_seconds: float
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """run.json: written last, so a folder that has it is complete."""
+
+    name: str
+    created: str
+    head: HeadRecord
+    sweep: list
+    splits: SplitsRecord
+    timings: Timings
+    features: FeatureSource
+    versions: dict
+    head_file: str
+    head_sha256: str
+    schema_version: int = RUN_SCHEMA_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str, where: Path) -> "RunRecord":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where} is not valid JSON ({e})") from None
+        if not isinstance(data, dict) or data.get("schema_version") != RUN_SCHEMA_VERSION:
+            version = data.get("schema_version") if isinstance(data, dict) else None
+            hint = ": it was made by an older vggcache, retrain it" if version == 1 else ""
+            raise UserError(f"{where} is not a vggcache run of schema {RUN_SCHEMA_VERSION} (schema_version {version!r}){hint}")
+        record = _build(cls, data, "run.json", where)
+        if record.head.kind not in HEADS:
+            raise UserError(f"{where}: head kind {record.head.kind!r} is not one of {', '.join(HEADS)}")
+        return record
+
+
+def _build(cls, data, name: str, where: Path):
+    """A dataclass from JSON, checking every field's type; one line naming the first field that is wrong."""
+    if not isinstance(data, dict):
+        raise UserError(f"{where} is damaged: {name} is not an object")
+    hints, values = typing.get_type_hints(cls), {}
+    for f in fields(cls):
+        if f.name not in data:
+            if f.default is not MISSING:
+                continue
+            raise UserError(f"{where} is damaged: {name}.{f.name} is missing")
+        values[f.name] = _typed(hints[f.name], data[f.name], f"{name}.{f.name}", where)
+    return cls(**values)
+
+
+def _typed(kind, value, name: str, where: Path):
+    if is_dataclass(kind):
+        return _build(kind, value, name, where)
+    options = typing.get_args(kind) if typing.get_origin(kind) is typing.Union else (kind,)
+    if value is None and type(None) in options:
+        return None
+    expected = next(t for t in options if t is not type(None))
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) if expected is float else \
+        isinstance(value, int) and not isinstance(value, bool) if expected is int else isinstance(value, expected)
+    if not ok:
+        raise UserError(f"{where} is damaged: {name} is {json.dumps(value)[:40]}, expected {expected.__name__}")
+    return value
 
 
 @dataclass
 class Run:
+    """A loaded run folder."""
+
     folder: Path
-    info: dict  # run.json
-    metrics: dict  # metrics.json: split -> metrics
+    record: RunRecord
+    metrics: dict
 
     @property
     def class_names(self) -> list[str]:
-        return self.info["features"]["class_names"]
+        return self.record.features.class_names
 
     @property
     def fingerprint(self) -> str:
-        return self.info["features"]["fingerprint"]
+        return self.record.features.fingerprint
 
     def load_head(self):
-        """The head, after checking its file against the sha256 recorded in run.json."""
-        path = self.folder / self.info["head_file"]
-        if not path.is_file():
-            raise UserError(f"run {self.folder} is missing its head file {path.name}")
-        if sha256_file(path) != self.info["head_sha256"]:
-            raise UserError(f"{path} does not match the sha256 in {self.folder / 'run.json'}: the file was changed or damaged")
-        return load_head(self.info["head"]["kind"], self.info["head"]["params"], path)
+        """The head, from a plain file inside the folder whose sha256 matches run.json."""
+        path = _inside(self.folder, self.record.head_file)
+        if sha256_file(path) != self.record.head_sha256:
+            raise UserError(f"{path} does not match the sha256 in {self.folder / RUN_FILE}: the file was changed or damaged")
+        try:
+            return load_head(self.record.head.kind, self.record.head.params, path)
+        except (ValueError, KeyError, OSError, TypeError) as e:
+            raise UserError(f"{path} is not a {self.record.head.kind} head saved by vggcache ({type(e).__name__}: {e})") from None
+
+
+def _inside(folder: Path, name: str) -> Path:
+    """`folder/name` when `name` is a plain file name of a regular file that really lies in `folder`."""
+    if name != HEAD_FILE:
+        raise UserError(f"{folder / RUN_FILE} names head file {name!r}; a run's head is always {HEAD_FILE} in its folder")
+    path = folder / name
+    if path.is_symlink() or not path.is_file():
+        raise UserError(f"run {folder} is missing its head file {name} (or it is not a regular file)")
+    return path
 
 
 def ensure_free(folder: Path) -> None:
-    if (Path(folder) / "run.json").exists():
+    """Fail before the fit, not after it: the folder must not hold a run, and must be writable."""
+    if (Path(folder) / RUN_FILE).exists():
         raise UserError(f"{folder} already holds a run; choose another --out")
+    if Path(folder).exists() and not Path(folder).is_dir():
+        raise UserError(f"--out {folder} is a file, expected a folder")
+    files.ensure_writable_dir(Path(folder).parent, "--out")
 
 
-def new_run_folder(folder: Path) -> Path:
-    ensure_free(folder)
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    return Path(folder)
+def save_run(folder: Path, head, record: dict, metrics: dict) -> Run:
+    """Write the head, metrics.json, report.txt and the confusion matrix, then run.json last.
 
-
-def save_run(folder: Path, head, info: dict, metrics: dict, header: store.Header, features: Path) -> Run:
-    """Write the head, metrics.json and, last, run.json into a folder made by `new_run_folder`."""
-    head_path = save_head(head, folder)
+    `record` holds the RunRecord fields known to the caller; the name, time, versions and head file are added here.
+    """
     folder = Path(folder)
-    info = {"schema_version": RUN_SCHEMA_VERSION, "name": folder.name,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **info,
-            "features": {"path": str(Path(features).resolve()), "fingerprint": header.fingerprint,
-                         "config": header.config, "class_names": header.class_names,
-                         "weights_file": header.extraction.get("weights_file"),
-                         "precision": header.extraction.get("precision")},
-            "versions": library_versions(), "head_file": head_path.name, "head_sha256": sha256_file(head_path)}
-    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    (folder / "run.json").write_text(json.dumps(info, indent=2))  # written last: a folder with run.json is complete
-    return Run(folder, info, metrics)
+    ensure_free(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    head_path = save_head(head, folder)
+    (folder / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+    names = record["features"].class_names
+    write_reports(folder, metrics, names)
+    full = RunRecord(name=folder.name, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                     versions=library_versions(), head_file=head_path.name, head_sha256=sha256_file(head_path), **record)
+    (folder / RUN_FILE).write_text(full.to_json())
+    return Run(folder, full, metrics)
+
+
+def write_reports(folder: Path, metrics: dict, class_names: list[str]) -> None:
+    """report.txt for every split scored, confusion_matrix.png for test (or val when there is no test)."""
+    text = "\n\n".join(format_metrics(m, f"{folder.name} on {split}") for split, m in metrics.items())
+    (folder / REPORT_FILE).write_text(text + "\n")
+    shown = "test" if "test" in metrics else "val"
+    plots.plot_confusion(metrics[shown]["confusion_matrix"], class_names, folder / CONFUSION_FILE, f"{folder.name} ({shown})")
 
 
 def load_run(folder: Path) -> Run:
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"run folder not found: {folder}")
-    files = {}
-    for name in ("run.json", "metrics.json"):
-        path = folder / name
-        if not path.is_file():
+    for name in (RUN_FILE, METRICS_FILE):
+        if not (folder / name).is_file():
             raise UserError(f"run {folder} is missing {name}")
-        try:
-            files[name] = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path} is not valid JSON ({e})") from None
-    if files["run.json"].get("schema_version") != RUN_SCHEMA_VERSION:
-        raise UserError(f"{folder / 'run.json'} is not a vggcache run (schema_version {files['run.json'].get('schema_version')})")
-    return Run(folder, files["run.json"], files["metrics.json"])
+    record = RunRecord.from_json((folder / RUN_FILE).read_text(errors="replace"), folder / RUN_FILE)
+    try:
+        metrics = json.loads((folder / METRICS_FILE).read_text(errors="replace"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{folder / METRICS_FILE} is not valid JSON ({e})") from None
+    if not isinstance(metrics, dict) or not all(isinstance(m, dict) for m in metrics.values()):
+        raise UserError(f"{folder / METRICS_FILE} is damaged: expected an object of split -> metrics")
+    return Run(folder, record, metrics)
 
 
 def list_runs(models_dir: Path) -> list[dict]:
@@ -93,21 +227,19 @@ def list_runs(models_dir: Path) -> list[dict]:
     if not models_dir.is_dir():
         raise UserError(f"models folder not found: {models_dir}")
     rows = []
-    for path in sorted(models_dir.glob("*/run.json")):
+    for path in sorted(models_dir.glob(f"*/{RUN_FILE}")):
         try:
-            run = load_run(path.parent)
+            rows.append(_row(load_run(path.parent)))
         except UserError as e:
             log.warning("skipping %s", e)
-            continue
-        rows.append(_row(run))
     return sorted(rows, key=lambda r: (-r["val_accuracy"], -r["val_macro_f1"], r["name"]))
 
 
 def _row(run: Run) -> dict:
     val, test = run.metrics.get("val", {}), run.metrics.get("test", {})
-    return {"name": run.info["name"], "head": run.info["head"]["kind"], "chosen": run.info["head"]["chosen"],
-            "params": run.info["head"]["params"],
-            "features": Path(run.info["features"]["path"]).name, "fingerprint": run.fingerprint,
+    r = run.record
+    return {"name": r.name, "head": r.head.kind, "chosen": r.head.chosen, "params": r.head.params,
+            "features": Path(r.features.path).name, "fingerprint": run.fingerprint,
             "val_accuracy": val.get("accuracy", float("nan")), "val_macro_f1": val.get("macro_f1", float("nan")),
             "test_accuracy": test.get("accuracy"), "test_macro_f1": test.get("macro_f1"),
-            "fit_seconds": run.info["timings"]["fit_seconds"]}
+            "fit_seconds": r.timings.fit_seconds}

@@ -57,23 +57,6 @@ def test_every_input_error_exits_2_with_one_line(tmp_path, image_folder):
         assert len(result.output.strip().splitlines()) == 1, result.output
 
 
-@pytest.mark.parametrize("option, value, message", [
-    ("--pool", "mean", "--pool 'mean' is not valid (expected one of avg, max, avgmax, flatten)"),
-    ("--dtype", "int8", "--dtype 'int8' is not valid (expected one of float16, float32)"),
-    ("--weights", "nowhere.pth", "is not 'imagenet', 'none' or an existing state-dict file"),
-    ("--image-size", "16", "--image-size 16 is not valid (expected an integer in [32, 1024])"),
-    ("--device", "tpu", "--device 'tpu' is not valid (expected one of"),
-    ("--decode", "gpu", "--decode gpu needs a CUDA device"),
-])
-def test_bad_options_exit_2(image_folder, option, value, message):
-    args = [a for a in FAST]
-    if option in args:
-        i = args.index(option)
-        args[i + 1] = value
-    else:
-        args += [option, value]
-    result = invoke("extract", image_folder, *args)
-    assert result.exit_code == 2 and message in result.output, result.output
 
 
 def test_info_refuses_a_file_that_is_not_ours(tmp_path):

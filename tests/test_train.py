@@ -13,10 +13,11 @@ from conftest import SIZE
 from pipeline import store
 from pipeline.cli import app
 from pipeline.errors import UserError
+from pipeline.config import EvaluateConfig, HeadConfig, TrainConfig
 from pipeline.evaluate import evaluate_run
 from pipeline.runs import load_run
 from pipeline.store import Header, Record
-from pipeline.train import HeadConfig, TrainConfig, train_head
+from pipeline.train import train_head
 
 runner = CliRunner()
 
@@ -40,7 +41,7 @@ def test_train_head_chooses_on_val_scores_test_and_saves_everything(tmp_path, ki
     f = feature_file(tmp_path / "f.h5")
     run = train_head(TrainConfig(features=f, out=tmp_path / "run", head=HeadConfig(kind=kind, device="cpu")))
     assert {p.name for p in run.folder.iterdir()} == {"run.json", "metrics.json", "report.txt", "confusion_matrix.png",
-                                                      "head.joblib" if kind == "logreg" else "head.pt"}
+                                                      "head.npz"}
     assert run.metrics["val"]["accuracy"] > 0.95 and run.metrics["test"]["accuracy"] > 0.95
     info = json.loads((run.folder / "run.json").read_text())
     assert len(info["sweep"]) == (7 if kind == "logreg" else 4)
@@ -57,9 +58,9 @@ def test_train_head_chooses_on_val_scores_test_and_saves_everything(tmp_path, ki
 def test_without_val_split_a_stratified_fraction_of_train_is_held_out(tmp_path):
     f = feature_file(tmp_path / "f.h5", splits=("train",), n=100)
     run = train_head(TrainConfig(features=f, out=tmp_path / "run", val_fraction=0.25, head=HeadConfig(C=1.0)))
-    assert run.info["splits"]["n_val"] == 25 and run.info["splits"]["n_train"] == 75
-    assert "0.25 of 'train', stratified, seed 0" == run.info["splits"]["val"]
-    assert "test" not in run.metrics and len(run.info["sweep"]) == 1
+    assert run.record.splits.n_val == 25 and run.record.splits.n_train == 75
+    assert "0.25 of 'train', stratified, seed 0" == run.record.splits.val
+    assert "test" not in run.metrics and len(run.record.sweep) == 1
 
 
 def test_top5_reported_beyond_five_classes(tmp_path):
@@ -72,9 +73,9 @@ def test_evaluate_refuses_features_of_another_extractor(tmp_path):
     run = train_head(TrainConfig(features=feature_file(tmp_path / "f.h5"), out=tmp_path / "run"))
     other = feature_file(tmp_path / "other.h5", fingerprint="0" * 12)
     with pytest.raises(UserError, match=r"made by extractor config 000000000000 .* trained on ffffffffffff"):
-        evaluate_run(run.folder, other, "test")
-    metrics, split, _ = evaluate_run(run.folder, None, None)
-    assert split == "test" and metrics["accuracy"] == run.metrics["test"]["accuracy"]
+        evaluate_run(EvaluateConfig(run.folder, other, "test"))
+    e = evaluate_run(EvaluateConfig(run.folder))
+    assert e.split == "test" and e.metrics["accuracy"] == run.metrics["test"]["accuracy"]
 
 
 def invoke(*args):
@@ -93,7 +94,7 @@ def test_stage_two_errors_exit_2_with_one_line(tmp_path):
         (["train-head", tmp_path / "foreign.h5"], "not a vggcache feature file"),
         (["train-head", good, "--train-split", "nope"], "has no split 'nope'"),
         (["train-head", one_class], "has one class only ('a')"),
-        (["train-head", good, "--head", "svm"], "--head 'svm' is not one of logreg, linear"),
+        (["train-head", good, "--head", "svm"], "--head 'svm' is not valid (expected one of logreg, linear)"),
         (["evaluate", tmp_path / "no-run"], "run folder not found"),
     ]
     run = train_head(TrainConfig(features=good, out=tmp_path / "run", head=HeadConfig(C=1.0)))
@@ -105,12 +106,12 @@ def test_stage_two_errors_exit_2_with_one_line(tmp_path):
         result = invoke(*args)
         assert result.exit_code == 2 and message in result.output, (args, result.output)
         assert len(result.output.strip().splitlines()) == 1, result.output
-    (run.folder / "head.joblib").write_bytes(b"tampered")
+    (run.folder / "head.npz").write_bytes(b"tampered")
     result = invoke("evaluate", run.folder)
     assert result.exit_code == 2 and "does not match the sha256" in result.output
-    (run.folder / "head.joblib").unlink()
+    (run.folder / "head.npz").unlink()
     result = invoke("evaluate", run.folder)
-    assert result.exit_code == 2 and "missing its head file head.joblib" in result.output
+    assert result.exit_code == 2 and "missing its head file head.npz" in result.output
 
 
 def test_runs_table_sorted_by_validation_score(tmp_path):
@@ -165,3 +166,77 @@ def test_predict_refuses_other_weights(image_folder, tmp_path, weights_file):
     torch.save(state, other)
     result = invoke("predict", tmp_path / "run", image_folder, "--weights", other)
     assert result.exit_code == 2 and "but the features were made with sha256:" in result.output
+
+
+class Payload:
+    """Unpickling this runs code: it creates the file named `marker`."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').close()",))
+
+
+def tamper(run_folder, edit):
+    info = json.loads((run_folder / "run.json").read_text())
+    edit(info)
+    (run_folder / "run.json").write_text(json.dumps(info))
+
+
+@pytest.mark.parametrize("head_file, message", [
+    ("../../outside.npz", "a run's head is always head.npz in its folder"),
+    ("/tmp/anywhere.npz", "a run's head is always head.npz in its folder"),
+    ("head.joblib", "a run's head is always head.npz in its folder"),
+], ids=["parent", "absolute", "joblib"])
+def test_a_run_names_no_file_outside_its_folder(tmp_path, head_file, message):
+    run = train_head(TrainConfig(features=feature_file(tmp_path / "f.h5"), out=tmp_path / "run", head=HeadConfig(C=1.0)))
+    tamper(run.folder, lambda info: info.update(head_file=head_file))
+    result = invoke("evaluate", run.folder)
+    assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_a_pickle_payload_in_a_shared_run_folder_never_runs(tmp_path):
+    import hashlib
+    import pickle
+
+    run = train_head(TrainConfig(features=feature_file(tmp_path / "f.h5"), out=tmp_path / "run", head=HeadConfig(C=1.0)))
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps(Payload(marker))
+    (run.folder / "head.npz").write_bytes(payload)  # whoever writes the folder also writes the hash
+    tamper(run.folder, lambda info: info.update(head_sha256=hashlib.sha256(payload).hexdigest()))
+    for command in (["evaluate", run.folder], ["predict", run.folder, tmp_path / "f.h5"]):
+        result = invoke(*command)
+        assert result.exit_code == 2 and "is not a logreg head saved by vggcache" in result.output, result.output
+    assert not marker.exists()
+
+
+def test_a_symlinked_head_file_is_refused(tmp_path):
+    run = train_head(TrainConfig(features=feature_file(tmp_path / "f.h5"), out=tmp_path / "run", head=HeadConfig(C=1.0)))
+    (run.folder / "head.npz").rename(tmp_path / "elsewhere.npz")
+    (run.folder / "head.npz").symlink_to(tmp_path / "elsewhere.npz")
+    result = invoke("evaluate", run.folder)
+    assert result.exit_code == 2 and "missing its head file head.npz (or it is not a regular file)" in result.output
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda info: info.update(schema_version=1), "made by an older vggcache, retrain it"),
+    (lambda info: info["head"].update(kind="svm"), "head kind 'svm' is not one of logreg, linear"),
+    (lambda info: info["features"].pop("fingerprint"), "features.fingerprint is missing"),
+    (lambda info: info["splits"].update(n_val="12"), 'splits.n_val is "12", expected int'),
+    (lambda info: info.update(head="logreg"), "head is not an object"),
+], ids=["old-schema", "unknown-head", "no-fingerprint", "text-for-int", "not-an-object"])
+def test_a_damaged_run_record_is_one_line(tmp_path, edit, message):
+    run = train_head(TrainConfig(features=feature_file(tmp_path / "f.h5"), out=tmp_path / "run", head=HeadConfig(C=1.0)))
+    tamper(run.folder, edit)
+    result = invoke("evaluate", run.folder)
+    assert result.exit_code == 2 and message in result.output and len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_train_head_opens_the_cache_once(tmp_path, monkeypatch):
+    f = feature_file(tmp_path / "f.h5")
+    opened = []
+    real = store.open_cache
+    monkeypatch.setattr(store, "open_cache", lambda path: opened.append(path) or real(path))
+    train_head(TrainConfig(features=f, out=tmp_path / "run", head=HeadConfig(C=1.0)))
+    assert opened == [f]

@@ -1,0 +1,206 @@
+"""The estimators behind the heads registry (heads.py): scikit-learn's contract, learned state as plain arrays.
+
+`LogRegHead`: standardisation + multinomial logistic regression (scikit-learn's lbfgs fits it).
+`LinearHead`: a torch linear layer (or one hidden layer with dropout) trained with AdamW, a cosine schedule and
+early stopping on a held-out `validation_fraction` of the training rows.
+
+Both predict with numpy from their learned arrays alone, so a head loaded from `head.npz` (read with
+`allow_pickle=False`: a run folder can never run code) gives exactly the probabilities of the head that was fitted.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.model_selection import train_test_split
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+log = logging.getLogger(__name__)
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)
+
+
+def _standardise(X: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    return (np.asarray(X, np.float64) - mean) / scale
+
+
+def _fit_inputs(head, X, y) -> tuple[np.ndarray, np.ndarray]:
+    """Validated float32 features and labels; sets n_features_in_ and classes_ (two classes at least)."""
+    X, y = validate_data(head, X, y, dtype=[np.float32, np.float64])
+    check_classification_targets(y)
+    head.classes_ = np.unique(y)
+    if len(head.classes_) < 2:
+        raise ValueError(f"{type(head).__name__} needs samples of at least 2 classes, got one class: {head.classes_[0]!r}")
+    return np.asarray(X, np.float32), y
+
+
+class LogRegHead(ClassifierMixin, BaseEstimator):
+    """Multinomial logistic regression on standardised features."""
+
+    def __init__(self, C: float = 1.0, max_iter: int = 2000, tol: float = 1e-4):
+        self.C, self.max_iter, self.tol = C, max_iter, tol
+
+    def fit(self, X, y) -> "LogRegHead":
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.preprocessing import StandardScaler
+
+        X, y = _fit_inputs(self, X, y)
+        scaler = StandardScaler().fit(X)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            clf = LogisticRegression(C=self.C, max_iter=self.max_iter, tol=self.tol).fit(scaler.transform(X), y)
+        self.converged_ = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+        self.n_iter_ = int(np.max(clf.n_iter_))
+        self.mean_, self.scale_ = scaler.mean_.astype(np.float64), scaler.scale_.astype(np.float64)
+        self.coef_, self.intercept_ = clf.coef_.astype(np.float64), clf.intercept_.astype(np.float64)
+        return self
+
+    def decision_function(self, X) -> np.ndarray:
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False, dtype=[np.float32, np.float64])
+        z = _standardise(X, self.mean_, self.scale_) @ self.coef_.T + self.intercept_
+        return z[:, 0] if z.shape[1] == 1 else z
+
+    def predict_proba(self, X) -> np.ndarray:
+        z = self.decision_function(X)
+        if z.ndim == 1:  # two classes: scikit-learn keeps one weight row, for the second class
+            p = 1 / (1 + np.exp(-z))
+            return np.stack([1 - p, p], axis=1)
+        return _softmax(z)
+
+    def predict(self, X) -> np.ndarray:
+        best = self.predict_proba(X).argmax(1)  # checks that the head is fitted before classes_ is read
+        return self.classes_[best]
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {"mean": self.mean_, "scale": self.scale_, "coef": self.coef_, "intercept": self.intercept_,
+                "n_iter": np.array(self.n_iter_), "converged": np.array(self.converged_)}
+
+    def set_arrays(self, a: dict[str, np.ndarray]) -> None:
+        self.mean_, self.scale_, self.coef_, self.intercept_ = a["mean"], a["scale"], a["coef"], a["intercept"]
+        self.n_iter_, self.converged_ = int(a["n_iter"]), bool(a["converged"])
+
+
+class LinearHead(ClassifierMixin, BaseEstimator):
+    """A torch `nn.Linear` (or Linear-ReLU-Dropout-Linear with `hidden`) on features standardised with train stats.
+
+    Early stopping holds out a stratified `validation_fraction` of the training rows and keeps the weights of the
+    epoch with the lowest loss on them, stopping after `n_iter_no_change` epochs without a better one
+    (`n_iter_no_change=None`: no hold-out, all `epochs` on every row).
+    """
+
+    def __init__(self, hidden: int = 0, dropout: float = 0.5, lr: float = 1e-3, weight_decay: float = 1e-2,
+                 epochs: int = 200, batch_size: int = 256, n_iter_no_change: int | None = 15,
+                 validation_fraction: float = 0.1, seed: int = 0, device: str = "auto"):
+        self.hidden, self.dropout, self.lr, self.weight_decay = hidden, dropout, lr, weight_decay
+        self.epochs, self.batch_size, self.seed, self.device = epochs, batch_size, seed, device
+        self.n_iter_no_change, self.validation_fraction = n_iter_no_change, validation_fraction
+
+    def fit(self, X, y) -> "LinearHead":
+        import torch
+
+        from pipeline.device import resolve_device
+
+        X, y = _fit_inputs(self, X, y)
+        X, Xv, y, yv = self._hold_out(X, y)
+        self.mean_ = X.mean(0, dtype=np.float64)
+        self.scale_ = X.std(0, dtype=np.float64) + 1e-6
+        device = resolve_device(self.device)
+        torch.manual_seed(self.seed)
+        module = _module(X.shape[1], self.hidden, self.dropout, len(self.classes_)).to(device)
+        tensor = lambda a: torch.from_numpy(_standardise(a, self.mean_, self.scale_).astype(np.float32)).to(device)
+        labels = lambda a: torch.from_numpy(np.searchsorted(self.classes_, a)).long().to(device)
+        held_out = (tensor(Xv), labels(yv)) if Xv is not None else None
+        self.n_iter_, self.best_epoch_, self.best_val_loss_ = _train(self, module, tensor(X), labels(y), held_out)
+        self.layers_ = [(m.weight.detach().cpu().double().numpy(), m.bias.detach().cpu().double().numpy())
+                        for m in module.modules() if isinstance(m, torch.nn.Linear)]
+        return self
+
+    def _hold_out(self, X, y):
+        if self.n_iter_no_change is None:
+            return X, None, y, None
+        try:
+            return train_test_split(X, y, test_size=self.validation_fraction, stratify=y, random_state=self.seed)
+        except ValueError:  # too few rows of a class to stratify: hold out at random
+            return train_test_split(X, y, test_size=self.validation_fraction, random_state=self.seed)
+
+    def _logits(self, X) -> np.ndarray:
+        check_is_fitted(self)
+        x = _standardise(validate_data(self, X, reset=False, dtype=[np.float32, np.float64]), self.mean_, self.scale_)
+        for k, (w, b) in enumerate(self.layers_):
+            x = x @ w.T + b
+            if k < len(self.layers_) - 1:
+                x = np.maximum(x, 0)  # dropout is the identity at inference
+        return x
+
+    def predict_proba(self, X) -> np.ndarray:
+        return _softmax(self._logits(X))
+
+    def predict(self, X) -> np.ndarray:
+        best = self.predict_proba(X).argmax(1)  # checks that the head is fitted before classes_ is read
+        return self.classes_[best]
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        out = {"mean": self.mean_, "scale": self.scale_, "n_iter": np.array(self.n_iter_),
+               "best_epoch": np.array(self.best_epoch_), "best_val_loss": np.array(self.best_val_loss_)}
+        for k, (w, b) in enumerate(self.layers_):
+            out[f"layer{k}_weight"], out[f"layer{k}_bias"] = w, b
+        return out
+
+    def set_arrays(self, a: dict[str, np.ndarray]) -> None:
+        self.mean_, self.scale_ = a["mean"], a["scale"]
+        self.n_iter_, self.best_epoch_, self.best_val_loss_ = int(a["n_iter"]), int(a["best_epoch"]), float(a["best_val_loss"])
+        n_layers = 2 if self.hidden else 1
+        self.layers_ = [(a[f"layer{k}_weight"], a[f"layer{k}_bias"]) for k in range(n_layers)]
+
+
+def _module(n_in: int, hidden: int, dropout: float, n_out: int):
+    from torch import nn
+
+    if not hidden:
+        return nn.Linear(n_in, n_out)
+    return nn.Sequential(nn.Linear(n_in, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, n_out))
+
+
+def _train(head: LinearHead, module, X, y, held_out) -> tuple[int, int, float]:
+    """AdamW + cosine decay; with a held-out set, keep the weights of the epoch with its lowest loss."""
+    import torch
+    import torch.nn.functional as F
+
+    opt = torch.optim.AdamW(module.parameters(), lr=head.lr, weight_decay=head.weight_decay)
+    steps_per_epoch = -(-len(X) // head.batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=head.epochs * steps_per_epoch)
+    gen = torch.Generator().manual_seed(head.seed)
+    best = (float("inf"), 0, copy.deepcopy(module.state_dict()))
+    epoch = 0
+    for epoch in range(1, head.epochs + 1):
+        module.train()
+        for idx in torch.randperm(len(X), generator=gen).split(head.batch_size):
+            idx = idx.to(X.device)
+            loss = F.cross_entropy(module(X[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        if held_out is None:
+            continue
+        module.eval()
+        with torch.inference_mode():
+            val_loss = F.cross_entropy(module(held_out[0]), held_out[1]).item()
+        if val_loss < best[0] - 1e-5:
+            best = (val_loss, epoch, copy.deepcopy(module.state_dict()))
+        elif epoch - best[1] >= head.n_iter_no_change:
+            break
+    if held_out is None:
+        return epoch, epoch, float("nan")
+    module.load_state_dict(best[2])
+    return epoch, best[1], best[0]

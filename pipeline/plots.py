@@ -1,0 +1,39 @@
+"""Pictures written into run folders: each function takes plain numbers and a path, and returns the path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def plot_confusion(confusion: list[list[int]], class_names: list[str], path: Path, title: str) -> Path:
+    """Counts and row-normalised (recall) side by side; sized so that 20 class names stay readable."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = np.asarray(confusion)
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    k = len(class_names)
+    side = max(4.0, 0.45 * k + 2)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * side + 1, side), constrained_layout=True)
+    font = 9 if k <= 10 else 7 if k <= 20 else 5
+    for ax, data, name, fmt in ((axes[0], cm, "counts", "d"), (axes[1], norm, "row-normalised", ".2f")):
+        im = ax.imshow(data, cmap="Blues", vmin=0)
+        ax.set_xticks(range(k), class_names, rotation=60 if k > 4 else 0, ha="right" if k > 4 else "center", fontsize=font)
+        ax.set_yticks(range(k), class_names, fontsize=font)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(f"{title}: {name}")
+        if k <= 30:
+            threshold = data.max() / 2 if data.max() else 1
+            for i in range(k):
+                for j in range(k):
+                    ax.text(j, i, format(data[i, j], fmt), ha="center", va="center", fontsize=font,
+                            color="white" if data[i, j] > threshold else "black")
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

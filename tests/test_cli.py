@@ -1,0 +1,139 @@
+"""Every bad value of every command, through the CLI: exit 2, one line naming the value and what was expected."""
+
+import os
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import SIZE, extract_config
+from pipeline.cli import app
+from pipeline.config import HeadConfig, TrainConfig
+from pipeline.extract import extract
+from pipeline.train import train_head
+
+runner = CliRunner()
+FAST = ["--weights", "none", "--image-size", str(SIZE), "--batch-size", "8", "--workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """A feature cache, a run trained on it, an image folder, and a regular file to put paths under."""
+    from pipeline.synthetic import make_image_folder
+
+    root = tmp_path_factory.mktemp("cli")
+    images = make_image_folder(root / "data", {"train": 2, "val": 2})
+    features = extract(extract_config(images, root / "f.h5")).out
+    run = train_head(TrainConfig(features=features, out=root / "run", head=HeadConfig(C=1.0)))
+    (root / "a-file").write_text("not a folder")
+    return {"features": features, "run": run.folder, "images": images, "file": root / "a-file"}
+
+
+# (command, arguments after the command's positional ones, expected message); {x} is filled from `made`
+CASES = {
+    "extract-pool": ("extract", ["--pool", "mean"], "--pool 'mean' is not valid (expected one of avg, max, avgmax, flatten)"),
+    "extract-dtype": ("extract", ["--dtype", "int8"], "--dtype 'int8' is not valid (expected one of float16, float32)"),
+    "extract-device": ("extract", ["--device", "tpu"], "--device 'tpu' is not valid (expected one of auto, cpu, cuda, mps)"),
+    "extract-precision": ("extract", ["--precision", "xyz"], "--precision 'xyz' is not valid (expected one of auto, fp32, bf16, fp16)"),
+    "extract-decode": ("extract", ["--decode", "nvjpeg"], "--decode 'nvjpeg' is not valid (expected one of cpu, gpu)"),
+    "extract-size-small": ("extract", ["--image-size", "16"], "--image-size 16 is not valid (expected an integer in [32, 1024])"),
+    "extract-size-large": ("extract", ["--image-size", "4096"], "--image-size 4096 is not valid (expected an integer in [32, 1024])"),
+    "extract-size-text": ("extract", ["--image-size", "big"], "Invalid value for '--image-size'"),
+    "extract-batch": ("extract", ["--batch-size", "-1"], "--batch-size -1 is not valid (expected an integer in [0, 65536])"),
+    "extract-workers": ("extract", ["--workers", "-2"], "--workers -2 is not valid (expected an integer in [-1, 256])"),
+    "extract-weights": ("extract", ["--weights", "nowhere.pth"], "is not 'imagenet', 'none' or an existing state-dict file"),
+    "extract-out": ("extract", ["--out", "{file}/f.h5"], "--out: {file} is a file, not a folder"),
+    "extract-unknown": ("extract", ["--colour", "red"], "No such option: --colour"),
+    "train-head": ("train-head", ["--head", "svm"], "--head 'svm' is not valid (expected one of logreg, linear)"),
+    "train-C-zero": ("train-head", ["--C", "0"], "--C 0.0 is not valid (expected a number > 0)"),
+    "train-C-text": ("train-head", ["--C", "abc"], "Invalid value for '--C'"),
+    "train-hidden": ("train-head", ["--hidden", "-1"], "--hidden -1 is not valid (expected an integer in [0, 65536])"),
+    "train-dropout": ("train-head", ["--dropout", "1"], "--dropout 1.0 is not valid (expected a number in [0, 1))"),
+    "train-lr": ("train-head", ["--lr", "0"], "--lr 0.0 is not valid (expected a number > 0)"),
+    "train-lr-nan": ("train-head", ["--lr", "nan"], "--lr nan is not valid (expected a number > 0)"),
+    "train-wd": ("train-head", ["--weight-decay", "-1"], "--weight-decay -1.0 is not valid (expected a number >= 0)"),
+    "train-epochs": ("train-head", ["--epochs", "0"], "--epochs 0 is not valid (expected an integer in [1, 100000])"),
+    "train-batch": ("train-head", ["--batch-size", "0"], "--batch-size 0 is not valid (expected an integer in [1, 1.04858e+06])"),
+    "train-patience": ("train-head", ["--patience", "0"], "--patience 0 is not valid (expected an integer in [1, 100000])"),
+    "train-early-stop": ("train-head", ["--early-stop-fraction", "1"], "--early-stop-fraction 1.0 is not valid (expected a number in (0, 1))"),
+    "train-seed": ("train-head", ["--seed", "-1"], "--seed -1 is not valid (expected an integer in [0, 4.29497e+09])"),
+    "train-device": ("train-head", ["--head", "linear", "--device", "tpu"], "--device 'tpu' is not valid (expected one of auto, cpu, cuda, mps)"),
+    "train-val-fraction": ("train-head", ["--val-fraction", "7"], "--val-fraction 7.0 is not valid (expected a number in (0, 1))"),
+    "train-val-fraction-zero": ("train-head", ["--val-fraction", "0"], "--val-fraction 0.0 is not valid (expected a number in (0, 1))"),
+    "train-out": ("train-head", ["--out", "{file}/run"], "--out: {file} is a file, not a folder"),
+    "train-out-run": ("train-head", ["--out", "{run}"], "{run} already holds a run; choose another --out"),
+    "predict-top-k": ("predict", ["--top-k", "0"], "--top-k 0 is not valid (expected an integer in [1, 1.04858e+06])"),
+    "predict-precision": ("predict", ["--precision", "xyz"], "--precision 'xyz' is not valid (expected one of auto, fp32, bf16, fp16)"),
+    "predict-device": ("predict", ["--device", "tpu"], "--device 'tpu' is not valid (expected one of auto, cpu, cuda, mps)"),
+    "predict-batch": ("predict", ["--batch-size", "0"], "--batch-size 0 is not valid (expected an integer in [1, 65536])"),
+    "predict-workers": ("predict", ["--workers", "-1"], "--workers -1 is not valid (expected an integer in [0, 256])"),
+    "predict-out": ("predict", ["--out", "{file}/p.csv"], "--out: {file} is a file, not a folder"),
+    "predict-missing": ("predict", ["{file}-missing.jpg"], "image path not found: {file}-missing.jpg"),
+    "evaluate-split": ("evaluate", ["--split", "nope"], "has no split 'nope'"),
+    "info-missing": ("info", ["{file}.h5"], None),  # replaced below: info takes only the file
+    "demo-data": ("make-demo-data", ["{file}-demo", "--train", "0"], "Invalid value for '--train'"),
+}
+CASES["info-missing"] = ("info", [], "feature file not found: {file}.h5")
+
+
+def positional(command: str, made: dict) -> list:
+    return {"extract": [made["images"]], "train-head": [made["features"]], "predict": [made["run"], made["images"]],
+            "evaluate": [made["run"]], "info": [f"{made['file']}.h5"], "make-demo-data": []}[command]
+
+
+@pytest.mark.parametrize("case", CASES, ids=list(CASES))
+def test_every_bad_value_exits_2_with_one_line(made, case):
+    command, args, message = CASES[case]
+    fill = lambda text: str(text).format(**{k: str(v) for k, v in made.items()})
+    rest = (FAST if command == "extract" else []) + [fill(a) for a in args]  # the case's value comes last and wins
+    if command == "predict" and case == "predict-missing":
+        argv = [command, str(made["run"]), *rest]
+    else:
+        argv = [command, *map(str, positional(command, made)), *rest]
+    result = runner.invoke(app, argv)
+    assert result.exit_code == 2, result.output
+    assert fill(message) in result.output and "Traceback" not in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only folder: the 'a-file' cases cover the check")
+@pytest.mark.parametrize("command", ["extract", "train-head", "predict"])
+def test_a_read_only_out_folder_is_refused_before_any_work(made, tmp_path, command):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    out = locked / ("run" if command == "train-head" else "out.h5" if command == "extract" else "p.csv")
+    argv = [command, *map(str, positional(command, made)), "--out", str(out)] + (FAST if command == "extract" else [])
+    result = runner.invoke(app, argv)
+    assert result.exit_code == 2 and f"--out: cannot write in {locked} (Permission denied)" in result.output, result.output
+
+
+@pytest.mark.parametrize("command", ["info", "train-head", "extract"])
+def test_a_damaged_cache_is_one_line_for_every_command(made, tmp_path, command):
+    import shutil
+
+    import h5py
+
+    damaged = tmp_path / "damaged.h5"
+    shutil.copy(made["features"], damaged)
+    with h5py.File(damaged, "a") as f:
+        del f["train/paths"]
+    argv = {"info": ["info", damaged], "train-head": ["train-head", damaged],
+            "extract": ["extract", made["images"], "--out", damaged, *FAST]}[command]
+    result = runner.invoke(app, list(map(str, argv)))
+    assert result.exit_code == 2 and "is damaged: split 'train' has no paths dataset" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and ("--force" in result.output) == (command == "extract")
+
+
+def test_predict_writes_a_name_that_is_not_utf8_as_its_bytes(made, tmp_path):
+    import csv
+
+    folder = tmp_path / "new"
+    folder.mkdir()
+    odd = os.path.join(os.fsencode(folder), b"\xff\xfe.jpg")
+    with open(odd, "wb") as f:
+        f.write(next((made["images"] / "train/circle").iterdir()).read_bytes())
+    result = runner.invoke(app, ["predict", str(made["run"]), str(folder), "--out", str(tmp_path / "p.csv")])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(open(tmp_path / "p.csv", encoding="utf-8", errors="surrogateescape", newline="")))
+    assert [os.fsencode(r["path"]) for r in rows] == [odd] and rows[0]["predicted"] in ("checks", "circle", "stripes")
+    stdout = runner.invoke(app, ["predict", str(made["run"]), str(folder)])
+    assert stdout.exit_code == 0 and odd in stdout.stdout_bytes
