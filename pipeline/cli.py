@@ -16,9 +16,11 @@ from typing import Optional
 import typer
 from typer.core import TyperGroup
 
-from pipeline.config import EvaluateConfig, ExtractConfig, HeadConfig, PredictConfig, TrainConfig
+from pipeline.config import VGG16_CHANNELS, EvaluateConfig, ExtractConfig, HeadConfig, PredictConfig, TrainConfig
 from pipeline.errors import Interrupted, UserError
 from pipeline.files import human_bytes
+from pipeline.heads import HEADS
+from pipeline.pools import POOLS
 
 
 class _OneLineErrors(TyperGroup):
@@ -86,7 +88,7 @@ def extract(
     data: Path = typer.Argument(..., help="ImageFolder tree (DATA/<split>/<class>/... or DATA/<class>/...) or a CSV manifest path,label[,split]."),
     out: Optional[Path] = typer.Option(None, help="Output file [default: features/<dataset>-<fingerprint>.h5]."),
     weights: str = typer.Option(X("weights"), help="imagenet (torchvision download), none (seeded random init), or a local state-dict file."),
-    pool: str = typer.Option(X("pool"), help="avg (512), max (512), avgmax (1024) or flatten (25088)."),
+    pool: str = typer.Option(X("pool"), help=", ".join(f"{p.name} ({p.dim(VGG16_CHANNELS)})" for p in POOLS.values()) + "."),
     image_size: int = typer.Option(X("image_size"), help="Centre-crop side; images are resized to 256/224 of it first."),
     batch_size: int = typer.Option(X("batch_size"), help="Images per forward [default 0: 256 on CUDA, 4 elsewhere]."),
     workers: int = typer.Option(X("workers"), help="DataLoader decode workers [default -1: 16 on CUDA (at most the cores), 1 on CPU]."),
@@ -145,7 +147,7 @@ def info(file: Path = typer.Argument(..., help="A feature cache (.h5)."),
 @_user_errors
 def train_head(
     features: Path = typer.Argument(..., help="A feature cache made by `extract`."),
-    head: str = typer.Option(H("kind"), help="logreg (scikit-learn) or linear (torch)."),
+    head: str = typer.Option(H("kind"), help="; ".join(f"{h.name}: {h.description}" for h in HEADS.values()) + "."),
     out: Optional[Path] = typer.Option(None, help="Run folder [default: models/<features>-<head>-<time>]."),
     train_split: str = typer.Option(T("train_split"), help="Split to fit on."),
     val_split: str = typer.Option(T("val_split"), help="Split to choose hyperparameters on (held out of train when absent)."),

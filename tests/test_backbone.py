@@ -63,10 +63,29 @@ def test_full_and_bare_state_dicts_load(tmp_path, weights_file):
         assert torch.equal(layers[0].weight, state["features.0.weight"])
 
 
+class NotATensor:
+    pass
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b"junk", "not a loadable torch state dict (error: unpack requires a buffer of 4 bytes)"),
+    (b"", "not a loadable torch state dict (EOFError: the file is empty or truncated)"),
+    ({"features.0.weight": np.zeros(3)}, "it holds pickled Python objects besides tensors, which are never loaded"),
+    ({"features.0.weight": NotATensor()}, "it holds pickled Python objects besides tensors, which are never loaded"),
+], ids=["junk", "empty", "numpy-array", "custom-object"])
+def test_an_unloadable_weights_file_is_one_line_without_torchs_advice(tmp_path, content, reason):
+    path = tmp_path / "w.pth"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        torch.save(content, path)
+    with pytest.raises(UserError) as caught:
+        vgg16_features(str(path))
+    message = str(caught.value)
+    assert reason in message and "\n" not in message and "weights_only" not in message
+
+
 def test_bad_weights_files_are_user_errors(tmp_path):
-    (tmp_path / "junk.pth").write_bytes(b"junk")
-    with pytest.raises(UserError, match="not a loadable torch state dict"):
-        vgg16_features(str(tmp_path / "junk.pth"))
     torch.save({"features.0.weight": torch.zeros(1)}, tmp_path / "wrong.pth")
     with pytest.raises(UserError, match="not VGG16 convolution weights"):
         vgg16_features(str(tmp_path / "wrong.pth"))
