@@ -98,13 +98,22 @@ def extract(
     decode: str = typer.Option(X("decode"), help="cpu (Pillow in workers) or gpu (batched nvJPEG, CUDA only)."),
     force: bool = typer.Option(False, "--force", help="Rebuild from scratch, replacing any existing file."),
     verify: bool = typer.Option(False, "--verify", help="Hash every file to detect content changes, and retry every failed file."),
+    shard: Optional[str] = typer.Option(None, help="I/N: extract part I of N (a job array) into the journal; the last part to finish writes the cache."),
 ):
-    """Run the frozen VGG16 body over every image once and cache the pooled features in HDF5."""
+    """Run the frozen VGG16 body over every image once and cache the pooled features in HDF5.
+
+    Under torchrun (`torchrun --nproc-per-node G -m pipeline extract ...`) every rank takes its part and rank 0
+    writes the cache."""
     from pipeline.extract import extract as run_extract
 
     s = run_extract(ExtractConfig(data=data, out=out, weights=weights, pool=pool, image_size=image_size,
                                   batch_size=batch_size, workers=workers, device=device, precision=precision,
-                                  dtype=dtype, decode=decode, force=force, verify=verify))
+                                  dtype=dtype, decode=decode, force=force, verify=verify, shard=shard))
+    if not s.wrote_cache:
+        if s.remaining:  # a part of a job array; a rank other than 0 prints nothing but its progress
+            _echo(f"{s.worker}: extracted {s.extracted} images; {s.remaining} images of other parts remain: the last "
+                  f"part to finish (or a plain extract) writes {s.out}")
+        return
     if s.up_to_date:
         _echo(f"up to date: {s.out} ({sum(s.rows.values())} images, {s.seconds:.2f} s)")
         return

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 from pipeline import pools
 from pipeline.errors import UserError
 from pipeline.heads import HEADS
-from pipeline.params import Interval, OneOf, Optional, validate
+from pipeline.params import Interval, OneOf, Optional, Satisfies, validate
 
 POOLS = tuple(pools.POOLS)
 DTYPES = ("float16", "float32")
@@ -85,6 +86,7 @@ class ExtractConfig:
     decode: str = "cpu"
     force: bool = False
     verify: bool = False  # hash every file, not only those whose size or mtime changed
+    shard: str | None = None  # "I/N": this process extracts part I of N of a job array (no process group)
     features_dir: Path = field(default=Path("features"))
 
     PARAMS = {
@@ -96,10 +98,23 @@ class ExtractConfig:
         "image_size": Interval(int, 32, 1024),
         "batch_size": Interval(int, 0, 65536),
         "workers": Interval(int, -1, 256),
+        "shard": Optional(Satisfies(lambda s: _shard_part(s) is not None, "I/N with 0 <= I < N, e.g. 0/4")),
     }
 
     def __post_init__(self):
         validate(self)
+
+    @property
+    def shard_part(self) -> tuple[int, int] | None:
+        return _shard_part(self.shard) if self.shard is not None else None
+
+
+def _shard_part(text: str) -> tuple[int, int] | None:
+    """'I/N' -> (I, N) when 0 <= I < N; None for anything else."""
+    match = re.fullmatch(r"(\d{1,6})/(\d{1,6})", text.strip())
+    if not match or not int(match[1]) < int(match[2]):
+        return None
+    return int(match[1]), int(match[2])
 
 
 POSITIVE = Interval(float, 0, None, open_low=True)

@@ -1,17 +1,22 @@
-"""Crash-safe progress of an unfinished extraction: one shard per batch, each committed by an atomic rename.
+"""Crash-safe progress of an unfinished extraction: one shard per commit, each committed by an atomic rename.
 
-A shard is `NNNNNN.npy` (the batch's feature rows) plus `NNNNNN.json` (its records). Both are written to a
-temporary name, fsynced and renamed, the JSON last: a shard whose JSON exists is complete, whatever moment
-the process was killed at. Rerunning the same command reuses every complete shard and ignores the rest.
+A shard is `<writer>-NNNNNN.npy` (feature rows) plus `<writer>-NNNNNN.json` (its records). Both are written to a
+temporary name, fsynced and renamed, the JSON last: a shard whose JSON exists is complete, whatever moment the
+process was killed at. Every writer (a single process, a torchrun rank, a job-array part) names its shards after
+itself and holds `lock.<writer>`, so writers never touch each other's files; every reader loads every writer's
+complete shards, so a run resumes whatever the number of processes that started it. `lock.final` is held while a
+cache is written from the journal.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import io
 import json
 import logging
 import os
+import re
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -24,9 +29,12 @@ from pipeline.store import Record
 
 log = logging.getLogger(__name__)
 
+SHARD = re.compile(r"^(?:(?P<writer>[A-Za-z0-9]+)-)?(?P<number>\d{6})$")  # no writer: a shard of vggcache <= 0.1
+META = "journal.json"
+
 
 def _write_durably(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: two writers never share a temporary
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -48,110 +56,161 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-class Journal:
-    """The partial-results folder beside a cache; holds an exclusive lock while open."""
+def _try_lock(path: Path):
+    """An open file holding an exclusive POSIX record lock on `path`, or None if another process holds it.
 
-    def __init__(self, directory: Path, fingerprint: str):
+    A record lock, not flock: DataLoader workers are forked and would inherit an flock, keeping it held after a
+    kill -9 of the main process for as long as the orphaned workers live.
+    """
+    f = open(path, "a")
+    try:
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        return None
+    return f
+
+
+class Journal:
+    """The partial-results folder beside a cache, as one writer sees it; holds `lock.<writer>` while open."""
+
+    def __init__(self, directory: Path, fingerprint: str, writer: str = "main"):
         self.directory = Path(directory)
         self.fingerprint = fingerprint
+        self.writer = writer
         self._lock = None
-        self._shards: dict[int, np.ndarray] = {}
-        self.entries: dict[str, tuple[Record, int, int]] = {}  # path -> (record, shard, row in shard or -1)
+        self._shards: dict[str, np.ndarray] = {}  # shard stem -> its rows (memory-mapped)
+        self.entries: dict[str, tuple[Record, str, int]] = {}  # path -> (record, shard stem, row in shard or -1)
 
     def __enter__(self) -> "Journal":
-        """Take the lock, and nothing else: the caller reads the previous cache under it, then calls `resume`."""
+        """Take this writer's lock, and nothing else: the caller reads the previous cache, then calls `resume`."""
         for _ in range(10):
             self.directory.mkdir(parents=True, exist_ok=True)
-            self._lock = open(self.directory / "lock", "w")
-            try:
-                # A POSIX record lock, not flock: DataLoader workers are forked and would inherit an flock, keeping
-                # it held after a kill -9 of the main process for as long as the orphaned workers live.
-                fcntl.lockf(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                self._lock.close()
-                raise UserError(f"another extraction is writing {self.directory} (its lock is held); "
-                                "wait for it to end") from None
-            if self._still_linked():
+            self._lock = _try_lock(self.directory / f"lock.{self.writer}")
+            if self._lock is None:
+                raise UserError(f"another extraction is writing {self.directory} (as {self.writer}: its lock is held); "
+                                "wait for it to end")
+            if self._still_linked(self._lock, f"lock.{self.writer}"):
                 return self
-            self._lock.close()  # the holder removed the folder as we opened the file: lock the new one
+            self._lock.close()  # the folder was removed as we opened the file: lock the new one
         raise UserError(f"could not lock {self.directory}: it keeps being removed by another process")
 
-    def _still_linked(self) -> bool:
+    def _still_linked(self, lock, name: str) -> bool:
         try:
-            return os.stat(self.directory / "lock").st_ino == os.fstat(self._lock.fileno()).st_ino
+            return os.stat(self.directory / name).st_ino == os.fstat(lock.fileno()).st_ino
         except FileNotFoundError:
             return False
 
-    def resume(self) -> "Journal":
-        """Load the complete shards of an interrupted run made with this fingerprint; discard any other's."""
-        self._load()
-        return self
-
     def __exit__(self, *exc) -> None:
-        if self.directory.exists() and not self._holds_shards():
+        if self._lock is not None and self.directory.exists() and not self._holds_shards():
             self.remove()  # nothing worth resuming (e.g. the model failed to load): leave no empty folder behind
+        self.release()
+
+    def release(self) -> None:
+        """Give up this writer's lock: it will write nothing more (a rank done with its part)."""
         if self._lock is not None:
             self._lock.close()  # closing the file releases the lock
             self._lock = None
 
     def _holds_shards(self) -> bool:
-        return any(p.suffix == ".json" and p.stem.isdigit() for p in self.directory.iterdir())
+        return any(p.suffix == ".json" and SHARD.match(p.stem) for p in self.directory.iterdir())
 
-    def _load(self) -> None:
-        meta = self.directory / "journal.json"
-        if meta.exists() and json.loads(meta.read_text()).get("fingerprint") != self.fingerprint:
+    def resume(self, may_discard: bool = True) -> "Journal":
+        """Load every writer's complete shards made with this fingerprint; another fingerprint's are discarded
+        (by the one worker allowed to: the others must not delete what a peer is writing)."""
+        meta = self.directory / META
+        found = json.loads(meta.read_text()).get("fingerprint") if meta.exists() else self.fingerprint
+        if found != self.fingerprint:
+            if not may_discard:
+                raise UserError(f"{self.directory} holds partial results of another extractor config ({found}); "
+                                "finish or delete them first")
             log.warning("discarding partial results in %s: they were made with another extractor config", self.directory)
             self.clear()
         self._write_meta()
-        for path in sorted(self.directory.glob("*.json")):
-            if path.stem.isdigit():
-                self._load_shard(int(path.stem), path)
+        self.reload()
         if self.entries:
             log.info("resuming: %d images already done in %s", len(self.entries), self.directory)
+        return self
 
-    def _load_shard(self, shard: int, path: Path) -> None:
+    def reload(self) -> None:
+        """(Re)read every complete shard on disk, from every writer, in name order."""
+        self._shards.clear()
+        self.entries.clear()
+        for path in sorted(self.directory.glob("*.json")):
+            if SHARD.match(path.stem):
+                self._load_shard(path.stem, path)
+
+    def _load_shard(self, stem: str, path: Path) -> None:
         try:
             records = [Record(**r) for r in json.loads(path.read_text())]
-            features = np.load(self.directory / f"{shard:06d}.npy", mmap_mode="r")
+            features = np.load(self.directory / f"{stem}.npy", mmap_mode="r")
             if features.shape[0] != sum(r.ok for r in records):
                 raise ValueError(f"{features.shape[0]} rows for {sum(r.ok for r in records)} records")
         except Exception as e:  # a shard we cannot trust is only lost work: its images are extracted again
             log.warning("ignoring damaged partial shard %s (%s)", path.name, e)
             return
-        self._shards[shard] = features
+        self._index(stem, features, records)
+
+    def _index(self, stem: str, features: np.ndarray, records: list[Record]) -> None:
+        self._shards[stem] = features
         row = 0
         for r in records:
-            self.entries[r.path] = (r, shard, row if r.ok else -1)
+            self.entries[r.path] = (r, stem, row if r.ok else -1)
             row += r.ok
 
     def append(self, records: list[Record], features: np.ndarray) -> None:
-        """Commit one batch: its records (successes and failures) and the feature rows of the successes."""
-        shard = max(self._shards, default=-1) + 1
-        npy, meta = self.directory / f"{shard:06d}.npy", self.directory / f"{shard:06d}.json"
+        """Commit a batch or more: their records (successes and failures) and the feature rows of the successes."""
+        numbers = [int(m["number"]) for stem in self._shards if (m := SHARD.match(stem)) and m["writer"] == self.writer]
+        stem = f"{self.writer}-{max(numbers, default=-1) + 1:06d}"
+        npy, meta = self.directory / f"{stem}.npy", self.directory / f"{stem}.json"
         _write_durably(npy, lambda f: f.write(_npy_bytes(features)))
         _write_durably(meta, lambda f: f.write(json.dumps([asdict(r) for r in records]).encode()))
-        self._shards[shard] = np.load(npy, mmap_mode="r")
-        row = 0
-        for r in records:
-            self.entries[r.path] = (r, shard, row if r.ok else -1)
-            row += r.ok
+        self._index(stem, np.load(npy, mmap_mode="r"), records)
 
-    def rows(self, shard: int, positions: np.ndarray) -> np.ndarray:
+    @staticmethod
+    def writer_of(entry: tuple[Record, str, int]) -> str:
+        """The writer that committed a journal entry ("" for a shard of vggcache <= 0.1)."""
+        return SHARD.match(entry[1])["writer"] or ""
+
+    def rows(self, shard: str, positions: np.ndarray) -> np.ndarray:
         return np.asarray(self._shards[shard][positions])
 
     def clear(self) -> None:
         """Forget every shard (--force, or another config's); the folder stays this fingerprint's."""
         for path in self.directory.iterdir():
-            if path.name != "lock":
+            if not path.name.startswith("lock."):
                 path.unlink()
         self._shards.clear()
         self.entries.clear()
         self._write_meta()
 
     def _write_meta(self) -> None:
-        _write_durably(self.directory / "journal.json", lambda f: f.write(json.dumps({"fingerprint": self.fingerprint}).encode()))
+        _write_durably(self.directory / META, lambda f: f.write(json.dumps({"fingerprint": self.fingerprint}).encode()))
+
+    @contextlib.contextmanager
+    def final_lock(self):
+        """Held while a cache is written from the journal: one writer at a time swaps the cache (waits its turn)."""
+        while True:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            f = open(self.directory / "lock.final", "a")
+            fcntl.lockf(f, fcntl.LOCK_EX)
+            if self._still_linked(f, "lock.final"):
+                break
+            f.close()  # the writer before us removed the folder: lock in the new one
+        try:
+            yield
+        finally:
+            f.close()
 
     def remove(self) -> None:
-        """Delete the folder once its results are in the cache (the lock goes with it)."""
+        """Delete the folder once its results are in the cache, unless another writer is still at work in it."""
+        for lock in self.directory.glob("lock.*"):
+            if lock.name in (f"lock.{self.writer}", "lock.final"):
+                continue
+            held = _try_lock(lock)
+            if held is None:
+                log.debug("keeping %s: %s is still held", self.directory, lock.name)
+                return
+            held.close()
         self._shards.clear()
         shutil.rmtree(self.directory, ignore_errors=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 from numbers import Integral, Real
+from typing import Callable
 
 from pipeline.errors import UserError
 
@@ -58,10 +59,27 @@ class Interval:
 
 
 @dataclass(frozen=True)
+class Satisfies:
+    """A value for which `test` is true (and does not raise); `description` says what that means."""
+
+    test: Callable[[object], bool]
+    description: str
+
+    def accepts(self, value) -> bool:
+        try:
+            return bool(self.test(value))
+        except (TypeError, ValueError):
+            return False
+
+    def expected(self) -> str:
+        return self.description
+
+
+@dataclass(frozen=True)
 class Optional:
     """None (the default: chosen automatically) or a value the inner constraint accepts."""
 
-    inner: OneOf | Interval
+    inner: OneOf | Interval | Satisfies
 
     def accepts(self, value) -> bool:
         return value is None or self.inner.accepts(value)

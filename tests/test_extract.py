@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from conftest import SIZE, extract_config
-from pipeline import backbone, extract as extract_module, files, store
+from pipeline import backbone, embed, extract as extract_module, files, store
 from pipeline.backbone import Extractor, build_body
 from pipeline.config import feature_config
 from pipeline.errors import UserError
@@ -128,7 +128,7 @@ def test_default_name_carries_the_fingerprint(image_folder, tmp_path):
 
 
 def test_damaged_shards_are_ignored_and_redone(image_folder, tmp_path, monkeypatch):
-    monkeypatch.setattr(extract_module, "COMMIT_EVERY_S", 0.0)
+    monkeypatch.setattr(embed, "COMMIT_EVERY_S", 0.0)
     out = tmp_path / "f.h5"
     real = extract_module._write
 
@@ -139,8 +139,8 @@ def test_damaged_shards_are_ignored_and_redone(image_folder, tmp_path, monkeypat
     with pytest.raises(KeyboardInterrupt):
         extract(extract_config(image_folder, out))
     partial = Path(f"{out}.partial")
-    (partial / "000001.json").write_text("{ truncated")
-    (partial / "000002.npy").unlink()
+    (partial / "main-000001.json").write_text("{ truncated")
+    (partial / "main-000002.npy").unlink()
     monkeypatch.setattr(extract_module, "_write", real)
     s = extract(extract_config(image_folder, out))
     assert (s.extracted, s.resumed) == (8, 10) and not partial.exists()  # shards 1 and 2 (4 images each) redone
@@ -172,7 +172,7 @@ def test_resume_after_kill_9_at_several_points_matches_an_uninterrupted_run(tmp_
     assert subprocess.run(CLI + args(reference), env=env, capture_output=True).returncode == 0
     out = tmp_path / "f.h5"
     partial = Path(f"{out}.partial")
-    shards = lambda n: (lambda: len(list(partial.glob("0*.json"))) >= n)
+    shards = lambda n: (lambda: len(list(partial.glob("*-0*.json"))) >= n)
     codes = []
     for condition in (shards(1), shards(5), lambda: Path(f"{out}.tmp").exists()):
         codes.append(run_until(args(out), env, condition)[0])
@@ -190,7 +190,7 @@ def test_ctrl_c_exits_130_and_says_how_to_resume(tmp_path):
     out = tmp_path / "f.h5"
     env = dict(os.environ, VGGCACHE_COMMIT_EVERY_S="0")
     args = [str(data), "--out", str(out), "--weights", "none", "--image-size", "48", "--batch-size", "4", "--workers", "0"]
-    code, output = run_until(args, env, lambda: len(list(Path(f"{out}.partial").glob("0*.json"))) >= 1, signal.SIGINT)
+    code, output = run_until(args, env, lambda: len(list(Path(f"{out}.partial").glob("*-0*.json"))) >= 1, signal.SIGINT)
     assert code == 130, output
     assert "rerun the same command to resume" in output and "Traceback" not in output
     code, output = run_until(args, env, lambda: False)
@@ -313,7 +313,7 @@ def test_the_lock_is_taken_before_the_previous_cache_is_read(image_folder, tmp_p
 
 
 def test_a_full_disk_while_extracting_says_what_is_saved(image_folder, tmp_path, monkeypatch):
-    monkeypatch.setattr(extract_module, "COMMIT_EVERY_S", 0.0)
+    monkeypatch.setattr(embed, "COMMIT_EVERY_S", 0.0)
     out, calls = tmp_path / "f.h5", []
     real_save = np.save
 

@@ -56,8 +56,8 @@ def test_shards_survive_reopening_and_another_fingerprint_discards_them(tmp_path
         journal.resume().append(records, np.ones((1, 4), np.float16))
     with Journal(tmp_path / "j", "fp") as journal:
         journal.resume()
-        assert journal.entries["a.jpg"] == (records[0], 0, 0) and journal.entries["b.jpg"] == (records[1], 0, -1)
-        assert journal.rows(0, np.array([0])).tolist() == [[1.0] * 4]
+        assert journal.entries["a.jpg"] == (records[0], "main-000000", 0) and journal.entries["b.jpg"] == (records[1], "main-000000", -1)
+        assert journal.rows("main-000000", np.array([0])).tolist() == [[1.0] * 4]
     with Journal(tmp_path / "j", "other") as journal:
         assert journal.resume().entries == {}
     with Journal(tmp_path / "j", "fp") as journal:  # and the folder is now the other config's: nothing to adopt

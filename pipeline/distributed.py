@@ -1,0 +1,177 @@
+"""Who this process is in an extraction job, and the little coordination that a job needs.
+
+Three kinds of worker share one code path:
+  - single: a plain `extract`, the whole job in one process;
+  - rank:   one of WORLD_SIZE processes started by torchrun (or srun, or any launcher that sets torch.distributed's
+            environment); they form a process group, so rank 0 waits for the others and writes the cache;
+  - part:   one of N independent processes of a job array (`--shard I/N`), with no process group at all; the
+            part that finds every other part done writes the cache (or a later plain `extract` does).
+
+Every worker plans the same way from the same files, cuts the images still to do into the batches a single
+process would use, and takes every n-th batch: the same batches go through the model as in a single-process
+run, so the cache is the same, bit for bit, whatever the number of workers (on the same kind of device).
+Nothing is sent between processes but a plan fingerprint and barriers: each worker commits its own journal
+shards, and the cache is written from them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import logging
+import os
+import signal
+from dataclasses import dataclass
+
+from pipeline.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# How long rank 0 waits at the final barrier for the slowest rank. A rank that dies is noticed by torchrun at
+# once (it stops every rank and names the failed one); this bounds only a rank that hangs without dying.
+BARRIER_TIMEOUT_S = float(os.environ.get("VGGCACHE_BARRIER_TIMEOUT_S", str(6 * 3600)))
+
+
+@dataclass(frozen=True)
+class Worker:
+    kind: str  # "single" | "rank" | "part"
+    index: int = 0  # rank, or part number
+    count: int = 1  # world size, or number of parts
+    local_rank: int = 0
+    local_count: int = 1
+
+    @property
+    def name(self) -> str:
+        """Journal shards and locks are named after their writer, so workers never write the same file."""
+        return {"single": "main", "rank": f"rank{self.index}", "part": f"part{self.index}of{self.count}"}[self.kind]
+
+    @property
+    def describe(self) -> str:
+        return {"single": "single process", "rank": f"rank {self.index} of {self.count}",
+                "part": f"part {self.index}/{self.count}"}[self.kind]
+
+    @property
+    def leader(self) -> bool:
+        """Rank 0 and a single process speak for the job (logs, the summary, the cache); parts each speak for
+        themselves."""
+        return self.index == 0 or self.kind == "part"
+
+    def is_sibling(self, writer: str) -> bool:
+        """Another part of the same job array (its shards are named part<J>of<N>)."""
+        return self.kind == "part" and writer != self.name and writer.startswith("part") and writer.endswith(f"of{self.count}")
+
+    def take(self, items: list, batch_size: int) -> list:
+        """This worker's share of `items`: every `count`-th batch of `batch_size`, starting at batch `index`."""
+        batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+        return [item for batch in batches[self.index::self.count] for item in batch]
+
+
+def worker_from(shard: tuple[int, int] | None) -> Worker:
+    """This process's place in the job, from `--shard` and the environment torchrun sets."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if shard is not None:
+        if world > 1:
+            raise UserError("--shard splits a job array; under torchrun every rank already takes its part (drop --shard)")
+        return Worker("part", shard[0], shard[1])
+    if world > 1:
+        return Worker("rank", int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")),
+                      int(os.environ.get("LOCAL_WORLD_SIZE", str(world))))
+    return Worker("single")
+
+
+class Group:
+    """The process group of a torchrun job (a no-op for single processes and parts)."""
+
+    def __init__(self, worker: Worker):
+        self.worker = worker
+        self._gloo = None
+
+    @contextlib.contextmanager
+    def started(self, device: str):
+        """The process group for the length of the block (nothing to start outside a torchrun job)."""
+        self.start(device)
+        try:
+            yield self
+        finally:
+            self.stop()
+
+    def start(self, device: str) -> None:
+        """NCCL on CUDA, gloo on the CPU; barriers and the plan check always go through gloo (it can name the
+        ranks that miss a barrier, and keeps a GPU from spinning while it waits)."""
+        if self.worker.kind != "rank":
+            return
+        import torch
+        import torch.distributed as dist
+
+        device_type = "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
+        timeout = datetime.timedelta(seconds=BARRIER_TIMEOUT_S)
+        if device_type == "cuda":
+            dist.init_process_group("nccl", timeout=timeout, device_id=torch.device(f"cuda:{self.worker.local_rank}"))
+            self._gloo = dist.new_group(backend="gloo", timeout=timeout)
+        else:
+            dist.init_process_group("gloo", timeout=timeout)
+            self._gloo = dist.group.WORLD
+
+    def stop(self) -> None:
+        if self._gloo is not None:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+            self._gloo = None
+
+    def check_same(self, what: str, value: str) -> None:
+        """Every rank must see the same `value` (a digest of its plan): else they would split different work."""
+        if self._gloo is None:
+            return
+        import torch.distributed as dist
+
+        seen = [None] * self.worker.count
+        dist.all_gather_object(seen, value, group=self._gloo)
+        differ = [r for r, v in enumerate(seen) if v != seen[0]]
+        if differ:
+            raise UserError(f"ranks see different {what}: rank 0 and rank {differ[0]} disagree (a multi-node run needs "
+                            "the data and the output folder on one shared filesystem, identical on every node)")
+
+    def barrier(self) -> None:
+        """Wait for every rank; a rank that does not arrive in time is named."""
+        if self._gloo is None:
+            return
+        import torch.distributed as dist
+
+        try:
+            dist.monitored_barrier(group=self._gloo, timeout=datetime.timedelta(seconds=BARRIER_TIMEOUT_S),
+                                   wait_all_ranks=True)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[0][:300]
+            raise UserError(f"rank {self.worker.index}: not every rank finished its part ({first}); what they "
+                            "committed is saved: rerun the same command to continue") from None
+
+
+def quiet_unless_leader(worker: Worker) -> None:
+    """Ranks other than 0 print their progress line and their warnings, nothing else: rank 0 speaks for the job."""
+    if worker.kind == "rank" and worker.index > 0:
+        logging.getLogger("pipeline").setLevel(logging.WARNING)
+        logging.getLogger("pipeline.progress").setLevel(logging.INFO)
+
+
+def plan_digest(paths: list[str]) -> str:
+    return hashlib.sha256("\n".join(paths).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def stopped_by_sigterm(worker: Worker):
+    """torchrun (and SLURM) stop a job's other ranks with SIGTERM when one fails: turn it into Ctrl-C, so the
+    rank commits what it has and says how to continue, instead of dying with uncommitted batches."""
+    if worker.kind == "single":
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,136 @@
+"""Embedding: read the images to do in batches, run the frozen body over them, commit rows to the journal.
+
+The mapper of the extract stage (reader.py decodes in DataLoader workers, backbone.py embeds, journal.py commits);
+it knows nothing of the cache, and is what each worker of a distributed extraction runs on its share.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import files
+from pipeline.config import ExtractConfig, FeatureConfig
+from pipeline.distributed import Worker
+from pipeline.errors import Interrupted, UserError
+from pipeline.journal import Journal
+from pipeline.progress import Progress
+from pipeline.store import Record
+
+log = logging.getLogger(__name__)
+
+# Batches are committed together at most this often, so a kill loses at most ~2 s of work and a fast GPU does not
+# fsync hundreds of tiny shards a second. Tests set 0 to commit every batch.
+COMMIT_EVERY_S = float(os.environ.get("VGGCACHE_COMMIT_EVERY_S", "2.0"))
+
+
+def run_model(cfg: ExtractConfig, fcfg: FeatureConfig, root: Path, todo: list[Record], journal: Journal,
+              worker: Worker, keep: set[str]) -> dict:
+    """Embed this worker's share of `todo` (the images of it in `keep`) in batches, committing to the journal as it
+    goes; says how it ran."""
+    import torch
+
+    from pipeline.backbone import Extractor, build_body
+
+    extractor = Extractor(build_body(fcfg, cfg.weights), _device(cfg.device, worker), cfg.precision)
+    on_cuda = extractor.device.type == "cuda"
+    if cfg.decode == "gpu" and not on_cuda:
+        raise UserError(f"--decode gpu needs a CUDA device, and this run is on {extractor.device} (use --decode cpu)")
+    batch_size = cfg.batch_size or default_batch_size(on_cuda)
+    workers = cfg.workers if cfg.workers >= 0 else default_workers(on_cuda, worker.local_count)
+    # whole batches, as a single process cuts them: the same values, whatever the number of workers
+    mine = [r for r in worker.take(todo, batch_size) if r.path in keep]
+    batches = _batches(cfg.decode, root, [r.path for r in mine], fcfg, batch_size, workers, extractor.device)
+    log.info("extracting %d images on %s (%s), batch %d, %d workers, %s decode", len(mine), extractor.device,
+             extractor.precision, batch_size, workers, cfg.decode)
+    start = time.perf_counter()
+    _embed_all(extractor, batches, mine, journal, fcfg, worker)
+    seconds = time.perf_counter() - start
+    return {"device": str(extractor.device), "precision": extractor.precision, "decode": cfg.decode,
+            "batch_size": batch_size, "workers": workers, "torch_threads": torch.get_num_threads(),
+            "processes": worker.count, "weights_file": None if cfg.weights in ("imagenet", "none") else str(Path(cfg.weights).resolve()),
+            "images": len(mine), "seconds": round(seconds, 3), "images_per_s": round(len(mine) / max(seconds, 1e-9), 2)}
+
+
+def _device(asked: str, worker: Worker) -> str:
+    """Each rank of a torchrun job on GPUs takes the GPU of its local rank."""
+    if worker.kind != "rank" or asked not in ("auto", "cuda"):
+        return asked
+    import torch
+
+    return f"cuda:{worker.local_rank}" if torch.cuda.is_available() else asked
+
+
+def _batches(decode: str, root: Path, paths: list[str], fcfg: FeatureConfig, batch_size: int, workers: int, device):
+    """Batches of {index, image (uint8), error, sha256}: decoded by Pillow in workers, or by nvJPEG on the GPU."""
+    from pipeline import reader
+
+    if decode == "cpu":
+        files = reader.ImageFiles(root, paths, fcfg.resize_size, fcfg.image_size)
+        return reader.make_loader(files, batch_size, workers, pin_memory=device.type == "cuda",
+                                  yield_to_model=device.type == "cpu")
+    files = reader.EncodedFiles(root, paths, fcfg.resize_size, fcfg.image_size)
+    loader = reader.make_encoded_loader(files, batch_size, workers)
+    return (reader.decode_on_device(items, fcfg.resize_size, fcfg.image_size, device) for items in loader)
+
+
+def default_batch_size(on_cuda: bool) -> int:
+    """256 fills a GPU; on a CPU, batches of 4 keep the activations in cache and run fastest (see make bench)."""
+    return 256 if on_cuda else 4
+
+
+def default_workers(on_cuda: bool, processes_here: int = 1) -> int:
+    """On a GPU, decoding is the bottleneck: many workers (the node's cores shared by its processes). On a CPU the
+    model is: one worker keeps it fed."""
+    cores = (os.cpu_count() or 1) // max(1, processes_here)
+    return max(1, min(16, cores)) if on_cuda else 1
+
+
+def _embed_all(extractor, loader, todo: list[Record], journal: Journal, fcfg: FeatureConfig, worker: Worker) -> None:
+    pending_records, pending_features, last_commit = [], [], time.perf_counter()
+
+    def commit():
+        nonlocal pending_records, pending_features, last_commit
+        if pending_records:
+            journal.append(pending_records, np.concatenate(pending_features).astype(fcfg.dtype))
+        pending_records, pending_features, last_commit = [], [], time.perf_counter()
+
+    try:
+        with Progress(len(todo), "extract" if worker.kind == "single" else f"extract ({worker.describe})") as progress:
+            for batch in loader:
+                records, features = _embed_batch(extractor, batch, todo, fcfg.feature_dim)
+                pending_records += records
+                pending_features.append(features)
+                if time.perf_counter() - last_commit >= COMMIT_EVERY_S:
+                    commit()
+                progress.advance(len(records))
+        commit()
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM in a distributed job (see distributed.stopped_by_sigterm)
+        commit()
+        who = "" if worker.kind == "single" else f"{worker.describe}: "
+        raise Interrupted(f"{who}interrupted: {len(journal.entries)} images are saved in {journal.directory}; "
+                          "rerun the same command to resume") from None
+    except files.DiskFull as e:
+        raise files.DiskFull(f"{e}: {len(journal.entries)} images are saved in {journal.directory}; "
+                             "free some space and rerun the same command to resume") from None
+
+
+def _embed_batch(extractor, batch: dict, todo: list[Record], dim: int) -> tuple[list[Record], np.ndarray]:
+    """One loader batch -> its records (failures included) and the feature rows of the images that decoded."""
+    from pipeline.reader import decoded_images  # lazily, like all torch code here: already loaded by then
+
+    errors, digests = batch["error"], batch["sha256"]
+    ok, images = decoded_images(batch)
+    features = extractor(images) if ok else np.empty((0, dim), np.float32)
+    records = []
+    for k, index in enumerate(batch["index"].tolist()):
+        r = todo[index]
+        if errors[k]:
+            log.warning("skipped %s: %s", r.path, errors[k])
+        records.append(replace(r, sha256=digests[k], reason=errors[k], label=-1 if errors[k] else r.label))
+    return records, features

@@ -1,0 +1,99 @@
+"""Planning an extraction: image by image, is its row in the journal, in the cache, or still to be made?
+
+Pure bookkeeping on file stats, hashes and records: no torch, so an up-to-date rerun answers in a second.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from pipeline import store
+from pipeline.config import sha256_file
+from pipeline.data import Dataset
+from pipeline.store import Record
+
+
+@dataclass
+class Plan:
+    """Every image with the record the cache will hold; `sources` says where done rows come from."""
+
+    records: list[Record] = field(default_factory=list)
+    sources: dict[str, str] = field(default_factory=dict)  # path -> "cache" | "journal"
+    todo: list[Record] = field(default_factory=list)
+
+
+def _stat(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def _unreadable_now(path: Path) -> str:
+    """Why `path` cannot be read now (the reason recorded for it), or "" when it can."""
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        return store.unreadable_reason(e)
+    return ""
+
+
+def _done_before(prev: Record | None, stamp: tuple[int, int], path: Path, verify: bool, digest) -> Record | None:
+    """`prev` if it still describes the file: same size and mtime, or (after a touch or copy) the same content.
+
+    A failure is redone when the file changed, always with `verify`, and, when the file could not be read at all,
+    as soon as it can be (a fixed permission or a remounted disk changes neither size nor mtime).
+    """
+    size, mtime_ns = stamp
+    if prev is None:
+        return None
+    if not prev.ok:
+        if verify or (prev.size, prev.mtime_ns) != stamp:
+            return None
+        if prev.unreadable:
+            reason = _unreadable_now(path)
+            return replace(prev, reason=reason) if reason else None
+        return prev
+    if (prev.size, prev.mtime_ns) == stamp and not verify:
+        return prev
+    if prev.sha256 and prev.size == size and digest() == prev.sha256:
+        return replace(prev, mtime_ns=mtime_ns)
+    return None
+
+
+def make_plan(dataset: Dataset, cached: list[Record], journal: dict, verify: bool) -> Plan:
+    """Decide, image by image, whether its row is in the journal, in the cache, or still to be extracted.
+
+    The journal is asked first: its rows were made after the cache was written, so where both know a file,
+    the journal's row is the newer one (after `--verify` found a changed file, the cache's row is stale).
+    """
+    labels, old = dataset.label_index(), {r.path: r for r in cached}
+    plan = Plan()
+    for item in dataset.items:
+        path, label = dataset.root / item.path, labels[item.label]
+        stamp = _stat(path)
+        if stamp is None:
+            plan.records.append(Record(item.split, item.path, -1, -1, -1, "", "FileNotFoundError: listed but missing"))
+            continue
+        digest = functools.cache(lambda path=path: sha256_file(path))  # hashed at most once, and only if needed
+        for source, prev in (("journal", journal.get(item.path, (None,))[0]), ("cache", old.get(item.path))):
+            done = _done_before(prev, stamp, path, verify, digest)
+            if done is not None:
+                plan.records.append(replace(done, split=item.split, label=label if done.ok else -1))
+                plan.sources[item.path] = source
+                break
+        else:
+            plan.todo.append(Record(item.split, item.path, label, *stamp))
+            plan.records.append(plan.todo[-1])
+    return plan
+
+
+def unchanged(plan: Plan, header: store.Header, cached: list[Record], dataset: Dataset) -> bool:
+    """The cache already holds exactly this plan's records (journal rows equal to its own were written into it
+    by an earlier run that stopped before removing the journal, or by another part of a job array)."""
+    return not plan.todo and list(dataset.class_names) == header.class_names and set(plan.records) == set(cached)
