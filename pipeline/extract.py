@@ -83,7 +83,7 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
         plan = make_plan(dataset, old_records, journal.entries, cfg.verify)
         if old is not None and _unchanged(plan, old.header, old_records, dataset):
             journal.remove()
-            log.info("%s is up to date (%d images)", out, len(old_records))
+            log.info("%s is up to date (%d images)", out, sum(r.ok for r in old_records))
             return _summary(out, fcfg, plan, 0, time.perf_counter() - start, 0.0, up_to_date=True)
         extraction, model_seconds = old.header.extraction if old else {}, 0.0
         if plan.todo:
