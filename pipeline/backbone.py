@@ -94,7 +94,8 @@ def _load_state_dict(layers: nn.Sequential, path: Path) -> None:
 def _load_failure(e: Exception) -> str:
     """One line on why torch.load refused a file; never torch's advice to retry with weights_only=False."""
     if "Weights only load failed" in str(e):
-        return "it holds pickled Python objects besides tensors, which are never loaded: they could run code"
+        return ("it is not a plain state dict of tensors: a file holding other pickled Python objects is never "
+                "loaded, as they could run code")
     first = str(e).strip().splitlines()[0] if str(e).strip() else "the file is empty or truncated"
     return f"{type(e).__name__}: {first[:200]}"
 

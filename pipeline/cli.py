@@ -18,7 +18,7 @@ from typer.core import TyperGroup
 
 from pipeline.config import VGG16_CHANNELS, EvaluateConfig, ExtractConfig, HeadConfig, PredictConfig, TrainConfig
 from pipeline.errors import Interrupted, UserError
-from pipeline.files import human_bytes
+from pipeline.files import human_bytes, printable
 from pipeline.heads import HEADS
 from pipeline.pools import POOLS
 
@@ -79,19 +79,19 @@ def _user_errors(command):
 
 def _echo(text: str, err: bool = False) -> None:
     """Print text for a person: a file name that is not UTF-8 shows its odd bytes as \\xNN escapes."""
-    typer.echo(text.encode("utf-8", "backslashreplace").decode("utf-8"), err=err)
+    typer.echo(printable(text), err=err)
 
 
 @app.command()
 @_user_errors
 def extract(
     data: Path = typer.Argument(..., help="ImageFolder tree (DATA/<split>/<class>/... or DATA/<class>/...) or a CSV manifest path,label[,split]."),
-    out: Optional[Path] = typer.Option(None, help="Output file [default: features/<dataset>-<fingerprint>.h5]."),
+    out: Optional[Path] = typer.Option(None, help="Output file (default: features/<dataset>-<fingerprint>.h5)."),
     weights: str = typer.Option(X("weights"), help="imagenet (torchvision download), none (seeded random init), or a local state-dict file."),
     pool: str = typer.Option(X("pool"), help=", ".join(f"{p.name} ({p.dim(VGG16_CHANNELS)})" for p in POOLS.values()) + "."),
     image_size: int = typer.Option(X("image_size"), help="Centre-crop side; images are resized to 256/224 of it first."),
-    batch_size: int = typer.Option(X("batch_size"), help="Images per forward [default 0: 256 on CUDA, 4 elsewhere]."),
-    workers: int = typer.Option(X("workers"), help="DataLoader decode workers [default -1: 16 on CUDA (at most the cores), 1 on CPU]."),
+    batch_size: int = typer.Option(X("batch_size"), help="Images per forward (default 0: 256 on CUDA, 4 elsewhere)."),
+    workers: int = typer.Option(X("workers"), help="DataLoader decode workers (default -1: 16 on CUDA (at most the cores), 1 on CPU)."),
     device: str = typer.Option(X("device"), help="auto, cpu, cuda or mps."),
     precision: str = typer.Option(X("precision"), help="auto (bf16 on CUDA and on CPUs with native bf16, else fp32), fp32, bf16 or fp16."),
     dtype: str = typer.Option(X("dtype"), help="Storage dtype of the features: float16 or float32."),
@@ -157,7 +157,7 @@ def info(file: Path = typer.Argument(..., help="A feature cache (.h5)."),
 def train_head(
     features: Path = typer.Argument(..., help="A feature cache made by `extract`."),
     head: str = typer.Option(H("kind"), help="; ".join(f"{h.name}: {h.description}" for h in HEADS.values()) + "."),
-    out: Optional[Path] = typer.Option(None, help="Run folder [default: models/<features>-<head>-<time>]."),
+    out: Optional[Path] = typer.Option(None, help="Run folder (default: models/<features>-<head>-<time>)."),
     train_split: str = typer.Option(T("train_split"), help="Split to fit on."),
     val_split: str = typer.Option(T("val_split"), help="Split to choose hyperparameters on (held out of train when absent)."),
     test_split: str = typer.Option(T("test_split"), help="Split scored once at the end, when present."),
@@ -194,8 +194,8 @@ def train_head(
 @app.command()
 @_user_errors
 def evaluate(run: Path = typer.Argument(..., help="A run folder made by train-head."),
-             features: Optional[Path] = typer.Option(None, help="Feature file [default: the one the run was trained on]."),
-             split: Optional[str] = typer.Option(None, help="Split to score [default: test, else val]."),
+             features: Optional[Path] = typer.Option(None, help="Feature file (default: the one the run was trained on)."),
+             split: Optional[str] = typer.Option(None, help="Split to score (default: test, else val)."),
              as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON.")):
     """Score a saved head on any split of a feature file made with the same extractor config."""
     from pipeline.evaluate import evaluate_run
@@ -209,7 +209,7 @@ def evaluate(run: Path = typer.Argument(..., help="A run folder made by train-he
 @_user_errors
 def predict(run: Path = typer.Argument(..., help="A run folder made by train-head."),
             images: list[Path] = typer.Argument(..., help="Image files or folders (searched recursively)."),
-            out: Optional[Path] = typer.Option(None, help="CSV file to write [default: standard output]."),
+            out: Optional[Path] = typer.Option(None, help="CSV file to write (default: standard output)."),
             top_k: int = typer.Option(P("top_k"), help="Classes listed per image."),
             weights: Optional[str] = typer.Option(None, help="The weights file, if the run's has moved (checked by sha256)."),
             batch_size: int = typer.Option(P("batch_size"), help="Images per forward."),

@@ -70,8 +70,17 @@ def _order(item: Item) -> tuple[str, str]:
 
 
 def _visible_entries(folder: Path) -> list[os.DirEntry]:
-    with os.scandir(folder) as it:
-        return sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+    try:
+        with os.scandir(folder) as it:
+            return sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+    except OSError as e:
+        raise _unlistable(folder, e) from None
+
+
+def _unlistable(folder, e: OSError) -> UserError:
+    """A folder we cannot list would silently drop its images (and their cached rows): refuse instead."""
+    return UserError(f"cannot list {folder} ({e.strerror or type(e).__name__}); fix its permissions, or move it out "
+                     "of the dataset")
 
 
 def _dir_key(path: str | Path) -> tuple[int, int] | None:
@@ -95,11 +104,15 @@ class _Walk:
     def images_below(self, folder: Path) -> list[str]:
         """All image files under `folder`, recursively, as paths relative to it (sorted, '/'-separated)."""
         found = []
-        for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        for dirpath, dirnames, filenames in os.walk(folder, followlinks=True, onerror=self._cannot_list):
             rel = Path(dirpath).relative_to(folder)
             dirnames[:] = [d for d in sorted(dirnames) if not d.startswith(".") and self._first_visit(Path(dirpath) / d)]
             found += [(rel / f).as_posix() for f in sorted(filenames) if is_image_name(f) and not f.startswith(".")]
         return found
+
+    @staticmethod
+    def _cannot_list(e: OSError):
+        raise _unlistable(e.filename, e)
 
     def _first_visit(self, path: Path) -> bool:
         key = _dir_key(path)
@@ -176,6 +189,9 @@ def _read_manifest(csv_path: Path) -> list[Item]:
 
 def _manifest_item(csv_path: Path, line: int, row: list[str]) -> Item:
     cells = [c.strip() for c in row]
+    if any("\0" in c for c in cells):
+        raise UserError(f"manifest {csv_path} line {line}: a NUL byte in {next(c for c in cells if chr(0) in c)!r}; "
+                        "paths and labels cannot contain one")
     if len(cells) not in (2, 3) or not all(cells):
         raise UserError(f"manifest {csv_path} line {line}: expected 'path,label[,split]', got {','.join(row)!r}")
     path = Path(cells[0])

@@ -103,7 +103,7 @@ def _embed_all(extractor, loader, todo: list[Record], journal: Journal, fcfg: Fe
     try:
         with Progress(len(todo), "extract" if worker.kind == "single" else f"extract ({worker.describe})") as progress:
             for batch in loader:
-                records, features = _embed_batch(extractor, batch, todo, fcfg.feature_dim)
+                records, features = _embed_batch(extractor, batch, todo, fcfg)
                 pending_records += records
                 pending_features.append(features)
                 if time.perf_counter() - last_commit >= COMMIT_EVERY_S:
@@ -120,13 +120,19 @@ def _embed_all(extractor, loader, todo: list[Record], journal: Journal, fcfg: Fe
                              "free some space and rerun the same command to resume") from None
 
 
-def _embed_batch(extractor, batch: dict, todo: list[Record], dim: int) -> tuple[list[Record], np.ndarray]:
+def _embed_batch(extractor, batch: dict, todo: list[Record], fcfg: FeatureConfig) -> tuple[list[Record], np.ndarray]:
     """One loader batch -> its records (failures included) and the feature rows of the images that decoded."""
     from pipeline.reader import decoded_images  # lazily, like all torch code here: already loaded by then
 
-    errors, digests = batch["error"], batch["sha256"]
+    errors, digests = list(batch["error"]), batch["sha256"]
     ok, images = decoded_images(batch)
-    features = extractor(images) if ok else np.empty((0, dim), np.float32)
+    features = extractor(images) if ok else np.empty((0, fcfg.feature_dim), np.float32)
+    with np.errstate(over="ignore"):  # an overflow is expected here, and handled
+        finite = np.isfinite(features.astype(fcfg.dtype)).all(1)
+    if not finite.all():  # a cache never holds NaN or inf: such a row would be refused as damaged by every reader
+        for k in np.flatnonzero(~finite):
+            errors[ok[k]] = f"features are not finite in {fcfg.dtype} (over its range: try --dtype float32)"
+        features = features[finite]
     records = []
     for k, index in enumerate(batch["index"].tolist()):
         r = todo[index]

@@ -86,8 +86,11 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
                 "n_iter": np.array(self.n_iter_), "converged": np.array(self.converged_)}
 
     def set_arrays(self, a: dict[str, np.ndarray]) -> None:
-        self.mean_, self.scale_, self.coef_, self.intercept_ = a["mean"], a["scale"], a["coef"], a["intercept"]
-        self.n_iter_, self.converged_ = int(a["n_iter"]), bool(a["converged"])
+        d, k = self.n_features_in_, len(self.classes_)
+        rows = 1 if k == 2 else k
+        self.mean_, self.scale_ = _real(a, "mean", (d,)), _real(a, "scale", (d,), positive=True)
+        self.coef_, self.intercept_ = _real(a, "coef", (rows, d)), _real(a, "intercept", (rows,))
+        self.n_iter_, self.converged_ = int(_real(a, "n_iter", ())), bool(_real(a, "converged", ()))
 
 
 class LinearHead(ClassifierMixin, BaseEstimator):
@@ -157,10 +160,25 @@ class LinearHead(ClassifierMixin, BaseEstimator):
         return out
 
     def set_arrays(self, a: dict[str, np.ndarray]) -> None:
-        self.mean_, self.scale_ = a["mean"], a["scale"]
-        self.n_iter_, self.best_epoch_, self.best_val_loss_ = int(a["n_iter"]), int(a["best_epoch"]), float(a["best_val_loss"])
-        n_layers = 2 if self.hidden else 1
-        self.layers_ = [(a[f"layer{k}_weight"], a[f"layer{k}_bias"]) for k in range(n_layers)]
+        d, k = self.n_features_in_, len(self.classes_)
+        self.mean_, self.scale_ = _real(a, "mean", (d,)), _real(a, "scale", (d,), positive=True)
+        self.n_iter_, self.best_epoch_ = int(_real(a, "n_iter", ())), int(_real(a, "best_epoch", ()))
+        self.best_val_loss_ = float(_real(a, "best_val_loss", (), finite=False))
+        widths = [d, self.hidden, k] if self.hidden else [d, k]
+        self.layers_ = [(_real(a, f"layer{i}_weight", (n_out, n_in)), _real(a, f"layer{i}_bias", (n_out,)))
+                        for i, (n_in, n_out) in enumerate(zip(widths, widths[1:]))]
+
+
+def _real(arrays: dict, name: str, shape: tuple, positive: bool = False, finite: bool = True) -> np.ndarray:
+    """A saved array, checked: present, real numbers of the expected shape, finite (and > 0 where asked)."""
+    if name not in arrays:
+        raise ValueError(f"it has no {name!r} array")
+    a = arrays[name]
+    if a.dtype.kind not in "fiub" or a.shape != shape:
+        raise ValueError(f"{name!r} is {a.dtype} {a.shape}, expected numbers of shape {shape}")
+    if (finite and not np.isfinite(a).all()) or (positive and not (a > 0).all()):
+        raise ValueError(f"{name!r} holds {'non-positive' if positive else 'non-finite'} values")
+    return a.astype(np.float64) if a.dtype.kind == "f" else a
 
 
 def _module(n_in: int, hidden: int, dropout: float, n_out: int):

@@ -84,7 +84,7 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
         plan, shared, up_to_date = _first_plan(job, journal, group)
         if up_to_date and worker.kind == "single":
             journal.remove()
-            log.info("%s is up to date (%d images)", job.out, len(plan.records))
+            log.info("%s is up to date (%d images)", job.out, sum(r.ok for r in plan.records))
             return _summary(job, plan, 0, time.perf_counter() - start, up_to_date=True)
         extraction = _extract_share(job, plan, shared, journal) if plan.todo else {}
         if worker.kind == "rank" and worker.index > 0:

@@ -60,6 +60,15 @@ def is_disk_full(e: BaseException) -> bool:
     return "No space left on device" in str(e) or "Disk quota exceeded" in str(e)
 
 
+def printable(text: str) -> str:
+    """Text for a person: the bytes of a file name that is not UTF-8 (which Python keeps as surrogate escapes)
+    are shown as \\xNN, as `ls -b` would."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that no file name produces
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1024 or unit == "TB":

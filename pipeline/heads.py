@@ -65,8 +65,17 @@ def save_head(head, folder: Path) -> Path:
 def load_head(kind: str, params: dict, path: Path):
     """Rebuild a head saved by `save_head`; `params` are its constructor arguments (from run.json)."""
     head = make_head(kind, **params)
-    with np.load(path, allow_pickle=False) as npz:
-        arrays = {k: npz[k] for k in npz.files}
-    head.classes_, head.n_features_in_ = arrays.pop("classes"), int(arrays.pop("n_features_in"))
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except ValueError as e:  # numpy's message would advise allow_pickle=True: never for a file someone gave you
+        detail = "it holds pickled Python objects, which are never loaded" if "pickle" in str(e) else str(e)
+        raise ValueError(detail) from None
+    classes, n_features = arrays.pop("classes", None), arrays.pop("n_features_in", None)
+    if classes is None or classes.ndim != 1 or classes.dtype.kind not in "iu" or len(classes) < 2:
+        raise ValueError("its 'classes' array is missing or not two or more class indices")
+    if n_features is None or n_features.shape != () or n_features.dtype.kind not in "iu" or n_features < 1:
+        raise ValueError("its 'n_features_in' is missing or not a positive integer")
+    head.classes_, head.n_features_in_ = classes, int(n_features)
     head.set_arrays(arrays)
     return head

@@ -48,13 +48,14 @@ class Interval:
 
     def expected(self) -> str:
         noun = "an integer" if self.kind is int else "a number"
+        show = (lambda v: str(int(v))) if self.kind is int else (lambda v: f"{v:g}")
         if self.low is not None and self.high is not None:
             left, right = "(" if self.open_low else "[", ")" if self.open_high else "]"
-            return f"{noun} in {left}{self.low:g}, {self.high:g}{right}"
+            return f"{noun} in {left}{show(self.low)}, {show(self.high)}{right}"
         if self.low is not None:
-            return f"{noun} {'>' if self.open_low else '>='} {self.low:g}"
+            return f"{noun} {'>' if self.open_low else '>='} {show(self.low)}"
         if self.high is not None:
-            return f"{noun} {'<' if self.open_high else '<='} {self.high:g}"
+            return f"{noun} {'<' if self.open_high else '<='} {show(self.high)}"
         return noun
 
 

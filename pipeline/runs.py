@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from pipeline import files, plots
+from pipeline.files import printable
 from pipeline.config import library_versions, sha256_file
 from pipeline.errors import UserError
 from pipeline.heads import HEAD_FILE, HEADS, load_head, save_head
@@ -169,13 +170,20 @@ def _inside(folder: Path, name: str) -> Path:
     return path
 
 
+RUN_FILES = (HEAD_FILE, METRICS_FILE, REPORT_FILE, CONFUSION_FILE, RUN_FILE)
+
+
 def ensure_free(folder: Path) -> None:
     """Fail before the fit, not after it: the folder must not hold a run, and must be writable."""
-    if (Path(folder) / RUN_FILE).exists():
+    folder = Path(folder)
+    if (folder / RUN_FILE).exists():
         raise UserError(f"{folder} already holds a run; choose another --out")
-    if Path(folder).exists() and not Path(folder).is_dir():
+    if folder.exists() and not folder.is_dir():
         raise UserError(f"--out {folder} is a file, expected a folder")
-    files.ensure_writable_dir(Path(folder).parent, "--out")
+    blocked = [name for name in RUN_FILES if (folder / name).exists() and not (folder / name).is_file()]
+    if blocked:
+        raise UserError(f"--out {folder} holds {blocked[0]}, which is not a file: remove it or choose another --out")
+    files.ensure_writable_dir(folder if folder.exists() else folder.parent, "--out")
 
 
 def save_run(folder: Path, head, record: dict, metrics: dict) -> Run:
@@ -186,22 +194,32 @@ def save_run(folder: Path, head, record: dict, metrics: dict) -> Run:
     folder = Path(folder)
     ensure_free(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    head_path = save_head(head, folder)
-    (folder / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
-    names = record["features"].class_names
-    write_reports(folder, metrics, names)
-    full = RunRecord(name=folder.name, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                     versions=library_versions(), head_file=head_path.name, head_sha256=sha256_file(head_path), **record)
-    (folder / RUN_FILE).write_text(full.to_json())
+    try:
+        head_path = save_head(head, folder)
+        (folder / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+        write_reports(folder, metrics, record["features"].class_names)
+        full = RunRecord(name=folder.name, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                         versions=library_versions(), head_file=head_path.name, head_sha256=sha256_file(head_path),
+                         **record)
+        (folder / RUN_FILE).write_text(full.to_json())
+    except BaseException as e:
+        for name in RUN_FILES:  # no half-written run left behind
+            (folder / name).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise UserError(f"cannot write the run into {folder} ({e.strerror or e})") from None
+        raise
     return Run(folder, full, metrics)
 
 
 def write_reports(folder: Path, metrics: dict, class_names: list[str]) -> None:
     """report.txt for every split scored, confusion_matrix.png for test (or val when there is no test)."""
-    text = "\n\n".join(format_metrics(m, f"{folder.name} on {split}") for split, m in metrics.items())
-    (folder / REPORT_FILE).write_text(text + "\n")
+    name = printable(folder.name)
+    text = "\n\n".join(format_metrics(m, f"{name} on {split}") for split, m in metrics.items())
+    (folder / REPORT_FILE).write_text(printable(text) + "\n", encoding="utf-8")
     shown = "test" if "test" in metrics else "val"
-    plots.plot_confusion(metrics[shown]["confusion_matrix"], class_names, folder / CONFUSION_FILE, f"{folder.name} ({shown})")
+    plots.plot_confusion(metrics[shown]["confusion_matrix"], [printable(c) for c in class_names], folder / CONFUSION_FILE,
+                         f"{name} ({shown})")
+
 
 
 def load_run(folder: Path) -> Run:

@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 from dataclasses import dataclass, field
@@ -27,7 +29,6 @@ from pipeline.errors import UserError
 
 SCHEMA_VERSION = 1
 CHUNK_BYTES = 1 << 20  # ~1 MiB row chunks: large contiguous reads, small enough for partial reads
-FLUSH_BYTES = 64 << 20  # flush the file every ~64 MiB of features written (see write_atomic)
 STR = h5py.string_dtype("utf-8")
 UNREADABLE = "cannot read"  # how the reason of a file that could not be read at all starts (see Record.unreadable)
 FAILED_DTYPE = np.dtype([("path", STR), ("reason", STR), ("size", "<i8"), ("mtime_ns", "<i8")])
@@ -127,21 +128,39 @@ class Cache:
         return self._file[split]
 
     def read_split(self, split: str) -> "SplitFeatures":
-        """Features, labels and paths of one split, read in one contiguous slice each."""
+        """Features, labels and paths of one split, read in one contiguous slice each; non-finite features (a
+        damaged file: extraction never writes them) are refused."""
         g = self._group(split)
-        return SplitFeatures(g["features"][:], g["labels"][:], list(g["paths"].asstr(errors="surrogateescape")[:]))
+        with self._reading(split):
+            data = SplitFeatures(g["features"][:], g["labels"][:], list(g["paths"].asstr(errors="surrogateescape")[:]))
+        bad = int((~np.isfinite(data.features).all(1)).sum()) if data.features.size else 0
+        if bad:
+            raise Damaged(f"{self.path} is damaged: {bad} rows of {split}/features are not finite (NaN or inf); "
+                          "rebuild it with extract --force")
+        return data
 
     def records(self) -> list[Record]:
         """Every record (rows, then failures, per split) without reading any features."""
         out = []
         for split in self.splits:
             g = self._file[split]
-            columns = zip(g["paths"].asstr(errors="surrogateescape")[:], g["labels"][:], g["sizes"][:],
-                          g["mtimes_ns"][:], g["sha256"].asstr()[:])
-            out += [Record(split, p, int(lab), int(s), int(m), h) for p, lab, s, m, h in columns]
-            out += [Record(split, _decode_path(r["path"]), -1, int(r["size"]), int(r["mtime_ns"]), "",
-                           _decode_path(r["reason"])) for r in g["failed"][:]]
+            with self._reading(split):
+                columns = zip(g["paths"].asstr(errors="surrogateescape")[:], g["labels"][:], g["sizes"][:],
+                              g["mtimes_ns"][:], [h.decode("ascii") for h in g["sha256"][:]])
+                out += [Record(split, p, int(lab), int(s), int(m), h) for p, lab, s, m, h in columns]
+                out += [Record(split, _decode_path(r["path"]), -1, int(r["size"]), int(r["mtime_ns"]), "",
+                               _decode_path(r["reason"])) for r in g["failed"][:]]
         return out
+
+    @contextlib.contextmanager
+    def _reading(self, split: str):
+        """Bytes damaged inside a dataset surface as h5py errors of many types: one line instead."""
+        try:
+            yield
+        except (KeyError, OSError, RuntimeError, ValueError, UnicodeDecodeError) as e:
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise Damaged(f"{self.path} is damaged: split {split!r} cannot be read ({first}); "
+                          "rebuild it with extract --force") from None
 
     def rows(self, split: str, positions: np.ndarray) -> np.ndarray:
         """Feature rows by position within a split (any order), for copying them into a new cache."""
@@ -171,6 +190,10 @@ def _open_validated(path: Path) -> h5py.File:
     except Damaged as e:
         f.close()
         raise Damaged(f"{path} {e}") from None
+    except (KeyError, OSError, RuntimeError, ValueError) as e:  # damaged bytes inside HDF5's own structures
+        f.close()
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise Damaged(f"{path} is damaged: HDF5 cannot read it ({first}); rebuild it with extract --force") from None
     except BaseException:
         f.close()
         raise
@@ -290,51 +313,115 @@ def estimated_bytes(n_rows: int, dim: int, dtype: str) -> int:
     return n_rows * (dim * np.dtype(dtype).itemsize + 200) + (1 << 20)
 
 
+class _GuardedFile:
+    """The file HDF5 writes a new cache through (h5py's file-object driver).
+
+    HDF5 caches its writes; when one fails it tries again as objects close, at interpreter exit included, where a
+    full disk used to end in a segfault. Here the first failed write is recorded, and from then on writes go to a
+    small in-memory overlay (reads see them, so HDF5's view of the file stays consistent): HDF5 sees only
+    successes and closes cleanly, the writer stops at its next block, and `write_atomic` raises the recorded error.
+    """
+
+    def __init__(self, path: Path):
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.error: OSError | None = None
+        self._pos = self._size = 0
+        self._overlay: list[tuple[int, bytes]] = []  # (offset, bytes) written after the error
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self._pos = {0: 0, 1: self._pos, 2: self._size}[whence] + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def write(self, data) -> int:
+        data = bytes(data)
+        if self.error is None:
+            try:
+                self._write_all(self._pos, data)
+            except OSError as e:
+                self.error = e
+        if self.error is not None:
+            self._overlay.append((self._pos, data))
+        self._pos += len(data)
+        self._size = max(self._size, self._pos)
+        return len(data)
+
+    def _write_all(self, offset: int, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self._fd, view, offset)
+            if n == 0:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            view, offset = view[n:], offset + n
+
+    def readinto(self, buffer) -> int:
+        n = max(0, min(len(buffer), self._size - self._pos))
+        block = bytearray(n)
+        real = os.pread(self._fd, n, self._pos)
+        block[:len(real)] = real
+        for offset, data in self._overlay:  # later writes win: applied in order
+            lo, hi = max(offset, self._pos), min(offset + len(data), self._pos + n)
+            if lo < hi:
+                block[lo - self._pos:hi - self._pos] = data[lo - offset:hi - offset]
+        buffer[:n] = block
+        self._pos += n
+        return n
+
+    def read(self, n: int = -1) -> bytes:
+        buffer = bytearray(self._size - self._pos if n < 0 else n)
+        return bytes(buffer[:self.readinto(buffer)])
+
+    def truncate(self, size: int | None = None) -> int:
+        size = self._pos if size is None else size
+        if self.error is None:
+            try:
+                os.ftruncate(self._fd, size)
+            except OSError as e:
+                self.error = e
+        self._size = size
+        return size
+
+    def flush(self) -> None:
+        pass  # unbuffered: every write is already the kernel's
+
+    def sync_and_close(self) -> None:
+        if self.error is None:
+            try:
+                os.fsync(self._fd)
+            except OSError as e:
+                self.error = e
+        os.close(self._fd)
+
+
 def write_atomic(path: Path, header: Header, records: list[Record],
                  fetch: Callable[[list[Record]], np.ndarray], dtype: str) -> None:
     """Write a complete cache to a temporary name, then rename it over `path`: readers never see half a file.
 
-    HDF5 defers its writes: a full disk would otherwise surface at interpreter exit, as a crash. So the file is
-    flushed after every block of rows, and on any failure it is truncated (freeing the space HDF5 still wants
-    to write into), closed and removed, and a full disk is reported as a `DiskFull` user error.
+    A write that fails (a full disk) removes the temporary file and raises one `UserError` (`DiskFull`).
     """
     tmp = Path(f"{path}.tmp")
-    f = h5py.File(tmp, "w")
-    alive = []  # every dataset stays open until the last flush: closing one may write, and there a failure is lost
+    out = _GuardedFile(tmp)
     try:
-        _write_header(f, header)
-        for split in sorted({r.split for r in records}):
-            _write_split(f.create_group(split), [r for r in records if r.split == split], header.feature_dim,
-                         fetch, dtype, alive)
-            f.flush()
-    except BaseException as e:
-        _discard(f, tmp, alive)
-        if files.is_disk_full(e):
-            raise files.DiskFull(f"the disk holding {tmp} is full") from None
-        raise
-    alive.clear()
-    f.close()
-    try:
-        with open(tmp, "rb+") as fd:
-            os.fsync(fd.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
+        with h5py.File(out, "w") as f:
+            _write_header(f, header)
+            for split in sorted({r.split for r in records}):
+                if out.error is None:  # else the disk is full: stop writing a file that will be removed
+                    _write_split(f.create_group(split), [r for r in records if r.split == split],
+                                 header.feature_dim, fetch, dtype, out)
+        out.sync_and_close()
+        if out.error is None:
+            os.replace(tmp, path)
+            return
+    except BaseException:
+        out.sync_and_close()
         tmp.unlink(missing_ok=True)
-        if files.is_disk_full(e):
-            raise files.DiskFull(f"the disk holding {tmp} is full") from None
         raise
-
-
-def _discard(f: h5py.File, tmp: Path, alive: list) -> None:
-    """Throw a half-written file away so that HDF5 has nothing left to write, neither now nor at exit."""
-    try:
-        os.truncate(tmp, 0)  # frees the disk: the writes HDF5 still owes can now succeed, into a file we delete
-        for obj in alive:
-            obj.id.close()
-        f.close()
-    except Exception:  # the close may still fail: the file is being thrown away anyway
-        pass
     tmp.unlink(missing_ok=True)
+    if files.is_disk_full(out.error):
+        raise files.DiskFull(f"the disk holding {tmp} is full")
+    raise UserError(f"cannot write {tmp} ({out.error.strerror or out.error})")
 
 
 def _write_header(f: h5py.File, header: Header) -> None:
@@ -346,18 +433,16 @@ def _write_header(f: h5py.File, header: Header) -> None:
         f.attrs[key] = json.dumps(getattr(header, key), sort_keys=True)
 
 
-def _write_split(g: h5py.Group, records: list[Record], dim: int, fetch, dtype: str, alive: list) -> None:
+def _write_split(g: h5py.Group, records: list[Record], dim: int, fetch, dtype: str, out: _GuardedFile) -> None:
     rows = sorted((r for r in records if r.ok), key=lambda r: r.path)
     failed = sorted((r for r in records if not r.ok), key=lambda r: r.path)
     chunk_rows = max(1, CHUNK_BYTES // (dim * np.dtype(dtype).itemsize))
     features = g.create_dataset("features", (len(rows), dim), dtype=dtype,
                                 chunks=(min(chunk_rows, max(1, len(rows))), dim))
-    alive += [g, features]
-    block = chunk_rows * max(1, FLUSH_BYTES // CHUNK_BYTES)
     for start in range(0, len(rows), chunk_rows):
+        if out.error is not None:
+            return
         features[start:start + chunk_rows] = fetch(rows[start:start + chunk_rows])
-        if (start + chunk_rows) % block == 0:
-            g.file.flush()  # a full disk fails here, where it can be handled, not in a destructor at exit
     columns = {"labels": np.array([r.label for r in rows], dtype="<i8"),
                "paths": np.array([_encode_path(r.path) for r in rows], dtype=object),
                "sizes": np.array([r.size for r in rows], dtype="<i8"),
@@ -366,7 +451,7 @@ def _write_split(g: h5py.Group, records: list[Record], dim: int, fetch, dtype: s
                "failed": np.array([(_encode_path(r.path), _encode_path(r.reason), r.size, r.mtime_ns) for r in failed],
                                   dtype=FAILED_DTYPE)}
     for name, data in columns.items():
-        alive.append(g.create_dataset(name, data=data, dtype=STR if name == "paths" else None))
+        g.create_dataset(name, data=data, dtype=STR if name == "paths" else None)
 
 
 def describe(path: Path) -> dict:

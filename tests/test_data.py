@@ -103,3 +103,26 @@ def test_a_manifest_that_is_not_utf8_is_a_user_error(tmp_path):
     (tmp_path / "m.csv").write_bytes("path,label\ncafé.jpg,x\n".encode("latin-1"))
     with pytest.raises(UserError, match=r"manifest .*m\.csv is not UTF-8 text \(byte 0xe9 at offset 14\)"):
         discover(tmp_path / "m.csv")
+
+
+def test_a_nul_byte_in_a_manifest_is_a_user_error(tmp_path):
+    (tmp_path / "m.csv").write_bytes(b"path,label\ntrain/a\x00b.jpg,x\n")
+    with pytest.raises(UserError, match=r"line 2: a NUL byte in 'train/a\\x00b.jpg'"):
+        discover(tmp_path / "m.csv")
+
+
+def test_a_folder_that_cannot_be_listed_is_refused_not_skipped(tmp_path, monkeypatch):
+    import os
+
+    touch(tmp_path / "train" / "a" / "1.jpg")
+    touch(tmp_path / "train" / "b" / "sub" / "2.jpg")
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # chmod 000 as a non-root user would see it (root reads any folder)
+        if str(path).endswith("sub"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(UserError, match=r"cannot list .*train/b/sub \(Permission denied\); fix its permissions"):
+        discover(tmp_path)

@@ -331,13 +331,18 @@ def test_a_full_disk_while_extracting_says_what_is_saved(image_folder, tmp_path,
     assert (s.extracted, s.resumed) == (10, 8) and not list(tmp_path.glob("**/*.tmp"))
 
 
+class DiskFillingAt4K(store._GuardedFile):
+    """The file a cache is written through, on a disk with 4 KB free."""
+
+    def _write_all(self, offset, data):
+        if offset + len(data) > 4096:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        super()._write_all(offset, data)
+
+
 def test_a_full_disk_while_writing_the_cache_removes_the_partial_file(image_folder, tmp_path, monkeypatch):
     out = tmp_path / "f.h5"
-
-    def full(self, key, value):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(h5py.Dataset, "__setitem__", full)
+    monkeypatch.setattr(store, "_GuardedFile", DiskFillingAt4K)
     with pytest.raises(files.DiskFull, match=r"is full; 18 images are saved in .*f\.h5\.partial: free some space and rerun"):
         extract(extract_config(image_folder, out))
     assert not out.exists() and not Path(f"{out}.tmp").exists() and Path(f"{out}.partial").is_dir()
@@ -361,3 +366,17 @@ def test_another_batch_composition_is_equal_to_float16_rounding_not_bit_identica
     x, y = store.read_split(a, "train").features, store.read_split(b, "train").features
     step = np.spacing(np.maximum(np.abs(x), np.abs(y)))  # one float16 step at each value
     assert np.all(np.abs(x.astype(np.float32) - y.astype(np.float32)) <= step.astype(np.float32))
+
+
+def test_features_that_overflow_float16_are_recorded_as_failures_not_stored(image_folder, tmp_path, monkeypatch):
+    real_call = backbone.Extractor.__call__
+
+    def huge_first_row(self, images):
+        out = real_call(self, images)
+        out[0, 0] = 1e6  # beyond float16's 65504
+        return out
+
+    monkeypatch.setattr(backbone.Extractor, "__call__", huge_first_row)
+    s = extract(extract_config(image_folder, tmp_path / "f.h5", batch_size=6))
+    assert [r.reason for r in s.failed] == ["features are not finite in float16 (over its range: try --dtype float32)"] * 3
+    assert np.isfinite(store.read_split(tmp_path / "f.h5", "train").features).all()

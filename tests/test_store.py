@@ -149,3 +149,40 @@ def test_foreign_corrupt_missing_and_newer_files_are_refused(tmp_path):
     write_example(tmp_path / "c.h5")
     with pytest.raises(UserError, match="no split 'test'"):
         store.read_split(tmp_path / "c.h5", "test")
+
+
+def _hash_not_ascii(f):
+    f["train/sha256"][0] = b"\xff" * 64
+
+
+def _nan_feature(f):
+    f["train/features"][0, 0] = np.nan
+
+
+@pytest.mark.parametrize("damage, read, message", [
+    (_hash_not_ascii, store.read_records, "split 'train' cannot be read ("),
+    (_nan_feature, lambda p: store.read_split(p, "train"), "1 rows of train/features are not finite (NaN or inf)"),
+], ids=["hash-bytes", "nan"])
+def test_damaged_values_are_one_line_when_read(tmp_path, damage, read, message):
+    write_example(tmp_path / "c.h5")
+    with h5py.File(tmp_path / "c.h5", "a") as f:
+        damage(f)
+    with pytest.raises(store.Damaged, match=re.escape(message)):
+        read(tmp_path / "c.h5")
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_bytes_overwritten_anywhere_give_one_line_or_a_good_read(tmp_path, seed):
+    path = tmp_path / "c.h5"
+    write_example(path, dim=64)
+    data = bytearray(path.read_bytes())
+    rng = np.random.default_rng(seed)
+    for start in rng.integers(0, len(data) - 64, 3):
+        data[start:start + 64] = rng.integers(0, 256, 64, dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(data))
+    try:
+        header, records = store.read_records(path)
+        for split in {r.split for r in records}:
+            store.read_split(path, split)
+    except UserError as e:
+        assert "\n" not in str(e)

@@ -240,3 +240,62 @@ def test_train_head_opens_the_cache_once(tmp_path, monkeypatch):
     monkeypatch.setattr(store, "open_cache", lambda path: opened.append(path) or real(path))
     train_head(TrainConfig(features=f, out=tmp_path / "run", head=HeadConfig(C=1.0)))
     assert opened == [f]
+
+
+def test_run_and_class_names_that_are_not_utf8(tmp_path):
+    import os
+
+    odd_class = os.fsdecode(b"caf\xe9")
+    f = feature_file(tmp_path / "f.h5", classes=("a", odd_class, "c"))
+    out = tmp_path / os.fsdecode(b"r\xffun")
+    result = invoke("train-head", f, "--out", out, "--C", 1)
+    assert result.exit_code == 0, result.output
+    assert "caf\\xe9" in (out / "report.txt").read_text() and (out / "confusion_matrix.png").is_file()
+    assert [r["name"] for r in json.loads(invoke("runs", tmp_path, "--json").stdout)] == [out.name]
+
+
+def test_an_out_folder_holding_a_folder_named_like_a_run_file_is_refused_before_the_fit(tmp_path, monkeypatch):
+    f = feature_file(tmp_path / "f.h5")
+    (tmp_path / "run" / "head.npz").mkdir(parents=True)
+    monkeypatch.setattr("pipeline.train.sweep", lambda *a: pytest.fail("the head was fitted"))
+    result = invoke("train-head", f, "--out", tmp_path / "run")
+    assert result.exit_code == 2 and "holds head.npz, which is not a file" in result.output, result.output
+
+
+def test_a_failed_save_leaves_no_half_written_run(tmp_path, monkeypatch):
+    f = feature_file(tmp_path / "f.h5")
+
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("pipeline.runs.write_reports", no_space)
+    result = invoke("train-head", f, "--out", tmp_path / "run", "--C", 1)
+    assert result.exit_code == 2 and "cannot write the run into" in result.output and "No space left" in result.output
+    assert list((tmp_path / "run").iterdir()) == []
+
+
+def _rewrite_head(run_folder, change):
+    import hashlib
+
+    with np.load(run_folder / "head.npz") as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    change(arrays)
+    np.savez(run_folder / "head.npz", **arrays)
+    digest = hashlib.sha256((run_folder / "head.npz").read_bytes()).hexdigest()
+    tamper(run_folder, lambda info: info.update(head_sha256=digest))  # whoever edits the arrays re-syncs the hash
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda a: a.update(coef=a["coef"].T), "'coef' is float64 (16, 3), expected numbers of shape (3, 16)"),
+    (lambda a: a["coef"].__setitem__((0, 0), np.nan), "'coef' holds non-finite values"),
+    (lambda a: a.update(mean=np.array(["x"] * 16)), "'mean' is <U1 (16,), expected numbers of shape (16,)"),
+    (lambda a: a.update(mean=a["mean"][:1]), "'mean' is float64 (1,), expected numbers of shape (16,)"),
+    (lambda a: a.update(scale=np.zeros(16)), "'scale' holds non-positive values"),
+    (lambda a: a.pop("intercept"), "it has no 'intercept' array"),
+    (lambda a: a.update(classes=np.array([0.5, 1.5, 2.5])), "its 'classes' array is missing or not two or more"),
+], ids=["transposed", "nan", "text", "short", "zero-scale", "missing", "float-classes"])
+def test_edited_head_arrays_are_refused_in_one_line(tmp_path, change, message):
+    run = train_head(TrainConfig(features=feature_file(tmp_path / "f.h5"), out=tmp_path / "run", head=HeadConfig(C=1.0)))
+    _rewrite_head(run.folder, change)
+    result = invoke("evaluate", run.folder)
+    assert result.exit_code == 2 and message in result.output and len(result.output.strip().splitlines()) == 1, result.output
