@@ -173,6 +173,8 @@ def train_head(
     early_stop_fraction: float = typer.Option(H("validation_fraction"), help="linear: fraction of train held out for early stopping."),
     seed: int = typer.Option(H("seed"), help="Seed of the held-out splits and of the linear head."),
     device: str = typer.Option(H("device"), help="linear: auto, cpu, cuda or mps."),
+    memory_budget: Optional[str] = typer.Option(None, help="Most memory the features may take, e.g. 8G (default: half the memory available); over it, the linear head streams them from the file."),
+    stream: bool = typer.Option(False, "--stream", help="Stream the features from the file whatever their size (linear head)."),
 ):
     """Train a head on cached features, choose its hyperparameters on validation, save and report it."""
     from pipeline.metrics import format_metrics
@@ -182,13 +184,15 @@ def train_head(
                           batch_size=batch_size, n_iter_no_change=patience, validation_fraction=early_stop_fraction,
                           seed=seed, device=device)
     run = run_train(TrainConfig(features=features, out=out, train_split=train_split, val_split=val_split,
-                                test_split=test_split, val_fraction=val_fraction, head=head_cfg))
+                                test_split=test_split, val_fraction=val_fraction, memory_budget=memory_budget,
+                                stream=stream, head=head_cfg))
     for split, m in run.metrics.items():
         _echo(format_metrics(m, f"{run.folder.name} on {split}") + "\n")
     r = run.record
     chosen = ", ".join(f"{k}={v:g}" for k, v in r.head.chosen.items())
-    _echo(f"chose {chosen} on {r.splits.val}; fit {r.timings.fit_seconds:.2f} s ({len(r.sweep)} candidates); "
-          f"saved {run.folder}")
+    data = "streamed from the file" if r.loading and r.loading.mode == "stream" else "in memory"
+    _echo(f"chose {chosen} on {r.splits.val}; fit {r.timings.fit_seconds:.2f} s ({len(r.sweep)} candidates, data "
+          f"{data}); saved {run.folder}")
 
 
 @app.command()

@@ -177,11 +177,26 @@ class TrainConfig:
     val_split: str = "val"
     test_split: str = "test"
     val_fraction: float = 0.2  # held out of train, stratified, when the file has no validation split
+    memory_budget: str | None = None  # "8G", "512M", bytes; None: half the memory available (see stream.py)
+    stream: bool = False  # read the features from the file as the head trains, whatever their size
 
-    PARAMS = {"val_fraction": Interval(float, 0, 1, open_low=True, open_high=True)}
+    PARAMS = {"val_fraction": Interval(float, 0, 1, open_low=True, open_high=True),
+              "memory_budget": Optional(Satisfies(lambda s: parse_bytes(s) > 0, "a size such as 8G, 512M or 1000000"))}
 
     def __post_init__(self):
         validate(self)
+
+    @property
+    def budget_bytes(self) -> int | None:
+        return None if self.memory_budget is None else parse_bytes(self.memory_budget)
+
+
+def parse_bytes(text: str) -> int:
+    """'8G' -> 8 * 2**30; plain digits are bytes. Raises ValueError for anything else."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)I?B?\s*", str(text), re.IGNORECASE)
+    if not match:
+        raise ValueError(f"not a size: {text!r}")
+    return int(float(match[1]) * 1024 ** " KMGT".index(match[2].upper() or " "))
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import warnings
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
@@ -21,6 +22,10 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 log = logging.getLogger(__name__)
+
+# The early-stopping rows of a streamed split are kept in memory, at most this many bytes of them (as float32), so
+# that memory does not grow with the split (tests lower it to see that at small sizes).
+MAX_HELD_OUT_BYTES = int(os.environ.get("VGGCACHE_HELD_OUT_BYTES", str(64 << 20)))
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -111,19 +116,51 @@ class LinearHead(ClassifierMixin, BaseEstimator):
     def fit(self, X, y) -> "LinearHead":
         import torch
 
-        from pipeline.device import resolve_device
-
         X, y = _fit_inputs(self, X, y)
         X, Xv, y, yv = self._hold_out(X, y)
         self.mean_ = X.mean(0, dtype=np.float64)
         self.scale_ = X.std(0, dtype=np.float64) + 1e-6
+        device, tensor, labels = self._converters()
+        Xt, yt = tensor(X), labels(y)  # the whole split on the device, standardised once
+        gen = torch.Generator().manual_seed(self.seed)
+        batches = lambda: ((Xt[i], yt[i]) for i in torch.randperm(len(Xt), generator=gen).to(device).split(self.batch_size))
+        return self._fit_batches(len(X), batches, (tensor(Xv), labels(yv)) if Xv is not None else None, device)
+
+    def fit_rows(self, rows) -> "LinearHead":
+        """`fit` for a split read from the cache as it trains (`stream.SplitRows`): memory stays one block, the
+        held-out set (for early stopping) is at most `MAX_HELD_OUT_BYTES`, statistics take one streaming pass."""
+        y = rows.labels
+        check_classification_targets(y)
+        self.classes_, self.n_features_in_ = np.unique(y), rows.dim
+        if len(self.classes_) < 2:
+            raise ValueError(f"{type(self).__name__} needs samples of at least 2 classes, got one class")
+        train, held, _, _ = self._hold_out(np.arange(len(rows)), y)
+        train = np.sort(train)
+        held = None if held is None else np.sort(held[:max(1, MAX_HELD_OUT_BYTES // (rows.dim * 4))])
+        self.mean_, std = rows.moments(train)
+        self.scale_ = std + 1e-6
+        device, tensor, labels = self._converters()
+        rng = np.random.default_rng(self.seed)
+        batches = lambda: ((tensor(X), labels(y[i])) for X, i in rows.shuffled(train, self.batch_size, rng))
+        held_out = None if held is None else (tensor(rows.take(held)), labels(y[held]))
+        return self._fit_batches(len(train), batches, held_out, device)
+
+    def _converters(self):
+        import torch
+
+        from pipeline.device import resolve_device
+
         device = resolve_device(self.device)
-        torch.manual_seed(self.seed)
-        module = _module(X.shape[1], self.hidden, self.dropout, len(self.classes_)).to(device)
         tensor = lambda a: torch.from_numpy(_standardise(a, self.mean_, self.scale_).astype(np.float32)).to(device)
         labels = lambda a: torch.from_numpy(np.searchsorted(self.classes_, a)).long().to(device)
-        held_out = (tensor(Xv), labels(yv)) if Xv is not None else None
-        self.n_iter_, self.best_epoch_, self.best_val_loss_ = _train(self, module, tensor(X), labels(y), held_out)
+        return device, tensor, labels
+
+    def _fit_batches(self, n_rows: int, batches, held_out, device) -> "LinearHead":
+        import torch
+
+        torch.manual_seed(self.seed)
+        module = _module(self.n_features_in_, self.hidden, self.dropout, len(self.classes_)).to(device)
+        self.n_iter_, self.best_epoch_, self.best_val_loss_ = _train(self, module, n_rows, batches, held_out)
         self.layers_ = [(m.weight.detach().cpu().double().numpy(), m.bias.detach().cpu().double().numpy())
                         for m in module.modules() if isinstance(m, torch.nn.Linear)]
         return self
@@ -189,22 +226,21 @@ def _module(n_in: int, hidden: int, dropout: float, n_out: int):
     return nn.Sequential(nn.Linear(n_in, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, n_out))
 
 
-def _train(head: LinearHead, module, X, y, held_out) -> tuple[int, int, float]:
-    """AdamW + cosine decay; with a held-out set, keep the weights of the epoch with its lowest loss."""
+def _train(head: LinearHead, module, n_rows: int, batches, held_out) -> tuple[int, int, float]:
+    """AdamW + cosine decay over `batches()` each epoch; with a held-out set, keep the weights of the epoch with
+    its lowest loss."""
     import torch
     import torch.nn.functional as F
 
     opt = torch.optim.AdamW(module.parameters(), lr=head.lr, weight_decay=head.weight_decay)
-    steps_per_epoch = -(-len(X) // head.batch_size)
+    steps_per_epoch = -(-n_rows // head.batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=head.epochs * steps_per_epoch)
-    gen = torch.Generator().manual_seed(head.seed)
     best = (float("inf"), 0, copy.deepcopy(module.state_dict()))
     epoch = 0
     for epoch in range(1, head.epochs + 1):
         module.train()
-        for idx in torch.randperm(len(X), generator=gen).split(head.batch_size):
-            idx = idx.to(X.device)
-            loss = F.cross_entropy(module(X[idx]), y[idx])
+        for xb, yb in batches():
+            loss = F.cross_entropy(module(xb), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

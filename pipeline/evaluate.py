@@ -13,6 +13,7 @@ from pipeline.config import EvaluateConfig
 from pipeline.errors import UserError
 from pipeline.heads import full_proba
 from pipeline.metrics import classification_metrics
+from pipeline.stream import SplitRows
 
 
 @dataclass(frozen=True)
@@ -30,9 +31,9 @@ def evaluate_run(cfg: EvaluateConfig) -> Evaluation:
     with store.open_cache(features) as cache:
         check_same_extractor(run, cache.header, features)
         split = cfg.split or next((s for s in ("test", "val") if s in cache.splits), cache.splits[0] if cache.splits else "")
-        data = cache.read_split(split)
-        y = _relabel(data.labels, cache.header.class_names, run.class_names, features)
-    proba = full_proba(head, data.features, len(run.class_names))
+        rows = SplitRows(cache, split)  # read block by block: any split size in bounded memory
+        y = _relabel(rows.labels, cache.header.class_names, run.class_names, features)
+        proba = full_proba(head, rows, len(run.class_names))
     return Evaluation(classification_metrics(y, proba, run.class_names), split, features)
 
 

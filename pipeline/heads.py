@@ -25,6 +25,7 @@ class HeadSpec:
     swept: str
     grid: tuple[float, ...]
     description: str
+    streams: bool  # can train on a split read from the file as it goes (stream.SplitRows): caches over memory
 
     @property
     def estimator(self) -> type:
@@ -34,9 +35,9 @@ class HeadSpec:
 
 HEADS: dict[str, HeadSpec] = {h.name: h for h in (
     HeadSpec("logreg", "pipeline.estimators:LogRegHead", "C", tuple(float(c) for c in np.logspace(-4, 2, 7)),
-             "scikit-learn logistic regression on standardised features"),
+             "scikit-learn logistic regression on standardised features", streams=False),
     HeadSpec("linear", "pipeline.estimators:LinearHead", "weight_decay", (1e-4, 1e-3, 1e-2, 1e-1),
-             "torch linear layer (optionally one hidden layer), AdamW, early stopping"),
+             "torch linear layer (optionally one hidden layer), AdamW, early stopping", streams=True),
 )}
 
 
@@ -45,9 +46,16 @@ def make_head(kind: str, **params):
 
 
 def full_proba(head, X, n_classes: int) -> np.ndarray:
-    """Probabilities over all `n_classes` label indices, 0 for classes the head never saw in training."""
+    """Probabilities over all `n_classes` label indices, 0 for classes the head never saw in training.
+
+    `X`: an array, or rows read from the cache block by block (`stream.SplitRows`).
+    """
     proba = np.zeros((len(X), n_classes))
-    proba[:, head.classes_] = head.predict_proba(X)
+    if hasattr(X, "blocks"):
+        for block, rows in X.blocks():
+            proba[np.ix_(rows, head.classes_)] = head.predict_proba(block)
+    else:
+        proba[:, head.classes_] = head.predict_proba(X)
     return proba
 
 

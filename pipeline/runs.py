@@ -71,6 +71,13 @@ class Timings:
 
 
 @dataclass(frozen=True)
+class LoadingRecord:
+    mode: str  # "memory" | "stream": the features were loaded, or read from the file as the head trained
+    budget_bytes: int
+    needed_bytes: int  # what loading them would take
+
+
+@dataclass(frozen=True)
 class RunRecord:
     """run.json: written last, so a folder that has it is complete."""
 
@@ -84,6 +91,7 @@ class RunRecord:
     versions: dict
     head_file: str
     head_sha256: str
+    loading: typing.Optional[LoadingRecord] = None
     schema_version: int = RUN_SCHEMA_VERSION
 
     def to_json(self) -> str:
@@ -120,12 +128,12 @@ def _build(cls, data, name: str, where: Path):
 
 
 def _typed(kind, value, name: str, where: Path):
-    if is_dataclass(kind):
-        return _build(kind, value, name, where)
     options = typing.get_args(kind) if typing.get_origin(kind) is typing.Union else (kind,)
     if value is None and type(None) in options:
         return None
     expected = next(t for t in options if t is not type(None))
+    if is_dataclass(expected):
+        return _build(expected, value, name, where)
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) if expected is float else \
         isinstance(value, int) and not isinstance(value, bool) if expected is int else isinstance(value, expected)
     if not ok:

@@ -139,6 +139,24 @@ class Cache:
                           "rebuild it with extract --force")
         return data
 
+    def split_shape(self, split: str) -> tuple[int, int, int]:
+        """(rows, feature dim, rows per storage chunk) of a split: what a streaming reader aligns its reads to."""
+        ds = self._group(split)["features"]
+        return ds.shape[0], ds.shape[1], (ds.chunks or ds.shape)[0]
+
+    def read_labels(self, split: str) -> np.ndarray:
+        with self._reading(split):
+            return self._group(split)["labels"][:]
+
+    def read_rows(self, split: str, start: int, stop: int) -> np.ndarray:
+        """Feature rows start..stop of a split (a contiguous read), checked finite like `read_split`."""
+        with self._reading(split):
+            rows = self._group(split)["features"][start:stop]
+        if not np.isfinite(rows).all():
+            raise Damaged(f"{self.path} is damaged: rows {start}..{stop} of {split}/features are not finite "
+                          "(NaN or inf); rebuild it with extract --force")
+        return rows
+
     def records(self) -> list[Record]:
         """Every record (rows, then failures, per split) without reading any features."""
         out = []
