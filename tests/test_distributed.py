@@ -42,9 +42,7 @@ def dataset(tmp_path_factory):
     data = make_image_folder(root / "data", {"train": 20, "val": 6}, size=(72, 64))
     (data / "train/circle/empty.jpg").write_bytes(b"")
     (data / "val/checks/text.jpg").write_bytes(b"not an image")
-    reference = root / "reference.h5"
-    done = single(data, reference)
-    assert done.returncode == 0, done.stderr
+    reference = extract(extract_config(data, root / "reference.h5", image_size=64, precision="fp32")).out
     return data, reference
 
 
@@ -82,52 +80,37 @@ def rank_pid(launcher: int, rank: int) -> int | None:
     return None
 
 
-def run_and_kill(command: list[str], partial: Path, victim, min_shards: int = 2, timeout: float = 90) -> int:
-    """Start `command`, kill -9 `victim(proc)` once `min_shards` shards are committed; return the exit code."""
-    proc = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+def run_and_kill(command: list[str], partial: Path, victim, min_shards: int = 2, timeout: float = 90) -> tuple[int, str]:
+    """Start `command`, kill -9 `victim(proc)` once `min_shards` shards are committed; (exit code, stderr)."""
+    proc = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + timeout
     while proc.poll() is None and time.time() < deadline:
         if len(list(partial.glob("*-0*.json"))) >= min_shards and (pid := victim(proc)):
             os.kill(pid, signal.SIGKILL)
             break
         time.sleep(0.005)
-    proc.communicate(timeout=timeout)
-    return proc.returncode
+    _, err = proc.communicate(timeout=timeout)
+    return proc.returncode, err
 
 
 def test_kill_9_of_one_rank_then_resume_with_one_process_then_with_two(dataset, tmp_path):
     data, reference = dataset
     out, partial = tmp_path / "f.h5", tmp_path / "f.h5.partial"
-    code = run_and_kill([*TORCHRUN, *args(data, out)], partial, lambda proc: rank_pid(proc.pid, 1))
+    code, err = run_and_kill([*TORCHRUN, *args(data, out)], partial, lambda proc: rank_pid(proc.pid, 1))
     assert code != 0 and not out.exists() and list(partial.glob("rank*-0*.json"))  # the job stopped, work was kept
+    assert "rank 0 of 2: interrupted:" in err and "images are saved in" in err  # the survivor commits and says so
+    assert "rank      : 1 (local_rank: 1)" in err and "SIGKILL" in err  # torchrun names the rank that died
     done = single(data, out)
     assert done.returncode == 0, done.stderr
     assert_same_cache(out, reference)
     assert "resumed 0" not in done.stdout  # it continued the ranks' work
 
     out2, partial2 = tmp_path / "g.h5", tmp_path / "g.h5.partial"
-    code = run_and_kill([sys.executable, *args(data, out2)], partial2, lambda proc: proc.pid)
+    code, _ = run_and_kill([sys.executable, *args(data, out2)], partial2, lambda proc: proc.pid)
     assert code == -signal.SIGKILL and list(partial2.glob("main-0*.json"))
     done = torchrun(data, out2)
     assert done.returncode == 0, done.stderr
     assert_same_cache(out2, reference)
-
-
-def test_a_rank_that_dies_stops_the_job_with_its_name_and_what_is_saved(dataset, tmp_path):
-    data, _ = dataset
-    out, partial = tmp_path / "f.h5", tmp_path / "f.h5.partial"
-    proc = subprocess.Popen([*TORCHRUN, *args(data, out)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    deadline = time.time() + 90
-    while proc.poll() is None and time.time() < deadline:
-        if list(partial.glob("rank1-0*.json")) and (pid := rank_pid(proc.pid, 1)):
-            os.kill(pid, signal.SIGKILL)
-            break
-        time.sleep(0.005)
-    _, err = proc.communicate(timeout=90)
-    assert proc.returncode != 0
-    assert "rank 0 of 2: interrupted:" in err and "images are saved in" in err  # the survivor commits and says so
-    assert "rank      : 1 (local_rank: 1)" in err and "SIGKILL" in err  # torchrun names the rank that died
 
 
 def test_job_array_parts_then_a_plain_extract(dataset, tmp_path, monkeypatch):
@@ -135,8 +118,20 @@ def test_job_array_parts_then_a_plain_extract(dataset, tmp_path, monkeypatch):
     out = tmp_path / "f.h5"
     first = single(data, out, "--shard", "1/2")
     assert first.returncode == 0 and "part 1/2: extracted 40 images;" in first.stdout and not out.exists(), first.stderr
-    last = single(data, out, "--shard", "0/2")  # the last part to finish writes the cache, with its own share only
-    assert last.returncode == 0 and "wrote" in last.stdout and "extracted 40 images" in last.stdout, last.stderr
+    # the last part to finish writes the cache, with its own share only
+    last = extract(extract_config(data, out, image_size=64, precision="fp32", shard="0/2"))
+    assert last.wrote_cache and (last.extracted, last.resumed) == (40, 40)  # 40 by part 1
     assert_same_cache(out, reference)
     monkeypatch.setattr(backbone, "build_body", lambda *a: pytest.fail("the final step ran the model"))
     assert extract(extract_config(data, out, image_size=64, precision="fp32")).up_to_date
+
+
+@pytest.mark.parametrize("shard", ["3/2", "0/0", "2/2", "a/b", "1", "-1/2"])
+def test_a_bad_shard_is_one_line(dataset, shard):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    result = CliRunner().invoke(app, ["extract", str(dataset[0]), "--shard", shard, "--weights", "none"])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
+    assert f"--shard {shard!r} is not valid (expected I/N with 0 <= I < N, e.g. 0/4)" in result.output
