@@ -14,6 +14,7 @@ RUN ?=
 IMAGES ?=
 FEATURES ?=
 HEAD ?= logreg
+GPUS ?=
 
 .PHONY: help install demo test extract info train-head evaluate predict runs bench clean
 
@@ -38,9 +39,10 @@ demo: $(STAMP)  ## Generate a small dataset and run the whole job on it (offline
 test: $(STAMP)  ## Run the test suite
 	$(PY) -m pytest -q
 
-extract: $(STAMP)  ## Extract features: make extract DATA=path [WEIGHTS=imagenet|none|file.pth] [OUT=file.h5] [ARGS=...]
-	@test -n "$(DATA)" || { echo "usage: make extract DATA=path [WEIGHTS=...] [OUT=...] [ARGS=...]" >&2; exit 2; }
-	$(PY) -m pipeline extract "$(DATA)" --weights "$(WEIGHTS)" $(if $(OUT),--out "$(OUT)") $(ARGS)
+extract: $(STAMP)  ## Extract features: make extract DATA=path [WEIGHTS=imagenet|none|file.pth] [OUT=file.h5] [GPUS=n] [ARGS=...]
+	@test -n "$(DATA)" || { echo "usage: make extract DATA=path [WEIGHTS=...] [OUT=...] [GPUS=n] [ARGS=...]" >&2; exit 2; }
+	$(if $(GPUS),$(PY) -m torch.distributed.run --standalone --nproc-per-node $(GPUS) -m pipeline,$(PY) -m pipeline) \
+		extract "$(DATA)" --weights "$(WEIGHTS)" $(if $(OUT),--out "$(OUT)") $(ARGS)
 
 info: $(STAMP)  ## Summarise a feature cache: make info FEATURES=file.h5
 	$(PY) -m pipeline info "$(FEATURES)"

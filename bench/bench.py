@@ -30,6 +30,9 @@ from pipeline.device import autocast, resolve_device, resolve_precision  # noqa:
 from pipeline.extract import default_batch_size, default_workers, extract  # noqa: E402
 from pipeline.synthetic import make_image_folder  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+import scale  # noqa: E402
+
 GFLOP_PER_IMAGE = 30.7  # VGG16 convolutional body at 224x224
 SHARED_DATA = ROOT.parent / "shared" / "data" / "hymenoptera"
 
@@ -259,6 +262,20 @@ def ratios_and_targets(r: dict) -> list[tuple[str, str, str, bool | None]]:
         ("peak RSS, 4,000 minus 400 images", f"{mem['4000']['peak_rss_mb'] - mem['400']['peak_rss_mb']:.0f} MB", "<= 200 MB",
          mem["4000"]["peak_rss_mb"] - mem["400"]["peak_rss_mb"] <= 200),
     ]
+    procs = r["processes"]
+    if r["machine"]["device"].startswith("cuda"):  # one GPU each: scaling efficiency per added GPU
+        eff = procs["ratio"] / procs["processes"]
+        rows.append((f"{procs['processes']} GPUs / (1 GPU x {procs['processes']}), extract images/s", f"{eff:.2f}",
+                     ">= 0.90", eff >= 0.90))
+    else:
+        rows.append((f"{procs['processes']} processes x {procs['threads_per_process']} thread / 1 process x "
+                     f"{r['machine']['threads']} threads (extract images/s)", f"{procs['ratio']:.2f}", ">= 0.90",
+                     procs["ratio"] >= 0.90))
+    s = r["streaming"]
+    small, large = (s[k] for k in sorted((k for k in s if k != "budget_mb"), key=int))
+    grown = large["stream"]["peak_mb"] - small["stream"]["peak_mb"]
+    rows.append(("streamed head: peak RSS at 16x minus 4x the budget", f"{grown:+.0f} MB", "<= 50 MB", grown <= 50))
+    rows.append(("streamed / in-memory head fit time, 16x the budget", f"{large['fit_ratio']:.2f}x", "reported", None))
     if "extract_gpu_decode" in r:
         fwd = r["limit"]["best"]["bf16"]["images_per_s"]
         best_e2e = max(e2e, r["extract_gpu_decode"]["images_per_s"])
@@ -273,7 +290,8 @@ def ratios_and_targets(r: dict) -> list[tuple[str, str, str, bool | None]]:
 def markdown(r: dict) -> str:
     m = r["machine"]
     best = r["limit"]["best"]
-    lines = [f"Machine: {m['cpu']} ({m['cores']} cores), device {m['device']}, torch {m['torch']}, "
+    bf16 = "native bf16 (AVX512-BF16 or AMX)" if m.get("cpu_bf16") else "no native bf16 (fp32 on the CPU)"
+    lines = [f"Machine: {m['cpu']} ({m['cores']} cores, {bf16}), device {m['device']}, torch {m['torch']}, "
              f"{m['threads']} threads; data: {r['data']} ({r['extract']['images']} images); weights: {r['weights']}", "",
              "| # | what | figure |", "| --- | --- | --- |"]
     for p, b in best.items():
@@ -301,8 +319,18 @@ def markdown(r: dict) -> str:
     lines.append(f"| 6 | HDF5 read, {h['rows']:,} x 512 float16 | {h['megabytes_per_s']:.0f} MB/s |")
     for n, v in r["memory"].items():
         lines.append(f"| 7 | peak RSS of the extract process, {v['images']:,} images | {v['peak_rss_mb']:.0f} MB |")
+    p = r["processes"]
+    for name, what in (("single", f"1 process x {m['threads']} threads"),
+                       ("torchrun", f"torchrun, {p['processes']} processes x {p['threads_per_process']} threads")):
+        lines.append(f"| 8 | `extract`, {p['images']} images, {what} (whole command) | {p[name]['images_per_s']:.2f} images/s |")
+    s = r["streaming"]
+    for k in (key for key in s if key != "budget_mb"):
+        for mode in ("memory", "stream"):
+            v = s[k][mode]
+            lines.append(f"| 9 | `linear` head, {s[k]['rows']:,} x 512 ({k}x a {s['budget_mb']} MB budget), {mode} | "
+                         f"fit {v['fit_seconds']:.1f} s, peak RSS {v['peak_mb']:.0f} MB, val acc {v['val_accuracy']:.3f} |")
     lines += ["", "| target | measured | wanted | met |", "| --- | --- | --- | --- |"]
-    lines += [f"| {what} | {fig} | {want} | {'yes' if ok else 'NO'} |" for what, fig, want, ok in r["targets"]]
+    lines += [f"| {what} | {fig} | {want} | {'-' if ok is None else 'yes' if ok else 'NO'} |" for what, fig, want, ok in r["targets"]]
     return "\n".join(lines)
 
 
@@ -312,8 +340,10 @@ def machine(device) -> dict:
         cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    from pipeline.device import cpu_has_native_bf16
+
     info = {"cpu": cpu, "cores": os.cpu_count(), "device": str(device), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "python": platform.python_version()}
+            "threads": torch.get_num_threads(), "python": platform.python_version(), "cpu_bf16": cpu_has_native_bf16()}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     return info
@@ -328,6 +358,7 @@ def parse_args():
     p.add_argument("--decode", default="cpu")
     p.add_argument("--generated", type=int, default=400, help="JPEGs to generate when --data is not given")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--processes", type=int, default=2, help="torchrun processes for row 8 (GPUs on a GPU machine)")
     return p.parse_args()
 
 
@@ -357,6 +388,11 @@ def run(args, tmp: Path) -> dict:
     r["hdf5_read"] = bench_hdf5_read(tmp)
     print("7. memory", flush=True)
     r["memory"] = {str(k): v for k, v in bench_memory(tmp).items()}
+    print("8. processes", flush=True)
+    few = scale.subset(Path(data), tmp / "few", per_class=20 if not cuda else 10**9)
+    r["processes"] = scale.bench_processes(few, args.weights, tmp, args.processes, "cuda" if cuda else "cpu")
+    print("9. streamed heads", flush=True)
+    r["streaming"] = scale.bench_streaming(tmp)
     r["targets"] = ratios_and_targets(r)
     return r
 

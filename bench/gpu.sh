@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The benchmark on a lent GPU machine (an H200 through the device tool): no network there, so nothing is
 # installed; its image already has torch, torchvision, h5py, typer, rich, scikit-learn, joblib, matplotlib, Pillow.
-# Generates 12,000 JPEGs of 500x375, runs bench/bench.py on CUDA (CPU and nvJPEG decoding), writes its results.
+# Generates 12,000 JPEGs of 500x375, runs bench/bench.py on CUDA (CPU and nvJPEG decoding), and torchrun over every
+# GPU (with one GPU, row 8 compares one process with another), writes its results.
 # Under 5 minutes on an H200. Usage: bash bench/gpu.sh [results folder]   (default: $OUT, else bench/results)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,4 +14,5 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv || true
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
 data=/tmp/vggcache-jpegs
 [ -d "$data" ] || python3 -c "from pathlib import Path; import sys; sys.path.insert(0, 'bench'); import bench; bench.generated_jpegs(Path('$data'), 12000)"
-python3 bench/bench.py --device cuda --data "$data" --weights none --out "$results"
+gpus=$(nvidia-smi -L | wc -l)  # row 8: torchrun over every GPU of the machine against one GPU
+python3 bench/bench.py --device cuda --data "$data" --weights none --out "$results" --processes "$gpus"
