@@ -27,7 +27,8 @@ from pipeline import store  # noqa: E402
 from pipeline.backbone import vgg16_features  # noqa: E402
 from pipeline.config import ExtractConfig  # noqa: E402
 from pipeline.device import autocast, resolve_device, resolve_precision  # noqa: E402
-from pipeline.extract import default_batch_size, default_workers, extract  # noqa: E402
+from pipeline.embed import default_batch_size, default_workers  # noqa: E402
+from pipeline.extract import extract  # noqa: E402
 from pipeline.synthetic import make_image_folder  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
@@ -389,7 +390,7 @@ def run(args, tmp: Path) -> dict:
     print("7. memory", flush=True)
     r["memory"] = {str(k): v for k, v in bench_memory(tmp).items()}
     print("8. processes", flush=True)
-    few = scale.subset(Path(data), tmp / "few", per_class=20 if not cuda else 10**9)
+    few = scale.subset(Path(data), tmp / "few", per_class=40 if not cuda else 10**9)
     r["processes"] = scale.bench_processes(few, args.weights, tmp, args.processes, "cuda" if cuda else "cpu")
     print("9. streamed heads", flush=True)
     r["streaming"] = scale.bench_streaming(tmp)
