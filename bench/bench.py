@@ -155,10 +155,11 @@ def synthetic_features(n: int, dim: int = 512, classes: int = 10, seed: int = 0)
 def fit_seconds(kind: str, X, y, Xv, yv) -> dict:
     """Row 5 cell: the whole train-head sweep (7 C values, or 4 weight decays with early stopping)."""
     from pipeline.config import HeadConfig
+    from pipeline.stream import Loading
     from pipeline.train import Data, sweep
 
     start = time.perf_counter()
-    _, _, table = sweep(HeadConfig(kind=kind), Data(X, y, Xv, yv, None, "val"))
+    _, _, table = sweep(HeadConfig(kind=kind), Data(X, y, Xv, yv, None, None, "val", Loading("memory", 0, 0)))
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "val_accuracy": max(t["val_accuracy"] for t in table), "candidates": len(table)}
 
