@@ -57,9 +57,9 @@ class Worker:
         themselves."""
         return self.index == 0 or self.kind == "part"
 
-    def is_sibling(self, writer: str) -> bool:
-        """Another part of the same job array (its shards are named part<J>of<N>)."""
-        return self.kind == "part" and writer != self.name and writer.startswith("part") and writer.endswith(f"of{self.count}")
+    def in_my_array(self, writer: str) -> bool:
+        """A part of this worker's job array, itself included (shards named part<J>of<N>)."""
+        return self.kind == "part" and writer.startswith("part") and writer.endswith(f"of{self.count}")
 
     def take(self, items: list, batch_size: int) -> list:
         """This worker's share of `items`: every `count`-th batch of `batch_size`, starting at batch `index`."""
@@ -155,8 +155,9 @@ def quiet_unless_leader(worker: Worker) -> None:
         logging.getLogger("pipeline.progress").setLevel(logging.INFO)
 
 
-def plan_digest(paths: list[str]) -> str:
-    return hashlib.sha256("\n".join(paths).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+def plan_digest(paths: list[str], batch_size: int) -> str:
+    text = "\n".join([str(batch_size), *paths])
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
 @contextlib.contextmanager

@@ -42,6 +42,8 @@ def run_model(cfg: ExtractConfig, fcfg: FeatureConfig, root: Path, todo: list[Re
     if cfg.decode == "gpu" and not on_cuda:
         raise UserError(f"--decode gpu needs a CUDA device, and this run is on {extractor.device} (use --decode cpu)")
     batch_size = cfg.batch_size or default_batch_size(on_cuda)
+    if worker.kind == "part":
+        journal.agree_on_batch_size(batch_size)  # parts on other kinds of node must cut the same batches
     workers = cfg.workers if cfg.workers >= 0 else default_workers(on_cuda, worker.local_count)
     # whole batches, as a single process cuts them: the same values, whatever the number of workers
     mine = [r for r in worker.take(todo, batch_size) if r.path in keep]
@@ -55,6 +57,16 @@ def run_model(cfg: ExtractConfig, fcfg: FeatureConfig, root: Path, todo: list[Re
             "batch_size": batch_size, "workers": workers, "torch_threads": torch.get_num_threads(),
             "processes": worker.count, "weights_file": None if cfg.weights in ("imagenet", "none") else str(Path(cfg.weights).resolve()),
             "images": len(mine), "seconds": round(seconds, 3), "images_per_s": round(len(mine) / max(seconds, 1e-9), 2)}
+
+
+def batch_size_for(cfg: ExtractConfig, worker: Worker) -> int:
+    """The batch size this worker will use (asked, or the default of its device)."""
+    if cfg.batch_size:
+        return cfg.batch_size
+    import torch
+
+    device = _device(cfg.device, worker)
+    return default_batch_size(device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()))
 
 
 def _device(asked: str, worker: Worker) -> str:

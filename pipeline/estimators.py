@@ -23,8 +23,9 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 log = logging.getLogger(__name__)
 
-# The early-stopping rows of a streamed split are kept in memory, at most this many bytes of them (as float32), so
-# that memory does not grow with the split (tests lower it to see that at small sizes).
+# The early-stopping rows of a streamed split are kept in memory: at most this many, and this many bytes of them (as
+# float32), so that memory does not grow with the split (tests lower the bytes to see that at small sizes).
+MAX_HELD_OUT_ROWS = 10_000
 MAX_HELD_OUT_BYTES = int(os.environ.get("VGGCACHE_HELD_OUT_BYTES", str(64 << 20)))
 
 
@@ -32,6 +33,25 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     z = z - z.max(1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(1, keepdims=True)
+
+
+def _moments(X: np.ndarray, rows_per_step: int = 1 << 14) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation over rows, in float64 sums taken a slice at a time (no full float64 copy)."""
+    total, squares = np.zeros(X.shape[1]), np.zeros(X.shape[1])
+    for start in range(0, len(X), rows_per_step):
+        part = X[start:start + rows_per_step].astype(np.float64)
+        total += part.sum(0)
+        squares += (part * part).sum(0)
+    mean = total / max(len(X), 1)
+    return mean, np.sqrt(np.maximum(squares / max(len(X), 1) - mean * mean, 0))
+
+
+def _standardised32(X: np.ndarray, mean: np.ndarray, scale: np.ndarray, rows_per_step: int = 1 << 14) -> np.ndarray:
+    """(X - mean) / scale as float32, computed a slice at a time: training data is never copied in float64."""
+    out = np.empty(X.shape, np.float32)
+    for start in range(0, len(X), rows_per_step):
+        out[start:start + rows_per_step] = _standardise(X[start:start + rows_per_step], mean, scale)
+    return out
 
 
 def _standardise(X: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
@@ -118,8 +138,8 @@ class LinearHead(ClassifierMixin, BaseEstimator):
 
         X, y = _fit_inputs(self, X, y)
         X, Xv, y, yv = self._hold_out(X, y)
-        self.mean_ = X.mean(0, dtype=np.float64)
-        self.scale_ = X.std(0, dtype=np.float64) + 1e-6
+        self.mean_, std = _moments(X)
+        self.scale_ = std + 1e-6
         device, tensor, labels = self._converters()
         Xt, yt = tensor(X), labels(y)  # the whole split on the device, standardised once
         gen = torch.Generator().manual_seed(self.seed)
@@ -135,8 +155,10 @@ class LinearHead(ClassifierMixin, BaseEstimator):
         if len(self.classes_) < 2:
             raise ValueError(f"{type(self).__name__} needs samples of at least 2 classes, got one class")
         train, held, _, _ = self._hold_out(np.arange(len(rows)), y)
+        if held is not None:  # rows over the cap go back into training
+            cap = max(1, min(MAX_HELD_OUT_ROWS, MAX_HELD_OUT_BYTES // (rows.dim * 4)))
+            train, held = np.concatenate([train, held[cap:]]), np.sort(held[:cap])
         train = np.sort(train)
-        held = None if held is None else np.sort(held[:max(1, MAX_HELD_OUT_BYTES // (rows.dim * 4))])
         self.mean_, std = rows.moments(train)
         self.scale_ = std + 1e-6
         device, tensor, labels = self._converters()
@@ -151,7 +173,7 @@ class LinearHead(ClassifierMixin, BaseEstimator):
         from pipeline.device import resolve_device
 
         device = resolve_device(self.device)
-        tensor = lambda a: torch.from_numpy(_standardise(a, self.mean_, self.scale_).astype(np.float32)).to(device)
+        tensor = lambda a: torch.from_numpy(_standardised32(a, self.mean_, self.scale_)).to(device)
         labels = lambda a: torch.from_numpy(np.searchsorted(self.classes_, a)).long().to(device)
         return device, tensor, labels
 

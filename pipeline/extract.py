@@ -20,7 +20,7 @@ import numpy as np
 from pipeline import distributed, embed, files, store
 from pipeline.config import ExtractConfig, FeatureConfig, feature_config, library_versions
 from pipeline.data import Dataset, discover
-from pipeline.errors import UserError
+from pipeline.errors import Interrupted, UserError
 from pipeline.journal import Journal
 from pipeline.plan import Plan, make_plan, unchanged
 from pipeline.store import Record
@@ -80,7 +80,7 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
     distributed.quiet_unless_leader(worker)
     group = distributed.Group(worker)
     with distributed.stopped_by_sigterm(worker), group.started(cfg.device), \
-            Journal(partial_dir(job.out), fcfg.fingerprint(), worker.name) as journal:
+            Journal(partial_dir(job.out), fcfg.fingerprint(), worker.name) as journal, _saying_what_is_saved(job, journal):
         plan, shared, up_to_date = _first_plan(job, journal, group)
         if up_to_date and worker.kind == "single":
             journal.remove()
@@ -95,13 +95,25 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
         return _finish(job, journal, extraction, len(plan.todo), start)
 
 
+@contextlib.contextmanager
+def _saying_what_is_saved(job: _Job, journal: Journal):
+    """A stop outside the embedding loop (loading the model, waiting at a barrier, writing the cache) ends like one
+    inside it: one line that says what is saved."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        who = "" if job.worker.kind == "single" else f"{job.worker.describe}: "
+        raise Interrupted(f"{who}interrupted: {len(journal.entries)} images are saved in {journal.directory}; "
+                          "rerun the same command to resume") from None
+
+
 def _first_plan(job: _Job, journal: Journal, group: distributed.Group) -> tuple[Plan, list[Record], bool]:
     """Every worker's plan of the work, and the list it cuts into shares; one worker prepares the journal (only it
     may discard), then all read it.
 
-    The parts of a job array start at different times, so each cuts the list as if no sibling part had run yet
-    (the rows siblings committed are left out of that list's planning): every part then takes the batches it
-    would have taken at the start, and skips the ones already done.
+    The parts of a job array start (and restart) at different times, so each cuts the list as if no part of the
+    array had run yet (the rows the parts committed are left out of that list's planning): every part then takes
+    the batches it would have taken at the start, and skips the ones already done.
     """
     prepares = job.worker.kind != "rank" or job.worker.index == 0
     if prepares:
@@ -117,9 +129,11 @@ def _first_plan(job: _Job, journal: Journal, group: distributed.Group) -> tuple[
     plan = make_plan(job.dataset, old_records, journal.entries, job.cfg.verify)
     shared = plan.todo
     if job.worker.kind == "part":
-        own = {p: e for p, e in journal.entries.items() if not job.worker.is_sibling(journal.writer_of(e))}
-        shared = make_plan(job.dataset, old_records, own, job.cfg.verify).todo
-    group.check_same("images to extract", distributed.plan_digest([r.path for r in plan.todo]))
+        before = {p: e for p, e in journal.entries.items() if not job.worker.in_my_array(journal.writer_of(e))}
+        shared = make_plan(job.dataset, old_records, before, job.cfg.verify).todo
+    if job.worker.kind == "rank":  # the shares depend on the batch size too: a CPU node and a GPU node differ
+        batch = embed.batch_size_for(job.cfg, job.worker)
+        group.check_same("images to extract and batch size", distributed.plan_digest([r.path for r in plan.todo], batch))
     return plan, shared, header is not None and unchanged(plan, header, old_records, job.dataset)
 
 

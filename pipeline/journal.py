@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 from dataclasses import asdict
 from pathlib import Path
 
@@ -31,10 +32,11 @@ log = logging.getLogger(__name__)
 
 SHARD = re.compile(r"^(?:(?P<writer>[A-Za-z0-9]+)-)?(?P<number>\d{6})$")  # no writer: a shard of vggcache <= 0.1
 META = "journal.json"
+HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
 
 
 def _write_durably(path: Path, write) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: two writers never share a temporary
+    tmp = path.with_name(f"{path.name}.{HOST}-{os.getpid()}.tmp")  # two writers, even on two nodes, never share one
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -71,6 +73,13 @@ def _try_lock(path: Path):
     return f
 
 
+def _commit_order(path: Path) -> tuple[int, str]:
+    try:
+        return path.stat().st_mtime_ns, path.name
+    except FileNotFoundError:
+        return 0, path.name
+
+
 class Journal:
     """The partial-results folder beside a cache, as one writer sees it; holds `lock.<writer>` while open."""
 
@@ -79,21 +88,18 @@ class Journal:
         self.fingerprint = fingerprint
         self.writer = writer
         self._lock = None
+        self._final_held = False
         self._shards: dict[str, np.ndarray] = {}  # shard stem -> its rows (memory-mapped)
         self.entries: dict[str, tuple[Record, str, int]] = {}  # path -> (record, shard stem, row in shard or -1)
 
     def __enter__(self) -> "Journal":
         """Take this writer's lock, and nothing else: the caller reads the previous cache, then calls `resume`."""
-        for _ in range(10):
-            self.directory.mkdir(parents=True, exist_ok=True)
+        with self.final_lock():  # so that no writer appears while another removes the folder
             self._lock = _try_lock(self.directory / f"lock.{self.writer}")
-            if self._lock is None:
-                raise UserError(f"another extraction is writing {self.directory} (as {self.writer}: its lock is held); "
-                                "wait for it to end")
-            if self._still_linked(self._lock, f"lock.{self.writer}"):
-                return self
-            self._lock.close()  # the folder was removed as we opened the file: lock the new one
-        raise UserError(f"could not lock {self.directory}: it keeps being removed by another process")
+        if self._lock is None:
+            raise UserError(f"another extraction is writing {self.directory} (as {self.writer}: its lock is held); "
+                            "wait for it to end")
+        return self
 
     def _still_linked(self, lock, name: str) -> bool:
         try:
@@ -126,19 +132,21 @@ class Journal:
                                 "finish or delete them first")
             log.warning("discarding partial results in %s: they were made with another extractor config", self.directory)
             self.clear()
-        self._write_meta()
+        if may_discard and not meta.exists():
+            self._write_meta()
         self.reload()
         if self.entries:
             log.info("resuming: %d images already done in %s", len(self.entries), self.directory)
         return self
 
     def reload(self) -> None:
-        """(Re)read every complete shard on disk, from every writer, in name order."""
+        """(Re)read every complete shard on disk, from every writer, in commit order: where two writers extracted
+        the same file (a rerun after a fix), the later row is the one kept."""
         self._shards.clear()
         self.entries.clear()
-        for path in sorted(self.directory.glob("*.json")):
-            if SHARD.match(path.stem):
-                self._load_shard(path.stem, path)
+        shards = [p for p in self.directory.glob("*.json") if SHARD.match(p.stem)]
+        for path in sorted(shards, key=_commit_order):
+            self._load_shard(path.stem, path)
 
     def _load_shard(self, stem: str, path: Path) -> None:
         try:
@@ -177,6 +185,9 @@ class Journal:
 
     def clear(self) -> None:
         """Forget every shard (--force, or another config's); the folder stays this fingerprint's."""
+        busy = self._other_writers()
+        if busy:
+            raise UserError(f"cannot discard the partial results in {self.directory}: {busy[0]} is still writing them")
         for path in self.directory.iterdir():
             if not path.name.startswith("lock."):
                 path.unlink()
@@ -184,12 +195,28 @@ class Journal:
         self.entries.clear()
         self._write_meta()
 
-    def _write_meta(self) -> None:
-        _write_durably(self.directory / META, lambda f: f.write(json.dumps({"fingerprint": self.fingerprint}).encode()))
+    def _write_meta(self, **extra) -> None:
+        meta = {"fingerprint": self.fingerprint} | extra
+        _write_durably(self.directory / META, lambda f: f.write(json.dumps(meta).encode()))
+
+    def agree_on_batch_size(self, batch_size: int) -> None:
+        """The parts of a job array cut the same list into the same batches: the first records its batch size,
+        the others must use it (a GPU node and a CPU node have different defaults)."""
+        meta = json.loads((self.directory / META).read_text()) if (self.directory / META).exists() else {}
+        recorded = meta.get("batch_size")
+        if recorded is None:
+            self._write_meta(batch_size=batch_size)
+        elif recorded != batch_size:
+            raise UserError(f"the other parts in {self.directory} use --batch-size {recorded}, this one {batch_size}: "
+                            f"pass --batch-size {recorded} (parts must cut the same batches)")
 
     @contextlib.contextmanager
     def final_lock(self):
-        """Held while a cache is written from the journal: one writer at a time swaps the cache (waits its turn)."""
+        """Held while a cache is written from the journal (one writer at a time swaps the cache), while a writer
+        takes its own lock, and while the folder is removed. Waits its turn; re-entrant."""
+        if self._final_held:
+            yield
+            return
         while True:
             self.directory.mkdir(parents=True, exist_ok=True)
             f = open(self.directory / "lock.final", "a")
@@ -197,20 +224,32 @@ class Journal:
             if self._still_linked(f, "lock.final"):
                 break
             f.close()  # the writer before us removed the folder: lock in the new one
+        self._final_held = True
         try:
             yield
         finally:
+            self._final_held = False
             f.close()
 
-    def remove(self) -> None:
-        """Delete the folder once its results are in the cache, unless another writer is still at work in it."""
+    def _other_writers(self) -> list[str]:
+        """The writers other than this one whose lock is held now."""
+        busy = []
         for lock in self.directory.glob("lock.*"):
             if lock.name in (f"lock.{self.writer}", "lock.final"):
                 continue
             held = _try_lock(lock)
             if held is None:
-                log.debug("keeping %s: %s is still held", self.directory, lock.name)
+                busy.append(lock.name[len("lock."):])
+            else:
+                held.close()
+        return busy
+
+    def remove(self) -> None:
+        """Delete the folder once its results are in the cache, unless another writer is still at work in it."""
+        with self.final_lock():
+            busy = self._other_writers()
+            if busy:
+                log.debug("keeping %s: %s is still writing", self.directory, busy[0])
                 return
-            held.close()
-        self._shards.clear()
-        shutil.rmtree(self.directory, ignore_errors=True)
+            self._shards.clear()
+            shutil.rmtree(self.directory, ignore_errors=True)

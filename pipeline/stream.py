@@ -41,12 +41,13 @@ def default_budget() -> int:
     return int(available_memory() * BUDGET_FRACTION)
 
 
-def in_memory_bytes(cache: store.Cache, splits: list[str]) -> int:
-    """What loading these splits takes: the rows as float32 (heads compute on float32 or wider), and labels."""
+def in_memory_bytes(cache: store.Cache, splits: list[str], copies: float) -> int:
+    """What fitting a head on these splits in memory takes: `copies` float32 copies of the rows (the head's
+    `HeadSpec.memory_copies`), and labels."""
     total = 0
     for split in splits:
         n, dim, _ = cache.split_shape(split)
-        total += n * (dim * 4 + 8)
+        total += int(n * (dim * 4 * copies + 8))
     return total
 
 

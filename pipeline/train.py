@@ -40,7 +40,7 @@ def plan_loading(cfg: TrainConfig, cache: store.Cache) -> Loading:
     """In memory when the splits fit the budget; streamed from the file otherwise, or when asked (--stream)."""
     cache.split_shape(cfg.train_split)  # a missing train split is the first thing to say
     splits = [s for s in (cfg.train_split, cfg.val_split, cfg.test_split) if s in cache.splits]
-    needed = stream.in_memory_bytes(cache, splits)
+    needed = stream.in_memory_bytes(cache, splits, HEADS[cfg.head.kind].memory_copies)
     budget = cfg.budget_bytes or stream.default_budget()
     loading = stream.Loading("stream" if cfg.stream or needed > budget else "memory", budget, needed)
     if loading.mode == "stream" and not HEADS[cfg.head.kind].streams:

@@ -20,7 +20,7 @@ from conftest import SIZE, extract_config
 from pipeline import backbone, embed, extract as extract_module, files, store
 from pipeline.backbone import Extractor, build_body
 from pipeline.config import feature_config
-from pipeline.errors import UserError
+from pipeline.errors import Interrupted, UserError
 from pipeline.extract import extract
 from pipeline.reader import open_image, preprocess
 from pipeline.synthetic import make_image_folder
@@ -136,7 +136,7 @@ def test_damaged_shards_are_ignored_and_redone(image_folder, tmp_path, monkeypat
         raise KeyboardInterrupt
 
     monkeypatch.setattr(extract_module, "_write", crash_before_writing)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted, match="interrupted: 18 images are saved"):
         extract(extract_config(image_folder, out))
     partial = Path(f"{out}.partial")
     (partial / "main-000001.json").write_text("{ truncated")

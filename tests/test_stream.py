@@ -54,10 +54,10 @@ def test_over_the_budget_the_linear_head_streams_and_the_logreg_head_says_to_use
                                  "--weight-decay", "0.01", "--out", str(tmp_path / "run")])
     assert result.exit_code == 0 and "data streamed from the file" in result.output, result.output
     loading = json.loads((tmp_path / "run" / "run.json").read_text())["loading"]
-    assert loading == {"mode": "stream", "budget_bytes": 102400, "needed_bytes": 2 * 500 * (48 * 4 + 8)}
+    assert loading == {"mode": "stream", "budget_bytes": 102400, "needed_bytes": 2 * 500 * (48 * 4 * 2.5 + 8)}
     result = runner.invoke(app, ["train-head", str(f), "--memory-budget", "100K"])
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
-    assert ("--head logreg needs its data in memory and the splits need 195.3 KB in memory, over the 100.0 KB budget "
+    assert ("--head logreg needs its data in memory and the splits need 664.1 KB in memory, over the 100.0 KB budget "
             "(--memory-budget): use --head linear, which streams from the file") in result.output
 
 
