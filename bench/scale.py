@@ -50,7 +50,8 @@ def bench_processes(data: Path, weights: str, tmp: Path, processes: int, device:
         done = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, **env), capture_output=True, text=True)
         seconds = time.perf_counter() - start
         if done.returncode != 0:
-            raise RuntimeError(f"{name} extract failed: {done.stderr[-2000:]}")
+            said = [line for line in done.stderr.splitlines() if "error:" in line or "interrupted" in line]
+            raise RuntimeError(f"{name} extract failed: {' | '.join(said) or done.stderr[-2000:]}")
         out[name] = {"seconds": seconds, "images_per_s": n_images / seconds}
         print(f"  {name}: {n_images / seconds:.2f} images/s", flush=True)
     out["ratio"] = out["torchrun"]["images_per_s"] / out["single"]["images_per_s"]

@@ -79,8 +79,9 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
     files.ensure_writable_file(job.out, "--out")
     distributed.quiet_unless_leader(worker)
     group = distributed.Group(worker)
-    with distributed.stopped_by_sigterm(worker), group.started(cfg.device), \
-            Journal(partial_dir(job.out), fcfg.fingerprint(), worker.name) as journal, _saying_what_is_saved(job, journal):
+    with distributed.stopped_by_sigterm(worker), group.started(cfg.device), contextlib.ExitStack() as stack:
+        journal = _open_journal(job, group, stack)
+        stack.enter_context(_saying_what_is_saved(job, journal))
         plan, shared, up_to_date = _first_plan(job, journal, group)
         if up_to_date and worker.kind == "single":
             journal.remove()
@@ -107,23 +108,31 @@ def _saying_what_is_saved(job: _Job, journal: Journal):
                           "rerun the same command to resume") from None
 
 
-def _first_plan(job: _Job, journal: Journal, group: distributed.Group) -> tuple[Plan, list[Record], bool]:
-    """Every worker's plan of the work, and the list it cuts into shares; one worker prepares the journal (only it
-    may discard), then all read it.
-
-    The parts of a job array start (and restart) at different times, so each cuts the list as if no part of the
-    array had run yet (the rows the parts committed are left out of that list's planning): every part then takes
-    the batches it would have taken at the start, and skips the ones already done.
-    """
+def _open_journal(job: _Job, group: distributed.Group, stack: contextlib.ExitStack) -> Journal:
+    """This worker's view of the journal, its lock held. Of a torchrun job, rank 0 opens it first and prepares it
+    (only it may discard shards: --force, another config's); the other ranks open it after a barrier."""
     prepares = job.worker.kind != "rank" or job.worker.index == 0
+    journal = Journal(partial_dir(job.out), job.fcfg.fingerprint(), job.worker.name)
     if prepares:
+        stack.enter_context(journal)
         if job.cfg.force:
             journal.clear()
         else:
             journal.resume()
     group.barrier()
     if not prepares:
+        stack.enter_context(journal)
         journal.resume(may_discard=False)
+    return journal
+
+
+def _first_plan(job: _Job, journal: Journal, group: distributed.Group) -> tuple[Plan, list[Record], bool]:
+    """Every worker's plan of the work, and the list it cuts into shares.
+
+    The parts of a job array start (and restart) at different times, so each cuts the list as if no part of the
+    array had run yet (the rows the parts committed are left out of that list's planning): every part then takes
+    the batches it would have taken at the start, and skips the ones already done.
+    """
     with _previous_cache(job.out, job.fcfg, job.cfg.force) as old:
         old_records, header = (old.records(), old.header) if old else ([], None)
     plan = make_plan(job.dataset, old_records, journal.entries, job.cfg.verify)
