@@ -20,18 +20,24 @@ log = logging.getLogger(__name__)
 
 
 class VGG16Body(nn.Module):
-    """uint8 images (B, 3, H, W) -> pooled pool5 features (B, D), with the ImageNet normalisation built in."""
+    """uint8 images (B, 3, H, W) -> pooled pool5 features (B, D), with the ImageNet normalisation built in.
 
-    def __init__(self, features: nn.Sequential, pool: str, mean, std):
+    `flip`: each row is the mean of the image's features and its mirror's (the VGG paper's test-time views).
+    """
+
+    def __init__(self, features: nn.Sequential, pool: str, mean, std, flip: bool = False):
         super().__init__()
         self.features = features
-        self.pool = pools.get(pool)
+        self.pool, self.flip = pools.get(pool), flip
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = (images.float() - self.mean) / self.std  # == convert_image_dtype then normalize, in one pass
-        return self.pool.apply(self.features(x))
+        y = self.pool.torch_apply(self.features(x))
+        if self.flip:
+            y = (y + self.pool.torch_apply(self.features(x.flip(-1)))) / 2
+        return y
 
 
 def vgg16_features(weights: str) -> nn.Sequential:
@@ -105,7 +111,8 @@ def build_body(feature_cfg: FeatureConfig, weights: str) -> VGG16Body:
     identity = config.weights_identity(weights)
     if identity != feature_cfg.weights:
         raise UserError(f"weights {weights!r} are {identity}, but the features were made with {feature_cfg.weights}")
-    body = VGG16Body(vgg16_features(weights), feature_cfg.pool, feature_cfg.mean, feature_cfg.std)
+    body = VGG16Body(vgg16_features(weights), feature_cfg.pool, feature_cfg.mean, feature_cfg.std,
+                     flip=feature_cfg.views == "flip")
     body.requires_grad_(False)
     return body.eval()
 
@@ -121,7 +128,14 @@ class Extractor:
         self.body = body.to(self.device, memory_format=torch.channels_last).eval()
 
     @torch.inference_mode()
-    def __call__(self, images: torch.Tensor) -> np.ndarray:
+    def __call__(self, images: torch.Tensor | list[list[torch.Tensor]]) -> np.ndarray:
+        """A batch (B, 3, H, W) -> (B, D); or, for multi-scale features, per image its list of whole images at each
+        scale (shapes differ: one forward each) -> the mean of their pooled features."""
+        if isinstance(images, list):
+            return np.stack([np.mean([self._forward(scaled[None])[0] for scaled in views], 0) for views in images])
+        return self._forward(images)
+
+    def _forward(self, images: torch.Tensor) -> np.ndarray:
         x = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with autocast(self.device, self.precision):
             y = self.body(x)

@@ -20,7 +20,7 @@ from pipeline.config import VGG16_CHANNELS, EvaluateConfig, ExtractConfig, HeadC
 from pipeline.errors import Interrupted, UserError
 from pipeline.files import human_bytes, printable
 from pipeline.heads import HEADS
-from pipeline.pools import POOLS
+from pipeline.pools import HEAD_POOLS, POOLS
 
 
 class _OneLineErrors(TyperGroup):
@@ -88,8 +88,11 @@ def extract(
     data: Path = typer.Argument(..., help="ImageFolder tree (DATA/<split>/<class>/... or DATA/<class>/...) or a CSV manifest path,label[,split]."),
     out: Optional[Path] = typer.Option(None, help="Output file (default: features/<dataset>-<fingerprint>.h5)."),
     weights: str = typer.Option(X("weights"), help="imagenet (torchvision download), none (seeded random init), or a local state-dict file."),
-    pool: str = typer.Option(X("pool"), help=", ".join(f"{p.name} ({p.dim(VGG16_CHANNELS)})" for p in POOLS.values()) + "."),
+    pool: str = typer.Option(X("pool"), help=", ".join(f"{p.name} ({p.dim(VGG16_CHANNELS)} at 224)" for p in POOLS.values())
+                             + "; map keeps the pool5 map, so train-head can pool it any of the other ways."),
     image_size: int = typer.Option(X("image_size"), help="Centre-crop side; images are resized to 256/224 of it first."),
+    views: str = typer.Option(X("views"), help="none, or flip: each row is the mean of the image's and its mirror's features."),
+    scales: str = typer.Option(X("scales"), help="e.g. 256,384,512: the whole image (no crop) at each shorter side, pooled and averaged (pooled modes only)."),
     batch_size: int = typer.Option(X("batch_size"), help="Images per forward (default 0: 256 on CUDA, 4 elsewhere)."),
     workers: int = typer.Option(X("workers"), help="DataLoader decode workers (default -1: 16 on CUDA (at most the cores), 1 on CPU)."),
     device: str = typer.Option(X("device"), help="auto, cpu, cuda or mps."),
@@ -106,8 +109,8 @@ def extract(
     writes the cache."""
     from pipeline.extract import extract as run_extract
 
-    s = run_extract(ExtractConfig(data=data, out=out, weights=weights, pool=pool, image_size=image_size,
-                                  batch_size=batch_size, workers=workers, device=device, precision=precision,
+    s = run_extract(ExtractConfig(data=data, out=out, weights=weights, pool=pool, image_size=image_size, views=views,
+                                  scales=scales, batch_size=batch_size, workers=workers, device=device, precision=precision,
                                   dtype=dtype, decode=decode, force=force, verify=verify, shard=shard))
     if not s.wrote_cache:
         if s.remaining:  # a part of a job array; a rank other than 0 prints nothing but its progress
@@ -139,6 +142,9 @@ def info(file: Path = typer.Argument(..., help="A feature cache (.h5)."),
         return
     _echo(f"{d['path']}  ({human_bytes(d['file_bytes'])}, schema ok)")
     _echo(f"fingerprint  {d['fingerprint']}   feature dim {d['feature_dim']}   classes {len(d['class_names'])}")
+    if d["map_shape"]:
+        c, h, w = d["map_shape"]
+        _echo(f"map          pool5 map {c}x{h}x{w} per row (row-major): train-head --pool {'|'.join(HEAD_POOLS)}|auto")
     _echo(f"config       {json.dumps(d['config'], sort_keys=True)}")
     _echo(f"source       {d['source'].get('root')} ({d['source'].get('kind')})")
     _echo(f"created      {d['created']}   updated {d['updated']}")

@@ -50,23 +50,58 @@ class FeatureConfig:
     antialias: bool = True
     dtype: str = "float16"
     backbone: str = "torchvision.models.vgg16.features"
+    views: str = "none"  # "flip": each row is the mean of the image's and its mirror's features
+    scales: tuple[int, ...] = ()  # () : one centre crop; else the whole image at each shorter side, pooled, averaged
+
+    @property
+    def map_side(self) -> int:
+        return pools.map_side(self.image_size)
 
     @property
     def feature_dim(self) -> int:
-        return pools.get(self.pool).dim(VGG16_CHANNELS)
+        return pools.get(self.pool).dim(VGG16_CHANNELS, self.map_side)
+
+    @property
+    def map_shape(self) -> tuple[int, int, int] | None:
+        """(C, h, w) of a row of a map cache (`pool == "map"`), else None."""
+        return (VGG16_CHANNELS, self.map_side, self.map_side) if self.pool == "map" else None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The canonical form: a field added since schema 1 is left out at its default, so every cache made before
+        it keeps its fingerprint."""
+        d = asdict(self)
+        for name, default in _LATER_FIELDS.items():
+            if d[name] == default:
+                del d[name]
+        if "scales" in d:
+            d["scales"] = list(d["scales"])  # as JSON reads it back
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "FeatureConfig":
         d = dict(d)
         d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
+        d["scales"] = tuple(d.get("scales", ()))
         return cls(**d)
 
     def fingerprint(self) -> str:
         canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+_LATER_FIELDS = {"views": "none", "scales": ()}
+VIEWS = ("none", "flip")
+
+
+def parse_scales(text: str) -> tuple[int, ...] | None:
+    """'256,384,512' -> (256, 384, 512); '' -> (); None for anything else (sizes 32..2048, no repeats)."""
+    if not text.strip():
+        return ()
+    parts = [p.strip() for p in text.split(",")]
+    if not all(re.fullmatch(r"\d{1,4}", p) for p in parts):
+        return None
+    sizes = tuple(int(p) for p in parts)
+    return sizes if all(32 <= s <= 2048 for s in sizes) and len(set(sizes)) == len(sizes) else None
 
 
 @dataclass(frozen=True)
@@ -78,6 +113,8 @@ class ExtractConfig:
     weights: str = "imagenet"  # imagenet | none | path to a state dict
     pool: str = "avg"
     image_size: int = 224
+    views: str = "none"
+    scales: str = ""  # "256,384,512": the whole image at each shorter side (see FeatureConfig.scales)
     batch_size: int = 0  # 0: 256 on CUDA, 4 elsewhere
     workers: int = -1  # -1: chosen from the device and the CPU count
     device: str = "auto"
@@ -99,10 +136,21 @@ class ExtractConfig:
         "batch_size": Interval(int, 0, 65536),
         "workers": Interval(int, -1, 256),
         "shard": Optional(Satisfies(lambda s: _shard_part(s) is not None, "I/N with 0 <= I < N, e.g. 0/4")),
+        "views": OneOf(VIEWS),
+        "scales": Satisfies(lambda s: parse_scales(s) is not None, "sizes from 32 to 2048 without repeats, e.g. 256,384,512"),
     }
 
     def __post_init__(self):
         validate(self)
+        if self.pool == "map" and (self.views != "none" or self.scale_sizes):
+            raise UserError("--pool map keeps one centre-crop view: --views and --scales need a pooled --pool "
+                            f"({', '.join(pools.HEAD_POOLS)})")
+        if self.image_size < pools.STRIDE:
+            raise UserError(f"--image-size {self.image_size}: VGG16 needs at least {pools.STRIDE} pixels")
+
+    @property
+    def scale_sizes(self) -> tuple[int, ...]:
+        return parse_scales(self.scales)
 
     @property
     def shard_part(self) -> tuple[int, int] | None:
@@ -257,10 +305,12 @@ def _weights_sha256(path: str, size: int, mtime_ns: int) -> str:
     return sha256_file(Path(path))
 
 
-def feature_config(weights: str, pool: str, image_size: int, dtype: str) -> FeatureConfig:
+def feature_config(weights: str, pool: str, image_size: int, dtype: str, views: str = "none",
+                   scales: tuple[int, ...] = ()) -> FeatureConfig:
     """The feature definition for these options; resize keeps torchvision's 256/224 ratio at any crop size."""
     resize = round(image_size * IMAGENET_RESIZE / IMAGENET_CROP)
-    return FeatureConfig(weights=weights_identity(weights), pool=pool, image_size=image_size, resize_size=resize, dtype=dtype)
+    return FeatureConfig(weights=weights_identity(weights), pool=pool, image_size=image_size, resize_size=resize,
+                         dtype=dtype, views=views, scales=tuple(scales))
 
 
 def library_versions() -> dict[str, str]:

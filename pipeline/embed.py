@@ -47,7 +47,7 @@ def run_model(cfg: ExtractConfig, fcfg: FeatureConfig, root: Path, todo: list[Re
     workers = cfg.workers if cfg.workers >= 0 else default_workers(on_cuda, worker.local_count)
     # whole batches, as a single process cuts them: the same values, whatever the number of workers
     mine = [r for r in worker.take(todo, batch_size) if r.path in keep]
-    batches = _batches(cfg.decode, root, [r.path for r in mine], fcfg, batch_size, workers, extractor.device)
+    batches = image_batches(cfg.decode, root, [r.path for r in mine], fcfg, batch_size, workers, extractor.device)
     log.info("extracting %d images on %s (%s), batch %d, %d workers, %s decode", len(mine), extractor.device,
              extractor.precision, batch_size, workers, cfg.decode)
     start = time.perf_counter()
@@ -78,10 +78,18 @@ def _device(asked: str, worker: Worker) -> str:
     return f"cuda:{worker.local_rank}" if torch.cuda.is_available() else asked
 
 
-def _batches(decode: str, root: Path, paths: list[str], fcfg: FeatureConfig, batch_size: int, workers: int, device):
-    """Batches of {index, image (uint8), error, sha256}: decoded by Pillow in workers, or by nvJPEG on the GPU."""
+def image_batches(decode: str, root: Path, paths: list[str], fcfg: FeatureConfig, batch_size: int, workers: int,
+                  device):
+    """Batches of {index, image (uint8), error, sha256}: decoded by Pillow in workers, or by nvJPEG on the GPU;
+    for multi-scale features (`fcfg.scales`) `image` is, per file, its list of whole images at each scale."""
     from pipeline import reader
 
+    if fcfg.scales:
+        if decode != "cpu":
+            raise UserError("--scales decodes with Pillow: use --decode cpu")
+        files = reader.ScaledImageFiles(root, paths, fcfg.scales)
+        return reader.make_loader(files, batch_size, workers, pin_memory=False, yield_to_model=device.type == "cpu",
+                                  collate_fn=reader.collate_scaled)
     if decode == "cpu":
         files = reader.ImageFiles(root, paths, fcfg.resize_size, fcfg.image_size)
         return reader.make_loader(files, batch_size, workers, pin_memory=device.type == "cuda",

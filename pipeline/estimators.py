@@ -1,8 +1,13 @@
 """The estimators behind the heads registry (heads.py): scikit-learn's contract, learned state as plain arrays.
 
-`LogRegHead`: standardisation + multinomial logistic regression (scikit-learn's lbfgs fits it).
+`LogRegHead`: normalisation + multinomial logistic regression (scikit-learn's lbfgs fits it); `fit_path` fits a
+whole grid of C along the regularisation path with warm starts, as the linear-probe protocol sweeps it.
 `LinearHead`: a torch linear layer (or one hidden layer with dropout) trained with AdamW, a cosine schedule and
 early stopping on a held-out `validation_fraction` of the training rows.
+`KnnHead`: cosine k-nearest neighbours with similarity-weighted votes (no training: it keeps the training rows).
+
+Every head takes a `norm` (NORMS): `standard` (per-feature standardisation with training statistics), `l2` (unit
+rows) or `power` (signed square root, then unit rows): the usual fixes for the skewed, non-negative ReLU features.
 
 Both predict with numpy from their learned arrays alone, so a head loaded from `head.npz` (read with
 `allow_pickle=False`: a run folder can never run code) gives exactly the probabilities of the head that was fitted.
@@ -58,6 +63,36 @@ def _standardise(X: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarr
     return (np.asarray(X, np.float64) - mean) / scale
 
 
+NORMS = ("standard", "l2", "power")
+
+
+def row_normalised(X: np.ndarray, norm: str) -> np.ndarray:
+    """The row-wise part of a normalisation: `l2` unit rows, `power` signed square root then unit rows, `standard`
+    nothing (its per-feature statistics come from the training rows)."""
+    if norm == "standard":
+        return X
+    if norm not in NORMS:
+        raise ValueError(f"norm {norm!r} is not one of {', '.join(NORMS)}")
+    X = np.asarray(X, np.float32)
+    if norm == "power":
+        X = np.sign(X) * np.sqrt(np.abs(X))
+    return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+
+
+def _statistics(X: np.ndarray, norm: str) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, scale) applied after the row-wise part: the training rows' own for `standard`, the identity else."""
+    from sklearn.preprocessing import StandardScaler
+
+    if norm != "standard":
+        return np.zeros(X.shape[1]), np.ones(X.shape[1])
+    scaler = StandardScaler().fit(X)
+    return scaler.mean_.astype(np.float64), scaler.scale_.astype(np.float64)
+
+
+def _prepared(X, mean, scale, norm: str) -> np.ndarray:
+    return _standardise(row_normalised(X, norm), mean, scale)
+
+
 def _fit_inputs(head, X, y) -> tuple[np.ndarray, np.ndarray]:
     """Validated float32 features and labels; sets n_features_in_ and classes_ (two classes at least)."""
     X, y = validate_data(head, X, y, dtype=[np.float32, np.float64])
@@ -69,30 +104,40 @@ def _fit_inputs(head, X, y) -> tuple[np.ndarray, np.ndarray]:
 
 
 class LogRegHead(ClassifierMixin, BaseEstimator):
-    """Multinomial logistic regression on standardised features."""
+    """Multinomial logistic regression on normalised features."""
 
-    def __init__(self, C: float = 1.0, max_iter: int = 2000, tol: float = 1e-4):
-        self.C, self.max_iter, self.tol = C, max_iter, tol
+    def __init__(self, C: float = 1.0, norm: str = "standard", max_iter: int = 2000, tol: float = 1e-4):
+        self.C, self.norm, self.max_iter, self.tol = C, norm, max_iter, tol
 
     def fit(self, X, y) -> "LogRegHead":
+        return self.fit_path(X, y, [self.C])[0]
+
+    def fit_path(self, X, y, Cs) -> list["LogRegHead"]:
+        """One fitted head per C of `Cs`, fitted in increasing C, each warm-started from the previous solution:
+        the solutions of neighbouring C are close, so the 45-value protocol grid costs a few plain fits.
+        The head fitted at `self.C` is `self`; the others are copies."""
         from sklearn.linear_model import LogisticRegression
-        from sklearn.preprocessing import StandardScaler
 
         X, y = _fit_inputs(self, X, y)
-        scaler = StandardScaler().fit(X)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", ConvergenceWarning)
-            clf = LogisticRegression(C=self.C, max_iter=self.max_iter, tol=self.tol).fit(scaler.transform(X), y)
-        self.converged_ = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
-        self.n_iter_ = int(np.max(clf.n_iter_))
-        self.mean_, self.scale_ = scaler.mean_.astype(np.float64), scaler.scale_.astype(np.float64)
-        self.coef_, self.intercept_ = clf.coef_.astype(np.float64), clf.intercept_.astype(np.float64)
-        return self
+        self.mean_, self.scale_ = _statistics(row_normalised(X, self.norm), self.norm)
+        Xn = _prepared(X, self.mean_, self.scale_, self.norm)
+        clf = LogisticRegression(max_iter=self.max_iter, tol=self.tol, warm_start=True)
+        fitted = {}
+        for C in sorted(set(float(c) for c in Cs)):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", ConvergenceWarning)
+                clf.set_params(C=C).fit(Xn, y)
+            head = copy.copy(self) if C != self.C else self
+            head.C, head.converged_ = C, not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+            head.n_iter_ = int(np.max(clf.n_iter_))
+            head.coef_, head.intercept_ = clf.coef_.astype(np.float64), clf.intercept_.astype(np.float64)
+            fitted[C] = head
+        return [fitted[float(c)] for c in Cs]
 
     def decision_function(self, X) -> np.ndarray:
         check_is_fitted(self)
         X = validate_data(self, X, reset=False, dtype=[np.float32, np.float64])
-        z = _standardise(X, self.mean_, self.scale_) @ self.coef_.T + self.intercept_
+        z = _prepared(X, self.mean_, self.scale_, self.norm) @ self.coef_.T + self.intercept_
         return z[:, 0] if z.shape[1] == 1 else z
 
     def predict_proba(self, X) -> np.ndarray:
@@ -127,9 +172,9 @@ class LinearHead(ClassifierMixin, BaseEstimator):
     """
 
     def __init__(self, hidden: int = 0, dropout: float = 0.5, lr: float = 1e-3, weight_decay: float = 1e-2,
-                 epochs: int = 200, batch_size: int = 256, n_iter_no_change: int | None = 15,
+                 norm: str = "standard", epochs: int = 200, batch_size: int = 256, n_iter_no_change: int | None = 15,
                  validation_fraction: float = 0.1, seed: int = 0, device: str = "auto"):
-        self.hidden, self.dropout, self.lr, self.weight_decay = hidden, dropout, lr, weight_decay
+        self.hidden, self.dropout, self.lr, self.weight_decay, self.norm = hidden, dropout, lr, weight_decay, norm
         self.epochs, self.batch_size, self.seed, self.device = epochs, batch_size, seed, device
         self.n_iter_no_change, self.validation_fraction = n_iter_no_change, validation_fraction
 
@@ -138,8 +183,7 @@ class LinearHead(ClassifierMixin, BaseEstimator):
 
         X, y = _fit_inputs(self, X, y)
         X, Xv, y, yv = self._hold_out(X, y)
-        self.mean_, std = _moments(X)
-        self.scale_ = std + 1e-6
+        self.mean_, self.scale_ = self._statistics(lambda: _moments(row_normalised(X, self.norm)), X.shape[1])
         device, tensor, labels = self._converters()
         Xt, yt = tensor(X), labels(y)  # the whole split on the device, standardised once
         gen = torch.Generator().manual_seed(self.seed)
@@ -159,13 +203,20 @@ class LinearHead(ClassifierMixin, BaseEstimator):
             cap = max(1, min(MAX_HELD_OUT_ROWS, MAX_HELD_OUT_BYTES // (rows.dim * 4)))
             train, held = np.concatenate([train, held[cap:]]), np.sort(held[:cap])
         train = np.sort(train)
-        self.mean_, std = rows.moments(train)
-        self.scale_ = std + 1e-6
+        self.mean_, self.scale_ = self._statistics(lambda: rows.moments(train), rows.dim)
         device, tensor, labels = self._converters()
         rng = np.random.default_rng(self.seed)
         batches = lambda: ((tensor(X), labels(y[i])) for X, i in rows.shuffled(train, self.batch_size, rng))
         held_out = None if held is None else (tensor(rows.take(held)), labels(y[held]))
         return self._fit_batches(len(train), batches, held_out, device)
+
+    def _statistics(self, moments, dim: int) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, scale) after the row-wise normalisation: `moments()` of the training rows for `standard`."""
+        if self.norm != "standard":
+            row_normalised(np.zeros((1, 1), np.float32), self.norm)  # an unknown norm is refused before training
+            return np.zeros(dim), np.ones(dim)
+        mean, std = moments()
+        return mean, std + 1e-6
 
     def _converters(self):
         import torch
@@ -173,7 +224,7 @@ class LinearHead(ClassifierMixin, BaseEstimator):
         from pipeline.device import resolve_device
 
         device = resolve_device(self.device)
-        tensor = lambda a: torch.from_numpy(_standardised32(a, self.mean_, self.scale_)).to(device)
+        tensor = lambda a: torch.from_numpy(_standardised32(row_normalised(a, self.norm), self.mean_, self.scale_)).to(device)
         labels = lambda a: torch.from_numpy(np.searchsorted(self.classes_, a)).long().to(device)
         return device, tensor, labels
 
@@ -197,7 +248,7 @@ class LinearHead(ClassifierMixin, BaseEstimator):
 
     def _logits(self, X) -> np.ndarray:
         check_is_fitted(self)
-        x = _standardise(validate_data(self, X, reset=False, dtype=[np.float32, np.float64]), self.mean_, self.scale_)
+        x = _prepared(validate_data(self, X, reset=False, dtype=[np.float32, np.float64]), self.mean_, self.scale_, self.norm)
         for k, (w, b) in enumerate(self.layers_):
             x = x @ w.T + b
             if k < len(self.layers_) - 1:
@@ -226,6 +277,60 @@ class LinearHead(ClassifierMixin, BaseEstimator):
         widths = [d, self.hidden, k] if self.hidden else [d, k]
         self.layers_ = [(_real(a, f"layer{i}_weight", (n_out, n_in)), _real(a, f"layer{i}_bias", (n_out,)))
                         for i, (n_in, n_out) in enumerate(zip(widths, widths[1:]))]
+
+
+class KnnHead(ClassifierMixin, BaseEstimator):
+    """Cosine k-nearest neighbours: the `k` most similar training rows vote, each with weight exp(similarity / T).
+
+    No training and nothing to tune but k, a baseline that shows what the features hold by themselves (the DINO
+    k-NN evaluation uses T = 0.07). Rows are normalised by `norm`, then to unit length (cosine). The head keeps
+    every training row: its file and memory grow with the training split.
+    """
+
+    ROWS_PER_STEP = 2048  # query rows per similarity matmul: memory stays rows x train rows floats
+
+    def __init__(self, k: int = 10, norm: str = "l2", temperature: float = 0.07):
+        self.k, self.norm, self.temperature = k, norm, temperature
+
+    def fit(self, X, y) -> "KnnHead":
+        X, y = _fit_inputs(self, X, y)
+        self.mean_, self.scale_ = _statistics(row_normalised(X, self.norm), self.norm)
+        self.train_ = self._unit(X)
+        self.train_labels_ = np.searchsorted(self.classes_, y).astype(np.int64)
+        return self
+
+    def _unit(self, X) -> np.ndarray:
+        Z = _prepared(X, self.mean_, self.scale_, self.norm)
+        return (Z / np.maximum(np.linalg.norm(Z, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+    def predict_proba(self, X) -> np.ndarray:
+        check_is_fitted(self)
+        Q = self._unit(validate_data(self, X, reset=False, dtype=[np.float32, np.float64]))
+        k = min(int(self.k), len(self.train_))
+        proba = np.zeros((len(Q), len(self.classes_)))
+        for start in range(0, len(Q), self.ROWS_PER_STEP):
+            sims = Q[start:start + self.ROWS_PER_STEP] @ self.train_.T
+            top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+            weights = np.exp((np.take_along_axis(sims, top, 1) - 1) / self.temperature)  # -1: no overflow, same ratios
+            block = proba[start:start + len(sims)]
+            np.add.at(block, (np.arange(len(sims))[:, None], self.train_labels_[top]), weights)
+        return proba / proba.sum(1, keepdims=True)
+
+    def predict(self, X) -> np.ndarray:
+        return self.classes_[self.predict_proba(X).argmax(1)]
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {"mean": self.mean_, "scale": self.scale_, "train": self.train_, "train_labels": self.train_labels_}
+
+    def set_arrays(self, a: dict[str, np.ndarray]) -> None:
+        d, k = self.n_features_in_, len(self.classes_)
+        self.mean_, self.scale_ = _real(a, "mean", (d,)), _real(a, "scale", (d,), positive=True)
+        n = a["train"].shape[0] if "train" in a and a["train"].ndim == 2 else 0
+        self.train_ = _real(a, "train", (n, d)).astype(np.float32)
+        labels = _real(a, "train_labels", (n,))
+        if n < 1 or labels.dtype.kind not in "iu" or labels.min() < 0 or labels.max() >= k:
+            raise ValueError(f"'train_labels' are not {n} indices into the {k} classes")
+        self.train_labels_ = labels.astype(np.int64)
 
 
 def _real(arrays: dict, name: str, shape: tuple, positive: bool = False, finite: bool = True) -> np.ndarray:

@@ -1,26 +1,80 @@
 """How a (B, C, h, w) convolutional map becomes one vector per image: each pooling is one registry entry.
 
-An entry names the pooling, says how many C-sized vectors it yields (so its output size is known without torch)
-and computes it. torch is imported inside the functions only: planning an extraction must not import it.
+An entry names the pooling, says how many C-sized vectors it yields for a map of side `side` (so its output size
+is known without torch) and computes it twice, side by side: in torch at extraction, and in numpy at head time
+from a cached map (`extract --pool map`), so that one extraction serves every pooling. The two agree to float
+rounding (a test). torch is imported inside the torch functions only: planning an extraction must not import it.
+
+Adaptive pooling cuts an h-long axis into n bins as torch does: bin i covers [floor(i*h/n), ceil((i+1)*h/n)).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
+
 FLATTEN_GRID = 7  # torchvision's VGG avgpool: AdaptiveAvgPool2d((7, 7)), the input of the original classifier
+SPP_LEVELS = (1, 2, 4)  # spatial pyramid: average over the whole map, a 2x2 and a 4x4 grid (1 + 4 + 16 cells)
+STRIDE = 32  # VGG16's five 2x2 max-pools: a crop of side s gives a pool5 map of side s // 32
 
 
 @dataclass(frozen=True)
 class Pool:
     name: str
-    cells: int  # output size = cells * channels
+    cells: Callable[[int], int]  # map side -> output size / channels
     description: str
-    apply: Callable  # (B, C, h, w) tensor -> (B, cells * C) tensor
+    torch_apply: Callable  # (B, C, h, w) tensor -> (B, cells * C) tensor
+    numpy_apply: Callable | None  # the same on a float32 array; None: not computable from a cached map
 
-    def dim(self, channels: int) -> int:
-        return self.cells * channels
+    def dim(self, channels: int, side: int = FLATTEN_GRID) -> int:
+        return self.cells(side) * channels
+
+    @property
+    def at_head(self) -> bool:
+        """Can be computed at head time from a map cache."""
+        return self.numpy_apply is not None
+
+
+def map_side(image_size: int) -> int:
+    """Side of the pool5 map for a square crop (five floor-halvings: floor(s / 32))."""
+    return image_size // STRIDE
+
+
+def _bins(length: int, n: int) -> list[tuple[int, int]]:
+    return [((i * length) // n, math.ceil((i + 1) * length / n)) for i in range(n)]
+
+
+def adaptive_avg(fmap: np.ndarray, n: int) -> np.ndarray:
+    """torch's adaptive_avg_pool2d(fmap, n) in numpy: (B, C, h, w) -> (B, C, n, n), float32."""
+    h, w = fmap.shape[2:]
+    out = np.empty((*fmap.shape[:2], n, n), np.float32)
+    for i, (r0, r1) in enumerate(_bins(h, n)):
+        for j, (c0, c1) in enumerate(_bins(w, n)):
+            out[:, :, i, j] = fmap[:, :, r0:r1, c0:c1].mean((2, 3), dtype=np.float64)
+    return out
+
+
+def _np_avg(fmap):
+    return fmap.mean((2, 3), dtype=np.float64).astype(np.float32)
+
+
+def _np_max(fmap):
+    return fmap.max((2, 3)).astype(np.float32)
+
+
+def _np_avgmax(fmap):
+    return np.concatenate([_np_avg(fmap), _np_max(fmap)], 1)
+
+
+def _np_flatten(fmap):
+    return adaptive_avg(fmap, FLATTEN_GRID).reshape(len(fmap), -1)
+
+
+def _np_spp(fmap):
+    return np.concatenate([adaptive_avg(fmap, n).reshape(len(fmap), -1) for n in SPP_LEVELS], 1)
 
 
 def _avg(fmap):
@@ -47,13 +101,40 @@ def _flatten(fmap):
     return F.adaptive_avg_pool2d(fmap, FLATTEN_GRID).flatten(1)  # torchvision's own avgpool + flatten
 
 
+def _spp(fmap):
+    import torch
+    import torch.nn.functional as F
+
+    return torch.cat([F.adaptive_avg_pool2d(fmap, n).flatten(1) for n in SPP_LEVELS], dim=1)
+
+
+def _map(fmap):
+    return fmap.flatten(1)  # row-major (C, h, w): a row reshapes to the map
+
+
 POOLS: dict[str, Pool] = {p.name: p for p in (
-    Pool("avg", 1, "global average", _avg),
-    Pool("max", 1, "global max", _max),
-    Pool("avgmax", 2, "global average and max, concatenated", _avgmax),
-    Pool("flatten", FLATTEN_GRID**2, "7x7 adaptive average, flattened: the input of VGG16's classifier", _flatten),
+    Pool("avg", lambda s: 1, "global average", _avg, _np_avg),
+    Pool("max", lambda s: 1, "global max", _max, _np_max),
+    Pool("avgmax", lambda s: 2, "global average and max, concatenated", _avgmax, _np_avgmax),
+    Pool("flatten", lambda s: FLATTEN_GRID**2, "7x7 adaptive average, flattened: the input of VGG16's classifier",
+         _flatten, _np_flatten),
+    Pool("spp", lambda s: sum(n * n for n in SPP_LEVELS), "spatial pyramid: averages over 1x1, 2x2 and 4x4 grids",
+         _spp, _np_spp),
+    Pool("map", lambda s: s * s, "the pool5 map itself (C x h x w, h = w = crop / 32): pool at head time",
+         _map, None),
 )}
+HEAD_POOLS = tuple(name for name, p in POOLS.items() if p.at_head)  # what a map cache can be pooled to
 
 
 def get(name: str) -> Pool:
     return POOLS[name]
+
+
+def from_map(name: str, channels: int, side: int) -> Callable[[np.ndarray], np.ndarray]:
+    """Rows of a map cache (N, channels * side * side) -> rows pooled by `name`, as float32."""
+    apply = POOLS[name].numpy_apply
+
+    def transform(rows: np.ndarray) -> np.ndarray:
+        return apply(np.asarray(rows, np.float32).reshape(len(rows), channels, side, side))
+
+    return transform

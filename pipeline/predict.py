@@ -60,7 +60,8 @@ def precision_for(run: Run, asked: str) -> str:
 def predict(cfg: PredictConfig) -> list[dict]:
     """One row per image (predicted class, its probability, the top-k, or the error), written as CSV to cfg.out."""
     from pipeline.backbone import Extractor, build_body
-    from pipeline.reader import ImageFiles, decoded_images, make_loader
+    from pipeline.embed import image_batches
+    from pipeline.reader import decoded_images
 
     run = load_run(cfg.run)
     head = run.load_head()
@@ -69,8 +70,8 @@ def predict(cfg: PredictConfig) -> list[dict]:
     if cfg.out:
         files.ensure_writable_file(cfg.out, "--out")  # before the forward pass, not after it
     extractor = Extractor(build_body(fcfg, weights_for(run, cfg.weights)), cfg.device, precision_for(run, cfg.precision))
-    loader = make_loader(ImageFiles(Path(""), paths, fcfg.resize_size, fcfg.image_size), cfg.batch_size, cfg.workers,
-                         pin_memory=extractor.device.type == "cuda")
+    loader = image_batches("cpu", Path(""), paths, fcfg, cfg.batch_size, cfg.workers, extractor.device)
+    pooled = run.head_pooling()  # a head trained on a map cache pools the map as it did
     rows = []
     for batch in loader:
         ok, images = decoded_images(batch)
@@ -78,6 +79,7 @@ def predict(cfg: PredictConfig) -> list[dict]:
         if ok:
             # round through the cache's storage dtype: the head was trained on exactly such values
             features = extractor(images).astype(fcfg.dtype).astype(np.float32)
+            features = pooled(features) if pooled else features
             by_k = dict(zip(ok, full_proba(head, features, len(run.class_names))))
         rows += [_row(paths[i], by_k.get(k), batch["error"][k], run.class_names, cfg.top_k)
                  for k, i in enumerate(batch["index"].tolist())]

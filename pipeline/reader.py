@@ -91,9 +91,38 @@ class ImageFiles(torch.utils.data.Dataset):
         return {"index": index, "image": image, "error": error, "sha256": digest}
 
 
-def decoded_images(batch: dict) -> tuple[list[int], torch.Tensor]:
+class ScaledImageFiles(ImageFiles):
+    """Multi-scale views (`extract --scales`): per file, the whole image (no crop) resized so its shorter side is each
+    scale in turn, as uint8 tensors of differing shapes; batched with `collate_scaled`."""
+
+    def __init__(self, root: Path, paths: list[str], scales: tuple[int, ...]):
+        super().__init__(root, paths, max(scales), max(scales))
+        self.scales = scales
+
+    def __getitem__(self, index: int) -> dict:
+        views, error, digest, data = [], "", "", None
+        try:
+            data = self.read(index)
+            digest = hashlib.sha256(data).hexdigest()
+            img = open_image(data, max(self.scales))  # a JPEG draft never below the largest scale
+            views = [TF.pil_to_tensor(TF.resize(img, s, interpolation=InterpolationMode.BILINEAR, antialias=True))
+                     for s in self.scales]
+        except Exception as e:  # any failure is this file's, not the run's: report it and go on
+            error = describe_failure(e, None if data is None else len(data))
+        return {"index": index, "image": views, "error": error, "sha256": digest}
+
+
+def collate_scaled(items: list[dict]) -> dict:
+    """Batch ScaledImageFiles items: images stay a list (one list of differently shaped views per file)."""
+    return {"index": torch.tensor([it["index"] for it in items]), "image": [it["image"] for it in items],
+            "error": [it["error"] for it in items], "sha256": [it["sha256"] for it in items]}
+
+
+def decoded_images(batch: dict) -> tuple[list[int], torch.Tensor | list]:
     """Positions of the images of a batch that decoded, and those images (the whole, still pinned, batch if all did)."""
     ok = [k for k, e in enumerate(batch["error"]) if not e]
+    if isinstance(batch["image"], list):  # multi-scale views
+        return ok, [batch["image"][k] for k in ok]
     return ok, batch["image"] if len(ok) == len(batch["error"]) else batch["image"][ok]
 
 
@@ -102,7 +131,7 @@ def _lower_priority(worker_id: int) -> None:
 
 
 def make_loader(dataset: ImageFiles, batch_size: int, workers: int, pin_memory: bool,
-                yield_to_model: bool = False) -> DataLoader:
+                yield_to_model: bool = False, collate_fn=None) -> DataLoader:
     """Batches in dataset order; workers decode and resize so the main process only runs the model.
 
     `yield_to_model` (CPU runs): the forward owns the cores, and a niced decoder fills its gaps instead of
@@ -110,7 +139,7 @@ def make_loader(dataset: ImageFiles, batch_size: int, workers: int, pin_memory: 
     """
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=pin_memory,
                       prefetch_factor=4 if workers else None, persistent_workers=False,
-                      worker_init_fn=_lower_priority if yield_to_model and workers else None)
+                      worker_init_fn=_lower_priority if yield_to_model and workers else None, collate_fn=collate_fn)
 
 
 # --- opt-in batched decoding on the GPU (`--decode gpu`): workers only read bytes and parse headers -------------

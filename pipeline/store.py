@@ -472,6 +472,17 @@ def _write_split(g: h5py.Group, records: list[Record], dim: int, fetch, dtype: s
         g.create_dataset(name, data=data, dtype=STR if name == "paths" else None)
 
 
+def _map_shape(header: Header) -> list[int] | None:
+    """(C, h, w) of each row of a map cache (`extract --pool map`), None for a pooled cache."""
+    from pipeline.config import FeatureConfig
+
+    try:
+        shape = FeatureConfig.from_dict(header.config).map_shape
+    except (TypeError, KeyError, ValueError):  # a config this version does not know: no shape to tell
+        return None
+    return list(shape) if shape else None
+
+
 def describe(path: Path) -> dict:
     """A JSON-able summary of a cache: header, rows per split and class, and every failed file."""
     with open_cache(path) as cache:
@@ -485,6 +496,6 @@ def describe(path: Path) -> dict:
         else:
             s["failed"].append({"path": r.path, "reason": r.reason})
     return {"path": str(path), "file_bytes": Path(path).stat().st_size, "fingerprint": header.fingerprint,
-            "feature_dim": header.feature_dim, "class_names": header.class_names, "config": header.config,
+            "feature_dim": header.feature_dim, "map_shape": _map_shape(header), "class_names": header.class_names, "config": header.config,
             "source": header.source, "extraction": header.extraction, "versions": header.versions,
             "created": header.created, "updated": header.updated, "splits": splits}
