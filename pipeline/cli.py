@@ -168,11 +168,15 @@ def train_head(
     val_split: str = typer.Option(T("val_split"), help="Split to choose hyperparameters on (held out of train when absent)."),
     test_split: str = typer.Option(T("test_split"), help="Split scored once at the end, when present."),
     val_fraction: float = typer.Option(T("val_fraction"), help="Fraction of train held out when there is no validation split."),
-    C: Optional[float] = typer.Option(None, "--C", help="logreg: fix C instead of sweeping 1e-4..1e2."),
+    pool: str = typer.Option(T("pool"), help="Map cache: " + ", ".join(HEAD_POOLS) + ", or auto (sweep them all on validation). Pooled cache: its own pooling."),
+    norm: Optional[str] = typer.Option(None, help="standard, l2 (unit rows), power (signed sqrt, then l2), or auto (sweep them); default: standard, l2 for knn."),
+    refit: Optional[bool] = typer.Option(None, "--refit/--no-refit", help="Refit the choice on train+val before scoring test (default: on when there is a test split)."),
+    C: Optional[float] = typer.Option(None, "--C", help="logreg: fix C instead of sweeping 45 values 1e-6..1e5."),
+    k: Optional[int] = typer.Option(None, "--k", help="knn: fix k instead of sweeping 1, 3, 5, 10, 20, 50."),
     hidden: int = typer.Option(H("hidden"), help="linear: width of one hidden layer (0: a single linear layer)."),
     dropout: float = typer.Option(H("dropout"), help="linear: dropout after the hidden layer."),
-    lr: float = typer.Option(H("lr"), help="linear: AdamW learning rate."),
-    weight_decay: Optional[float] = typer.Option(None, help="linear: fix weight decay instead of sweeping 1e-4..1e-1."),
+    lr: Optional[float] = typer.Option(None, help="linear: fix the AdamW learning rate instead of sweeping 1e-3, 1e-2."),
+    weight_decay: Optional[float] = typer.Option(None, help="linear: fix weight decay instead of sweeping 1e-6..1."),
     epochs: int = typer.Option(H("epochs"), help="linear: most epochs."),
     batch_size: int = typer.Option(H("batch_size"), help="linear: rows per step."),
     patience: int = typer.Option(H("n_iter_no_change"), help="linear: epochs without a better held-out loss before stopping."),
@@ -186,19 +190,21 @@ def train_head(
     from pipeline.metrics import format_metrics
     from pipeline.train import train_head as run_train
 
-    head_cfg = HeadConfig(kind=head, C=C, hidden=hidden, dropout=dropout, lr=lr, weight_decay=weight_decay, epochs=epochs,
+    head_cfg = HeadConfig(kind=head, C=C, k=k, norm=norm, hidden=hidden, dropout=dropout, lr=lr, weight_decay=weight_decay, epochs=epochs,
                           batch_size=batch_size, n_iter_no_change=patience, validation_fraction=early_stop_fraction,
                           seed=seed, device=device)
     run = run_train(TrainConfig(features=features, out=out, train_split=train_split, val_split=val_split,
                                 test_split=test_split, val_fraction=val_fraction, memory_budget=memory_budget,
-                                stream=stream, head=head_cfg))
+                                stream=stream, pool=pool, refit=refit, head=head_cfg))
     for split, m in run.metrics.items():
         _echo(format_metrics(m, f"{run.folder.name} on {split}") + "\n")
+    from pipeline.runs import describe_chosen
+
     r = run.record
-    chosen = ", ".join(f"{k}={v:g}" for k, v in r.head.chosen.items())
     data = "streamed from the file" if r.loading and r.loading.mode == "stream" else "in memory"
-    _echo(f"chose {chosen} on {r.splits.val}; fit {r.timings.fit_seconds:.2f} s ({len(r.sweep)} candidates, data "
-          f"{data}); saved {run.folder}")
+    refit_note = "; refit on train+val before test" if r.refit else ""
+    _echo(f"chose {describe_chosen(r.head.chosen)} on {r.splits.val}{refit_note}; fit {r.timings.fit_seconds:.2f} s "
+          f"({len(r.sweep)} candidates, data {data}); saved {run.folder}")
 
 
 @app.command()
@@ -243,16 +249,18 @@ def runs(models: Path = typer.Argument(Path("models"), help="Folder of run folde
     """Compare every saved run: head, features, chosen hyperparameters, scores, fit time; best validation first."""
     from pipeline.runs import list_runs
 
+    from pipeline.runs import describe_chosen
+
     rows = list_runs(models)
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
     fmt = lambda v: "-" if v is None else f"{v:.4f}"
-    _echo(f"{'name':<40} {'head':<7} {'features':<32} {'params':<24} {'val acc':>8} {'val F1':>7} {'test acc':>8} "
+    _echo(f"{'name':<40} {'head':<7} {'features':<32} {'params':<40} {'val acc':>8} {'val F1':>7} {'test acc':>8} "
           f"{'test F1':>7} {'fit s':>6}")
     for r in rows:
-        params = ",".join(f"{k}={v:g}" for k, v in r["chosen"].items())
-        _echo(f"{r['name']:<40} {r['head']:<7} {r['features']:<32} {params:<24} {fmt(r['val_accuracy']):>8} "
+        params = describe_chosen(r["chosen"]).replace(", ", ",")
+        _echo(f"{r['name']:<40} {r['head']:<7} {r['features']:<32} {params:<40} {fmt(r['val_accuracy']):>8} "
               f"{fmt(r['val_macro_f1']):>7} {fmt(r['test_accuracy']):>8} {fmt(r['test_macro_f1']):>7} {r['fit_seconds']:>6.2f}")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import re
 from dataclasses import asdict, dataclass, field
@@ -65,6 +66,14 @@ class FeatureConfig:
     def map_shape(self) -> tuple[int, int, int] | None:
         """(C, h, w) of a row of a map cache (`pool == "map"`), else None."""
         return (VGG16_CHANNELS, self.map_side, self.map_side) if self.pool == "map" else None
+
+    def head_pooling(self, pool: str | None):
+        """Rows of this (map) cache -> rows pooled by `pool` (a pools.HEAD_POOLS name); None: the rows as they are."""
+        if pool is None:
+            return None
+        if self.pool != "map":
+            raise ValueError(f"only a map cache is pooled at head time; this one holds {self.pool}")
+        return pools.from_map(pool, VGG16_CHANNELS, self.map_side)
 
     def to_dict(self) -> dict:
         """The canonical form: a field added since schema 1 is left out at its default, so every cache made before
@@ -168,15 +177,20 @@ def _shard_part(text: str) -> tuple[int, int] | None:
 POSITIVE = Interval(float, 0, None, open_low=True)
 
 
+NORMS = ("standard", "l2", "power")  # see estimators.row_normalised
+
+
 @dataclass(frozen=True)
 class HeadConfig:
     """Which head, and the hyperparameters fixed by the user (None: chosen by the sweep on validation)."""
 
     kind: str = "logreg"
     C: float | None = None
+    k: int | None = None
+    norm: str | None = None  # None: the head's default (HeadSpec.default_norm); "auto": swept with the rest
     hidden: int = 0
     dropout: float = 0.5
-    lr: float = 1e-3
+    lr: float | None = None
     weight_decay: float | None = None
     epochs: int = 200
     batch_size: int = 256
@@ -186,8 +200,9 @@ class HeadConfig:
     device: str = "auto"
 
     PARAMS = {
-        "kind": OneOf(tuple(HEADS)), "C": Optional(POSITIVE), "hidden": Interval(int, 0, 1 << 16),
-        "dropout": Interval(float, 0, 1, open_high=True), "lr": POSITIVE,
+        "kind": OneOf(tuple(HEADS)), "C": Optional(POSITIVE), "k": Optional(Interval(int, 1, 1 << 20)),
+        "norm": Optional(OneOf(NORMS + ("auto",))), "hidden": Interval(int, 0, 1 << 16),
+        "dropout": Interval(float, 0, 1, open_high=True), "lr": Optional(POSITIVE),
         "weight_decay": Optional(Interval(float, 0, None)), "epochs": Interval(int, 1, 100_000),
         "batch_size": Interval(int, 1, 1 << 20), "n_iter_no_change": Interval(int, 1, 100_000),
         "validation_fraction": Interval(float, 0, 1, open_low=True, open_high=True),
@@ -199,20 +214,19 @@ class HeadConfig:
         validate(self)
 
     @property
-    def swept(self) -> str:
-        """The hyperparameter the sweep varies."""
-        return HEADS[self.kind].swept
+    def norms(self) -> tuple[str, ...]:
+        """The normalisations tried: the one asked for, all of them for "auto", else the head's default."""
+        return NORMS if self.norm == "auto" else (self.norm or HEADS[self.kind].default_norm,)
 
     def candidates(self) -> list[dict]:
-        """The constructor arguments of every head the sweep fits."""
-        fixed_value = getattr(self, self.swept)
-        grid = [fixed_value] if fixed_value is not None else list(HEADS[self.kind].grid)
-        if self.kind == "logreg":
-            return [{"C": c} for c in grid]
-        fixed = {"hidden": self.hidden, "dropout": self.dropout, "lr": self.lr, "epochs": self.epochs,
-                 "batch_size": self.batch_size, "n_iter_no_change": self.n_iter_no_change,
-                 "validation_fraction": self.validation_fraction, "seed": self.seed, "device": self.device}
-        return [fixed | {"weight_decay": wd} for wd in grid]
+        """The constructor arguments of every head the sweep fits: every norm x the product of the grids, with each
+        hyperparameter the user fixed taking that one value."""
+        spec = HEADS[self.kind]
+        axes = {name: [getattr(self, name)] if getattr(self, name) is not None else list(values)
+                for name, values in spec.grid.items()}
+        fixed = {name: getattr(self, name) for name in spec.fixed}
+        return [fixed | {"norm": norm} | dict(zip(axes, values))
+                for norm in self.norms for values in itertools.product(*axes.values())]
 
 
 @dataclass(frozen=True)
@@ -227,8 +241,11 @@ class TrainConfig:
     val_fraction: float = 0.2  # held out of train, stratified, when the file has no validation split
     memory_budget: str | None = None  # "8G", "512M", bytes; None: half the memory available (see stream.py)
     stream: bool = False  # read the features from the file as the head trains, whatever their size
+    pool: str = "auto"  # on a map cache: a pooling of pools.HEAD_POOLS, or auto (swept); on a pooled cache: its own
+    refit: bool | None = None  # refit the choice on train+val before test; None: when there is a test split
 
     PARAMS = {"val_fraction": Interval(float, 0, 1, open_low=True, open_high=True),
+              "pool": OneOf(("auto",) + pools.HEAD_POOLS),
               "memory_budget": Optional(Satisfies(lambda s: parse_bytes(s) > 0, "a size such as 8G, 512M or 1000000"))}
 
     def __post_init__(self):

@@ -31,7 +31,7 @@ def evaluate_run(cfg: EvaluateConfig) -> Evaluation:
     with store.open_cache(features) as cache:
         check_same_extractor(run, cache.header, features)
         split = cfg.split or next((s for s in ("test", "val") if s in cache.splits), cache.splits[0] if cache.splits else "")
-        rows = SplitRows(cache, split)  # read block by block: any split size in bounded memory
+        rows = SplitRows(cache, split, transform=run.head_pooling())  # block by block: any split size, bounded memory
         y = _relabel(rows.labels, cache.header.class_names, run.class_names, features)
         proba = full_proba(head, rows, len(run.class_names))
     return Evaluation(classification_metrics(y, proba, run.class_names), split, features)

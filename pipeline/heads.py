@@ -1,4 +1,4 @@
-"""The heads registry: each head is one entry (name, estimator, swept hyperparameter and grid); save and load.
+"""The heads registry: each head is one entry (name, estimator, swept hyperparameters and grids); save and load.
 
 A head is saved as its learned arrays in one `.npz`, read back with `allow_pickle=False`, so a run folder can
 never run code. Estimators live in estimators.py and are imported on first use: scikit-learn and torch take
@@ -16,17 +16,28 @@ import numpy as np
 HEAD_FILE = "head.npz"
 
 
+# The linear-probe protocol's L2 grid (Kornblith et al. 2019; the CLIP and DINOv2 evaluations): 45 log-spaced C.
+LOGREG_C = tuple(float(c) for c in np.logspace(-6, 5, 45))
+
+
 @dataclass(frozen=True)
 class HeadSpec:
-    """One head: where its estimator is, the hyperparameter the sweep varies and its grid, a line for --help."""
+    """One head: where its estimator is, the hyperparameters the sweep varies and their grids (tried as a product),
+    the HeadConfig fields passed to it as they are, its default normalisation, a line for --help."""
 
     name: str
     estimator_path: str  # "module:Class"
-    swept: str
-    grid: tuple[float, ...]
+    grid: dict  # hyperparameter -> values; the first is the x axis of sweep.png
+    fixed: tuple[str, ...]  # HeadConfig fields passed unchanged
+    default_norm: str
     description: str
     streams: bool  # can train on a split read from the file as it goes (stream.SplitRows): caches over memory
     memory_copies: float  # float32 copies of its rows it holds at its peak when fitting in memory (measured, rounded up)
+    path: str | None = None  # a hyperparameter the estimator fits along a path in one call (`fit_path`)
+
+    @property
+    def swept(self) -> tuple[str, ...]:
+        return tuple(self.grid)
 
     @property
     def estimator(self) -> type:
@@ -34,13 +45,19 @@ class HeadSpec:
         return getattr(importlib.import_module(module), name)
 
 
+_LINEAR_FIXED = ("hidden", "dropout", "epochs", "batch_size", "n_iter_no_change", "validation_fraction", "seed", "device")
 HEADS: dict[str, HeadSpec] = {h.name: h for h in (
-    HeadSpec("logreg", "pipeline.estimators:LogRegHead", "C", tuple(float(c) for c in np.logspace(-4, 2, 7)),
-             "scikit-learn logistic regression on standardised features", streams=False,
-             memory_copies=3.5),  # measured 3.1: the split, a float32 copy, the scaled copy
-    HeadSpec("linear", "pipeline.estimators:LinearHead", "weight_decay", (1e-4, 1e-3, 1e-2, 1e-1),
+    HeadSpec("logreg", "pipeline.estimators:LogRegHead", {"C": LOGREG_C}, (), "standard",
+             "scikit-learn logistic regression, C swept over 45 values 1e-6..1e5 along a warm-started path",
+             streams=False, memory_copies=3.5,  # measured 3.1: the split, a float32 copy, the scaled copy
+             path="C"),
+    HeadSpec("linear", "pipeline.estimators:LinearHead", {"weight_decay": (1e-6, 1e-4, 1e-2, 1.0), "lr": (1e-3, 1e-2)},
+             _LINEAR_FIXED, "standard",
              "torch linear layer (optionally one hidden layer), AdamW, early stopping", streams=True,
              memory_copies=2.5),  # measured 2.0: the split as read, then standardised in float32
+    HeadSpec("knn", "pipeline.estimators:KnnHead", {"k": (1, 3, 5, 10, 20, 50)}, (), "l2",
+             "cosine k-nearest neighbours, weighted votes (no training; keeps the training rows)", streams=False,
+             memory_copies=3.0),
 )}
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import files
-from pipeline.config import FeatureConfig, PredictConfig
+from pipeline.config import PredictConfig
 from pipeline.data import is_image_name
 from pipeline.errors import UserError
 from pipeline.heads import full_proba
@@ -65,7 +65,7 @@ def predict(cfg: PredictConfig) -> list[dict]:
 
     run = load_run(cfg.run)
     head = run.load_head()
-    fcfg = _feature_config(run)
+    fcfg = run.feature_config
     paths = collect_images(cfg.images)
     if cfg.out:
         files.ensure_writable_file(cfg.out, "--out")  # before the forward pass, not after it
@@ -93,13 +93,6 @@ def _row(path: str, proba, error: str, names: list[str], k: int) -> dict:
     order = np.argsort(-proba, kind="stable")[:k]
     return {"path": path, "predicted": names[order[0]], "probability": f"{proba[order[0]]:.6f}",
             "top_k": ";".join(f"{names[j]}:{proba[j]:.4f}" for j in order), "error": "", "proba": proba}
-
-
-def _feature_config(run: Run) -> FeatureConfig:
-    try:
-        return FeatureConfig.from_dict(run.record.features.config)
-    except (TypeError, KeyError, ValueError) as e:
-        raise UserError(f"{run.folder / 'run.json'} is damaged: features.config is not an extractor config ({e})") from None
 
 
 def write_csv(rows: list[dict], out: Path | None) -> None:

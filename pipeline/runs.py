@@ -1,10 +1,12 @@
 """A run folder (models/NAME): its typed record, and the one place that writes, reads and lists run folders.
 
-    run.json              RunRecord (schema_version 2): head, sweep, splits, timings, the features' identity
+    run.json              RunRecord (schema_version 2): head, sweep (the whole validation curve), splits, timings,
+                          the features' identity, the head-time pooling of a map cache, whether it was refit
     head.npz              the head's learned arrays (read with allow_pickle=False)
     metrics.json          split -> metrics (see metrics.py)
     report.txt            the metrics as tables
     confusion_matrix.png  test, else val
+    sweep.png             validation accuracy against the first swept hyperparameter, the choice marked
 
 What a run folder is trusted for: it is data, never code. Loading one parses JSON and reads numeric arrays with
 `allow_pickle=False`; the only file it names, the head, must be a plain file inside the folder. The sha256 in
@@ -21,9 +23,9 @@ from dataclasses import MISSING, asdict, dataclass, fields, is_dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pipeline import files, plots
+from pipeline import files, plots, pools
 from pipeline.files import printable
-from pipeline.config import library_versions, sha256_file
+from pipeline.config import FeatureConfig, library_versions, sha256_file
 from pipeline.errors import UserError
 from pipeline.heads import HEAD_FILE, HEADS, load_head, save_head
 from pipeline.metrics import format_metrics
@@ -32,6 +34,7 @@ log = logging.getLogger(__name__)
 
 RUN_SCHEMA_VERSION = 2  # 1: the head was a joblib pickle, never loaded since (it could run code)
 RUN_FILE, METRICS_FILE, REPORT_FILE, CONFUSION_FILE = "run.json", "metrics.json", "report.txt", "confusion_matrix.png"
+SWEEP_FILE = "sweep.png"
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,7 @@ class HeadRecord:
     kind: str
     config: dict  # the HeadConfig the user asked for
     params: dict  # constructor arguments of the chosen head
-    chosen: dict  # swept hyperparameter -> chosen value
+    chosen: dict  # swept hyperparameter -> chosen value, and the norm and pooling the head trained on
     converged: bool
 
 
@@ -92,6 +95,8 @@ class RunRecord:
     head_file: str
     head_sha256: str
     loading: typing.Optional[LoadingRecord] = None
+    pool: typing.Optional[str] = None  # the pooling applied at head time to a map cache's rows; None: rows as stored
+    refit: bool = False  # the saved head was fitted again on train + val after the choice (test scores that head)
     schema_version: int = RUN_SCHEMA_VERSION
 
     def to_json(self) -> str:
@@ -110,6 +115,9 @@ class RunRecord:
         record = _build(cls, data, "run.json", where)
         if record.head.kind not in HEADS:
             raise UserError(f"{where}: head kind {record.head.kind!r} is not one of {', '.join(HEADS)}")
+        if record.pool is not None and (record.pool not in pools.HEAD_POOLS or record.features.config.get("pool") != "map"):
+            raise UserError(f"{where} is damaged: pool {record.pool!r} is not one of {', '.join(pools.HEAD_POOLS)} "
+                            "applied to a map cache")
         return record
 
 
@@ -157,6 +165,17 @@ class Run:
     def fingerprint(self) -> str:
         return self.record.features.fingerprint
 
+    @property
+    def feature_config(self) -> FeatureConfig:
+        try:
+            return FeatureConfig.from_dict(self.record.features.config)
+        except (TypeError, KeyError, ValueError) as e:
+            raise UserError(f"{self.folder / RUN_FILE} is damaged: features.config is not an extractor config ({e})") from None
+
+    def head_pooling(self):
+        """What turns the cache's rows into the head's inputs: the run's pooling of a map cache, else None."""
+        return None if self.record.pool is None else self.feature_config.head_pooling(self.record.pool)
+
     def load_head(self):
         """The head, from a plain file inside the folder whose sha256 matches run.json."""
         path = _inside(self.folder, self.record.head_file)
@@ -178,7 +197,7 @@ def _inside(folder: Path, name: str) -> Path:
     return path
 
 
-RUN_FILES = (HEAD_FILE, METRICS_FILE, REPORT_FILE, CONFUSION_FILE, RUN_FILE)
+RUN_FILES = (HEAD_FILE, METRICS_FILE, REPORT_FILE, CONFUSION_FILE, SWEEP_FILE, RUN_FILE)
 
 
 def ensure_free(folder: Path) -> None:
@@ -206,6 +225,7 @@ def save_run(folder: Path, head, record: dict, metrics: dict) -> Run:
         head_path = save_head(head, folder)
         (folder / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
         write_reports(folder, metrics, record["features"].class_names)
+        _plot_sweep(folder, record["head"], record["sweep"])
         full = RunRecord(name=folder.name, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                          versions=library_versions(), head_file=head_path.name, head_sha256=sha256_file(head_path),
                          **record)
@@ -228,6 +248,16 @@ def write_reports(folder: Path, metrics: dict, class_names: list[str]) -> None:
     plots.plot_confusion(metrics[shown]["confusion_matrix"], [printable(c) for c in class_names], folder / CONFUSION_FILE,
                          f"{name} ({shown})")
 
+
+def _plot_sweep(folder: Path, head: HeadRecord, table: list[dict]) -> None:
+    """sweep.png: validation accuracy against the head's first swept hyperparameter, a line per other setting."""
+    x_name = HEADS[head.kind].swept[0]
+    chosen = next(i for i, row in enumerate(table) if row["params"] == head.params and row["pool"] == head.chosen["pool"])
+    plots.plot_sweep(table, x_name, chosen, folder / SWEEP_FILE, f"{printable(folder.name)}: {head.kind} on validation")
+
+
+def describe_chosen(chosen: dict) -> str:
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in chosen.items())
 
 
 def load_run(folder: Path) -> Run:

@@ -127,17 +127,29 @@ class Cache:
             raise UserError(f"{self.path} has no split {split!r} (splits: {', '.join(self.splits) or 'none'})")
         return self._file[split]
 
-    def read_split(self, split: str) -> "SplitFeatures":
+    def read_split(self, split: str, transform: Callable[[np.ndarray], np.ndarray] | None = None) -> "SplitFeatures":
         """Features, labels and paths of one split, read in one contiguous slice each; non-finite features (a
-        damaged file: extraction never writes them) are refused."""
+        damaged file: extraction never writes them) are refused.
+
+        `transform` (pooling a map cache at head time): applied to the rows a few storage chunks at a time, so that
+        memory holds the transformed split and one block of raw rows, never the whole raw split.
+        """
         g = self._group(split)
         with self._reading(split):
-            data = SplitFeatures(g["features"][:], g["labels"][:], list(g["paths"].asstr(errors="surrogateescape")[:]))
-        bad = int((~np.isfinite(data.features).all(1)).sum()) if data.features.size else 0
+            labels, paths = g["labels"][:], list(g["paths"].asstr(errors="surrogateescape")[:])
+            features = g["features"][:] if transform is None else self._transformed(split, transform)
+        bad = int((~np.isfinite(features).all(1)).sum()) if features.size else 0
         if bad:
             raise Damaged(f"{self.path} is damaged: {bad} rows of {split}/features are not finite (NaN or inf); "
                           "rebuild it with extract --force")
-        return data
+        return SplitFeatures(features, labels, paths)
+
+    def _transformed(self, split: str, transform) -> np.ndarray:
+        n, dim, chunk_rows = self.split_shape(split)
+        step = chunk_rows * max(1, (64 << 20) // max(1, chunk_rows * dim * 4))  # ~64 MB of float32 raw rows a read
+        ds = self._file[split]["features"]
+        parts = [transform(ds[start:start + step]) for start in range(0, n, step)]
+        return np.concatenate(parts) if parts else transform(ds[0:0])
 
     def split_shape(self, split: str) -> tuple[int, int, int]:
         """(rows, feature dim, rows per storage chunk) of a split: what a streaming reader aligns its reads to."""

@@ -41,13 +41,13 @@ def default_budget() -> int:
     return int(available_memory() * BUDGET_FRACTION)
 
 
-def in_memory_bytes(cache: store.Cache, splits: list[str], copies: float) -> int:
+def in_memory_bytes(cache: store.Cache, splits: list[str], copies: float, dim: int | None = None) -> int:
     """What fitting a head on these splits in memory takes: `copies` float32 copies of the rows (the head's
-    `HeadSpec.memory_copies`), and labels."""
+    `HeadSpec.memory_copies`), and labels. `dim`: the rows' size once pooled (a map cache), else the file's."""
     total = 0
     for split in splits:
-        n, dim, _ = cache.split_shape(split)
-        total += int(n * (dim * 4 * copies + 8))
+        n, file_dim, _ = cache.split_shape(split)
+        total += int(n * ((dim or file_dim) * 4 * copies + 8))
     return total
 
 
@@ -67,26 +67,29 @@ class SplitRows:
     """The rows of one split (or of a subset of its rows), read on demand.
 
     Rows are numbered locally, 0..len-1 in file order; `labels` holds theirs. `blocks()` reads them in order,
-    `shuffled()` in minibatches; both yield (features, local row numbers).
+    `shuffled()` in minibatches; both yield (features, local row numbers). `transform` (pooling a map cache at head
+    time) is applied to the rows as they are read; `dim` is then its output size.
     """
 
     def __init__(self, cache: store.Cache, split: str, subset: np.ndarray | None = None,
-                 block_bytes: int | None = None):
-        self.cache, self.split = cache, split
-        self.n_file_rows, self.dim, self.chunk_rows = cache.split_shape(split)
+                 block_bytes: int | None = None, transform=None):
+        self.cache, self.split, self.transform = cache, split, transform
+        self.n_file_rows, self.file_dim, self.chunk_rows = cache.split_shape(split)
+        self.dim = self.file_dim if transform is None else int(transform(np.zeros((1, self.file_dim), np.float32)).shape[1])
         self.index = np.arange(self.n_file_rows) if subset is None else np.sort(np.asarray(subset, dtype=np.int64))
         self.labels = cache.read_labels(split)[self.index]
-        self.chunks_per_block = max(1, (block_bytes or BLOCK_BYTES) // max(1, self.chunk_rows * self.dim * 4))
+        self.chunks_per_block = max(1, (block_bytes or BLOCK_BYTES) // max(1, self._chunk_bytes()))
 
     def __len__(self) -> int:
         return len(self.index)
 
     def subset(self, rows: np.ndarray) -> "SplitRows":
         """These local rows as a SplitRows of their own (a held-out part of a split)."""
-        return SplitRows(self.cache, self.split, self.index[np.asarray(rows)], self.chunks_per_block * self._chunk_bytes())
+        return SplitRows(self.cache, self.split, self.index[np.asarray(rows)], self.chunks_per_block * self._chunk_bytes(),
+                         self.transform)
 
     def _chunk_bytes(self) -> int:
-        return self.chunk_rows * self.dim * 4
+        return self.chunk_rows * self.file_dim * 4
 
     def _n_chunks(self) -> int:
         return -(-self.n_file_rows // self.chunk_rows)
@@ -104,7 +107,8 @@ class SplitRows:
             stop = min(start + self.chunk_rows, self.n_file_rows)
             wanted = np.flatnonzero(keep[start:stop])
             if len(wanted):
-                X.append(self.cache.read_rows(self.split, start, stop)[wanted].astype(np.float32))
+                rows = self.cache.read_rows(self.split, start, stop)[wanted]
+                X.append(rows.astype(np.float32) if self.transform is None else self.transform(rows))
                 file_rows.append(start + wanted)
         if not X:
             return np.empty((0, self.dim), np.float32), np.empty(0, np.int64)

@@ -1,4 +1,5 @@
-"""The train-head stage: read a feature cache once, choose hyperparameters on validation, score test once, save a run."""
+"""The train-head stage: choose the pooling (of a map cache) and the hyperparameters on validation, refit on
+train + val when there is a test split (the linear-probe protocol), score test once, save a run."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from pipeline import runs, store, stream
-from pipeline.config import HeadConfig, TrainConfig
+from pipeline import pools, runs, store, stream
+from pipeline.config import VGG16_CHANNELS, FeatureConfig, HeadConfig, TrainConfig
 from pipeline.errors import UserError
 from pipeline.files import human_bytes
 from pipeline.heads import HEADS, full_proba, make_head
@@ -36,11 +37,40 @@ class Data:
     loading: Loading
 
 
-def plan_loading(cfg: TrainConfig, cache: store.Cache) -> Loading:
+def pools_to_try(cfg: TrainConfig, header: store.Header) -> list[str | None]:
+    """The head-time poolings to sweep: every one of a map cache for --pool auto, the one asked for, or [None] for
+    a pooled cache (its rows are used as they are; --pool may only name what it holds)."""
+    held = header.config.get("pool")
+    if held == "map":
+        return list(pools.HEAD_POOLS) if cfg.pool == "auto" else [cfg.pool]
+    if cfg.pool not in ("auto", held):
+        raise UserError(f"{cfg.features} holds {held}-pooled features, so --pool {cfg.pool} cannot be computed from it: "
+                        f"use --pool {held} (or auto), or extract a map cache (extract --pool map) to choose at head time")
+    return [None]
+
+
+def _map_config(header: store.Header) -> FeatureConfig:
+    """The config of a map cache (only a map cache's rows are pooled here, so only its config is parsed)."""
+    try:
+        return FeatureConfig.from_dict(header.config)
+    except (TypeError, KeyError, ValueError) as e:
+        raise UserError(f"the cache's config is not an extractor config this vggcache knows ({e})") from None
+
+
+def _pooled_dim(header: store.Header, pool: str | None) -> int:
+    return header.feature_dim if pool is None else pools.get(pool).dim(VGG16_CHANNELS, _map_config(header).map_side)
+
+
+def _transform(header: store.Header, pool: str | None):
+    return None if pool is None else _map_config(header).head_pooling(pool)
+
+
+def plan_loading(cfg: TrainConfig, cache: store.Cache, tried: list[str | None]) -> Loading:
     """In memory when the splits fit the budget; streamed from the file otherwise, or when asked (--stream)."""
     cache.split_shape(cfg.train_split)  # a missing train split is the first thing to say
     splits = [s for s in (cfg.train_split, cfg.val_split, cfg.test_split) if s in cache.splits]
-    needed = stream.in_memory_bytes(cache, splits, HEADS[cfg.head.kind].memory_copies)
+    dim = max(_pooled_dim(cache.header, p) for p in tried)
+    needed = stream.in_memory_bytes(cache, splits, HEADS[cfg.head.kind].memory_copies, dim)
     budget = cfg.budget_bytes or stream.default_budget()
     loading = stream.Loading("stream" if cfg.stream or needed > budget else "memory", budget, needed)
     if loading.mode == "stream" and not HEADS[cfg.head.kind].streams:
@@ -48,21 +78,26 @@ def plan_loading(cfg: TrainConfig, cache: store.Cache) -> Loading:
         why = "--stream was asked for" if cfg.stream else f"the splits need {human_bytes(needed)} in memory, over " \
               f"the {human_bytes(budget)} budget (--memory-budget)"
         raise UserError(f"--head {cfg.head.kind} needs its data in memory and {why}: use --head {streaming}, which "
-                        "streams from the file, or raise --memory-budget")
+                        "streams from the file, or raise --memory-budget" + (" or choose one --pool" if len(tried) > 1 else ""))
+    if loading.mode == "stream" and cfg.refit:
+        raise UserError("--refit needs the splits in memory, and they are streamed from the file: use --no-refit, "
+                        "or raise --memory-budget")
     return loading
 
 
-def load_data(cfg: TrainConfig, cache: store.Cache, loading: Loading) -> Data:
-    """Train and validation rows (validation held out of train when the file has none), test when present."""
-    split = _split if loading.mode == "memory" else _rows
-    train = split(cache, cfg.train_split)
+def load_data(cfg: TrainConfig, cache: store.Cache, loading: Loading, transform=None) -> Data:
+    """Train and validation rows (validation held out of train when the file has none), test when present;
+    `transform` pools a map cache's rows as they are read."""
+    read = _split if loading.mode == "memory" else _rows
+    split = lambda name, need_classes=True: read(cache, name, need_classes, transform)
+    train = split(cfg.train_split)
     if cfg.val_split in cache.splits:
-        val, source = split(cache, cfg.val_split), cfg.val_split
+        val, source = split(cfg.val_split), cfg.val_split
     else:
         train, val = _hold_out(cfg, train)
         source = f"{cfg.val_fraction:g} of {cfg.train_split!r}, stratified, seed {cfg.head.seed}"
         log.info("no %r split: validating on %s", cfg.val_split, source)
-    test = split(cache, cfg.test_split, need_classes=False) if cfg.test_split in cache.splits else None
+    test = split(cfg.test_split, need_classes=False) if cfg.test_split in cache.splits else None
     return Data(*train, *val, *(test or (None, None)), source, loading)
 
 
@@ -87,14 +122,14 @@ def _check_rows(cache: store.Cache, name: str, labels: np.ndarray, need_classes:
         raise UserError(f"split {name!r} of {cache.path} has one class only ({only!r}): a classifier needs at least two")
 
 
-def _split(cache: store.Cache, name: str, need_classes: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    data = cache.read_split(name)
+def _split(cache: store.Cache, name: str, need_classes: bool, transform) -> tuple[np.ndarray, np.ndarray]:
+    data = cache.read_split(name, transform)
     _check_rows(cache, name, data.labels, need_classes)
     return data.features, data.labels
 
 
-def _rows(cache: store.Cache, name: str, need_classes: bool = True) -> tuple[SplitRows, np.ndarray]:
-    rows = SplitRows(cache, name)
+def _rows(cache: store.Cache, name: str, need_classes: bool, transform) -> tuple[SplitRows, np.ndarray]:
+    rows = SplitRows(cache, name, transform=transform)
     _check_rows(cache, name, rows.labels, need_classes)
     return rows, rows.labels
 
@@ -103,23 +138,76 @@ def _fit(head, X, y):
     return head.fit_rows(X) if isinstance(X, SplitRows) else head.fit(X, y)
 
 
-def sweep(cfg: HeadConfig, data: Data) -> tuple[object, dict, list[dict]]:
-    """Fit every candidate on train, pick the best validation accuracy (ties: lower log loss)."""
+@dataclass
+class Choice:
+    """What the sweep found: the best head on validation, how it was made, and the whole validation curve."""
+
+    head: object
+    params: dict
+    pool: str | None  # the head-time pooling of a map cache; None: the cache's rows as they are
+    data: Data  # the chosen pooling's data
+    table: list[dict]
+
+
+def sweep(cfg: TrainConfig, cache: store.Cache, loading: Loading, tried: list[str | None]) -> Choice:
+    """Fit every pooling x candidate on train, keep the best validation accuracy (ties: lower log loss)."""
+    spec = HEADS[cfg.head.kind]
     table, best = [], None
+    for pool in tried:
+        data = load_data(cfg, cache, loading, _transform(cache.header, pool))
+        name = pool or cache.header.config.get("pool")
+        for score, head in _sweep_candidates(cfg.head, data):
+            table.append({"pool": name} | score)
+            key = (score["val_accuracy"], -score["val_log_loss"])
+            if best is None or key > best[0]:
+                best = (key, Choice(head, score["params"], pool, data, table))
+    choice = best[1]
+    log.info("chose %s on validation from %d candidates", describe_choice(spec, choice.params,
+             choice.pool or cache.header.config.get("pool")), len(table))
+    return choice
+
+
+def _sweep_candidates(cfg: HeadConfig, data: Data):
+    """(score, fitted head) for each candidate; a head with a path hyperparameter (logreg's C) fits each group of
+    candidates that differ only in it along the path, in one call."""
+    spec = HEADS[cfg.kind]
     n_classes = int(max(data.y_train.max(), data.y_val.max())) + 1
-    for params in cfg.candidates():
+    for group in _path_groups(cfg.candidates(), spec.path):
         start = time.perf_counter()
-        head = _fit(make_head(cfg.kind, **params), data.X_train, data.y_train)
-        proba = full_proba(head, data.X_val, n_classes)
-        score = {"params": params, "val_accuracy": float((proba.argmax(1) == data.y_val).mean()),
-                 "val_log_loss": float(-np.log(np.clip(proba[np.arange(len(data.y_val)), data.y_val], 1e-15, 1)).mean()),
-                 "fit_seconds": round(time.perf_counter() - start, 3)}
-        table.append(score)
-        key = (score["val_accuracy"], -score["val_log_loss"])
-        if best is None or key > best[0]:
-            best = (key, head, params)
-    log.info("chose %s=%g on validation from %d candidates", cfg.swept, best[2][cfg.swept], len(table))
-    return best[1], best[2], table
+        if spec.path and len(group) > 1 and not isinstance(data.X_train, SplitRows):
+            heads = make_head(cfg.kind, **group[0]).fit_path(data.X_train, data.y_train, [p[spec.path] for p in group])
+        else:
+            heads = [_fit(make_head(cfg.kind, **params), data.X_train, data.y_train) for params in group]
+        seconds = (time.perf_counter() - start) / len(group)
+        for params, head in zip(group, heads):
+            yield _score(head, data, n_classes) | {"params": params, "fit_seconds": round(seconds, 4)}, head
+
+
+def _path_groups(candidates: list[dict], path: str | None) -> list[list[dict]]:
+    """Candidates grouped by everything but the path hyperparameter, in order."""
+    groups: dict[tuple, list[dict]] = {}
+    for params in candidates:
+        groups.setdefault(tuple((k, v) for k, v in params.items() if k != path), []).append(params)
+    return list(groups.values())
+
+
+def _score(head, data: Data, n_classes: int) -> dict:
+    proba = full_proba(head, data.X_val, n_classes)
+    true = np.clip(proba[np.arange(len(data.y_val)), data.y_val], 1e-15, 1)
+    return {"val_accuracy": float((proba.argmax(1) == data.y_val).mean()), "val_log_loss": float(-np.log(true).mean())}
+
+
+def describe_choice(spec, params: dict, pool: str | None) -> str:
+    swept = {name: params[name] for name in spec.swept} | {"norm": params["norm"]}
+    text = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in swept.items())
+    return f"{text}, pool={pool}" if pool else text
+
+
+def refit(cfg: TrainConfig, choice: Choice):
+    """The chosen configuration fitted again on train + val (the protocol's last step before test)."""
+    d = choice.data
+    X = np.concatenate([d.X_train, d.X_val])
+    return make_head(cfg.head.kind, **choice.params).fit(X, np.concatenate([d.y_train, d.y_val]))
 
 
 def train_head(cfg: TrainConfig) -> runs.Run:
@@ -133,31 +221,44 @@ def train_head(cfg: TrainConfig) -> runs.Run:
     with store.open_cache(cfg.features) as cache:  # open to the end: a streamed split reads from it
         out = out or cfg.models_dir / _default_name(cfg.features, cfg.head.kind)
         runs.ensure_free(out)  # before the fit, not after it
-        header, data = cache.header, load_data(cfg, cache, plan_loading(cfg, cache))
+        tried = pools_to_try(cfg, cache.header)
+        loading = plan_loading(cfg, cache, tried)
         loaded = time.perf_counter()
-        head, chosen, table = sweep(cfg.head, data)
+        choice = sweep(cfg, cache, loading, tried)
+        d, names = choice.data, cache.header.class_names
+        metrics = {"val": classification_metrics(d.y_val, full_proba(choice.head, d.X_val, len(names)), names)}
+        refitted = cfg.refit if cfg.refit is not None else (d.X_test is not None and loading.mode == "memory")
+        head = refit(cfg, choice) if refitted else choice.head
         fitted = time.perf_counter()
-        names = header.class_names
-        metrics = {"val": classification_metrics(data.y_val, full_proba(head, data.X_val, len(names)), names)}
-        if data.X_test is not None:
-            metrics["test"] = classification_metrics(data.y_test, full_proba(head, data.X_test, len(names)), names)
-    record = {
-        "head": runs.HeadRecord(kind=cfg.head.kind, config=asdict(cfg.head), params=chosen,
-                                chosen={cfg.head.swept: chosen[cfg.head.swept]},
+        if d.X_test is not None:
+            metrics["test"] = classification_metrics(d.y_test, full_proba(head, d.X_test, len(names)), names)
+        record = _record(cfg, cache.header, choice, head, refitted, (start, loaded, fitted))
+    return runs.save_run(out, head, record, metrics)
+
+
+def _record(cfg: TrainConfig, header: store.Header, choice: Choice, head, refitted: bool, times) -> dict:
+    spec, d = HEADS[cfg.head.kind], choice.data
+    chosen = {name: choice.params[name] for name in spec.swept} | {"norm": choice.params["norm"],
+                                                                    "pool": choice.pool or header.config.get("pool")}
+    start, loaded, fitted = times
+    return {
+        "head": runs.HeadRecord(kind=cfg.head.kind, config=asdict(cfg.head), params=choice.params, chosen=chosen,
                                 converged=bool(getattr(head, "converged_", True))),
-        "sweep": table,
-        "splits": runs.SplitsRecord(train=cfg.train_split, val=data.val_source,
-                                    test=cfg.test_split if data.X_test is not None else None,
-                                    n_train=int(len(data.y_train)), n_val=int(len(data.y_val))),
+        "sweep": choice.table,
+        "splits": runs.SplitsRecord(train=cfg.train_split, val=d.val_source,
+                                    test=cfg.test_split if d.X_test is not None else None,
+                                    n_train=int(len(d.y_train)), n_val=int(len(d.y_val))),
+        # load: opening and planning; the splits are read inside the sweep, once per pooling tried
         "timings": runs.Timings(load_seconds=round(loaded - start, 3), fit_seconds=round(fitted - loaded, 3)),
-        "loading": runs.LoadingRecord(mode=data.loading.mode, budget_bytes=data.loading.budget_bytes,
-                                      needed_bytes=data.loading.needed_bytes),
+        "loading": runs.LoadingRecord(mode=d.loading.mode, budget_bytes=d.loading.budget_bytes,
+                                      needed_bytes=d.loading.needed_bytes),
         "features": runs.FeatureSource(path=str(Path(cfg.features).resolve()), fingerprint=header.fingerprint,
-                                       config=header.config, class_names=names,
+                                       config=header.config, class_names=header.class_names,
                                        weights_file=header.extraction.get("weights_file"),
                                        precision=header.extraction.get("precision")),
+        "pool": choice.pool,
+        "refit": refitted,
     }
-    return runs.save_run(out, head, record, metrics)
 
 
 def _default_name(features: Path, kind: str) -> str:

@@ -30,7 +30,7 @@ def made(tmp_path_factory):
 
 # (command, arguments after the command's positional ones, expected message); {x} is filled from `made`
 CASES = {
-    "extract-pool": ("extract", ["--pool", "mean"], "--pool 'mean' is not valid (expected one of avg, max, avgmax, flatten)"),
+    "extract-pool": ("extract", ["--pool", "mean"], "--pool 'mean' is not valid (expected one of avg, max, avgmax, flatten, spp, map)"),
     "extract-dtype": ("extract", ["--dtype", "int8"], "--dtype 'int8' is not valid (expected one of float16, float32)"),
     "extract-device": ("extract", ["--device", "tpu"], "--device 'tpu' is not valid (expected one of auto, cpu, cuda, mps)"),
     "extract-precision": ("extract", ["--precision", "xyz"], "--precision 'xyz' is not valid (expected one of auto, fp32, bf16, fp16)"),
@@ -43,7 +43,15 @@ CASES = {
     "extract-weights": ("extract", ["--weights", "nowhere.pth"], "is not 'imagenet', 'none' or an existing state-dict file"),
     "extract-out": ("extract", ["--out", "{file}/f.h5"], "--out: {file} is a file, not a folder"),
     "extract-unknown": ("extract", ["--colour", "red"], "No such option: --colour"),
-    "train-head": ("train-head", ["--head", "svm"], "--head 'svm' is not valid (expected one of logreg, linear)"),
+    "extract-views": ("extract", ["--views", "crops"], "--views 'crops' is not valid (expected one of none, flip)"),
+    "extract-scales": ("extract", ["--scales", "256,abc"], "--scales '256,abc' is not valid (expected sizes from 32 to 2048"),
+    "extract-scales-repeat": ("extract", ["--scales", "256,256"], "--scales '256,256' is not valid"),
+    "extract-map-views": ("extract", ["--pool", "map", "--views", "flip"], "--pool map keeps one centre-crop view"),
+    "train-pool": ("train-head", ["--pool", "gem"], "--pool 'gem' is not valid (expected one of auto, avg, max, avgmax, flatten, spp)"),
+    "train-pool-pooled": ("train-head", ["--pool", "max"], "holds avg-pooled features, so --pool max cannot be computed from it"),
+    "train-norm": ("train-head", ["--norm", "zscore"], "--norm 'zscore' is not valid (expected one of standard, l2, power, auto)"),
+    "train-k": ("train-head", ["--head", "knn", "--k", "0"], "--k 0 is not valid (expected an integer in [1, 1048576])"),
+    "train-head": ("train-head", ["--head", "svm"], "--head 'svm' is not valid (expected one of logreg, linear, knn)"),
     "train-C-zero": ("train-head", ["--C", "0"], "--C 0.0 is not valid (expected a number > 0)"),
     "train-C-text": ("train-head", ["--C", "abc"], "Invalid value for '--C'"),
     "train-hidden": ("train-head", ["--hidden", "-1"], "--hidden -1 is not valid (expected an integer in [0, 65536])"),

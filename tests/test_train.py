@@ -41,10 +41,10 @@ def test_train_head_chooses_on_val_scores_test_and_saves_everything(tmp_path, ki
     f = feature_file(tmp_path / "f.h5")
     run = train_head(TrainConfig(features=f, out=tmp_path / "run", head=HeadConfig(kind=kind, device="cpu")))
     assert {p.name for p in run.folder.iterdir()} == {"run.json", "metrics.json", "report.txt", "confusion_matrix.png",
-                                                      "head.npz"}
+                                                      "head.npz", "sweep.png"}
     assert run.metrics["val"]["accuracy"] > 0.95 and run.metrics["test"]["accuracy"] > 0.95
     info = json.loads((run.folder / "run.json").read_text())
-    assert len(info["sweep"]) == (7 if kind == "logreg" else 4)
+    assert len(info["sweep"]) == (45 if kind == "logreg" else 8)  # the protocol's C grid; 4 weight decays x 2 lr
     best = max(info["sweep"], key=lambda s: (s["val_accuracy"], -s["val_log_loss"]))
     assert info["head"]["params"] == best["params"]
     assert info["features"]["fingerprint"] == "f" * 12 and info["features"]["class_names"] == ["a", "b", "c"]
@@ -94,7 +94,7 @@ def test_stage_two_errors_exit_2_with_one_line(tmp_path):
         (["train-head", tmp_path / "foreign.h5"], "not a vggcache feature file"),
         (["train-head", good, "--train-split", "nope"], "has no split 'nope'"),
         (["train-head", one_class], "has one class only ('a')"),
-        (["train-head", good, "--head", "svm"], "--head 'svm' is not valid (expected one of logreg, linear)"),
+        (["train-head", good, "--head", "svm"], "--head 'svm' is not valid (expected one of logreg, linear, knn)"),
         (["evaluate", tmp_path / "no-run"], "run folder not found"),
     ]
     run = train_head(TrainConfig(features=good, out=tmp_path / "run", head=HeadConfig(C=1.0)))
