@@ -8,7 +8,7 @@ from sklearn.base import clone
 from sklearn.datasets import make_blobs
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from pipeline.estimators import LinearHead, LogRegHead
+from pipeline.estimators import KnnHead, LinearHead, LogRegHead
 from pipeline.heads import HEAD_FILE, HEADS, load_head, save_head
 
 FAST_LINEAR = dict(lr=1e-2, epochs=60, device="cpu")
@@ -19,14 +19,14 @@ def blobs(n=600, seed=0):
     return X.astype(np.float32), y
 
 
-@parametrize_with_checks([LogRegHead(), LinearHead(**FAST_LINEAR)])
+@parametrize_with_checks([LogRegHead(), LinearHead(**FAST_LINEAR), KnnHead(k=5)])
 def test_sklearn_estimator_contract(estimator, check):
-    # Every check of scikit-learn's suite applies to both heads and none is excused by hand; the few that pytest
+    # Every check of scikit-learn's suite applies to every head and none is excused by hand; the few that pytest
     # reports skipped are skipped by scikit-learn itself (pandas not installed, SCIPY_ARRAY_API not set).
     check(estimator)
 
 
-@pytest.mark.parametrize("head", [LogRegHead(), LinearHead(device="cpu")], ids=["logreg", "linear"])
+@pytest.mark.parametrize("head", [LogRegHead(), LinearHead(device="cpu"), KnnHead()], ids=["logreg", "linear", "knn"])
 def test_accuracy_on_separable_clusters(head):
     X, y = blobs()
     head = clone(head).fit(X[:400], y[:400])
@@ -50,7 +50,10 @@ def test_logreg_probabilities_equal_scikit_learns_own():
 
 
 @pytest.mark.parametrize("kind, params", [("logreg", {"C": 0.1}), ("linear", {**FAST_LINEAR, "hidden": 8}),
-                                          ("linear", FAST_LINEAR)], ids=["logreg", "linear-hidden", "linear"])
+                                          ("linear", FAST_LINEAR), ("logreg", {"C": 0.1, "norm": "power"}),
+                                          ("linear", {**FAST_LINEAR, "norm": "l2"}), ("knn", {"k": 5}),
+                                          ("knn", {"k": 3, "norm": "standard"})],
+                         ids=["logreg", "linear-hidden", "linear", "logreg-power", "linear-l2", "knn", "knn-standard"])
 def test_save_load_gives_identical_probabilities_without_pickle(kind, params, tmp_path):
     X, y = blobs()
     head = HEADS[kind].estimator(**params).fit(X, y)

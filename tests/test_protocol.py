@@ -1,0 +1,258 @@
+"""The probe protocol: pooling at head time from a map cache, the 45-value C path, refit, norms, knn, multi-view
+features (flip, scales) and what they do to the fingerprint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.datasets import make_blobs
+
+from conftest import extract_config
+from pipeline import pools, store
+from pipeline.config import EvaluateConfig, FeatureConfig, HeadConfig, TrainConfig
+from pipeline.errors import UserError
+from pipeline.estimators import KnnHead, LogRegHead, row_normalised
+from pipeline.evaluate import evaluate_run
+from pipeline.extract import extract
+from pipeline.heads import LOGREG_C, full_proba
+from pipeline.store import Header, Record
+from pipeline.train import train_head
+
+MAP_SIZE = 64  # a 2x2 pool5 map: every pooling differs from the others, flatten upsamples to 7x7 as torchvision does
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    from pipeline.synthetic import make_image_folder
+
+    return make_image_folder(tmp_path_factory.mktemp("protocol") / "data", {"train": 4, "val": 2, "test": 2}, size=(80, 64))
+
+
+@pytest.fixture(scope="module")
+def map_cache(folder, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("map") / "map.h5"
+    return extract(extract_config(folder, out, pool="map", image_size=MAP_SIZE, dtype="float32")).out
+
+
+def _rows(path: Path) -> dict[str, np.ndarray]:
+    with store.open_cache(path) as cache:
+        return {s: cache.read_split(s).features for s in cache.splits}
+
+
+# --- pooling at head time ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("side", [1, 2, 3, 7])
+@pytest.mark.parametrize("pool", pools.HEAD_POOLS)
+def test_numpy_pooling_equals_torch_pooling(pool, side):
+    import torch
+
+    fmap = np.random.default_rng(side).standard_normal((3, 5, side, side)).astype(np.float32)
+    expected = pools.get(pool).torch_apply(torch.from_numpy(fmap)).numpy()
+    got = pools.get(pool).numpy_apply(fmap)
+    assert got.shape == expected.shape == (3, pools.get(pool).dim(5, side))
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("pool", pools.HEAD_POOLS)
+def test_map_cache_pooled_at_head_time_equals_an_extraction_with_that_pool(pool, folder, map_cache, tmp_path):
+    direct = extract(extract_config(folder, tmp_path / "f.h5", pool=pool, image_size=MAP_SIZE, dtype="float32")).out
+    fcfg = FeatureConfig.from_dict(store.read_header(map_cache).config)
+    assert fcfg.map_shape == (512, 2, 2) and store.read_header(map_cache).feature_dim == 512 * 4
+    with store.open_cache(map_cache) as cache:
+        pooled = {s: cache.read_split(s, fcfg.head_pooling(pool)).features for s in cache.splits}
+    for split, rows in _rows(direct).items():
+        np.testing.assert_allclose(pooled[split], rows, rtol=1e-5, atol=1e-5 * np.abs(rows).max())
+
+
+def test_float16_map_pools_to_the_float16_rows_within_their_rounding(folder, tmp_path):
+    half_map = extract(extract_config(folder, tmp_path / "m.h5", pool="map", image_size=MAP_SIZE)).out
+    direct = extract(extract_config(folder, tmp_path / "a.h5", pool="avgmax", image_size=MAP_SIZE)).out
+    fcfg = FeatureConfig.from_dict(store.read_header(half_map).config)
+    with store.open_cache(half_map) as cache:
+        pooled = cache.read_split("train", fcfg.head_pooling("avgmax")).features
+    rows = _rows(direct)["train"].astype(np.float32)
+    np.testing.assert_allclose(pooled, rows, rtol=2e-3, atol=1e-3 * np.abs(rows).max())  # float16: 11-bit mantissa
+
+
+def test_auto_sweeps_every_pooling_and_predict_and_evaluate_apply_the_chosen_one(folder, map_cache, tmp_path):
+    from pipeline.config import PredictConfig
+    from pipeline.predict import predict
+
+    run = train_head(TrainConfig(features=map_cache, out=tmp_path / "run", head=HeadConfig(kind="knn")))
+    table = json.loads((run.folder / "run.json").read_text())["sweep"]
+    assert sorted({row["pool"] for row in table}) == sorted(pools.HEAD_POOLS)
+    assert len(table) == len(pools.HEAD_POOLS) * 6  # x the k grid
+    assert run.record.pool in pools.HEAD_POOLS and run.record.head.chosen["pool"] == run.record.pool
+    assert run.record.refit  # the cache has a test split
+    scored = evaluate_run(EvaluateConfig(run=run.folder, split="test")).metrics
+    assert scored == run.metrics["test"]
+    rows = predict(PredictConfig(run=run.folder, images=(folder / "test",), device="cpu"))
+    with store.open_cache(map_cache) as cache:
+        test = cache.read_split("test")
+    cached = full_proba(run.load_head(), run.head_pooling()(test.features), len(run.class_names))
+    predicted = {Path(r["path"]).relative_to(folder).as_posix(): r["proba"] for r in rows}
+    assert sorted(predicted) == sorted(test.paths)
+    for path, proba in zip(test.paths, cached):  # new images go through the same pooling as the cached ones
+        np.testing.assert_allclose(predicted[path], proba, atol=1e-3)
+
+
+def test_pool_on_a_pooled_cache_names_what_it_holds(folder, tmp_path):
+    avg = extract(extract_config(folder, tmp_path / "avg.h5")).out
+    with pytest.raises(UserError, match="holds avg-pooled features, so --pool spp cannot be computed"):
+        train_head(TrainConfig(features=avg, out=tmp_path / "run", pool="spp"))
+    run = train_head(TrainConfig(features=avg, out=tmp_path / "ok", pool="avg", head=HeadConfig(C=1.0)))
+    assert run.record.pool is None and run.record.head.chosen["pool"] == "avg"
+
+
+# --- the C path, its curve, refit ----------------------------------------------------------------------------------
+
+def _blob_cache(path: Path, n: int = 240, dim: int = 16, std: float = 6.0, splits=("train", "val", "test")) -> Path:
+    """Overlapping blobs through the real schema: validation accuracy is neither 0 nor 1, so choices matter."""
+    X, y = make_blobs(n_samples=n, centers=3, n_features=dim, cluster_std=std, random_state=0)
+    records = [Record(splits[i % len(splits)], f"{i:04d}.jpg", int(label), 1, 1, "0" * 64) for i, label in enumerate(y)]
+    rows = {r.path: x for r, x in zip(records, X)}
+    header = Header(fingerprint="f" * 12, config={"pool": "avg", "weights": "random:x"}, class_names=["a", "b", "c"],
+                    feature_dim=dim)
+    store.write_atomic(path, header, records, lambda rs: np.stack([rows[r.path] for r in rs]), "float32")
+    return path
+
+
+def test_the_sweep_records_its_45_value_curve_and_draws_it(tmp_path):
+    run = train_head(TrainConfig(features=_blob_cache(tmp_path / "f.h5"), out=tmp_path / "run"))
+    info = json.loads((run.folder / "run.json").read_text())
+    Cs = [row["params"]["C"] for row in info["sweep"]]
+    assert Cs == pytest.approx(list(LOGREG_C)) and len(Cs) == 45 and Cs[0] == 1e-6 and Cs[-1] == pytest.approx(1e5)
+    assert all(0 <= row["val_accuracy"] <= 1 and row["val_log_loss"] > 0 for row in info["sweep"])
+    best = max(info["sweep"], key=lambda r: (r["val_accuracy"], -r["val_log_loss"]))
+    assert info["head"]["chosen"]["C"] == best["params"]["C"] and info["head"]["chosen"]["norm"] == "standard"
+    png = (run.folder / "sweep.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(png[16:20], "big") == 640  # 6.4 in at 100 dpi
+
+
+@pytest.mark.parametrize("C", [1e-3, 1.0, 1e3])
+def test_a_warm_started_path_gives_the_fits_of_independent_heads(C):
+    X, y = make_blobs(n_samples=300, centers=3, n_features=10, cluster_std=4.0, random_state=0)
+    path = LogRegHead(tol=1e-8).fit_path(X, y, list(LOGREG_C))
+    alone = LogRegHead(C=C, tol=1e-8).fit(X, y)
+    on_path = path[int(np.argmin(np.abs(np.log(LOGREG_C) - np.log(C))))]
+    assert on_path.C == pytest.approx(C, rel=0.3)
+    near = LogRegHead(C=on_path.C, tol=1e-8).fit(X, y)
+    np.testing.assert_allclose(on_path.predict_proba(X), near.predict_proba(X), atol=1e-4)
+    assert alone.converged_
+
+
+def test_refit_changes_the_head_and_test_scores_only(tmp_path):
+    f = _blob_cache(tmp_path / "f.h5", std=9.0)
+    plain = train_head(TrainConfig(features=f, out=tmp_path / "plain", refit=False))
+    refit = train_head(TrainConfig(features=f, out=tmp_path / "refit", refit=True))
+    assert not plain.record.refit and refit.record.refit
+    strip = lambda table: [{k: v for k, v in r.items() if k != "fit_seconds"} for r in table]
+    assert strip(refit.record.sweep) == strip(plain.record.sweep)  # the same choice, on the same curve
+    assert refit.record.head.params == plain.record.head.params and refit.metrics["val"] == plain.metrics["val"]
+    a, b = plain.load_head(), refit.load_head()
+    assert not np.allclose(a.coef_, b.coef_)  # fitted on train + val
+    assert refit.metrics["test"] == evaluate_run(EvaluateConfig(run=refit.folder, split="test")).metrics
+
+
+def test_refit_is_on_by_default_only_with_a_test_split(tmp_path):
+    no_test = _blob_cache(tmp_path / "f.h5", splits=("train", "val"))
+    assert not train_head(TrainConfig(features=no_test, out=tmp_path / "a", head=HeadConfig(C=1.0))).record.refit
+    assert train_head(TrainConfig(features=_blob_cache(tmp_path / "g.h5"), out=tmp_path / "b",
+                                  head=HeadConfig(C=1.0))).record.refit
+
+
+# --- norms and knn -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("norm", ["l2", "power"])
+def test_row_norms_give_unit_rows(norm):
+    X = np.random.default_rng(0).standard_normal((20, 8)).astype(np.float32) * 5
+    Z = row_normalised(X, norm)
+    np.testing.assert_allclose(np.linalg.norm(Z, axis=1), 1, rtol=1e-6)
+    expected = np.sign(X) * np.sqrt(np.abs(X)) if norm == "power" else X
+    np.testing.assert_allclose(Z * np.linalg.norm(expected, axis=1, keepdims=True), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("norm", ["standard", "l2", "power", "auto"])
+def test_norm_is_swept_or_fixed_and_recorded(norm, tmp_path):
+    run = train_head(TrainConfig(features=_blob_cache(tmp_path / "f.h5"), out=tmp_path / "run",
+                                 head=HeadConfig(C=1.0, norm=norm)))
+    tried = [row["params"]["norm"] for row in run.record.sweep]
+    assert tried == (["standard", "l2", "power"] if norm == "auto" else [norm])
+    assert run.record.head.chosen["norm"] in tried
+
+
+@pytest.mark.parametrize("k", [1, 5, 20])
+def test_knn_is_perfect_on_separable_features(k):
+    X, y = make_blobs(n_samples=400, centers=5, n_features=24, cluster_std=0.5, center_box=(-20, 20), random_state=3)
+    head = KnnHead(k=k).fit(X[:300], y[:300])
+    assert head.score(X[300:], y[300:]) == 1.0
+    np.testing.assert_allclose(head.predict_proba(X[300:]).sum(1), 1)
+
+
+def test_knn_votes_are_weighted_by_similarity():
+    train = np.array([[1, 0], [1, 0.05], [0.6, 0.8]], np.float32)  # two near-identical rows of class 0
+    head = KnnHead(k=3, temperature=0.07).fit(train, [0, 0, 1])
+    proba = head.predict_proba(np.array([[0.6, 0.8]], np.float32))[0]
+    w_same, w_far = 1.0, np.exp((0.6 - 1) / 0.07)  # cosine 1 for the exact match, 0.6 for the class-0 rows
+    assert proba[1] == pytest.approx(w_same / (w_same + 2 * w_far * 1.0), rel=0.05)
+
+
+# --- multi-view features -------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def view_caches(folder, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("views")
+    specs = {"plain": {}, "flip": {"views": "flip"}, "scales": {"scales": "48,64"}}
+    return {name: extract(extract_config(folder, root / f"{name}.h5", dtype="float32", **kw)).out
+            for name, kw in specs.items()}
+
+
+def test_views_and_scales_change_the_fingerprint_and_the_rows(view_caches):
+    headers = {name: store.read_header(p) for name, p in view_caches.items()}
+    assert len({h.fingerprint for h in headers.values()}) == 3
+    assert headers["flip"].config["views"] == "flip" and headers["scales"].config["scales"] == [48, 64]
+    assert "views" not in headers["plain"].config and "scales" not in headers["plain"].config  # old fingerprints hold
+    rows = {name: _rows(p)["train"] for name, p in view_caches.items()}
+    assert all(r.shape == rows["plain"].shape for r in rows.values())
+    assert not np.allclose(rows["plain"], rows["flip"]) and not np.allclose(rows["plain"], rows["scales"])
+
+
+def test_default_fingerprint_is_what_it_was_before_views_and_scales():
+    fcfg = FeatureConfig(weights="sha256:" + "ab" * 32, pool="flatten", image_size=64, resize_size=73, dtype="float32")
+    assert fcfg.fingerprint() == "b5c4ab485172"  # computed by the version before views and scales existed
+
+
+def test_flip_rows_are_the_mean_of_the_image_and_its_mirror():
+    import torch
+
+    from pipeline.backbone import build_body
+    from pipeline.config import feature_config
+
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    plain = build_body(feature_config("none", "avg", 32, "float32"), "none")
+    flip = build_body(feature_config("none", "avg", 32, "float32", views="flip"), "none")
+    with torch.inference_mode():
+        expected = (plain(images) + plain(images.flip(-1))) / 2
+        np.testing.assert_allclose(flip(images).numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_scales_average_the_whole_image_at_each_size(folder, view_caches):
+    import torch
+    from PIL import Image
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    from pipeline.backbone import build_body
+    from pipeline.config import feature_config
+
+    with store.open_cache(view_caches["scales"]) as cache:
+        data = cache.read_split("train")
+    body = build_body(feature_config("none", "avg", 32, "float32"), "none")
+    img = Image.open(folder / data.paths[0]).convert("RGB")
+    with torch.inference_mode():
+        views = [body(TF.pil_to_tensor(TF.resize(img, s, InterpolationMode.BILINEAR, antialias=True))[None])[0]
+                 for s in (48, 64)]
+    np.testing.assert_allclose(data.features[0], torch.stack(views).mean(0).numpy(), rtol=1e-4, atol=1e-5)
