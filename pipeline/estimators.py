@@ -308,8 +308,9 @@ class KnnHead(ClassifierMixin, BaseEstimator):
         Q = self._unit(validate_data(self, X, reset=False, dtype=[np.float32, np.float64]))
         k = min(int(self.k), len(self.train_))
         proba = np.zeros((len(Q), len(self.classes_)))
+        train = self.train_.astype(np.float64)  # float64 similarities: a row's votes do not depend on its batch
         for start in range(0, len(Q), self.ROWS_PER_STEP):
-            sims = Q[start:start + self.ROWS_PER_STEP] @ self.train_.T
+            sims = Q[start:start + self.ROWS_PER_STEP].astype(np.float64) @ train.T
             top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
             weights = np.exp((np.take_along_axis(sims, top, 1) - 1) / self.temperature)  # -1: no overflow, same ratios
             block = proba[start:start + len(sims)]
@@ -317,7 +318,8 @@ class KnnHead(ClassifierMixin, BaseEstimator):
         return proba / proba.sum(1, keepdims=True)
 
     def predict(self, X) -> np.ndarray:
-        return self.classes_[self.predict_proba(X).argmax(1)]
+        best = self.predict_proba(X).argmax(1)  # checks that the head is fitted before classes_ is read
+        return self.classes_[best]
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         return {"mean": self.mean_, "scale": self.scale_, "train": self.train_, "train_labels": self.train_labels_}
