@@ -120,8 +120,11 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
 
         X, y = _fit_inputs(self, X, y)
         self.mean_, self.scale_ = _statistics(row_normalised(X, self.norm), self.norm)
-        Xn = _prepared(X, self.mean_, self.scale_, self.norm)
-        clf = LogisticRegression(max_iter=self.max_iter, tol=self.tol, warm_start=True)
+        Xn, basis = _row_space(_prepared(X, self.mean_, self.scale_, self.norm))
+        # in row-space coordinates the problem is small but badly conditioned: Newton steps (an r x r Hessian) do
+        # not mind that, where lbfgs would take hundreds of iterations
+        solver = "lbfgs" if basis is None else "newton-cholesky"
+        clf = LogisticRegression(max_iter=self.max_iter, tol=self.tol, warm_start=True, solver=solver)
         fitted = {}
         for C in sorted(set(float(c) for c in Cs)):
             with warnings.catch_warnings(record=True) as caught:
@@ -130,7 +133,9 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
             head = copy.copy(self) if C != self.C else self
             head.C, head.converged_ = C, not any(issubclass(w.category, ConvergenceWarning) for w in caught)
             head.n_iter_ = int(np.max(clf.n_iter_))
-            head.coef_, head.intercept_ = clf.coef_.astype(np.float64), clf.intercept_.astype(np.float64)
+            coef = clf.coef_.astype(np.float64)
+            head.coef_ = coef if basis is None else coef @ basis
+            head.intercept_ = clf.intercept_.astype(np.float64)
             fitted[C] = head
         return [fitted[float(c)] for c in Cs]
 
@@ -161,6 +166,24 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
         self.mean_, self.scale_ = _real(a, "mean", (d,)), _real(a, "scale", (d,), positive=True)
         self.coef_, self.intercept_ = _real(a, "coef", (rows, d)), _real(a, "intercept", (rows,))
         self.n_iter_, self.converged_ = int(_real(a, "n_iter", ())), bool(_real(a, "converged", ()))
+
+
+def _row_space(X: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """With more features than rows (a flattened or pyramid-pooled map on a small set), the rows in coordinates of
+    their own span, and that basis (rows of V^T); else the rows as they are and None.
+
+    Exact for L2-penalised logistic regression: the optimal weights lie in the span of the rows (representer
+    theorem) and the penalty is rotation invariant, so fitting on X V and mapping the weights back by V^T gives
+    the same solution, at the cost of n-dimensional fits instead of d-dimensional ones.
+    """
+    n, d = X.shape
+    if d <= 8 * n:  # lbfgs on the standardised features themselves converges fast enough
+        return X, None
+    # the thin SVD from the n x n Gram matrix: two n x n x d products instead of a d-wide SVD (50x faster here)
+    eigenvalues, U = np.linalg.eigh(X @ X.T)
+    keep = eigenvalues > max(eigenvalues.max(), 0) * 1e-10  # the row space: drop the null directions
+    S = np.sqrt(eigenvalues[keep])
+    return U[:, keep] * S, (U[:, keep] / S).T @ X
 
 
 class LinearHead(ClassifierMixin, BaseEstimator):

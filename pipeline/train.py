@@ -156,7 +156,7 @@ def sweep(cfg: TrainConfig, cache: store.Cache, loading: Loading, tried: list[st
     for pool in tried:
         data = load_data(cfg, cache, loading, _transform(cache.header, pool))
         name = pool or cache.header.config.get("pool")
-        for score, head in _sweep_candidates(cfg.head, data):
+        for score, head in sweep_candidates(cfg.head, data):
             table.append({"pool": name} | score)
             key = (score["val_accuracy"], -score["val_log_loss"])
             if best is None or key > best[0]:
@@ -167,7 +167,7 @@ def sweep(cfg: TrainConfig, cache: store.Cache, loading: Loading, tried: list[st
     return choice
 
 
-def _sweep_candidates(cfg: HeadConfig, data: Data):
+def sweep_candidates(cfg: HeadConfig, data: Data):
     """(score, fitted head) for each candidate; a head with a path hyperparameter (logreg's C) fits each group of
     candidates that differ only in it along the path, in one call."""
     spec = HEADS[cfg.kind]
