@@ -32,6 +32,7 @@ from pipeline.extract import extract  # noqa: E402
 from pipeline.synthetic import make_image_folder  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
+import protocol  # noqa: E402
 import scale  # noqa: E402
 
 GFLOP_PER_IMAGE = 30.7  # VGG16 convolutional body at 224x224
@@ -153,13 +154,15 @@ def synthetic_features(n: int, dim: int = 512, classes: int = 10, seed: int = 0)
 
 
 def fit_seconds(kind: str, X, y, Xv, yv) -> dict:
-    """Row 5 cell: the whole train-head sweep (7 C values, or 4 weight decays with early stopping)."""
+    """Row 5 cell: the whole train-head sweep (45 C values along the path, or 4 weight decays x 2 learning rates
+    with early stopping)."""
     from pipeline.config import HeadConfig
     from pipeline.stream import Loading
-    from pipeline.train import Data, sweep
+    from pipeline.train import Data, sweep_candidates
 
     start = time.perf_counter()
-    _, _, table = sweep(HeadConfig(kind=kind), Data(X, y, Xv, yv, None, None, "val", Loading("memory", 0, 0)))
+    table = [score for score, _ in sweep_candidates(HeadConfig(kind=kind), Data(X, y, Xv, yv, None, None, "val",
+                                                                                Loading("memory", 0, 0)))]
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "val_accuracy": max(t["val_accuracy"] for t in table), "candidates": len(table)}
 
@@ -287,6 +290,7 @@ def ratios_and_targets(r: dict) -> list[tuple[str, str, str, bool | None]]:
         best_e2e = max(e2e, r["extract_gpu_decode"]["images_per_s"])
         rows += [("GPU: forward alone, bf16", f"{fwd:,.0f} images/s", ">= 12,000", fwd >= 12_000),
                  ("GPU: extract from JPEG files (best decoder)", f"{best_e2e:,.0f} images/s", ">= 6,000", best_e2e >= 6_000)]
+    rows += protocol.targets(r["protocol"])
     if head_worst is not None:
         rows.insert(3, ("slowest head on the real cache / its extraction", f"1/{r['extract']['seconds'] / head_worst:.0f}",
                         "<= 1/50", head_worst * 50 <= r["extract"]["seconds"]))
@@ -335,6 +339,7 @@ def markdown(r: dict) -> str:
             v = s[k][mode]
             lines.append(f"| 9 | `linear` head, {s[k]['rows']:,} x 512 ({k}x a {s['budget_mb']} MB budget), {mode} | "
                          f"fit {v['fit_seconds']:.1f} s, peak RSS {v['peak_mb']:.0f} MB, val acc {v['val_accuracy']:.3f} |")
+    lines += protocol.markdown_rows(r["protocol"])
     lines += ["", "| target | measured | wanted | met |", "| --- | --- | --- | --- |"]
     lines += [f"| {what} | {fig} | {want} | {'-' if ok is None else 'yes' if ok else 'NO'} |" for what, fig, want, ok in r["targets"]]
     return "\n".join(lines)
@@ -399,6 +404,8 @@ def run(args, tmp: Path) -> dict:
     r["processes"] = scale.bench_processes(few, args.weights, tmp, args.processes, "cuda" if cuda else "cpu")
     print("9. streamed heads", flush=True)
     r["streaming"] = scale.bench_streaming(tmp, budget_mb=64)
+    print("10. probe protocol", flush=True)
+    r["protocol"] = protocol.bench_protocol(Path(data), args.weights, tmp, synthetic_features)
     r["targets"] = ratios_and_targets(r)
     return r
 

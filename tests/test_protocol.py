@@ -256,3 +256,17 @@ def test_scales_average_the_whole_image_at_each_size(folder, view_caches):
         views = [body(TF.pil_to_tensor(TF.resize(img, s, InterpolationMode.BILINEAR, antialias=True))[None])[0]
                  for s in (48, 64)]
     np.testing.assert_allclose(data.features[0], torch.stack(views).mean(0).numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("C", [1e-2, 1.0])
+def test_wide_rows_fit_in_their_row_space_give_the_direct_solution(C):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    X, y = make_blobs(n_samples=30, centers=3, n_features=400, cluster_std=8.0, random_state=0)  # d > 8 n
+    ours = LogRegHead(C=C, tol=1e-8).fit(X, y)
+    scaler = StandardScaler().fit(X)
+    direct = LogisticRegression(C=C, tol=1e-10, max_iter=10_000).fit(scaler.transform(X), y)
+    Xq = make_blobs(n_samples=20, centers=3, n_features=400, cluster_std=8.0, random_state=1)[0]
+    np.testing.assert_allclose(ours.predict_proba(Xq), direct.predict_proba(scaler.transform(Xq)), atol=1e-4)
+    assert ours.coef_.shape == (3, 400)
