@@ -120,10 +120,10 @@ def build_body(feature_cfg: FeatureConfig, weights: str) -> VGG16Body:
 class Extractor:
     """A body placed on its device: uint8 image batches in, float32 numpy features out."""
 
-    def __init__(self, body: VGG16Body, device: str = "auto", precision: str = "auto"):
+    def __init__(self, body: VGG16Body, device: str = "auto", precision: str = "auto", fixed_shapes: bool = True):
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and fixed_shapes:  # multi-scale views change shape with every image
             torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels once
         self.body = body.to(self.device, memory_format=torch.channels_last).eval()
 

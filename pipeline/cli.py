@@ -202,7 +202,7 @@ def train_head(
 
     r = run.record
     data = "streamed from the file" if r.loading and r.loading.mode == "stream" else "in memory"
-    refit_note = "; refit on train+val before test" if r.refit else ""
+    refit_note = "; refit on train+val" + (" before test" if r.splits.test else "") if r.refit else ""
     _echo(f"chose {describe_chosen(r.head.chosen)} on {r.splits.val}{refit_note}; fit {r.timings.fit_seconds:.2f} s "
           f"({len(r.sweep)} candidates, data {data}); saved {run.folder}")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pipeline import pools
 from pipeline.errors import UserError
-from pipeline.heads import HEADS
+from pipeline.heads import HEADS, NORMS
 from pipeline.params import Interval, OneOf, Optional, Satisfies, validate
 
 POOLS = tuple(pools.POOLS)
@@ -103,13 +103,14 @@ VIEWS = ("none", "flip")
 
 
 def parse_scales(text: str) -> tuple[int, ...] | None:
-    """'256,384,512' -> (256, 384, 512); '' -> (); None for anything else (sizes 32..2048, no repeats)."""
+    """'384,256' -> (256, 384), sorted so that the order given does not change the fingerprint; '' -> (); None for
+    anything else (sizes 32..2048, no repeats)."""
     if not text.strip():
         return ()
     parts = [p.strip() for p in text.split(",")]
-    if not all(re.fullmatch(r"\d{1,4}", p) for p in parts):
+    if not all(re.fullmatch(r"[0-9]{1,4}", p) for p in parts):
         return None
-    sizes = tuple(int(p) for p in parts)
+    sizes = tuple(sorted(int(p) for p in parts))
     return sizes if all(32 <= s <= 2048 for s in sizes) and len(set(sizes)) == len(sizes) else None
 
 
@@ -154,8 +155,6 @@ class ExtractConfig:
         if self.pool == "map" and (self.views != "none" or self.scale_sizes):
             raise UserError("--pool map keeps one centre-crop view: --views and --scales need a pooled --pool "
                             f"({', '.join(pools.HEAD_POOLS)})")
-        if self.image_size < pools.STRIDE:
-            raise UserError(f"--image-size {self.image_size}: VGG16 needs at least {pools.STRIDE} pixels")
 
     @property
     def scale_sizes(self) -> tuple[int, ...]:
@@ -176,8 +175,6 @@ def _shard_part(text: str) -> tuple[int, int] | None:
 
 POSITIVE = Interval(float, 0, None, open_low=True)
 
-
-NORMS = ("standard", "l2", "power")  # see estimators.row_normalised
 
 
 @dataclass(frozen=True)
@@ -209,9 +206,17 @@ class HeadConfig:
         "seed": Interval(int, 0, 2**32 - 1), "device": OneOf(DEVICES),
     }
     OPTIONS = {"kind": "--head", "n_iter_no_change": "--patience", "validation_fraction": "--early-stop-fraction"}
+    SWEPT = ("C", "k", "lr", "weight_decay")  # each belongs to the heads whose grid has it
 
     def __post_init__(self):
         validate(self)
+        spec = HEADS[self.kind]
+        foreign = [name for name in self.SWEPT if getattr(self, name) is not None and name not in spec.grid]
+        if foreign:
+            option = "--" + foreign[0].replace("_", "-")
+            owners = ", ".join(h.name for h in HEADS.values() if foreign[0] in h.grid)
+            raise UserError(f"{option} applies to --head {owners}, not to --head {self.kind} (which sweeps "
+                            f"{', '.join(spec.grid)})")
 
     @property
     def norms(self) -> tuple[str, ...]:

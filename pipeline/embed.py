@@ -37,11 +37,12 @@ def run_model(cfg: ExtractConfig, fcfg: FeatureConfig, root: Path, todo: list[Re
 
     from pipeline.backbone import Extractor, build_body
 
-    extractor = Extractor(build_body(fcfg, cfg.weights), _device(cfg.device, worker), cfg.precision)
+    extractor = Extractor(build_body(fcfg, cfg.weights), _device(cfg.device, worker), cfg.precision,
+                          fixed_shapes=not fcfg.scales)
     on_cuda = extractor.device.type == "cuda"
     if cfg.decode == "gpu" and not on_cuda:
         raise UserError(f"--decode gpu needs a CUDA device, and this run is on {extractor.device} (use --decode cpu)")
-    batch_size = cfg.batch_size or default_batch_size(on_cuda)
+    batch_size = cfg.batch_size or default_batch_size(on_cuda and not fcfg.scales)  # scales: one forward per view
     if worker.kind == "part":
         journal.agree_on_batch_size(batch_size)  # parts on other kinds of node must cut the same batches
     workers = cfg.workers if cfg.workers >= 0 else default_workers(on_cuda, worker.local_count)
@@ -66,7 +67,8 @@ def batch_size_for(cfg: ExtractConfig, worker: Worker) -> int:
     import torch
 
     device = _device(cfg.device, worker)
-    return default_batch_size(device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()))
+    on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    return default_batch_size(on_cuda and not cfg.scale_sizes)  # as run_model chooses it
 
 
 def _device(asked: str, worker: Worker) -> str:

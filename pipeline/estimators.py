@@ -26,12 +26,15 @@ from sklearn.model_selection import train_test_split
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from pipeline.heads import NORMS
+
 log = logging.getLogger(__name__)
 
 # The early-stopping rows of a streamed split are kept in memory: at most this many, and this many bytes of them (as
 # float32), so that memory does not grow with the split (tests lower the bytes to see that at small sizes).
 MAX_HELD_OUT_ROWS = 10_000
 MAX_HELD_OUT_BYTES = int(os.environ.get("VGGCACHE_HELD_OUT_BYTES", str(64 << 20)))
+NEWTON_HESSIAN_BYTES = 256 << 20  # logreg in the row space uses Newton steps while their Hessian stays this small
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -62,8 +65,6 @@ def _standardised32(X: np.ndarray, mean: np.ndarray, scale: np.ndarray, rows_per
 def _standardise(X: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return (np.asarray(X, np.float64) - mean) / scale
 
-
-NORMS = ("standard", "l2", "power")
 
 
 def row_normalised(X: np.ndarray, norm: str) -> np.ndarray:
@@ -113,19 +114,25 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
         return self.fit_path(X, y, [self.C])[0]
 
     def fit_path(self, X, y, Cs) -> list["LogRegHead"]:
-        """One fitted head per C of `Cs`, fitted in increasing C, each warm-started from the previous solution:
-        the solutions of neighbouring C are close, so the 45-value protocol grid costs a few plain fits.
+        """One fitted head per C of `Cs` (see `iter_path`), in the order of `Cs`."""
+        fitted = {head.C: head for head in self.iter_path(X, y, Cs)}
+        return [fitted[float(c)] for c in Cs]
+
+    def iter_path(self, X, y, Cs):
+        """Heads fitted in increasing C, each warm-started from the previous solution: the solutions of neighbouring
+        C are close, so the 45-value protocol grid costs a few plain fits. A generator, so that a sweep can score
+        each head and drop it (45 coefficient matrices of a wide, many-class problem would not fit in memory).
         The head fitted at `self.C` is `self`; the others are copies."""
         from sklearn.linear_model import LogisticRegression
 
         X, y = _fit_inputs(self, X, y)
         self.mean_, self.scale_ = _statistics(row_normalised(X, self.norm), self.norm)
         Xn, basis = _row_space(_prepared(X, self.mean_, self.scale_, self.norm))
-        # in row-space coordinates the problem is small but badly conditioned: Newton steps (an r x r Hessian) do
-        # not mind that, where lbfgs would take hundreds of iterations
-        solver = "lbfgs" if basis is None else "newton-cholesky"
-        clf = LogisticRegression(max_iter=self.max_iter, tol=self.tol, warm_start=True, solver=solver)
-        fitted = {}
+        # in row-space coordinates the problem is small but badly conditioned: Newton steps do not mind that, where
+        # lbfgs takes hundreds of iterations; but their Hessian is (r k)^2 floats, so only while that stays small
+        newton = basis is not None and (Xn.shape[1] * len(self.classes_)) ** 2 * 8 <= NEWTON_HESSIAN_BYTES
+        clf = LogisticRegression(max_iter=self.max_iter, tol=self.tol, warm_start=True,
+                                 solver="newton-cholesky" if newton else "lbfgs")
         for C in sorted(set(float(c) for c in Cs)):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", ConvergenceWarning)
@@ -136,8 +143,7 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
             coef = clf.coef_.astype(np.float64)
             head.coef_ = coef if basis is None else coef @ basis
             head.intercept_ = clf.intercept_.astype(np.float64)
-            fitted[C] = head
-        return [fitted[float(c)] for c in Cs]
+            yield head
 
     def decision_function(self, X) -> np.ndarray:
         check_is_fitted(self)
@@ -310,7 +316,7 @@ class KnnHead(ClassifierMixin, BaseEstimator):
     every training row: its file and memory grow with the training split.
     """
 
-    ROWS_PER_STEP = 2048  # query rows per similarity matmul: memory stays rows x train rows floats
+    STEP_BYTES = 128 << 20  # similarities computed a block of query rows at a time: at most this many bytes
 
     def __init__(self, k: int = 10, norm: str = "l2", temperature: float = 0.07):
         self.k, self.norm, self.temperature = k, norm, temperature
@@ -318,7 +324,7 @@ class KnnHead(ClassifierMixin, BaseEstimator):
     def fit(self, X, y) -> "KnnHead":
         X, y = _fit_inputs(self, X, y)
         self.mean_, self.scale_ = _statistics(row_normalised(X, self.norm), self.norm)
-        self.train_ = self._unit(X)
+        self.train_, self._train64 = self._unit(X), None
         self.train_labels_ = np.searchsorted(self.classes_, y).astype(np.int64)
         return self
 
@@ -331,9 +337,11 @@ class KnnHead(ClassifierMixin, BaseEstimator):
         Q = self._unit(validate_data(self, X, reset=False, dtype=[np.float32, np.float64]))
         k = min(int(self.k), len(self.train_))
         proba = np.zeros((len(Q), len(self.classes_)))
-        train = self.train_.astype(np.float64)  # float64 similarities: a row's votes do not depend on its batch
-        for start in range(0, len(Q), self.ROWS_PER_STEP):
-            sims = Q[start:start + self.ROWS_PER_STEP].astype(np.float64) @ train.T
+        if getattr(self, "_train64", None) is None or len(self._train64) != len(self.train_):
+            self._train64 = self.train_.astype(np.float64)  # float64 similarities: votes do not depend on the batch
+        step = max(1, self.STEP_BYTES // (8 * len(self.train_)))
+        for start in range(0, len(Q), step):
+            sims = Q[start:start + step].astype(np.float64) @ self._train64.T
             top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
             weights = np.exp((np.take_along_axis(sims, top, 1) - 1) / self.temperature)  # -1: no overflow, same ratios
             block = proba[start:start + len(sims)]
@@ -351,7 +359,9 @@ class KnnHead(ClassifierMixin, BaseEstimator):
         d, k = self.n_features_in_, len(self.classes_)
         self.mean_, self.scale_ = _real(a, "mean", (d,)), _real(a, "scale", (d,), positive=True)
         n = a["train"].shape[0] if "train" in a and a["train"].ndim == 2 else 0
-        self.train_ = _real(a, "train", (n, d)).astype(np.float32)
+        self.train_, self._train64 = _real(a, "train", (n, d)).astype(np.float32), None
+        if not np.isfinite(self.train_).all():
+            raise ValueError("'train' holds values beyond float32")
         labels = _real(a, "train_labels", (n,))
         if n < 1 or labels.dtype.kind not in "iu" or labels.min() < 0 or labels.max() >= k:
             raise ValueError(f"'train_labels' are not {n} indices into the {k} classes")

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 HEAD_FILE = "head.npz"
+NORMS = ("standard", "l2", "power")  # feature normalisations every head takes (estimators.row_normalised)
 
 
 # The linear-probe protocol's L2 grid (Kornblith et al. 2019; the CLIP and DINOv2 evaluations): 45 log-spaced C.
@@ -49,7 +50,7 @@ _LINEAR_FIXED = ("hidden", "dropout", "epochs", "batch_size", "n_iter_no_change"
 HEADS: dict[str, HeadSpec] = {h.name: h for h in (
     HeadSpec("logreg", "pipeline.estimators:LogRegHead", {"C": LOGREG_C}, (), "standard",
              "scikit-learn logistic regression, C swept over 45 values 1e-6..1e5 along a warm-started path",
-             streams=False, memory_copies=3.5,  # measured 3.1: the split, a float32 copy, the scaled copy
+             streams=False, memory_copies=6.0,  # measured 5.2-6: the split, float32 and float64 normalised copies
              path="C"),
     HeadSpec("linear", "pipeline.estimators:LinearHead", {"weight_decay": (1e-6, 1e-4, 1e-2, 1.0), "lr": (1e-3, 1e-2)},
              _LINEAR_FIXED, "standard",

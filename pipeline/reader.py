@@ -91,6 +91,9 @@ class ImageFiles(torch.utils.data.Dataset):
         return {"index": index, "image": image, "error": error, "sha256": digest}
 
 
+MAX_ASPECT = 4  # multi-scale views: the longer side is at most this many times the scale
+
+
 class ScaledImageFiles(ImageFiles):
     """Multi-scale views (`extract --scales`): per file, the whole image (no crop) resized so its shorter side is each
     scale in turn, as uint8 tensors of differing shapes; batched with `collate_scaled`."""
@@ -105,8 +108,9 @@ class ScaledImageFiles(ImageFiles):
             data = self.read(index)
             digest = hashlib.sha256(data).hexdigest()
             img = open_image(data, max(self.scales))  # a JPEG draft never below the largest scale
-            views = [TF.pil_to_tensor(TF.resize(img, s, interpolation=InterpolationMode.BILINEAR, antialias=True))
-                     for s in self.scales]
+            # the longer side is capped at MAX_ASPECT x the scale: a 2 x 300 px strip must not become 64 x 9600
+            views = [TF.pil_to_tensor(TF.resize(img, s, interpolation=InterpolationMode.BILINEAR, antialias=True,
+                                                max_size=MAX_ASPECT * s)) for s in self.scales]
         except Exception as e:  # any failure is this file's, not the run's: report it and go on
             error = describe_failure(e, None if data is None else len(data))
         return {"index": index, "image": views, "error": error, "sha256": digest}

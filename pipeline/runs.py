@@ -23,9 +23,11 @@ from dataclasses import MISSING, asdict, dataclass, fields, is_dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
+
 from pipeline import files, plots, pools
 from pipeline.files import printable
-from pipeline.config import FeatureConfig, library_versions, sha256_file
+from pipeline.config import FeatureConfig, HeadConfig, library_versions, sha256_file
 from pipeline.errors import UserError
 from pipeline.heads import HEAD_FILE, HEADS, load_head, save_head
 from pipeline.metrics import format_metrics
@@ -167,10 +169,15 @@ class Run:
 
     @property
     def feature_config(self) -> FeatureConfig:
+        """The extractor config, checked against the recorded fingerprint: an edited config is refused."""
         try:
-            return FeatureConfig.from_dict(self.record.features.config)
+            fcfg = FeatureConfig.from_dict(self.record.features.config)
         except (TypeError, KeyError, ValueError) as e:
             raise UserError(f"{self.folder / RUN_FILE} is damaged: features.config is not an extractor config ({e})") from None
+        if fcfg.fingerprint() != self.fingerprint:
+            raise UserError(f"{self.folder / RUN_FILE} is damaged: features.config hashes to {fcfg.fingerprint()}, "
+                            f"not to the recorded fingerprint {self.fingerprint}")
+        return fcfg
 
     def head_pooling(self):
         """What turns the cache's rows into the head's inputs: the run's pooling of a map cache, else None."""
@@ -181,10 +188,35 @@ class Run:
         path = _inside(self.folder, self.record.head_file)
         if sha256_file(path) != self.record.head_sha256:
             raise UserError(f"{path} does not match the sha256 in {self.folder / RUN_FILE}: the file was changed or damaged")
+        head_cfg = self._checked_params()
         try:
-            return load_head(self.record.head.kind, self.record.head.params, path)
+            head = load_head(head_cfg.kind, self.record.head.params, path)
         except (ValueError, KeyError, OSError, TypeError) as e:
             raise UserError(f"{path} is not a {self.record.head.kind} head saved by vggcache ({type(e).__name__}: {e})") from None
+        self._check_shape(head)
+        return head
+
+    def _checked_params(self) -> HeadConfig:
+        """The head's constructor arguments, checked by the constraints train-head checks them with."""
+        params = self.record.head.params
+        try:
+            return HeadConfig(kind=self.record.head.kind, **params)
+        except (UserError, TypeError) as e:
+            raise UserError(f"{self.folder / RUN_FILE} is damaged: head.params {json.dumps(params)[:80]} ({e})") from None
+
+    def _check_shape(self, head) -> None:
+        """Inputs of the size the features give (pooled as the run says), outputs of the run's classes."""
+        config = self.record.features.config
+        if config.get("pool") == "map" and self.record.pool is None:
+            raise UserError(f"{self.folder / RUN_FILE} is damaged: the run was trained on a map cache but names no pool")
+        dim = self.head_pooling()(np.zeros((1, self.feature_config.feature_dim), np.float32)).shape[1] \
+            if self.record.pool else None
+        if dim is not None and head.n_features_in_ != dim:
+            raise UserError(f"{self.folder / RUN_FILE} is damaged: its head takes {head.n_features_in_} features, "
+                            f"pool {self.record.pool} gives {dim}")
+        if int(np.max(head.classes_)) >= len(self.class_names):
+            raise UserError(f"{self.folder / HEAD_FILE} is damaged: its classes go beyond the run's "
+                            f"{len(self.class_names)} class names")
 
 
 def _inside(folder: Path, name: str) -> Path:

@@ -77,8 +77,9 @@ def plan_loading(cfg: TrainConfig, cache: store.Cache, tried: list[str | None]) 
         streaming = ", ".join(h.name for h in HEADS.values() if h.streams)
         why = "--stream was asked for" if cfg.stream else f"the splits need {human_bytes(needed)} in memory, over " \
               f"the {human_bytes(budget)} budget (--memory-budget)"
+        other = "" if cfg.stream else ", or raise --memory-budget" + (" or choose one --pool" if len(tried) > 1 else "")
         raise UserError(f"--head {cfg.head.kind} needs its data in memory and {why}: use --head {streaming}, which "
-                        "streams from the file, or raise --memory-budget" + (" or choose one --pool" if len(tried) > 1 else ""))
+                        f"streams from the file{other}")
     if loading.mode == "stream" and cfg.refit:
         raise UserError("--refit needs the splits in memory, and they are streamed from the file: use --no-refit, "
                         "or raise --memory-budget")
@@ -173,14 +174,18 @@ def sweep_candidates(cfg: HeadConfig, data: Data):
     spec = HEADS[cfg.kind]
     n_classes = int(max(data.y_train.max(), data.y_val.max())) + 1
     for group in _path_groups(cfg.candidates(), spec.path):
-        start = time.perf_counter()
         if spec.path and len(group) > 1 and not isinstance(data.X_train, SplitRows):
-            heads = make_head(cfg.kind, **group[0]).fit_path(data.X_train, data.y_train, [p[spec.path] for p in group])
+            first = make_head(cfg.kind, **group[0])
+            by_value = {p[spec.path]: p for p in group}
+            heads = first.iter_path(data.X_train, data.y_train, list(by_value))  # in increasing value
+            fitted = ((by_value[getattr(h, spec.path)], h) for h in heads)
         else:
-            heads = [_fit(make_head(cfg.kind, **params), data.X_train, data.y_train) for params in group]
-        seconds = (time.perf_counter() - start) / len(group)
-        for params, head in zip(group, heads):
+            fitted = ((params, _fit(make_head(cfg.kind, **params), data.X_train, data.y_train)) for params in group)
+        start = time.perf_counter()
+        for params, head in fitted:  # each head is scored, then dropped unless it is the best so far
+            seconds = time.perf_counter() - start
             yield _score(head, data, n_classes) | {"params": params, "fit_seconds": round(seconds, 4)}, head
+            start = time.perf_counter()
 
 
 def _path_groups(candidates: list[dict], path: str | None) -> list[list[dict]]:
@@ -198,9 +203,7 @@ def _score(head, data: Data, n_classes: int) -> dict:
 
 
 def describe_choice(spec, params: dict, pool: str | None) -> str:
-    swept = {name: params[name] for name in spec.swept} | {"norm": params["norm"]}
-    text = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in swept.items())
-    return f"{text}, pool={pool}" if pool else text
+    return runs.describe_chosen({name: params[name] for name in spec.swept} | {"norm": params["norm"], "pool": pool})
 
 
 def refit(cfg: TrainConfig, choice: Choice):

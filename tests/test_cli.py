@@ -50,6 +50,7 @@ CASES = {
     "train-pool": ("train-head", ["--pool", "gem"], "--pool 'gem' is not valid (expected one of auto, avg, max, avgmax, flatten, spp)"),
     "train-pool-pooled": ("train-head", ["--pool", "max"], "holds avg-pooled features, so --pool max cannot be computed from it"),
     "train-norm": ("train-head", ["--norm", "zscore"], "--norm 'zscore' is not valid (expected one of standard, l2, power, auto)"),
+    "train-foreign": ("train-head", ["--head", "knn", "--C", "5"], "--C applies to --head logreg, not to --head knn"),
     "train-k": ("train-head", ["--head", "knn", "--k", "0"], "--k 0 is not valid (expected an integer in [1, 1048576])"),
     "train-head": ("train-head", ["--head", "svm"], "--head 'svm' is not valid (expected one of logreg, linear, knn)"),
     "train-C-zero": ("train-head", ["--C", "0"], "--C 0.0 is not valid (expected a number > 0)"),

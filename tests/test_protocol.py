@@ -77,11 +77,17 @@ def test_float16_map_pools_to_the_float16_rows_within_their_rounding(folder, tmp
     np.testing.assert_allclose(pooled, rows, rtol=2e-3, atol=1e-3 * np.abs(rows).max())  # float16: 11-bit mantissa
 
 
-def test_auto_sweeps_every_pooling_and_predict_and_evaluate_apply_the_chosen_one(folder, map_cache, tmp_path):
+@pytest.fixture(scope="module")
+def map_run(map_cache, tmp_path_factory):
+    return train_head(TrainConfig(features=map_cache, out=tmp_path_factory.mktemp("runs") / "run",
+                                  head=HeadConfig(kind="knn")))
+
+
+def test_auto_sweeps_every_pooling_and_predict_and_evaluate_apply_the_chosen_one(folder, map_cache, map_run):
     from pipeline.config import PredictConfig
     from pipeline.predict import predict
 
-    run = train_head(TrainConfig(features=map_cache, out=tmp_path / "run", head=HeadConfig(kind="knn")))
+    run = map_run
     table = json.loads((run.folder / "run.json").read_text())["sweep"]
     assert sorted({row["pool"] for row in table}) == sorted(pools.HEAD_POOLS)
     assert len(table) == len(pools.HEAD_POOLS) * 6  # x the k grid
@@ -270,3 +276,42 @@ def test_wide_rows_fit_in_their_row_space_give_the_direct_solution(C):
     Xq = make_blobs(n_samples=20, centers=3, n_features=400, cluster_std=8.0, random_state=1)[0]
     np.testing.assert_allclose(ours.predict_proba(Xq), direct.predict_proba(scaler.transform(Xq)), atol=1e-4)
     assert ours.coef_.shape == (3, 400)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda r: r.update(pool=None), "trained on a map cache but names no pool"),
+    (lambda r: r["head"]["params"].update(norm="bogus"), "--norm 'bogus' is not valid"),
+    (lambda r: r["head"]["params"].update(k=0), "--k 0 is not valid"),
+    (lambda r: r["features"]["config"].update(views="flip"), "features.config hashes to"),
+], ids=["no-pool", "norm", "k", "config"])
+def test_an_edited_run_json_is_refused_in_one_line(edit, message, map_run, tmp_path):
+    import shutil
+
+    from pipeline.runs import load_run
+
+    folder = tmp_path / "run"
+    shutil.copytree(map_run.folder, folder)
+    record = json.loads((folder / "run.json").read_text())
+    edit(record)
+    (folder / "run.json").write_text(json.dumps(record))
+    with pytest.raises(UserError, match=message):
+        run = load_run(folder)
+        run.load_head()
+        run.head_pooling()
+
+
+def test_scales_are_canonical_in_any_order():
+    from pipeline.config import ExtractConfig
+
+    a = ExtractConfig(data=Path("d"), scales="384, 256").scale_sizes
+    assert a == ExtractConfig(data=Path("d"), scales="256,384").scale_sizes == (256, 384)
+
+
+def test_a_long_strip_is_capped_at_four_times_the_scale(tmp_path):
+    from PIL import Image
+
+    from pipeline.reader import MAX_ASPECT, ScaledImageFiles
+
+    Image.new("RGB", (300, 2), (10, 200, 30)).save(tmp_path / "strip.png")
+    item = ScaledImageFiles(tmp_path, ["strip.png"], (64,))[0]
+    assert not item["error"] and max(item["image"][0].shape[1:]) == MAX_ASPECT * 64
