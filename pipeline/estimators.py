@@ -324,7 +324,7 @@ class KnnHead(ClassifierMixin, BaseEstimator):
     def fit(self, X, y) -> "KnnHead":
         X, y = _fit_inputs(self, X, y)
         self.mean_, self.scale_ = _statistics(row_normalised(X, self.norm), self.norm)
-        self.train_, self._train64 = self._unit(X), None
+        self.train_ = self._unit(X).astype(np.float32).astype(np.float64)  # saved as float32: rounded alike
         self.train_labels_ = np.searchsorted(self.classes_, y).astype(np.int64)
         return self
 
@@ -337,11 +337,9 @@ class KnnHead(ClassifierMixin, BaseEstimator):
         Q = self._unit(validate_data(self, X, reset=False, dtype=[np.float32, np.float64]))
         k = min(int(self.k), len(self.train_))
         proba = np.zeros((len(Q), len(self.classes_)))
-        if getattr(self, "_train64", None) is None or len(self._train64) != len(self.train_):
-            self._train64 = self.train_.astype(np.float64)  # float64 similarities: votes do not depend on the batch
         step = max(1, self.STEP_BYTES // (8 * len(self.train_)))
-        for start in range(0, len(Q), step):
-            sims = Q[start:start + step].astype(np.float64) @ self._train64.T
+        for start in range(0, len(Q), step):  # float64 similarities: a row's votes do not depend on its batch
+            sims = Q[start:start + step].astype(np.float64) @ self.train_.T
             top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
             weights = np.exp((np.take_along_axis(sims, top, 1) - 1) / self.temperature)  # -1: no overflow, same ratios
             block = proba[start:start + len(sims)]
@@ -353,15 +351,17 @@ class KnnHead(ClassifierMixin, BaseEstimator):
         return self.classes_[best]
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        return {"mean": self.mean_, "scale": self.scale_, "train": self.train_, "train_labels": self.train_labels_}
+        return {"mean": self.mean_, "scale": self.scale_, "train": self.train_.astype(np.float32),
+                "train_labels": self.train_labels_}
 
     def set_arrays(self, a: dict[str, np.ndarray]) -> None:
         d, k = self.n_features_in_, len(self.classes_)
         self.mean_, self.scale_ = _real(a, "mean", (d,)), _real(a, "scale", (d,), positive=True)
         n = a["train"].shape[0] if "train" in a and a["train"].ndim == 2 else 0
-        self.train_, self._train64 = _real(a, "train", (n, d)).astype(np.float32), None
-        if not np.isfinite(self.train_).all():
+        train = _real(a, "train", (n, d)).astype(np.float32)
+        if not np.isfinite(train).all():
             raise ValueError("'train' holds values beyond float32")
+        self.train_ = train.astype(np.float64)
         labels = _real(a, "train_labels", (n,))
         if n < 1 or labels.dtype.kind not in "iu" or labels.min() < 0 or labels.max() >= k:
             raise ValueError(f"'train_labels' are not {n} indices into the {k} classes")

@@ -57,7 +57,7 @@ def test_over_the_budget_the_linear_head_streams_and_the_logreg_head_says_to_use
     assert loading == {"mode": "stream", "budget_bytes": 102400, "needed_bytes": 2 * 500 * (48 * 4 * 2.5 + 8)}
     result = runner.invoke(app, ["train-head", str(f), "--memory-budget", "100K"])
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
-    assert ("--head logreg needs its data in memory and the splits need 664.1 KB in memory, over the 100.0 KB budget "
+    assert ("--head logreg needs its data in memory and the splits need 1.1 MB in memory, over the 100.0 KB budget "
             "(--memory-budget): use --head linear, which streams from the file") in result.output
 
 
