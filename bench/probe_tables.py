@@ -45,6 +45,8 @@ def speed(data: Path, weights: str, out: Path, per_class: int = 16) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         few = scale.subset(data, Path(tmp) / "few", per_class)
+        # a throwaway run first: oneDNN builds its kernels on the first batches, which would count against `avg`
+        extract(ExtractConfig(data=scale.subset(data, Path(tmp) / "warm", 2), out=Path(tmp) / "warm.h5", weights=weights))
         print("| features | images/s through the model | x avg |\n| --- | --- | --- |")
         base = None
         for name, options in KINDS.items():
