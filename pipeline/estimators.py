@@ -148,7 +148,9 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
     def decision_function(self, X) -> np.ndarray:
         check_is_fitted(self)
         X = validate_data(self, X, reset=False, dtype=[np.float32, np.float64])
-        z = _prepared(X, self.mean_, self.scale_, self.norm) @ self.coef_.T + self.intercept_
+        # the standardisation folded into the weights: one matmul, no standardised copy of X (a sweep scores 45 heads)
+        weights = self.coef_ / self.scale_
+        z = row_normalised(X, self.norm) @ weights.T + (self.intercept_ - weights @ self.mean_)
         return z[:, 0] if z.shape[1] == 1 else z
 
     def predict_proba(self, X) -> np.ndarray:
