@@ -64,7 +64,7 @@ from pipeline.config import HeadConfig, TrainConfig
 from pipeline.train import train_head
 start = time.perf_counter()
 run = train_head(TrainConfig(features=sys.argv[1], out=sys.argv[2], memory_budget=sys.argv[3],
-                             head=HeadConfig(kind="linear", weight_decay=1e-3, epochs=5, n_iter_no_change=100)))
+                             head=HeadConfig(kind="linear", weight_decay=1e-3, lr=1e-3, epochs=5, n_iter_no_change=100)))
 hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
 print(json.dumps({"fit_seconds": run.record.timings.fit_seconds, "mode": run.record.loading.mode,
                   "val_accuracy": run.metrics["val"]["accuracy"], "peak_mb": hwm / 1024}))
