@@ -63,8 +63,8 @@ def _toy(n=120, side=2, classes=3, seed=0):
 
 
 def test_training_reduces_the_held_out_loss_on_a_separable_set():
-    X, y = _toy(n=60)
-    head = Block5Head(weights="none", epochs=4, batch_size=16, device="cpu").fit(X, y)
+    X, y = _toy(n=45)
+    head = Block5Head(weights="none", epochs=3, batch_size=15, device="cpu").fit(X, y)
     assert head.best_val_loss_ < 0.5 * np.log(3)  # chance is log 3
     assert head.score(X, y) > 0.9
 
