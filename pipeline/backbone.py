@@ -18,6 +18,11 @@ from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
 
+# torchvision's vgg16().features: blocks 1-4 end with the max-pool at index 23 (pool4); block 5 is 24..30:
+# conv5_1, relu, conv5_2, relu, conv5_3, relu, pool5
+POOL4_END = 24
+BLOCK5_CONVS = (24, 26, 28)
+
 
 class VGG16Body(nn.Module):
     """uint8 images (B, 3, H, W) -> pooled pool5 features (B, D), with the ImageNet normalisation built in.
@@ -111,8 +116,10 @@ def build_body(feature_cfg: FeatureConfig, weights: str) -> VGG16Body:
     identity = config.weights_identity(weights)
     if identity != feature_cfg.weights:
         raise UserError(f"weights {weights!r} are {identity}, but the features were made with {feature_cfg.weights}")
-    body = VGG16Body(vgg16_features(weights), feature_cfg.pool, feature_cfg.mean, feature_cfg.std,
-                     flip=feature_cfg.views == "flip")
+    layers = vgg16_features(weights)
+    if feature_cfg.layer == "pool4":
+        layers = layers[:POOL4_END]
+    body = VGG16Body(layers, feature_cfg.pool, feature_cfg.mean, feature_cfg.std, flip=feature_cfg.views == "flip")
     body.requires_grad_(False)
     return body.eval()
 

@@ -91,6 +91,7 @@ def extract(
     pool: str = typer.Option(X("pool"), help=", ".join(f"{p.name} ({p.dim(VGG16_CHANNELS)} at 224)" for p in POOLS.values())
                              + "; map keeps the pool5 map, so train-head can pool it any of the other ways."),
     image_size: int = typer.Option(X("image_size"), help="Centre-crop side; images are resized to 256/224 of it first."),
+    layer: str = typer.Option(X("layer"), help="pool5 (the body's output), or pool4 (512 x 14 x 14 at 224, the input of block 5: for --head block5)."),
     views: str = typer.Option(X("views"), help="none, or flip: each row is the mean of the image's and its mirror's features."),
     scales: str = typer.Option(X("scales"), help="e.g. 256,384,512: the whole image (no crop) at each shorter side, pooled and averaged (pooled modes only)."),
     batch_size: int = typer.Option(X("batch_size"), help="Images per forward (default 0: 256 on CUDA, 4 elsewhere)."),
@@ -109,7 +110,7 @@ def extract(
     writes the cache."""
     from pipeline.extract import extract as run_extract
 
-    s = run_extract(ExtractConfig(data=data, out=out, weights=weights, pool=pool, image_size=image_size, views=views,
+    s = run_extract(ExtractConfig(data=data, out=out, weights=weights, pool=pool, image_size=image_size, layer=layer, views=views,
                                   scales=scales, batch_size=batch_size, workers=workers, device=device, precision=precision,
                                   dtype=dtype, decode=decode, force=force, verify=verify, shard=shard))
     if not s.wrote_cache:
@@ -144,7 +145,9 @@ def info(file: Path = typer.Argument(..., help="A feature cache (.h5)."),
     _echo(f"fingerprint  {d['fingerprint']}   feature dim {d['feature_dim']}   classes {len(d['class_names'])}")
     if d["map_shape"]:
         c, h, w = d["map_shape"]
-        _echo(f"map          pool5 map {c}x{h}x{w} per row (row-major): train-head --pool {'|'.join(HEAD_POOLS)}|auto")
+        layer = d["config"].get("layer", "pool5")
+        heads = "; train-head --head block5 fine-tunes block 5 on it" if layer == "pool4" else ""
+        _echo(f"map          {layer} map {c}x{h}x{w} per row (row-major): train-head --pool {'|'.join(HEAD_POOLS)}|auto{heads}")
     _echo(f"config       {json.dumps(d['config'], sort_keys=True)}")
     _echo(f"source       {d['source'].get('root')} ({d['source'].get('kind')})")
     _echo(f"created      {d['created']}   updated {d['updated']}")
@@ -177,9 +180,11 @@ def train_head(
     dropout: float = typer.Option(H("dropout"), help="linear: dropout after the hidden layer."),
     lr: Optional[float] = typer.Option(None, help="linear: fix the AdamW learning rate instead of sweeping 1e-3, 1e-2."),
     weight_decay: Optional[float] = typer.Option(None, help="linear: fix weight decay instead of sweeping 1e-6..1."),
-    epochs: int = typer.Option(H("epochs"), help="linear: most epochs."),
-    batch_size: int = typer.Option(H("batch_size"), help="linear: rows per step."),
-    patience: int = typer.Option(H("n_iter_no_change"), help="linear: epochs without a better held-out loss before stopping."),
+    epochs: Optional[int] = typer.Option(None, help="linear, block5: most epochs (default 200, block5 30)."),
+    batch_size: Optional[int] = typer.Option(None, help="linear, block5: rows per step (default 256, block5 32)."),
+    patience: Optional[int] = typer.Option(None, help="linear, block5: epochs without a better held-out loss before stopping (default 15, block5 5)."),
+    freeze_convs: int = typer.Option(H("freeze_convs"), help="block5: how many of conv5_1..conv5_3 stay frozen."),
+    weights: Optional[str] = typer.Option(None, help="block5: the weights file the cache was made with, if it has moved (checked by sha256)."),
     early_stop_fraction: float = typer.Option(H("validation_fraction"), help="linear: fraction of train held out for early stopping."),
     seed: int = typer.Option(H("seed"), help="Seed of the held-out splits and of the linear head."),
     device: str = typer.Option(H("device"), help="linear: auto, cpu, cuda or mps."),
@@ -192,6 +197,7 @@ def train_head(
 
     head_cfg = HeadConfig(kind=head, C=C, k=k, norm=norm, hidden=hidden, dropout=dropout, lr=lr, weight_decay=weight_decay, epochs=epochs,
                           batch_size=batch_size, n_iter_no_change=patience, validation_fraction=early_stop_fraction,
+                          freeze_convs=freeze_convs, weights=weights,
                           seed=seed, device=device)
     run = run_train(TrainConfig(features=features, out=out, train_split=train_split, val_split=val_split,
                                 test_split=test_split, val_fraction=val_fraction, memory_budget=memory_budget,

@@ -53,10 +53,11 @@ class FeatureConfig:
     backbone: str = "torchvision.models.vgg16.features"
     views: str = "none"  # "flip": each row is the mean of the image's and its mirror's features
     scales: tuple[int, ...] = ()  # () : one centre crop; else the whole image at each shorter side, pooled, averaged
+    layer: str = "pool5"  # pool5 (the body's output) or pool4 (the input of block 5, for fine-tuning it)
 
     @property
     def map_side(self) -> int:
-        return pools.map_side(self.image_size)
+        return pools.map_side(self.image_size, self.layer)
 
     @property
     def feature_dim(self) -> int:
@@ -98,7 +99,8 @@ class FeatureConfig:
         return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
 
-_LATER_FIELDS = {"views": "none", "scales": ()}
+_LATER_FIELDS = {"views": "none", "scales": (), "layer": "pool5"}
+LAYERS = tuple(pools.LAYER_STRIDES)
 VIEWS = ("none", "flip")
 
 
@@ -125,6 +127,7 @@ class ExtractConfig:
     image_size: int = 224
     views: str = "none"
     scales: str = ""  # "256,384,512": the whole image at each shorter side (see FeatureConfig.scales)
+    layer: str = "pool5"
     batch_size: int = 0  # 0: 256 on CUDA, 4 elsewhere
     workers: int = -1  # -1: chosen from the device and the CPU count
     device: str = "auto"
@@ -147,6 +150,7 @@ class ExtractConfig:
         "workers": Interval(int, -1, 256),
         "shard": Optional(Satisfies(lambda s: _shard_part(s) is not None, "I/N with 0 <= I < N, e.g. 0/4")),
         "views": OneOf(VIEWS),
+        "layer": OneOf(LAYERS),
         "scales": Satisfies(lambda s: parse_scales(s) is not None, "sizes from 32 to 2048 without repeats, e.g. 256,384,512"),
     }
 
@@ -189,9 +193,11 @@ class HeadConfig:
     dropout: float = 0.5
     lr: float | None = None
     weight_decay: float | None = None
-    epochs: int = 200
-    batch_size: int = 256
-    n_iter_no_change: int = 15
+    epochs: int | None = None  # None: the head's own default (HeadSpec.defaults)
+    batch_size: int | None = None
+    n_iter_no_change: int | None = None
+    freeze_convs: int = 0  # block5: how many of conv5_1..conv5_3 stay frozen
+    weights: str | None = None  # block5: the weights file, when the cache's has moved (checked by its hash)
     validation_fraction: float = 0.1
     seed: int = 0
     device: str = "auto"
@@ -200,8 +206,9 @@ class HeadConfig:
         "kind": OneOf(tuple(HEADS)), "C": Optional(POSITIVE), "k": Optional(Interval(int, 1, 1 << 20)),
         "norm": Optional(OneOf(NORMS + ("auto",))), "hidden": Interval(int, 0, 1 << 16),
         "dropout": Interval(float, 0, 1, open_high=True), "lr": Optional(POSITIVE),
-        "weight_decay": Optional(Interval(float, 0, None)), "epochs": Interval(int, 1, 100_000),
-        "batch_size": Interval(int, 1, 1 << 20), "n_iter_no_change": Interval(int, 1, 100_000),
+        "weight_decay": Optional(Interval(float, 0, None)), "epochs": Optional(Interval(int, 1, 100_000)),
+        "batch_size": Optional(Interval(int, 1, 1 << 20)), "n_iter_no_change": Optional(Interval(int, 1, 100_000)),
+        "freeze_convs": Interval(int, 0, 3),
         "validation_fraction": Interval(float, 0, 1, open_low=True, open_high=True),
         "seed": Interval(int, 0, 2**32 - 1), "device": OneOf(DEVICES),
     }
@@ -211,16 +218,21 @@ class HeadConfig:
     def __post_init__(self):
         validate(self)
         spec = HEADS[self.kind]
-        foreign = [name for name in self.SWEPT if getattr(self, name) is not None and name not in spec.grid]
+        foreign = [name for name in self.SWEPT
+                   if getattr(self, name) is not None and name not in spec.grid and name not in spec.fixed]
+        if self.norm is not None and spec.default_norm is None:
+            raise UserError(f"--norm does not apply to --head {self.kind}, which takes the maps as they are")
         if foreign:
             option = "--" + foreign[0].replace("_", "-")
-            owners = ", ".join(h.name for h in HEADS.values() if foreign[0] in h.grid)
+            owners = ", ".join(h.name for h in HEADS.values() if foreign[0] in h.grid or foreign[0] in h.fixed)
             raise UserError(f"{option} applies to --head {owners}, not to --head {self.kind} (which sweeps "
                             f"{', '.join(spec.grid)})")
 
     @property
     def norms(self) -> tuple[str, ...]:
         """The normalisations tried: the one asked for, all of them for "auto", else the head's default."""
+        if HEADS[self.kind].default_norm is None:
+            return ()
         return NORMS if self.norm == "auto" else (self.norm or HEADS[self.kind].default_norm,)
 
     def candidates(self) -> list[dict]:
@@ -229,9 +241,10 @@ class HeadConfig:
         spec = HEADS[self.kind]
         axes = {name: [getattr(self, name)] if getattr(self, name) is not None else list(values)
                 for name, values in spec.grid.items()}
-        fixed = {name: getattr(self, name) for name in spec.fixed}
-        return [fixed | {"norm": norm} | dict(zip(axes, values))
-                for norm in self.norms for values in itertools.product(*axes.values())]
+        fixed = {name: getattr(self, name) if getattr(self, name) is not None else spec.defaults.get(name)
+                 for name in spec.fixed}
+        norms = [{"norm": norm} for norm in self.norms] or [{}]
+        return [fixed | norm | dict(zip(axes, values)) for norm in norms for values in itertools.product(*axes.values())]
 
 
 @dataclass(frozen=True)
@@ -328,11 +341,27 @@ def _weights_sha256(path: str, size: int, mtime_ns: int) -> str:
 
 
 def feature_config(weights: str, pool: str, image_size: int, dtype: str, views: str = "none",
-                   scales: tuple[int, ...] = ()) -> FeatureConfig:
+                   scales: tuple[int, ...] = (), layer: str = "pool5") -> FeatureConfig:
     """The feature definition for these options; resize keeps torchvision's 256/224 ratio at any crop size."""
     resize = round(image_size * IMAGENET_RESIZE / IMAGENET_CROP)
     return FeatureConfig(weights=weights_identity(weights), pool=pool, image_size=image_size, resize_size=resize,
-                         dtype=dtype, views=views, scales=tuple(scales))
+                         dtype=dtype, views=views, scales=tuple(scales), layer=layer)
+
+
+def weights_spec(identity: str, weights_file: str | None, override: str | None = None) -> str:
+    """The --weights value (imagenet | none | a file) that rebuilds weights named `identity`; the caller's model
+    building then checks that the file has that very hash."""
+    if identity.startswith("torchvision:"):
+        return "imagenet"
+    if identity.startswith("random:"):
+        return "none"
+    path = override or weights_file
+    if not path or not Path(path).is_file():
+        raise UserError(f"the features were made with the weights file {identity} (recorded at {path}); "
+                        "pass it with --weights PATH")
+    if weights_identity(path) != identity:
+        raise UserError(f"--weights {path} is {weights_identity(path)}, but the features were made with {identity}")
+    return path
 
 
 def library_versions() -> dict[str, str]:

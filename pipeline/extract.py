@@ -74,7 +74,7 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
         raise UserError("--force with --shard would discard the other parts' work: run a plain extract --force, "
                         "or delete the cache and its .partial folder, then start the parts")
     dataset = discover(cfg.data)
-    fcfg = feature_config(cfg.weights, cfg.pool, cfg.image_size, cfg.dtype, cfg.views, cfg.scale_sizes)
+    fcfg = feature_config(cfg.weights, cfg.pool, cfg.image_size, cfg.dtype, cfg.views, cfg.scale_sizes, cfg.layer)
     job = _Job(cfg, dataset, fcfg, Path(cfg.out) if cfg.out else default_output(cfg.features_dir, dataset.name, fcfg), worker)
     files.ensure_writable_file(job.out, "--out")
     distributed.quiet_unless_leader(worker)

@@ -8,7 +8,7 @@ seconds to import, and the CLI (which reads this registry for its help and defau
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,11 +30,13 @@ class HeadSpec:
     estimator_path: str  # "module:Class"
     grid: dict  # hyperparameter -> values; the first is the x axis of sweep.png
     fixed: tuple[str, ...]  # HeadConfig fields passed unchanged
-    default_norm: str
+    default_norm: str | None  # None: the head takes no normalisation (block5 feeds raw maps to conv5_1)
     description: str
     streams: bool  # can train on a split read from the file as it goes (stream.SplitRows): caches over memory
     memory_copies: float  # float32 copies of its rows it holds at its peak when fitting in memory (measured, rounded up)
     path: str | None = None  # a hyperparameter the estimator fits along a path in one call (`fit_path`)
+    defaults: dict = field(default_factory=dict)  # its own defaults of HeadConfig fields left unset (None)
+    takes_map: bool = False  # trains on a pool4 map cache's rows as they are (no head-time pooling)
 
     @property
     def swept(self) -> tuple[str, ...]:
@@ -47,6 +49,7 @@ class HeadSpec:
 
 
 _LINEAR_FIXED = ("hidden", "dropout", "epochs", "batch_size", "n_iter_no_change", "validation_fraction", "seed", "device")
+_TRAINING = {"epochs": 200, "batch_size": 256, "n_iter_no_change": 15}
 HEADS: dict[str, HeadSpec] = {h.name: h for h in (
     HeadSpec("logreg", "pipeline.estimators:LogRegHead", {"C": LOGREG_C}, (), "standard",
              "scikit-learn logistic regression, C swept over 45 values 1e-6..1e5 along a warm-started path",
@@ -55,10 +58,17 @@ HEADS: dict[str, HeadSpec] = {h.name: h for h in (
     HeadSpec("linear", "pipeline.estimators:LinearHead", {"weight_decay": (1e-6, 1e-4, 1e-2, 1.0), "lr": (1e-3, 1e-2)},
              _LINEAR_FIXED, "standard",
              "torch linear layer (optionally one hidden layer), AdamW, early stopping", streams=True,
-             memory_copies=2.5),  # measured 2.0: the split as read, then standardised in float32
+             memory_copies=2.5,  # measured 2.0: the split as read, then standardised in float32
+             defaults=_TRAINING),
     HeadSpec("knn", "pipeline.estimators:KnnHead", {"k": (1, 3, 5, 10, 20, 50)}, (), "l2",
              "cosine k-nearest neighbours, weighted votes (no training; keeps the training rows)", streams=False,
              memory_copies=4.0),  # its float64 copy of the training rows, then the split as read
+    HeadSpec("block5", "pipeline.finetune:Block5Head", {"lr": (1e-4,)},
+             ("weights", "weight_decay", "epochs", "batch_size", "n_iter_no_change", "validation_fraction",
+              "freeze_convs", "seed", "device"), None,
+             "fine-tune VGG16's block 5 + a linear layer on a pool4 cache (extract --layer pool4 --pool map)",
+             streams=False, memory_copies=3.0, takes_map=True,
+             defaults={"epochs": 30, "batch_size": 32, "n_iter_no_change": 5, "weight_decay": 1e-4}),
 )}
 
 

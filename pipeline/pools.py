@@ -19,6 +19,7 @@ import numpy as np
 FLATTEN_GRID = 7  # torchvision's VGG avgpool: AdaptiveAvgPool2d((7, 7)), the input of the original classifier
 SPP_LEVELS = (1, 2, 4)  # spatial pyramid: average over the whole map, a 2x2 and a 4x4 grid (1 + 4 + 16 cells)
 STRIDE = 32  # VGG16's five 2x2 max-pools: a crop of side s gives a pool5 map of side s // 32
+LAYER_STRIDES = {"pool5": 32, "pool4": 16}  # the layers a cache can hold: pool4 is the input of block 5
 
 
 @dataclass(frozen=True)
@@ -38,9 +39,9 @@ class Pool:
         return self.numpy_apply is not None
 
 
-def map_side(image_size: int) -> int:
-    """Side of the pool5 map for a square crop (five floor-halvings: floor(s / 32))."""
-    return image_size // STRIDE
+def map_side(image_size: int, layer: str = "pool5") -> int:
+    """Side of the layer's map for a square crop (floor-halvings: floor(s / 32) at pool5, floor(s / 16) at pool4)."""
+    return image_size // LAYER_STRIDES[layer]
 
 
 def _bins(length: int, n: int) -> list[tuple[int, int]]:

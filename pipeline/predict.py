@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import files
-from pipeline.config import PredictConfig
+from pipeline.config import PredictConfig, weights_spec
 from pipeline.data import is_image_name
 from pipeline.errors import UserError
 from pipeline.heads import full_proba
@@ -39,16 +39,7 @@ def collect_images(paths: tuple[Path, ...]) -> list[str]:
 
 def weights_for(run: Run, override: str | None) -> str:
     """The --weights spec that rebuilds the run's extractor; build_body then checks it is the very same."""
-    identity = run.record.features.config.get("weights", "")
-    if identity.startswith("torchvision:"):
-        return "imagenet"
-    if identity.startswith("random:"):
-        return "none"
-    path = override or run.record.features.weights_file
-    if not path or not Path(path).is_file():
-        raise UserError(f"run {run.folder.name} needs the weights file with {identity} "
-                        f"(recorded at {path}); pass it with --weights PATH")
-    return path
+    return weights_spec(run.record.features.config.get("weights", ""), run.record.features.weights_file, override)
 
 
 def precision_for(run: Run, asked: str) -> str:

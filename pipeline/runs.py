@@ -207,7 +207,7 @@ class Run:
     def _check_shape(self, head) -> None:
         """Inputs of the size the features give (pooled as the run says), outputs of the run's classes."""
         config = self.record.features.config
-        if config.get("pool") == "map" and self.record.pool is None:
+        if config.get("pool") == "map" and self.record.pool is None and not HEADS[self.record.head.kind].takes_map:
             raise UserError(f"{self.folder / RUN_FILE} is damaged: the run was trained on a map cache but names no pool")
         dim = self.head_pooling()(np.zeros((1, self.feature_config.feature_dim), np.float32)).shape[1] \
             if self.record.pool else None

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -13,7 +13,7 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 
 from pipeline import pools, runs, store, stream
-from pipeline.config import VGG16_CHANNELS, FeatureConfig, HeadConfig, TrainConfig
+from pipeline.config import VGG16_CHANNELS, FeatureConfig, HeadConfig, TrainConfig, weights_spec
 from pipeline.errors import UserError
 from pipeline.files import human_bytes
 from pipeline.heads import HEADS, full_proba, make_head
@@ -41,6 +41,14 @@ def pools_to_try(cfg: TrainConfig, header: store.Header) -> list[str | None]:
     """The head-time poolings to sweep: every one of a map cache for --pool auto, the one asked for, or [None] for
     a pooled cache (its rows are used as they are; --pool may only name what it holds)."""
     held = header.config.get("pool")
+    if HEADS[cfg.head.kind].takes_map:
+        layer = header.config.get("layer", "pool5")
+        if held != "map" or layer != "pool4":
+            raise UserError(f"--head {cfg.head.kind} trains VGG16's block 5 on pool4 maps, and {cfg.features} holds "
+                            f"{layer} {held} features: extract --layer pool4 --pool map")
+        if cfg.pool not in ("auto",):
+            raise UserError(f"--head {cfg.head.kind} takes the pool4 map as it is: leave --pool out")
+        return [None]
     if held == "map":
         return list(pools.HEAD_POOLS) if cfg.pool == "auto" else [cfg.pool]
     if cfg.pool not in ("auto", held):
@@ -203,7 +211,8 @@ def _score(head, data: Data, n_classes: int) -> dict:
 
 
 def describe_choice(spec, params: dict, pool: str | None) -> str:
-    return runs.describe_chosen({name: params[name] for name in spec.swept} | {"norm": params["norm"], "pool": pool})
+    norm = {"norm": params["norm"]} if "norm" in params else {}
+    return runs.describe_chosen({name: params[name] for name in spec.swept} | norm | {"pool": pool})
 
 
 def refit(cfg: TrainConfig, choice: Choice):
@@ -225,6 +234,10 @@ def train_head(cfg: TrainConfig) -> runs.Run:
         out = out or cfg.models_dir / _default_name(cfg.features, cfg.head.kind)
         runs.ensure_free(out)  # before the fit, not after it
         tried = pools_to_try(cfg, cache.header)
+        if "weights" in HEADS[cfg.head.kind].fixed:  # block5 starts from the weights the cache was made with
+            spec = weights_spec(cache.header.config.get("weights", ""), cache.header.extraction.get("weights_file"),
+                                cfg.head.weights)
+            cfg = replace(cfg, head=replace(cfg.head, weights=spec))
         loading = plan_loading(cfg, cache, tried)
         loaded = time.perf_counter()
         choice = sweep(cfg, cache, loading, tried)
@@ -241,8 +254,8 @@ def train_head(cfg: TrainConfig) -> runs.Run:
 
 def _record(cfg: TrainConfig, header: store.Header, choice: Choice, head, refitted: bool, times) -> dict:
     spec, d = HEADS[cfg.head.kind], choice.data
-    chosen = {name: choice.params[name] for name in spec.swept} | {"norm": choice.params["norm"],
-                                                                    "pool": choice.pool or header.config.get("pool")}
+    norm = {"norm": choice.params["norm"]} if "norm" in choice.params else {}
+    chosen = {name: choice.params[name] for name in spec.swept} | norm | {"pool": choice.pool or header.config.get("pool")}
     start, loaded, fitted = times
     return {
         "head": runs.HeadRecord(kind=cfg.head.kind, config=asdict(cfg.head), params=choice.params, chosen=chosen,

@@ -94,7 +94,7 @@ def test_stage_two_errors_exit_2_with_one_line(tmp_path):
         (["train-head", tmp_path / "foreign.h5"], "not a vggcache feature file"),
         (["train-head", good, "--train-split", "nope"], "has no split 'nope'"),
         (["train-head", one_class], "has one class only ('a')"),
-        (["train-head", good, "--head", "svm"], "--head 'svm' is not valid (expected one of logreg, linear, knn)"),
+        (["train-head", good, "--head", "svm"], "--head 'svm' is not valid (expected one of logreg, linear, knn, block5)"),
         (["evaluate", tmp_path / "no-run"], "run folder not found"),
     ]
     run = train_head(TrainConfig(features=good, out=tmp_path / "run", head=HeadConfig(C=1.0)))
