@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -34,3 +35,9 @@ def extract_config(data: Path, out: Path, **kw):
 
     return ExtractConfig(data=data, out=out, weights=kw.pop("weights", "none"), image_size=kw.pop("image_size", SIZE),
                          batch_size=kw.pop("batch_size", 4), workers=kw.pop("workers", 0), **kw)
+
+
+def interruptible() -> None:
+    """`preexec_fn` for a child that a test interrupts: SIGINT back to its default. A shell starts background jobs
+    (`make test &`, `nohup ... &`) with SIGINT ignored, children inherit that, and Ctrl-C would then never arrive."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

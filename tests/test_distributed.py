@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import extract_config
+from conftest import extract_config, interruptible
 from pipeline import backbone, embed, store
 from pipeline.config import feature_config
 from pipeline.errors import Interrupted, UserError
@@ -89,7 +89,8 @@ def rank_pid(launcher: int, rank: int) -> int | None:
 
 def run_and_kill(command: list[str], partial: Path, victim, min_shards: int = 2, timeout: float = 90) -> tuple[int, str]:
     """Start `command`, kill -9 `victim(proc)` once `min_shards` shards are committed; (exit code, stderr)."""
-    proc = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=interruptible)
     deadline = time.time() + timeout
     while proc.poll() is None and time.time() < deadline:
         if len(list(partial.glob("*-0*.json"))) >= min_shards and (pid := victim(proc)):  # victim may wait
