@@ -67,7 +67,7 @@ HEADS: dict[str, HeadSpec] = {h.name: h for h in (
              ("weights", "weight_decay", "epochs", "batch_size", "n_iter_no_change", "validation_fraction",
               "freeze_convs", "seed", "device"), None,
              "fine-tune VGG16's block 5 + a linear layer on a pool4 cache (extract --layer pool4 --pool map)",
-             streams=False, memory_copies=3.0, takes_map=True,
+             streams=True, memory_copies=3.0, takes_map=True,
              defaults={"epochs": 30, "batch_size": 32, "n_iter_no_change": 5, "weight_decay": 1e-4}),
 )}
 

@@ -118,3 +118,10 @@ def test_block5_refuses_weights_other_than_the_caches(pool4, tmp_path):
     other.write_bytes(b"not the same weights")
     with pytest.raises(UserError, match="but the features were made with sha256:"):
         train_head(TrainConfig(features=pool4, out=tmp_path / "run", head=HeadConfig(kind="block5", weights=str(other))))
+
+
+def test_a_streamed_block5_reads_the_split_from_the_file(pool4, tmp_path):
+    run = train_head(TrainConfig(features=pool4, out=tmp_path / "run", stream=True,
+                                 head=HeadConfig(kind="block5", epochs=1, device="cpu")))
+    assert run.record.loading.mode == "stream" and not run.record.refit  # refit needs the splits in memory
+    assert run.load_head().n_features_in_ == 512 * 16 and 0 <= run.metrics["val"]["accuracy"] <= 1
