@@ -82,7 +82,8 @@ def plan_loading(cfg: TrainConfig, cache: store.Cache, tried: list[str | None]) 
     budget = cfg.budget_bytes or stream.default_budget()
     loading = stream.Loading("stream" if cfg.stream or needed > budget else "memory", budget, needed)
     if loading.mode == "stream" and not HEADS[cfg.head.kind].streams:
-        streaming = ", ".join(h.name for h in HEADS.values() if h.streams)
+        pool4_map = cache.header.config.get("layer") == "pool4" and cache.header.config.get("pool") == "map"
+        streaming = " or ".join(h.name for h in HEADS.values() if h.streams and (pool4_map or not h.takes_map))
         why = "--stream was asked for" if cfg.stream else f"the splits need {human_bytes(needed)} in memory, over " \
               f"the {human_bytes(budget)} budget (--memory-budget)"
         other = "" if cfg.stream else ", or raise --memory-budget" + (" or choose one --pool" if len(tried) > 1 else "")
