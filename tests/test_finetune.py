@@ -90,8 +90,8 @@ def test_predict_equals_evaluate_on_the_same_images(folder, pool4, weights_file,
     from pipeline.config import PredictConfig
     from pipeline.predict import predict
 
-    run = train_head(TrainConfig(features=pool4, out=tmp_path / "run",
-                                 head=HeadConfig(kind="block5", epochs=2, device="cpu")))
+    run = train_head(TrainConfig(features=pool4, out=tmp_path / "run", refit=False,
+                                 head=HeadConfig(kind="block5", epochs=1, device="cpu")))
     assert run.record.head.params["weights"] == str(weights_file) and run.record.pool is None
     assert evaluate_run(EvaluateConfig(run=run.folder, split="test")).metrics == run.metrics["test"]
     rows = predict(PredictConfig(run=run.folder, images=(folder / "test",), device="cpu"))
