@@ -15,6 +15,7 @@ Both predict with numpy from their learned arrays alone, so a head loaded from `
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -92,6 +93,60 @@ def _statistics(X: np.ndarray, norm: str) -> tuple[np.ndarray, np.ndarray]:
 
 def _prepared(X, mean, scale, norm: str) -> np.ndarray:
     return _standardise(row_normalised(X, norm), mean, scale)
+
+
+def hold_out(X, y, fraction: float, seed: int):
+    """(X_fit, X_held, y_fit, y_held): a stratified, seeded `fraction` held out for early stopping (at random when a
+    class has too few rows to stratify)."""
+    try:
+        return train_test_split(X, y, test_size=fraction, stratify=y, random_state=seed)
+    except ValueError:  # too few rows of a class to stratify: hold out at random
+        return train_test_split(X, y, test_size=fraction, random_state=seed)
+
+
+def streamed_hold_out(y: np.ndarray, dim: int, fraction: float | None, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Sorted row numbers to train on and to hold out (None: no early stopping) for a streamed split: the held-out
+    rows are kept in memory, so at most MAX_HELD_OUT_ROWS and MAX_HELD_OUT_BYTES of them; the rest go back to
+    training."""
+    rows = np.arange(len(y))
+    if fraction is None:
+        return rows, None
+    train, held, _, _ = hold_out(rows, y, fraction, seed)
+    cap = max(1, min(MAX_HELD_OUT_ROWS, MAX_HELD_OUT_BYTES // (dim * 4)))
+    return np.sort(np.concatenate([train, held[cap:]])), np.sort(held[:cap])
+
+
+def run_epochs(module, opt, sched, batches, held_out, epochs: int, patience: int | None,
+               context=contextlib.nullcontext) -> tuple[int, int, float]:
+    """The training loop of the torch heads: `batches()` each epoch, a step of `sched` per batch, `context()` around
+    every forward (autocast); with a held-out set, keep the weights of the epoch with its lowest loss and stop after
+    `patience` epochs without a better one. Returns (epochs run, best epoch, its held-out loss)."""
+    import torch
+    import torch.nn.functional as F
+
+    best, epoch = (float("inf"), 0, copy.deepcopy(module.state_dict())), 0
+    for epoch in range(1, epochs + 1):
+        module.train()
+        for xb, yb in batches():
+            with context():
+                loss = F.cross_entropy(module(xb).float(), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        if held_out is None:
+            continue
+        module.eval()
+        with torch.inference_mode(), context():
+            val_loss = F.cross_entropy(module(held_out[0]).float(), held_out[1]).item()
+        if val_loss < best[0] - 1e-5:
+            best = (val_loss, epoch, copy.deepcopy(module.state_dict()))
+        elif epoch - best[1] >= patience:
+            break
+    if held_out is None:
+        return epoch, epoch, float("nan")
+    module.load_state_dict(best[2])
+    return epoch, best[1], best[0]
 
 
 def _fit_inputs(head, X, y) -> tuple[np.ndarray, np.ndarray]:
@@ -229,11 +284,8 @@ class LinearHead(ClassifierMixin, BaseEstimator):
         self.classes_, self.n_features_in_ = np.unique(y), rows.dim
         if len(self.classes_) < 2:
             raise ValueError(f"{type(self).__name__} needs samples of at least 2 classes, got one class")
-        train, held, _, _ = self._hold_out(np.arange(len(rows)), y)
-        if held is not None:  # rows over the cap go back into training
-            cap = max(1, min(MAX_HELD_OUT_ROWS, MAX_HELD_OUT_BYTES // (rows.dim * 4)))
-            train, held = np.concatenate([train, held[cap:]]), np.sort(held[:cap])
-        train = np.sort(train)
+        fraction = None if self.n_iter_no_change is None else self.validation_fraction
+        train, held = streamed_hold_out(y, rows.dim, fraction, self.seed)
         self.mean_, self.scale_ = self._statistics(lambda: rows.moments(train), rows.dim)
         device, tensor, labels = self._converters()
         rng = np.random.default_rng(self.seed)
@@ -272,10 +324,7 @@ class LinearHead(ClassifierMixin, BaseEstimator):
     def _hold_out(self, X, y):
         if self.n_iter_no_change is None:
             return X, None, y, None
-        try:
-            return train_test_split(X, y, test_size=self.validation_fraction, stratify=y, random_state=self.seed)
-        except ValueError:  # too few rows of a class to stratify: hold out at random
-            return train_test_split(X, y, test_size=self.validation_fraction, random_state=self.seed)
+        return hold_out(X, y, self.validation_fraction, self.seed)
 
     def _logits(self, X) -> np.ndarray:
         check_is_fitted(self)
@@ -391,34 +440,10 @@ def _module(n_in: int, hidden: int, dropout: float, n_out: int):
 
 
 def _train(head: LinearHead, module, n_rows: int, batches, held_out) -> tuple[int, int, float]:
-    """AdamW + cosine decay over `batches()` each epoch; with a held-out set, keep the weights of the epoch with
-    its lowest loss."""
+    """AdamW + cosine decay over `batches()` each epoch, early stopping on the held-out set (`run_epochs`)."""
     import torch
-    import torch.nn.functional as F
 
     opt = torch.optim.AdamW(module.parameters(), lr=head.lr, weight_decay=head.weight_decay)
     steps_per_epoch = -(-n_rows // head.batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=head.epochs * steps_per_epoch)
-    best = (float("inf"), 0, copy.deepcopy(module.state_dict()))
-    epoch = 0
-    for epoch in range(1, head.epochs + 1):
-        module.train()
-        for xb, yb in batches():
-            loss = F.cross_entropy(module(xb), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-        if held_out is None:
-            continue
-        module.eval()
-        with torch.inference_mode():
-            val_loss = F.cross_entropy(module(held_out[0]), held_out[1]).item()
-        if val_loss < best[0] - 1e-5:
-            best = (val_loss, epoch, copy.deepcopy(module.state_dict()))
-        elif epoch - best[1] >= head.n_iter_no_change:
-            break
-    if held_out is None:
-        return epoch, epoch, float("nan")
-    module.load_state_dict(best[2])
-    return epoch, best[1], best[0]
+    return run_epochs(module, opt, sched, batches, held_out, head.epochs, head.n_iter_no_change)

@@ -14,14 +14,13 @@ A cache over the memory budget is streamed (`fit_rows`): a pool4 row is 200 KB i
 
 from __future__ import annotations
 
-import copy
 import math
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from pipeline.estimators import _fit_inputs, _real, _softmax
+from pipeline.estimators import _fit_inputs, _real, _softmax, hold_out, run_epochs, streamed_hold_out
 from pipeline.config import VGG16_CHANNELS
 
 HEAD_LR_FACTOR = 10  # the new classifier learns from scratch: 10x the pretrained convolutions' learning rate
@@ -47,17 +46,12 @@ class Block5Head(ClassifierMixin, BaseEstimator):
 
     def fit(self, X, y) -> "Block5Head":
         import torch
-        from sklearn.model_selection import train_test_split
 
         X, y = _fit_inputs(self, X, y)
         side = _side(X.shape[1])
         held = None
         if self.n_iter_no_change is not None:
-            try:
-                X, Xv, y, yv = train_test_split(X, y, test_size=self.validation_fraction, random_state=self.seed,
-                                                stratify=y)
-            except ValueError:  # too few rows of a class to stratify: hold out at random
-                X, Xv, y, yv = train_test_split(X, y, test_size=self.validation_fraction, random_state=self.seed)
+            X, Xv, y, yv = hold_out(X, y, self.validation_fraction, self.seed)
             held = (Xv, yv)
         device, precision, module = self._module(side)
         gen = np.random.default_rng(self.seed)
@@ -77,23 +71,14 @@ class Block5Head(ClassifierMixin, BaseEstimator):
         """`fit` for a pool4 split read from the cache as it trains (`stream.SplitRows`): memory holds one block of
         rows and the held-out set (at most `MAX_HELD_OUT_BYTES`), never the split."""
         import torch
-        from sklearn.model_selection import train_test_split
-
-        from pipeline.estimators import MAX_HELD_OUT_BYTES
 
         y = rows.labels
         self.classes_, self.n_features_in_ = np.unique(y), rows.dim
         if len(self.classes_) < 2:
             raise ValueError(f"{type(self).__name__} needs samples of at least 2 classes, got one class")
-        side, labels, held = _side(rows.dim), np.searchsorted(self.classes_, y), None
-        train = np.arange(len(rows))
-        if self.n_iter_no_change is not None:
-            try:
-                train, held = train_test_split(train, test_size=self.validation_fraction, random_state=self.seed, stratify=y)
-            except ValueError:
-                train, held = train_test_split(train, test_size=self.validation_fraction, random_state=self.seed)
-            cap = max(1, MAX_HELD_OUT_BYTES // (rows.dim * 4))  # rows over the cap go back into training
-            train, held = np.sort(np.concatenate([train, held[cap:]])), np.sort(held[:cap])
+        side, labels = _side(rows.dim), np.searchsorted(self.classes_, y)
+        fraction = None if self.n_iter_no_change is None else self.validation_fraction
+        train, held = streamed_hold_out(y, rows.dim, fraction, self.seed)
         device, precision, module = self._module(side)
         rng = np.random.default_rng(self.seed)
         batches = lambda: ((_tensor(X, side, device), torch.from_numpy(labels[i]).to(device))
@@ -181,9 +166,8 @@ def _arrays_of(module) -> list[tuple[np.ndarray, np.ndarray]]:
 
 
 def _train(head: Block5Head, module, n_rows: int, batches, held_out, device, precision) -> tuple[int, int, float]:
-    """AdamW, warm-up then cosine, early stopping on the held-out loss (the best epoch's weights are kept)."""
+    """AdamW (the classifier at HEAD_LR_FACTOR x lr), warm-up then cosine, early stopping (`run_epochs`)."""
     import torch
-    import torch.nn.functional as F
 
     from pipeline.device import autocast
 
@@ -196,26 +180,5 @@ def _train(head: Block5Head, module, n_rows: int, batches, held_out, device, pre
     schedule = lambda step: (step + 1) / warmup if step < warmup else \
         0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    best, epoch = (float("inf"), 0, copy.deepcopy(module.state_dict())), 0
-    for epoch in range(1, head.epochs + 1):
-        module.train()
-        for xb, yb in batches():
-            with autocast(device, precision):
-                loss = F.cross_entropy(module(xb).float(), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-        if held_out is None:
-            continue
-        module.eval()
-        with torch.inference_mode(), autocast(device, precision):
-            val_loss = F.cross_entropy(module(held_out[0]).float(), held_out[1]).item()
-        if val_loss < best[0] - 1e-5:
-            best = (val_loss, epoch, copy.deepcopy(module.state_dict()))
-        elif epoch - best[1] >= head.n_iter_no_change:
-            break
-    if held_out is None:
-        return epoch, epoch, float("nan")
-    module.load_state_dict(best[2])
-    return epoch, best[1], best[0]
+    return run_epochs(module, opt, sched, batches, held_out, head.epochs, head.n_iter_no_change,
+                      lambda: autocast(device, precision))
