@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 from pipeline import pools, store  # noqa: E402
 from pipeline.config import ExtractConfig, HeadConfig, TrainConfig  # noqa: E402
 from pipeline.extract import extract  # noqa: E402
+from pipeline.runs import describe_chosen  # noqa: E402
 from pipeline.train import Data, load_data, plan_loading, sweep_candidates, train_head  # noqa: E402
 
 KINDS = {"avg": {}, "map": {"pool": "map"}, "flip": {"views": "flip"}, "scales": {"scales": "256,384,512"}}
@@ -58,7 +59,7 @@ def speed(data: Path, weights: str, out: Path, per_class: int = 16) -> None:
 def _run(cache: Path, tmp: Path, name: str, **kw) -> tuple[float, float, str]:
     head = HeadConfig(**kw.pop("head", {}))
     run = train_head(TrainConfig(features=cache, out=tmp / name, head=head, **kw))
-    chosen = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in run.record.head.chosen.items())
+    chosen = describe_chosen(run.record.head.chosen)
     return run.metrics["val"]["accuracy"], run.record.timings.fit_seconds, chosen
 
 

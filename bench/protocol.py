@@ -69,7 +69,9 @@ def bench_protocol(data: Path, weights: str, tmp: Path, synthetic_features) -> d
 
 def markdown_rows(p: dict) -> list[str]:
     m, c = p["map"], p["c_path"]
-    chosen = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in m["chosen"].items())
+    from pipeline.runs import describe_chosen
+
+    chosen = describe_chosen(m["chosen"])
     return [f"| 10 | `extract --pool map` (whole command), {m['file_mb']:.1f} MB | {m['extract_seconds']:.1f} s |",
             f"| 10 | `train-head --pool auto` on it: {m['candidates']} fits (every pooling x 45 C), chose {chosen} | "
             f"sweep {m['sweep_seconds']:.1f} s (whole command {m['command_seconds']:.1f} s), val acc {m['val_accuracy']:.3f} |",

@@ -68,6 +68,10 @@ class FeatureConfig:
         """(C, h, w) of a row of a map cache (`pool == "map"`), else None."""
         return (VGG16_CHANNELS, self.map_side, self.map_side) if self.pool == "map" else None
 
+    def pooled_dim(self, pool: str) -> int:
+        """Size of this (map) cache's rows once pooled by `pool` at head time."""
+        return pools.get(pool).dim(VGG16_CHANNELS, self.map_side)
+
     def head_pooling(self, pool: str | None):
         """Rows of this (map) cache -> rows pooled by `pool` (a pools.HEAD_POOLS name); None: the rows as they are."""
         if pool is None:
@@ -86,6 +90,14 @@ class FeatureConfig:
         if "scales" in d:
             d["scales"] = list(d["scales"])  # as JSON reads it back
         return d
+
+    @classmethod
+    def parse(cls, d: dict, what: str) -> "FeatureConfig":
+        """`from_dict` for a config read from a file: one UserError naming `what` when it is not one."""
+        try:
+            return cls.from_dict(d)
+        except (TypeError, KeyError, ValueError) as e:
+            raise UserError(f"{what} is not an extractor config this vggcache knows ({e})") from None
 
     @classmethod
     def from_dict(cls, d: dict) -> "FeatureConfig":

@@ -39,27 +39,21 @@ def plot_confusion(confusion: list[list[int]], class_names: list[str], path: Pat
     return Path(path)
 
 
-def plot_sweep(table: list[dict], x_name: str, chosen: int, path: Path, title: str) -> Path:
-    """Validation accuracy against `x_name` (log axis), one line per setting of the other hyperparameters (and
-    pooling); the chosen candidate is ringed."""
+def plot_sweep(lines: dict[str, list[tuple[float, float]]], x_name: str, chosen: tuple[float, float], path: Path,
+               title: str) -> Path:
+    """Validation accuracy against `x_name` (log axis): `lines` maps a label (the other settings) to its (x, accuracy)
+    points; the `chosen` point is ringed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lines: dict[str, list[tuple[float, float]]] = {}
-    for row in table:
-        others = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in row["params"].items()
-                  if k in ("norm", "lr", "weight_decay", "C", "k") and k != x_name]
-        label = ", ".join([f"pool={row['pool']}"] + others)
-        lines.setdefault(label, []).append((row["params"][x_name], row["val_accuracy"]))
     fig, ax = plt.subplots(figsize=(6.4, 4.0), constrained_layout=True)
     for label, points in lines.items():
         points.sort()
         ax.plot(*zip(*points), marker=".", label=label, linewidth=1)
-    best = table[chosen]
-    ax.scatter([best["params"][x_name]], [best["val_accuracy"]], s=160, facecolors="none", edgecolors="red",
-               linewidths=2, zorder=5, label=f"chosen: {x_name}={best['params'][x_name]:g}")
+    ax.scatter([chosen[0]], [chosen[1]], s=160, facecolors="none", edgecolors="red",
+               linewidths=2, zorder=5, label=f"chosen: {x_name}={chosen[0]:g}")
     ax.set_xscale("log")
     ax.set_xlabel(x_name)
     ax.set_ylabel("validation accuracy")

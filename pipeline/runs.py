@@ -170,10 +170,7 @@ class Run:
     @property
     def feature_config(self) -> FeatureConfig:
         """The extractor config, checked against the recorded fingerprint: an edited config is refused."""
-        try:
-            fcfg = FeatureConfig.from_dict(self.record.features.config)
-        except (TypeError, KeyError, ValueError) as e:
-            raise UserError(f"{self.folder / RUN_FILE} is damaged: features.config is not an extractor config ({e})") from None
+        fcfg = FeatureConfig.parse(self.record.features.config, f"{self.folder / RUN_FILE} is damaged: features.config")
         if fcfg.fingerprint() != self.fingerprint:
             raise UserError(f"{self.folder / RUN_FILE} is damaged: features.config hashes to {fcfg.fingerprint()}, "
                             f"not to the recorded fingerprint {self.fingerprint}")
@@ -209,8 +206,7 @@ class Run:
         config = self.record.features.config
         if config.get("pool") == "map" and self.record.pool is None and not HEADS[self.record.head.kind].takes_map:
             raise UserError(f"{self.folder / RUN_FILE} is damaged: the run was trained on a map cache but names no pool")
-        dim = self.head_pooling()(np.zeros((1, self.feature_config.feature_dim), np.float32)).shape[1] \
-            if self.record.pool else None
+        dim = self.feature_config.pooled_dim(self.record.pool) if self.record.pool else None
         if dim is not None and head.n_features_in_ != dim:
             raise UserError(f"{self.folder / RUN_FILE} is damaged: its head takes {head.n_features_in_} features, "
                             f"pool {self.record.pool} gives {dim}")
@@ -283,9 +279,14 @@ def write_reports(folder: Path, metrics: dict, class_names: list[str]) -> None:
 
 def _plot_sweep(folder: Path, head: HeadRecord, table: list[dict]) -> None:
     """sweep.png: validation accuracy against the head's first swept hyperparameter, a line per other setting."""
-    x_name = HEADS[head.kind].swept[0]
-    chosen = next(i for i, row in enumerate(table) if row["params"] == head.params and row["pool"] == head.chosen["pool"])
-    plots.plot_sweep(table, x_name, chosen, folder / SWEEP_FILE, f"{printable(folder.name)}: {head.kind} on validation")
+    x_name, *others = (*HEADS[head.kind].swept, "norm")
+    lines: dict[str, list[tuple[float, float]]] = {}
+    for row in table:
+        label = describe_chosen({"pool": row["pool"]} | {k: row["params"][k] for k in others if k in row["params"]})
+        lines.setdefault(label, []).append((row["params"][x_name], row["val_accuracy"]))
+    best = next(row for row in table if row["params"] == head.params and row["pool"] == head.chosen["pool"])
+    plots.plot_sweep(lines, x_name, (best["params"][x_name], best["val_accuracy"]), folder / SWEEP_FILE,
+                     f"{printable(folder.name)}: {head.kind} on validation")
 
 
 def describe_chosen(chosen: dict) -> str:

@@ -13,7 +13,7 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 
 from pipeline import pools, runs, store, stream
-from pipeline.config import VGG16_CHANNELS, FeatureConfig, HeadConfig, TrainConfig, weights_spec
+from pipeline.config import FeatureConfig, HeadConfig, TrainConfig, weights_spec
 from pipeline.errors import UserError
 from pipeline.files import human_bytes
 from pipeline.heads import HEADS, full_proba, make_head
@@ -59,14 +59,11 @@ def pools_to_try(cfg: TrainConfig, header: store.Header) -> list[str | None]:
 
 def _map_config(header: store.Header) -> FeatureConfig:
     """The config of a map cache (only a map cache's rows are pooled here, so only its config is parsed)."""
-    try:
-        return FeatureConfig.from_dict(header.config)
-    except (TypeError, KeyError, ValueError) as e:
-        raise UserError(f"the cache's config is not an extractor config this vggcache knows ({e})") from None
+    return FeatureConfig.parse(header.config, "the cache's config")
 
 
 def _pooled_dim(header: store.Header, pool: str | None) -> int:
-    return header.feature_dim if pool is None else pools.get(pool).dim(VGG16_CHANNELS, _map_config(header).map_side)
+    return header.feature_dim if pool is None else _map_config(header).pooled_dim(pool)
 
 
 def _transform(header: store.Header, pool: str | None):
@@ -172,8 +169,8 @@ def sweep(cfg: TrainConfig, cache: store.Cache, loading: Loading, tried: list[st
             if best is None or key > best[0]:
                 best = (key, Choice(head, score["params"], pool, data, table))
     choice = best[1]
-    log.info("chose %s on validation from %d candidates", describe_choice(spec, choice.params,
-             choice.pool or cache.header.config.get("pool")), len(table))
+    chosen = chosen_values(spec, choice.params, choice.pool or cache.header.config.get("pool"))
+    log.info("chose %s on validation from %d candidates", runs.describe_chosen(chosen), len(table))
     return choice
 
 
@@ -211,9 +208,11 @@ def _score(head, data: Data, n_classes: int) -> dict:
     return {"val_accuracy": float((proba.argmax(1) == data.y_val).mean()), "val_log_loss": float(-np.log(true).mean())}
 
 
-def describe_choice(spec, params: dict, pool: str | None) -> str:
+def chosen_values(spec, params: dict, pool: str | None) -> dict:
+    """What the sweep chose, as run.json records it: the swept hyperparameters, the norm (if the head takes one),
+    the pooling."""
     norm = {"norm": params["norm"]} if "norm" in params else {}
-    return runs.describe_chosen({name: params[name] for name in spec.swept} | norm | {"pool": pool})
+    return {name: params[name] for name in spec.swept} | norm | {"pool": pool}
 
 
 def refit(cfg: TrainConfig, choice: Choice):
@@ -255,8 +254,7 @@ def train_head(cfg: TrainConfig) -> runs.Run:
 
 def _record(cfg: TrainConfig, header: store.Header, choice: Choice, head, refitted: bool, times) -> dict:
     spec, d = HEADS[cfg.head.kind], choice.data
-    norm = {"norm": choice.params["norm"]} if "norm" in choice.params else {}
-    chosen = {name: choice.params[name] for name in spec.swept} | norm | {"pool": choice.pool or header.config.get("pool")}
+    chosen = chosen_values(spec, choice.params, choice.pool or header.config.get("pool"))
     start, loaded, fitted = times
     return {
         "head": runs.HeadRecord(kind=cfg.head.kind, config=asdict(cfg.head), params=choice.params, chosen=chosen,
