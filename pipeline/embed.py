@@ -42,7 +42,7 @@ def run_model(cfg: ExtractConfig, fcfg: FeatureConfig, root: Path, todo: list[Re
     on_cuda = extractor.device.type == "cuda"
     if cfg.decode == "gpu" and not on_cuda:
         raise UserError(f"--decode gpu needs a CUDA device, and this run is on {extractor.device} (use --decode cpu)")
-    batch_size = cfg.batch_size or default_batch_size(on_cuda and not fcfg.scales)  # scales: one forward per view
+    batch_size = cfg.batch_size or default_batch_size(on_cuda, multi_scale=bool(fcfg.scales))
     if worker.kind == "part":
         journal.agree_on_batch_size(batch_size)  # parts on other kinds of node must cut the same batches
     workers = cfg.workers if cfg.workers >= 0 else default_workers(on_cuda, worker.local_count)
@@ -68,7 +68,7 @@ def batch_size_for(cfg: ExtractConfig, worker: Worker) -> int:
 
     device = _device(cfg.device, worker)
     on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    return default_batch_size(on_cuda and not cfg.scale_sizes)  # as run_model chooses it
+    return default_batch_size(on_cuda, multi_scale=bool(cfg.scale_sizes))
 
 
 def _device(asked: str, worker: Worker) -> str:
@@ -101,9 +101,11 @@ def image_batches(decode: str, root: Path, paths: list[str], fcfg: FeatureConfig
     return (reader.decode_on_device(items, fcfg.resize_size, fcfg.image_size, device) for items in loader)
 
 
-def default_batch_size(on_cuda: bool) -> int:
-    """256 fills a GPU; on a CPU, batches of 4 keep the activations in cache and run fastest (see make bench)."""
-    return 256 if on_cuda else 4
+def default_batch_size(on_cuda: bool, multi_scale: bool = False) -> int:
+    """256 fills a GPU; on a CPU, batches of 4 keep the activations in cache and run fastest (see make bench).
+    Multi-scale views run one forward per image and scale whatever the batch: 4 there too, so that a GPU's loader
+    does not hold hundreds of whole images at three scales."""
+    return 256 if on_cuda and not multi_scale else 4
 
 
 def default_workers(on_cuda: bool, processes_here: int = 1) -> int:

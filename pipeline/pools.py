@@ -18,8 +18,9 @@ import numpy as np
 
 FLATTEN_GRID = 7  # torchvision's VGG avgpool: AdaptiveAvgPool2d((7, 7)), the input of the original classifier
 SPP_LEVELS = (1, 2, 4)  # spatial pyramid: average over the whole map, a 2x2 and a 4x4 grid (1 + 4 + 16 cells)
-STRIDE = 32  # VGG16's five 2x2 max-pools: a crop of side s gives a pool5 map of side s // 32
-LAYER_STRIDES = {"pool5": 32, "pool4": 16}  # the layers a cache can hold: pool4 is the input of block 5
+# the layers a cache can hold, and their stride: after five 2x2 max-pools a crop of side s gives a pool5 map of side
+# s // 32; pool4 (after four) is the input of block 5
+LAYER_STRIDES = {"pool5": 32, "pool4": 16}
 
 
 @dataclass(frozen=True)
