@@ -94,6 +94,8 @@ def extract(
     layer: str = typer.Option(X("layer"), help="pool5 (the body's output), or pool4 (512 x 14 x 14 at 224, the input of block 5: for --head block5)."),
     views: str = typer.Option(X("views"), help="none, or flip: each row is the mean of the image's and its mirror's features."),
     scales: str = typer.Option(X("scales"), help="e.g. 256,384,512: the whole image (no crop) at each shorter side, pooled and averaged (pooled modes only)."),
+    augment: int = typer.Option(X("augment"), help="K: also cache K augmented views (random resized crop + flip) of every training image, for train-head --views."),
+    augment_seed: int = typer.Option(X("augment_seed"), help="Seed of the augmented views (each view depends on it, its file's path and its index only)."),
     batch_size: int = typer.Option(X("batch_size"), help="Images per forward (default 0: 256 on CUDA, 4 elsewhere)."),
     workers: int = typer.Option(X("workers"), help="DataLoader decode workers (default -1: 16 on CUDA (at most the cores), 1 on CPU)."),
     device: str = typer.Option(X("device"), help="auto, cpu, cuda or mps."),
@@ -111,7 +113,7 @@ def extract(
     from pipeline.extract import extract as run_extract
 
     s = run_extract(ExtractConfig(data=data, out=out, weights=weights, pool=pool, image_size=image_size, layer=layer, views=views,
-                                  scales=scales, batch_size=batch_size, workers=workers, device=device, precision=precision,
+                                  scales=scales, augment=augment, augment_seed=augment_seed, batch_size=batch_size, workers=workers, device=device, precision=precision,
                                   dtype=dtype, decode=decode, force=force, verify=verify, shard=shard))
     if not s.wrote_cache:
         if s.remaining:  # a part of a job array; a rank other than 0 prints nothing but its progress
@@ -124,10 +126,12 @@ def extract(
     rows = ", ".join(f"{split} {n}" for split, n in sorted(s.rows.items()))
     _echo(f"wrote {s.out}: {sum(s.rows.values())} images ({rows}), {len(s.failed)} failed, dim {s.feature_dim}, "
           f"{human_bytes(s.file_bytes)}")
-    _echo(f"extracted {s.extracted} images in {s.seconds:.1f} s ({s.images_per_s:.1f} images/s through the model), "
+    _echo(f"extracted {s.extracted} {'images and views' if s.views else 'images'} in {s.seconds:.1f} s ({s.images_per_s:.1f} images/s through the model), "
           f"reused {s.reused} from the cache, resumed {s.resumed} from an interrupted run; fingerprint {s.fingerprint}")
     for r in s.failed:
         _echo(f"  failed {r.path}: {r.reason}")
+    if s.views:
+        _echo(f"views        {s.views} augmented views cached beside their images (--augment)")
 
 
 @app.command()
@@ -156,7 +160,8 @@ def info(file: Path = typer.Argument(..., help="A feature cache (.h5)."),
         _echo(f"extraction   {e.get('device')} {e.get('precision')}, {e.get('images_per_s')} images/s")
     for split, s in sorted(d["splits"].items()):
         per_class = ", ".join(f"{name} {n}" for name, n in s["per_class"].items())
-        _echo(f"split {split}: {s['rows']} rows ({per_class}), {len(s['failed'])} failed")
+        views = f", {s['views']} augmented views ({s['views'] // max(1, s['rows'])} per row)" if s["views"] else ""
+        _echo(f"split {split}: {s['rows']} rows ({per_class}){views}, {len(s['failed'])} failed")
         for f in s["failed"]:
             _echo(f"  failed {f['path']}: {f['reason']}")
 

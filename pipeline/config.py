@@ -13,6 +13,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from pipeline import pools
+from pipeline.augment import RECIPE
 from pipeline.errors import UserError
 from pipeline.heads import HEADS, NORMS
 from pipeline.params import Interval, OneOf, Optional, Satisfies, validate
@@ -54,6 +55,9 @@ class FeatureConfig:
     views: str = "none"  # "flip": each row is the mean of the image's and its mirror's features
     scales: tuple[int, ...] = ()  # () : one centre crop; else the whole image at each shorter side, pooled, averaged
     layer: str = "pool5"  # pool5 (the body's output) or pool4 (the input of block 5, for fine-tuning it)
+    augment: int = 0  # K augmented views of each training image, cached beside its row (augment.py)
+    augment_seed: int = 0
+    augment_recipe: str = ""  # augment.RECIPE when augment > 0: what the views are, in words
 
     @property
     def map_side(self) -> int:
@@ -111,7 +115,7 @@ class FeatureConfig:
         return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
 
-_LATER_FIELDS = {"views": "none", "scales": (), "layer": "pool5"}
+_LATER_FIELDS = {"views": "none", "scales": (), "layer": "pool5", "augment": 0, "augment_seed": 0, "augment_recipe": ""}
 LAYERS = tuple(pools.LAYER_STRIDES)
 VIEWS = ("none", "flip")
 
@@ -140,6 +144,8 @@ class ExtractConfig:
     views: str = "none"
     scales: str = ""  # "256,384,512": the whole image at each shorter side (see FeatureConfig.scales)
     layer: str = "pool5"
+    augment: int = 0  # K augmented views of each training image (augment.py)
+    augment_seed: int = 0
     batch_size: int = 0  # 0: 256 on CUDA, 4 elsewhere
     workers: int = -1  # -1: chosen from the device and the CPU count
     device: str = "auto"
@@ -163,6 +169,8 @@ class ExtractConfig:
         "shard": Optional(Satisfies(lambda s: _shard_part(s) is not None, "I/N with 0 <= I < N, e.g. 0/4")),
         "views": OneOf(VIEWS),
         "layer": OneOf(LAYERS),
+        "augment": Interval(int, 0, 64),
+        "augment_seed": Interval(int, 0, 2**32 - 1),
         "scales": Satisfies(lambda s: parse_scales(s) is not None, "sizes from 32 to 2048 without repeats, e.g. 256,384,512"),
     }
 
@@ -171,6 +179,8 @@ class ExtractConfig:
         if self.pool == "map" and (self.views != "none" or self.scale_sizes):
             raise UserError("--pool map keeps one centre-crop view: --views and --scales need a pooled --pool "
                             f"({', '.join(pools.HEAD_POOLS)})")
+        if self.augment and self.scale_sizes:
+            raise UserError("--augment caches crops at --image-size, and --scales whole images: use one of them")
 
     @property
     def scale_sizes(self) -> tuple[int, ...]:
@@ -353,11 +363,13 @@ def _weights_sha256(path: str, size: int, mtime_ns: int) -> str:
 
 
 def feature_config(weights: str, pool: str, image_size: int, dtype: str, views: str = "none",
-                   scales: tuple[int, ...] = (), layer: str = "pool5") -> FeatureConfig:
+                   scales: tuple[int, ...] = (), layer: str = "pool5", augment: int = 0,
+                   augment_seed: int = 0) -> FeatureConfig:
     """The feature definition for these options; resize keeps torchvision's 256/224 ratio at any crop size."""
     resize = round(image_size * IMAGENET_RESIZE / IMAGENET_CROP)
     return FeatureConfig(weights=weights_identity(weights), pool=pool, image_size=image_size, resize_size=resize,
-                         dtype=dtype, views=views, scales=tuple(scales), layer=layer)
+                         dtype=dtype, views=views, scales=tuple(scales), layer=layer, augment=augment,
+                         augment_seed=augment_seed if augment else 0, augment_recipe=RECIPE if augment else "")
 
 
 def weights_spec(identity: str, weights_file: str | None, override: str | None = None) -> str:

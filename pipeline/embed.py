@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import files
+from pipeline import files, store
 from pipeline.config import ExtractConfig, FeatureConfig
 from pipeline.distributed import Worker
 from pipeline.errors import Interrupted, UserError
@@ -92,8 +92,11 @@ def image_batches(decode: str, root: Path, paths: list[str], fcfg: FeatureConfig
         files = reader.ScaledImageFiles(root, paths, fcfg.scales)
         return reader.make_loader(files, batch_size, workers, pin_memory=False, yield_to_model=device.type == "cpu",
                                   collate_fn=reader.collate_scaled)
+    if fcfg.augment and decode != "cpu":
+        raise UserError("--augment crops its views with Pillow: use --decode cpu")
     if decode == "cpu":
-        files = reader.ImageFiles(root, paths, fcfg.resize_size, fcfg.image_size)
+        files = reader.AugmentedImageFiles(root, paths, fcfg.resize_size, fcfg.image_size, fcfg.augment_seed) \
+            if fcfg.augment else reader.ImageFiles(root, paths, fcfg.resize_size, fcfg.image_size)
         return reader.make_loader(files, batch_size, workers, pin_memory=device.type == "cuda",
                                   yield_to_model=device.type == "cpu")
     files = reader.EncodedFiles(root, paths, fcfg.resize_size, fcfg.image_size)
@@ -161,6 +164,6 @@ def _embed_batch(extractor, batch: dict, todo: list[Record], fcfg: FeatureConfig
     for k, index in enumerate(batch["index"].tolist()):
         r = todo[index]
         if errors[k]:
-            log.warning("skipped %s: %s", r.path, errors[k])
+            log.warning("skipped %s: %s", store.shown(r.path), errors[k])
         records.append(replace(r, sha256=digests[k], reason=errors[k], label=-1 if errors[k] else r.label))
     return records, features

@@ -44,6 +44,7 @@ class ExtractSummary:
     worker: str = "single process"
     wrote_cache: bool = True  # False: a torchrun rank other than 0, or a part that left the cache to another
     remaining: int = 0  # images that other parts of a job array still have to extract
+    views: int = 0  # augmented views in the cache (`--augment`)
 
 
 def default_output(features_dir: Path, dataset_name: str, fcfg: FeatureConfig) -> Path:
@@ -74,7 +75,8 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
         raise UserError("--force with --shard would discard the other parts' work: run a plain extract --force, "
                         "or delete the cache and its .partial folder, then start the parts")
     dataset = discover(cfg.data)
-    fcfg = feature_config(cfg.weights, cfg.pool, cfg.image_size, cfg.dtype, cfg.views, cfg.scale_sizes, cfg.layer)
+    fcfg = feature_config(cfg.weights, cfg.pool, cfg.image_size, cfg.dtype, cfg.views, cfg.scale_sizes, cfg.layer,
+                          cfg.augment, cfg.augment_seed)
     job = _Job(cfg, dataset, fcfg, Path(cfg.out) if cfg.out else default_output(cfg.features_dir, dataset.name, fcfg), worker)
     files.ensure_writable_file(job.out, "--out")
     distributed.quiet_unless_leader(worker)
@@ -85,7 +87,7 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
         plan, shared, up_to_date = _first_plan(job, journal, group)
         if up_to_date and worker.kind == "single":
             journal.remove()
-            log.info("%s is up to date (%d images)", job.out, sum(r.ok for r in plan.records))
+            log.info("%s is up to date (%d images)", job.out, sum(r.ok and not r.view for r in plan.records))
             return _summary(job, plan, 0, time.perf_counter() - start, up_to_date=True)
         extraction = _extract_share(job, plan, shared, journal) if plan.todo else {}
         if worker.kind == "rank" and worker.index > 0:
@@ -135,11 +137,11 @@ def _first_plan(job: _Job, journal: Journal, group: distributed.Group) -> tuple[
     """
     with _previous_cache(job.out, job.fcfg, job.cfg.force) as old:
         old_records, header = (old.records(), old.header) if old else ([], None)
-    plan = make_plan(job.dataset, old_records, journal.entries, job.cfg.verify)
+    plan = make_plan(job.dataset, old_records, journal.entries, job.cfg.verify, job.fcfg.augment)
     shared = plan.todo
     if job.worker.kind == "part":
         before = {p: e for p, e in journal.entries.items() if not job.worker.in_my_array(journal.writer_of(e))}
-        shared = make_plan(job.dataset, old_records, before, job.cfg.verify).todo
+        shared = make_plan(job.dataset, old_records, before, job.cfg.verify, job.fcfg.augment).todo
     if job.worker.kind == "rank":  # the shares depend on the batch size too: a CPU node and a GPU node differ
         batch = embed.batch_size_for(job.cfg, job.worker)
         group.check_same("images to extract and batch size", distributed.plan_digest([r.path for r in plan.todo], batch))
@@ -158,7 +160,7 @@ def _finish(job: _Job, journal: Journal, extraction: dict, job_todo: int, start:
     with journal.final_lock(), _previous_cache(job.out, job.fcfg, job.cfg.force) as old:
         journal.reload()  # every worker's shards, committed before the barrier (or by the other parts)
         old_records = old.records() if old else []
-        plan = make_plan(job.dataset, old_records, journal.entries, verify=False)
+        plan = make_plan(job.dataset, old_records, journal.entries, verify=False, augment=job.fcfg.augment)
         extracted = extraction.get("images", 0) if job.worker.kind == "part" else job_todo
         seconds = time.perf_counter() - start
         if old is not None and unchanged(plan, old.header, old_records, job.dataset):
@@ -219,13 +221,13 @@ def _write(out: Path, header: store.Header, plan: Plan, old: store.Cache | None,
         for i, r in enumerate(rows):
             if plan.sources[r.path] == "cache":
                 split, row = positions[r.path]
-                groups["cache", split].append((i, row))
+                groups["cache", split, "views" if r.view else "features"].append((i, row))
             else:
-                groups["journal", journal.entries[r.path][1]].append((i, journal.entries[r.path][2]))
+                groups["journal", journal.entries[r.path][1], ""].append((i, journal.entries[r.path][2]))
         block = np.empty((len(rows), header.feature_dim), dtype)
-        for (kind, where), pairs in groups.items():
+        for (kind, where, dataset), pairs in groups.items():
             index, pos = (np.array(column) for column in zip(*pairs))
-            block[index] = old.rows(where, pos) if kind == "cache" else journal.rows(where, pos)
+            block[index] = old.rows(where, pos, dataset) if kind == "cache" else journal.rows(where, pos)
         return block
 
     saved = f"{len(journal.entries)} images are saved in {journal.directory}" if journal.entries else "nothing was lost"
@@ -241,12 +243,13 @@ def _summary(job: _Job, plan: Plan, extracted: int, seconds: float, up_to_date: 
              wrote_cache: bool = True, remaining: int = 0) -> ExtractSummary:
     rows = defaultdict(int)
     for r in plan.records:
-        rows[r.split] += r.ok
+        rows[r.split] += r.ok and not r.view
     sources = list(plan.sources.values())
     size = job.out.stat().st_size if job.out.exists() else 0
     return ExtractSummary(out=job.out, fingerprint=job.fcfg.fingerprint(), up_to_date=up_to_date, rows=dict(rows),
                           extracted=extracted, reused=sources.count("cache"),
-                          resumed=max(0, sources.count("journal") - extracted), failed=[r for r in plan.records if not r.ok],
+                          resumed=max(0, sources.count("journal") - extracted), failed=[r for r in plan.records if not r.ok and not r.view],
                           feature_dim=job.fcfg.feature_dim, file_bytes=size, seconds=seconds,
                           images_per_s=extracted / seconds if extracted and seconds else 0.0,
-                          worker=job.worker.describe, wrote_cache=wrote_cache, remaining=remaining)
+                          worker=job.worker.describe, wrote_cache=wrote_cache, remaining=remaining,
+                          views=sum(r.ok and r.view is not None for r in plan.records))

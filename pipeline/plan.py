@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pipeline import store
+from pipeline.augment import augments
 from pipeline.config import sha256_file
 from pipeline.data import Dataset
 from pipeline.store import Record
@@ -66,8 +67,9 @@ def _done_before(prev: Record | None, stamp: tuple[int, int], path: Path, verify
     return None
 
 
-def make_plan(dataset: Dataset, cached: list[Record], journal: dict, verify: bool) -> Plan:
-    """Decide, image by image, whether its row is in the journal, in the cache, or still to be extracted.
+def make_plan(dataset: Dataset, cached: list[Record], journal: dict, verify: bool, augment: int = 0) -> Plan:
+    """Decide, image by image, whether its row is in the journal, in the cache, or still to be extracted; with
+    `augment` K, the same for each of the K views of every image of a training split (augment.AUGMENTED_SPLITS).
 
     The journal is asked first: its rows were made after the cache was written, so where both know a file,
     the journal's row is the newer one (after `--verify` found a changed file, the cache's row is stale).
@@ -81,16 +83,40 @@ def make_plan(dataset: Dataset, cached: list[Record], journal: dict, verify: boo
             plan.records.append(Record(item.split, item.path, -1, -1, -1, "", "FileNotFoundError: listed but missing"))
             continue
         digest = functools.cache(lambda path=path: sha256_file(path))  # hashed at most once, and only if needed
-        for source, prev in (("journal", journal.get(item.path, (None,))[0]), ("cache", old.get(item.path))):
-            done = _done_before(prev, stamp, path, verify, digest)
-            if done is not None:
-                plan.records.append(replace(done, split=item.split, label=label if done.ok else -1))
-                plan.sources[item.path] = source
-                break
-        else:
-            plan.todo.append(Record(item.split, item.path, label, *stamp))
-            plan.records.append(plan.todo[-1])
+        plan_one = functools.partial(_plan_one, plan, journal, old, item.split, label, stamp, path, verify, digest)
+        image = plan_one(item.path)
+        if augment and augments(item.split) and image.ok:  # (a record still to do is ok until it fails)
+            views = [plan_one(store.view_key(item.path, j)) for j in range(augment)]
+            _fail_with_views(plan, image, views)
     return plan
+
+
+def _plan_one(plan: Plan, journal: dict, old: dict, split: str, label: int, stamp, path: Path, verify: bool,
+              digest, key: str) -> Record:
+    """The record of `key` (an image's path, or one of its views' keys), done before or added to `plan.todo`."""
+    for source, prev in (("journal", journal.get(key, (None,))[0]), ("cache", old.get(key))):
+        done = _done_before(prev, stamp, path, verify, digest)
+        if done is not None:
+            plan.records.append(replace(done, split=split, label=label if done.ok else -1))
+            plan.sources[key] = source
+            return plan.records[-1]
+    plan.todo.append(Record(split, key, label, *stamp))
+    plan.records.append(plan.todo[-1])
+    return plan.todo[-1]
+
+
+def _fail_with_views(plan: Plan, image: Record, views: list[Record]) -> None:
+    """An image whose view failed is recorded as failed, its views dropped: a split with views holds all K views
+    of every row (the same bytes decode the same way, so this happens only to a file changed between reads)."""
+    bad = next((v for v in views if not v.ok), None)
+    if bad is None or not image.ok:
+        return
+    failed = replace(image, label=-1, reason=f"{bad.reason} (view {bad.view[1]})")
+    plan.records[plan.records.index(image)] = failed
+    dropped = set(views)
+    plan.records[:] = [r for r in plan.records if r not in dropped]
+    plan.todo[:] = [r for r in plan.todo if r not in dropped]
+    plan.sources.pop(image.path, None)
 
 
 def unchanged(plan: Plan, header: store.Header, cached: list[Record], dataset: Dataset) -> bool:

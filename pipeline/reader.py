@@ -15,7 +15,8 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from pipeline.store import unreadable_reason
+from pipeline.augment import view_params
+from pipeline.store import VIEW_SEP, unreadable_reason
 
 _SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 
@@ -89,6 +90,39 @@ class ImageFiles(torch.utils.data.Dataset):
         except Exception as e:  # any failure is this file's, not the run's: report it and go on
             error = describe_failure(e, None if data is None else len(data))
         return {"index": index, "image": image, "error": error, "sha256": digest}
+
+
+class AugmentedImageFiles(ImageFiles):
+    """ImageFiles whose paths may be views' keys (`store.view_key`): a view is its file's random resized crop and
+    flip (augment.view_params), resized to the crop size; any other path is the usual centre crop."""
+
+    def __init__(self, root: Path, paths: list[str], resize_size: int, crop_size: int, seed: int):
+        super().__init__(root, paths, resize_size, crop_size)
+        self.seed = seed
+
+    def read(self, index: int) -> bytes:
+        with open(self.root / self.paths[index].partition(VIEW_SEP)[0], "rb") as f:
+            return f.read()
+
+    def __getitem__(self, index: int) -> dict:
+        path, sep, view = self.paths[index].partition(VIEW_SEP)
+        if not sep:
+            return super().__getitem__(index)
+        image, error, digest, data = torch.zeros(3, self.crop_size, self.crop_size, dtype=torch.uint8), "", "", None
+        try:
+            data = self.read(index)
+            digest = hashlib.sha256(data).hexdigest()
+            image = augmented_view(open_image(data), self.seed, path, int(view), self.crop_size)
+        except Exception as e:  # any failure is this file's, not the run's: report it and go on
+            error = describe_failure(e, None if data is None else len(data))
+        return {"index": index, "image": image, "error": error, "sha256": digest}
+
+
+def augmented_view(img: Image.Image, seed: int, path: str, view: int, size: int) -> torch.Tensor:
+    """View `view` of the (full resolution: a tight crop is upscaled) image at `path`, as a uint8 CHW tensor."""
+    top, left, h, w, flip = view_params(seed, path, view, img.width, img.height)
+    img = TF.resized_crop(img, top, left, h, w, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True)
+    return TF.pil_to_tensor(TF.hflip(img) if flip else img)
 
 
 MAX_ASPECT = 4  # multi-scale views: the longer side is at most this many times the scale

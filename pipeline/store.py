@@ -9,6 +9,10 @@
     /<split>/mtimes_ns  (N,) int64            }  what the next run compares to spot changed files
     /<split>/sha256     (N,) ASCII hex digest /
     /<split>/failed     (F,) records of (path, reason, size, mtime_ns)
+    /<split>/views      (N*K, D) optional (schema 2, `extract --augment K`): rows i*K .. i*K+K-1 are the K
+                        augmented views of row i, so a view always goes with its source image, label and split
+
+A file without views is written as schema 1, so that an older vggcache still reads it.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import contextlib
 import errno
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -27,7 +31,8 @@ import numpy as np
 from pipeline import files
 from pipeline.errors import UserError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+VIEWS_SCHEMA = 2  # the first schema with /<split>/views
 CHUNK_BYTES = 1 << 20  # ~1 MiB row chunks: large contiguous reads, small enough for partial reads
 STR = h5py.string_dtype("utf-8")
 UNREADABLE = "cannot read"  # how the reason of a file that could not be read at all starts (see Record.unreadable)
@@ -51,9 +56,30 @@ class Record:
         return not self.reason
 
     @property
+    def view(self) -> tuple[str, int] | None:
+        """(source path, view index) of an augmented view's record (see `view_key`), None for an image's own row."""
+        source, sep, index = self.path.partition(VIEW_SEP)
+        return (source, int(index)) if sep else None
+
+    @property
     def unreadable(self) -> bool:
         """The file could not be read at all (permissions, I/O): a failure that may go away without the file changing."""
         return self.reason.startswith(UNREADABLE)
+
+
+VIEW_SEP = "\0"  # no file name holds a NUL byte (and manifests refuse one), so a view's key never names a file
+
+
+def view_key(path: str, index: int) -> str:
+    """The key of view `index` of the image at `path`: its record's path in a plan, a journal and `Cache.records`
+    (the file itself stores views by row, in /<split>/views, never by this key)."""
+    return f"{path}{VIEW_SEP}{index}"
+
+
+def shown(path: str) -> str:
+    """A record's path as a person reads it: 'a/b.jpg (view 2)' for a view."""
+    source, sep, index = path.partition(VIEW_SEP)
+    return f"{source} (view {index})" if sep else path
 
 
 def unreadable_reason(e: Exception) -> str:
@@ -87,6 +113,7 @@ class SplitFeatures:
 _JSON_ATTRS = {"config": dict, "class_names": list, "source": dict, "extraction": dict, "versions": dict}
 _TEXT_ATTRS = ("fingerprint", "created", "updated")
 SPLIT_DATASETS = ("features", "labels", "paths", "sizes", "mtimes_ns", "sha256", "failed")
+OPTIONAL_DATASETS = ("views",)
 FEATURE_DTYPES = (np.dtype("float16"), np.dtype("float32"))
 
 
@@ -144,12 +171,32 @@ class Cache:
                           "rebuild it with extract --force")
         return SplitFeatures(features, labels, paths)
 
-    def _transformed(self, split: str, transform) -> np.ndarray:
-        n, dim, chunk_rows = self.split_shape(split)
+    def _transformed(self, split: str, transform, dataset: str = "features") -> np.ndarray:
+        ds = self._file[split][dataset]
+        n, dim = ds.shape
+        chunk_rows = (ds.chunks or ds.shape)[0]
         step = chunk_rows * max(1, (64 << 20) // max(1, chunk_rows * dim * 4))  # ~64 MB of float32 raw rows a read
-        ds = self._file[split]["features"]
         parts = [transform(ds[start:start + step]) for start in range(0, n, step)]
         return np.concatenate(parts) if parts else transform(ds[0:0])
+
+    def views_per_row(self, split: str) -> int:
+        """K of a split that holds K augmented views of each row (`extract --augment K`), else 0."""
+        g = self._group(split)
+        n = g["features"].shape[0]
+        return g["views"].shape[0] // n if "views" in g and n else 0
+
+    def read_views(self, split: str, transform: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+        """The augmented views of a split, (rows x K, D): rows i*K .. i*K+K-1 are row i's; `transform` as in
+        `read_split`. Empty (0, D) for a split without views."""
+        g = self._group(split)
+        if "views" not in g:
+            raise ValueError(f"split {split!r} holds no views")
+        with self._reading(split):
+            views = g["views"][:] if transform is None else self._transformed(split, transform, "views")
+        if views.size and not np.isfinite(views).all():
+            raise Damaged(f"{self.path} is damaged: {split}/views are not finite (NaN or inf); rebuild it with "
+                          "extract --force")
+        return views
 
     def split_shape(self, split: str) -> tuple[int, int, int]:
         """(rows, feature dim, rows per storage chunk) of a split: what a streaming reader aligns its reads to."""
@@ -177,7 +224,9 @@ class Cache:
             with self._reading(split):
                 columns = zip(g["paths"].asstr(errors="surrogateescape")[:], g["labels"][:], g["sizes"][:],
                               g["mtimes_ns"][:], [h.decode("ascii") for h in g["sha256"][:]])
-                out += [Record(split, p, int(lab), int(s), int(m), h) for p, lab, s, m, h in columns]
+                rows = [Record(split, p, int(lab), int(s), int(m), h) for p, lab, s, m, h in columns]
+                k = self.views_per_row(split)
+                out += rows + [replace(r, path=view_key(r.path, j)) for r in rows for j in range(k)]
                 out += [Record(split, _decode_path(r["path"]), -1, int(r["size"]), int(r["mtime_ns"]), "",
                                _decode_path(r["reason"])) for r in g["failed"][:]]
         return out
@@ -192,9 +241,10 @@ class Cache:
             raise Damaged(f"{self.path} is damaged: split {split!r} cannot be read ({first}); "
                           "rebuild it with extract --force") from None
 
-    def rows(self, split: str, positions: np.ndarray) -> np.ndarray:
-        """Feature rows by position within a split (any order), for copying them into a new cache."""
-        ds = self._group(split)["features"]
+    def rows(self, split: str, positions: np.ndarray, dataset: str = "features") -> np.ndarray:
+        """Feature rows (or, `dataset="views"`, view rows) by position within a split (any order), for copying them
+        into a new cache."""
+        ds = self._group(split)[dataset]
         lo, hi = int(positions.min()), int(positions.max()) + 1
         if hi - lo <= 4 * len(positions) + 1024:  # a nearly contiguous run: one slice beats a point selection
             return ds[lo:hi][positions - lo]
@@ -279,15 +329,21 @@ def _check_split(split: str, g: h5py.Group, dim: int, n_classes: int) -> None:
     missing = [d for d in SPLIT_DATASETS if d not in names]
     if missing:
         raise Damaged(f"is damaged: split {split!r} has no {', '.join(missing)} dataset")
-    extra = sorted(names - set(SPLIT_DATASETS))
+    extra = sorted(names - set(SPLIT_DATASETS) - set(OPTIONAL_DATASETS))
     if extra:
         raise Damaged(f"is damaged: split {split!r} holds unexpected members {', '.join(extra)}")
-    if not all(isinstance(g[d], h5py.Dataset) for d in SPLIT_DATASETS):
+    if not all(isinstance(g[d], h5py.Dataset) for d in names):
         raise Damaged(f"is damaged: a member of split {split!r} is not a dataset")
     features = g["features"]
     if features.ndim != 2 or features.shape[1] != dim or features.dtype not in FEATURE_DTYPES:
         raise Damaged(f"is damaged: {split}/features is {features.shape} {features.dtype}, expected (N, {dim}) float16|float32")
     n = features.shape[0]
+    if "views" in names:
+        views = g["views"]
+        if views.ndim != 2 or views.shape[1] != dim or views.dtype != features.dtype or \
+                (views.shape[0] % n if n else views.shape[0]):
+            raise Damaged(f"is damaged: {split}/views is {views.shape} {views.dtype}, expected (N x K, {dim}) "
+                          f"{features.dtype} for the {n} rows of {split}/features")
     for column in ("labels", "paths", "sizes", "mtimes_ns", "sha256"):
         if g[column].shape != (n,):
             raise Damaged(f"is damaged: {split}/{column} has shape {g[column].shape}, expected ({n},) like {split}/features")
@@ -329,12 +385,14 @@ def read_split(path: Path, split: str) -> SplitFeatures:
 
 
 def row_positions(records: Iterable[Record]) -> dict[str, tuple[str, int]]:
-    """Map path -> (split, row) for the rows of a cache, in the order `Cache.records` returns them."""
+    """Map path -> (split, row) for the rows of a cache, in the order `Cache.records` returns them; a view's key
+    (`view_key`) -> (split, its row in /<split>/views)."""
     positions, counters = {}, {}
     for r in records:
         if r.ok:
-            positions[r.path] = (r.split, counters.get(r.split, 0))
-            counters[r.split] = counters.get(r.split, 0) + 1
+            counter = (r.split, r.view is not None)  # rows and views are numbered apart, each in record order
+            positions[r.path] = (r.split, counters.get(counter, 0))
+            counters[counter] = counters.get(counter, 0) + 1
     return positions
 
 
@@ -435,7 +493,7 @@ def write_atomic(path: Path, header: Header, records: list[Record],
     out = _GuardedFile(tmp)
     try:
         with h5py.File(out, "w") as f:
-            _write_header(f, header)
+            _write_header(f, header, VIEWS_SCHEMA if any(r.view for r in records) else 1)
             for split in sorted({r.split for r in records}):
                 if out.error is None:  # else the disk is full: stop writing a file that will be removed
                     _write_split(f.create_group(split), [r for r in records if r.split == split],
@@ -454,8 +512,8 @@ def write_atomic(path: Path, header: Header, records: list[Record],
     raise UserError(f"cannot write {tmp} ({out.error.strerror or out.error})")
 
 
-def _write_header(f: h5py.File, header: Header) -> None:
-    f.attrs["schema_version"] = SCHEMA_VERSION
+def _write_header(f: h5py.File, header: Header, schema_version: int) -> None:
+    f.attrs["schema_version"] = schema_version
     f.attrs["fingerprint"] = header.fingerprint
     f.attrs["feature_dim"] = header.feature_dim
     f.attrs["created"], f.attrs["updated"] = header.created, header.updated
@@ -464,15 +522,12 @@ def _write_header(f: h5py.File, header: Header) -> None:
 
 
 def _write_split(g: h5py.Group, records: list[Record], dim: int, fetch, dtype: str, out: _GuardedFile) -> None:
-    rows = sorted((r for r in records if r.ok), key=lambda r: r.path)
-    failed = sorted((r for r in records if not r.ok), key=lambda r: r.path)
-    chunk_rows = max(1, CHUNK_BYTES // (dim * np.dtype(dtype).itemsize))
-    features = g.create_dataset("features", (len(rows), dim), dtype=dtype,
-                                chunks=(min(chunk_rows, max(1, len(rows))), dim))
-    for start in range(0, len(rows), chunk_rows):
-        if out.error is not None:
-            return
-        features[start:start + chunk_rows] = fetch(rows[start:start + chunk_rows])
+    rows = sorted((r for r in records if r.ok and not r.view), key=lambda r: r.path)
+    failed = sorted((r for r in records if not r.ok and not r.view), key=lambda r: r.path)
+    _write_rows(g, "features", rows, dim, fetch, dtype, out)
+    views = _views_in_row_order(rows, [r for r in records if r.view])
+    if views:
+        _write_rows(g, "views", views, dim, fetch, dtype, out)
     columns = {"labels": np.array([r.label for r in rows], dtype="<i8"),
                "paths": np.array([_encode_path(r.path) for r in rows], dtype=object),
                "sizes": np.array([r.size for r in rows], dtype="<i8"),
@@ -482,6 +537,29 @@ def _write_split(g: h5py.Group, records: list[Record], dim: int, fetch, dtype: s
                                   dtype=FAILED_DTYPE)}
     for name, data in columns.items():
         g.create_dataset(name, data=data, dtype=STR if name == "paths" else None)
+
+
+def _write_rows(g: h5py.Group, name: str, rows: list[Record], dim: int, fetch, dtype: str, out: _GuardedFile) -> None:
+    chunk_rows = max(1, CHUNK_BYTES // (dim * np.dtype(dtype).itemsize))
+    ds = g.create_dataset(name, (len(rows), dim), dtype=dtype, chunks=(min(chunk_rows, max(1, len(rows))), dim))
+    for start in range(0, len(rows), chunk_rows):
+        if out.error is not None:
+            return
+        ds[start:start + chunk_rows] = fetch(rows[start:start + chunk_rows])
+
+
+def _views_in_row_order(rows: list[Record], views: list[Record]) -> list[Record]:
+    """The view records of a split in /<split>/views order: row by row, K views each. Every row must have all K
+    (the plan records an image whose views failed as failed), so a view can never lose its source."""
+    if not views:
+        return []
+    by_key = {r.path: r for r in views if r.ok}
+    k = 1 + max(r.view[1] for r in views)
+    ordered = [by_key.get(view_key(r.path, j)) for r in rows for j in range(k)]
+    if any(v is None for v in ordered):
+        missing = next(view_key(r.path, j) for r in rows for j in range(k) if view_key(r.path, j) not in by_key)
+        raise ValueError(f"no view row for {shown(missing)}: every row of a split with views needs all {k}")
+    return ordered
 
 
 def _map_shape(header: Header) -> list[int] | None:
@@ -499,10 +577,13 @@ def describe(path: Path) -> dict:
     """A JSON-able summary of a cache: header, rows per split and class, and every failed file."""
     with open_cache(path) as cache:
         header, records, names = cache.header, cache.records(), cache.splits
-    splits = {split: {"rows": 0, "per_class": {name: 0 for name in header.class_names}, "failed": []} for split in names}
+    splits = {split: {"rows": 0, "views": 0, "per_class": {name: 0 for name in header.class_names}, "failed": []}
+              for split in names}
     for r in records:
         s = splits[r.split]
-        if r.ok:
+        if r.view:
+            s["views"] += 1
+        elif r.ok:
             s["rows"] += 1
             s["per_class"][header.class_names[r.label]] += 1
         else:

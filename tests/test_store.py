@@ -39,7 +39,7 @@ def test_plain_h5py_sees_the_documented_schema(tmp_path):
     path = tmp_path / "c.h5"
     write_example(path)
     with h5py.File(path) as f:
-        assert f.attrs["schema_version"] == store.SCHEMA_VERSION
+        assert f.attrs["schema_version"] == 1  # no views: an older vggcache still reads it
         assert json.loads(f.attrs["class_names"]) == ["ant", "bee"]
         assert {"config", "fingerprint", "versions", "created", "updated", "source", "extraction"} <= set(f.attrs)
         g = f["train"]
@@ -50,6 +50,51 @@ def test_plain_h5py_sees_the_documented_schema(tmp_path):
         failed = g["failed"][:]
         assert failed["path"][0].decode() == "bad.jpg" and failed["reason"][0].decode() == "empty file (0 bytes)"
         assert f["val"]["failed"].shape == (0,)
+
+
+def write_with_views(path, k=2, dim=3):
+    """train rows a, b with k views each (value: 10 * row value + view index), val row c without views."""
+    header, records = write_example(path, dim)
+    rows = [r for r in records if r.ok and r.split == "train"]
+    views = [Record(r.split, store.view_key(r.path, j), r.label, r.size, r.mtime_ns, r.sha256) for r in rows for j in range(k)]
+    value = {"a.jpg": 1.0, "b.jpg": 2.0, "c.jpg": 3.0} | {v.path: 10 * {"a.jpg": 1, "b.jpg": 2}[v.view[0]] + v.view[1] for v in views}
+    store.write_atomic(path, header, records + views[::-1], lambda rs: np.array([[value[r.path]] * dim for r in rs]), "float16")
+    return records + views
+
+
+def test_views_are_stored_after_their_row_in_row_order(tmp_path):
+    path = tmp_path / "c.h5"
+    records = write_with_views(path)
+    with h5py.File(path) as f:
+        assert f.attrs["schema_version"] == store.VIEWS_SCHEMA
+        assert f["train"]["views"][:, 0].tolist() == [10, 11, 20, 21]  # rows a, b (sorted); views 0, 1 of each
+        assert "views" not in f["val"]
+    with store.open_cache(path) as cache:
+        assert set(cache.records()) == set(records)
+        assert cache.views_per_row("train") == 2 and cache.views_per_row("val") == 0
+        assert cache.read_views("train", lambda x: x[:, :1] * 2).ravel().tolist() == [20, 22, 40, 42]
+        positions = store.row_positions(cache.records())
+        assert positions[store.view_key("b.jpg", 1)] == ("train", 3)
+        assert cache.rows("train", np.array([3, 0]), "views")[:, 0].tolist() == [21, 10]
+    assert store.describe(path)["splits"]["train"]["views"] == 4
+
+
+def test_a_row_without_all_its_views_is_refused_at_writing(tmp_path):
+    header, records = write_example(tmp_path / "c.h5")
+    one_view = Record("train", store.view_key("a.jpg", 1), 0, 11, 101, "e" * 64)
+    with pytest.raises(ValueError, match=r"no view row for a.jpg \(view 0\)"):
+        store.write_atomic(tmp_path / "d.h5", header, records + [one_view], lambda rs: np.zeros((len(rs), 4)), "float16")
+
+
+@pytest.mark.parametrize("shape", [(3, 3), (4, 2)], ids=["not-a-multiple-of-the-rows", "wrong-dim"])
+def test_views_of_the_wrong_shape_are_damage(tmp_path, shape):
+    path = tmp_path / "c.h5"
+    write_with_views(path)
+    with h5py.File(path, "r+") as f:
+        del f["train"]["views"]
+        f["train"].create_dataset("views", data=np.zeros(shape, np.float16))
+    with pytest.raises(store.Damaged, match=r"train/views is \(\d, \d\) float16, expected \(N x K, 3\)"):
+        store.open_cache(path)
 
 
 def test_describe_counts_rows_per_class_and_failures(tmp_path):
