@@ -179,6 +179,7 @@ def train_head(
     pool: str = typer.Option(T("pool"), help="Map cache: " + ", ".join(HEAD_POOLS) + ", or auto (sweep them all on validation). Pooled cache: its own pooling."),
     norm: Optional[str] = typer.Option(None, help="standard, l2 (unit rows), power (signed sqrt, then l2), or auto (sweep them); default: standard, l2 for knn."),
     refit: Optional[bool] = typer.Option(None, "--refit/--no-refit", help="Refit the choice on train+val before scoring test (default: on when there is a test split)."),
+    views: Optional[bool] = typer.Option(None, "--views/--no-views", help="Train on the cache's augmented views (extract --augment) beside their images (default: when it has them and they fit --memory-budget)."),
     C: Optional[float] = typer.Option(None, "--C", help="logreg: fix C instead of sweeping 45 values 1e-6..1e5."),
     k: Optional[int] = typer.Option(None, "--k", help="knn: fix k instead of sweeping 1, 3, 5, 10, 20, 50."),
     hidden: int = typer.Option(H("hidden"), help="linear: width of one hidden layer (0: a single linear layer)."),
@@ -206,7 +207,7 @@ def train_head(
                           seed=seed, device=device)
     run = run_train(TrainConfig(features=features, out=out, train_split=train_split, val_split=val_split,
                                 test_split=test_split, val_fraction=val_fraction, memory_budget=memory_budget,
-                                stream=stream, pool=pool, refit=refit, head=head_cfg))
+                                stream=stream, pool=pool, refit=refit, views=views, head=head_cfg))
     for split, m in run.metrics.items():
         _echo(format_metrics(m, f"{run.folder.name} on {split}") + "\n")
     from pipeline.runs import describe_chosen
@@ -214,6 +215,8 @@ def train_head(
     r = run.record
     data = "streamed from the file" if r.loading and r.loading.mode == "stream" else "in memory"
     refit_note = "; refit on train+val" + (" before test" if r.splits.test else "") if r.refit else ""
+    if r.splits.views_per_image:
+        refit_note += f"; trained on {r.splits.views_per_image} augmented views of each training image too"
     _echo(f"chose {describe_chosen(r.head.chosen)} on {r.splits.val}{refit_note}; fit {r.timings.fit_seconds:.2f} s "
           f"({len(r.sweep)} candidates, data {data}); saved {run.folder}")
 

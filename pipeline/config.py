@@ -283,6 +283,7 @@ class TrainConfig:
     stream: bool = False  # read the features from the file as the head trains, whatever their size
     pool: str = "auto"  # on a map cache: a pooling of pools.HEAD_POOLS, or auto (swept); on a pooled cache: its own
     refit: bool | None = None  # refit the choice on train+val before test; None: when there is a test split
+    views: bool | None = None  # train on the cache's augmented views too; None: when it has them and they fit memory
 
     PARAMS = {"val_fraction": Interval(float, 0, 1, open_low=True, open_high=True),
               "pool": OneOf(("auto",) + pools.HEAD_POOLS),

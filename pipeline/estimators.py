@@ -95,13 +95,33 @@ def _prepared(X, mean, scale, norm: str) -> np.ndarray:
     return _standardise(row_normalised(X, norm), mean, scale)
 
 
-def hold_out(X, y, fraction: float, seed: int):
+def with_views(X, y, views):
+    """X's rows, then the K augmented views of each of its first n rows (`views`: (n, K, D), `extract --augment`),
+    with their source's label; X and y as they are when there are no views."""
+    if views is None or not len(views):
+        return X, y
+    if views.ndim != 3 or views.shape[2] != X.shape[1] or len(views) > len(X):
+        raise ValueError(f"views of shape {views.shape} do not go with {X.shape[0]} rows of {X.shape[1]} features "
+                         "(expected (n <= rows, K, features))")
+    n, k, d = views.shape
+    return np.concatenate([np.asarray(X, np.float32), views.reshape(n * k, d)]), np.concatenate([y, np.repeat(y[:n], k)])
+
+
+def hold_out(X, y, fraction: float, seed: int, views=None):
     """(X_fit, X_held, y_fit, y_held): a stratified, seeded `fraction` held out for early stopping (at random when a
-    class has too few rows to stratify)."""
+    class has too few rows to stratify). `views` (of X's first rows, see `with_views`) join their source on the fit
+    side, never the held-out one: the held-out set is centre crops of images the head does not train on."""
+    rows = np.arange(len(y))
     try:
-        return train_test_split(X, y, test_size=fraction, stratify=y, random_state=seed)
+        fit, held = train_test_split(rows, test_size=fraction, stratify=y, random_state=seed)
     except ValueError:  # too few rows of a class to stratify: hold out at random
-        return train_test_split(X, y, test_size=fraction, random_state=seed)
+        fit, held = train_test_split(rows, test_size=fraction, random_state=seed)
+    if views is not None:
+        with_source = fit < len(views)
+        fit = np.concatenate([fit[with_source], fit[~with_source]])  # rows with views first, as with_views pairs them
+        views = views[fit[:with_source.sum()]]
+    X_fit, y_fit = with_views(X[fit], y[fit], views)
+    return X_fit, X[held], y_fit, y[held]
 
 
 def streamed_hold_out(y: np.ndarray, dim: int, fraction: float | None, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -165,22 +185,22 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
     def __init__(self, C: float = 1.0, norm: str = "standard", max_iter: int = 2000, tol: float = 1e-4):
         self.C, self.norm, self.max_iter, self.tol = C, norm, max_iter, tol
 
-    def fit(self, X, y) -> "LogRegHead":
-        return self.fit_path(X, y, [self.C])[0]
+    def fit(self, X, y, views=None) -> "LogRegHead":
+        return self.fit_path(X, y, [self.C], views)[0]
 
-    def fit_path(self, X, y, Cs) -> list["LogRegHead"]:
+    def fit_path(self, X, y, Cs, views=None) -> list["LogRegHead"]:
         """One fitted head per C of `Cs` (see `iter_path`), in the order of `Cs`."""
-        fitted = {head.C: head for head in self.iter_path(X, y, Cs)}
+        fitted = {head.C: head for head in self.iter_path(X, y, Cs, views)}
         return [fitted[float(c)] for c in Cs]
 
-    def iter_path(self, X, y, Cs):
+    def iter_path(self, X, y, Cs, views=None):
         """Heads fitted in increasing C, each warm-started from the previous solution: the solutions of neighbouring
         C are close, so the 45-value protocol grid costs a few plain fits. A generator, so that a sweep can score
         each head and drop it (45 coefficient matrices of a wide, many-class problem would not fit in memory).
         The head fitted at `self.C` is `self`; the others are copies."""
         from sklearn.linear_model import LogisticRegression
 
-        X, y = _fit_inputs(self, X, y)
+        X, y = _fit_inputs(self, *with_views(X, y, views))
         self.mean_, self.scale_ = _statistics(row_normalised(X, self.norm), self.norm)
         Xn, basis = _row_space(_prepared(X, self.mean_, self.scale_, self.norm))
         # in row-space coordinates the problem is small but badly conditioned: Newton steps do not mind that, where
@@ -264,11 +284,11 @@ class LinearHead(ClassifierMixin, BaseEstimator):
         self.epochs, self.batch_size, self.seed, self.device = epochs, batch_size, seed, device
         self.n_iter_no_change, self.validation_fraction = n_iter_no_change, validation_fraction
 
-    def fit(self, X, y) -> "LinearHead":
+    def fit(self, X, y, views=None) -> "LinearHead":
         import torch
 
         X, y = _fit_inputs(self, X, y)
-        X, Xv, y, yv = self._hold_out(X, y)
+        X, Xv, y, yv = self._hold_out(X, y, views)
         self.mean_, self.scale_ = self._statistics(lambda: _moments(row_normalised(X, self.norm)), X.shape[1])
         device, tensor, labels = self._converters()
         Xt, yt = tensor(X), labels(y)  # the whole split on the device, standardised once
@@ -321,10 +341,11 @@ class LinearHead(ClassifierMixin, BaseEstimator):
                         for m in module.modules() if isinstance(m, torch.nn.Linear)]
         return self
 
-    def _hold_out(self, X, y):
+    def _hold_out(self, X, y, views):
         if self.n_iter_no_change is None:
+            X, y = with_views(X, y, views)
             return X, None, y, None
-        return hold_out(X, y, self.validation_fraction, self.seed)
+        return hold_out(X, y, self.validation_fraction, self.seed, views)
 
     def _logits(self, X) -> np.ndarray:
         check_is_fitted(self)
@@ -372,8 +393,8 @@ class KnnHead(ClassifierMixin, BaseEstimator):
     def __init__(self, k: int = 10, norm: str = "l2", temperature: float = 0.07):
         self.k, self.norm, self.temperature = k, norm, temperature
 
-    def fit(self, X, y) -> "KnnHead":
-        X, y = _fit_inputs(self, X, y)
+    def fit(self, X, y, views=None) -> "KnnHead":
+        X, y = _fit_inputs(self, *with_views(X, y, views))
         self.mean_, self.scale_ = _statistics(row_normalised(X, self.norm), self.norm)
         self.train_ = self._unit(X).astype(np.float32).astype(np.float64)  # saved as float32: rounded alike
         self.train_labels_ = np.searchsorted(self.classes_, y).astype(np.int64)

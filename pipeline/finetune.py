@@ -20,7 +20,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from pipeline.estimators import _fit_inputs, _real, _softmax, hold_out, run_epochs, streamed_hold_out
+from pipeline.estimators import _fit_inputs, _real, _softmax, hold_out, run_epochs, streamed_hold_out, with_views
 from pipeline.config import VGG16_CHANNELS
 
 HEAD_LR_FACTOR = 10  # the new classifier learns from scratch: 10x the pretrained convolutions' learning rate
@@ -44,15 +44,18 @@ class Block5Head(ClassifierMixin, BaseEstimator):
         self.n_iter_no_change, self.validation_fraction, self.freeze_convs = n_iter_no_change, validation_fraction, freeze_convs
         self.seed, self.device = seed, device
 
-    def fit(self, X, y) -> "Block5Head":
+    def fit(self, X, y, views=None) -> "Block5Head":
+        """`views`: augmented views of X's first rows (n, K, D) (`extract --augment`), trained on beside their source."""
         import torch
 
         X, y = _fit_inputs(self, X, y)
         side = _side(X.shape[1])
         held = None
         if self.n_iter_no_change is not None:
-            X, Xv, y, yv = hold_out(X, y, self.validation_fraction, self.seed)
+            X, Xv, y, yv = hold_out(X, y, self.validation_fraction, self.seed, views)
             held = (Xv, yv)
+        else:
+            X, y = with_views(X, y, views)
         device, precision, module = self._module(side)
         gen = np.random.default_rng(self.seed)
         labels = np.searchsorted(self.classes_, y)

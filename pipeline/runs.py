@@ -67,6 +67,7 @@ class SplitsRecord:
     test: typing.Optional[str]
     n_train: int
     n_val: int
+    views_per_image: int = 0  # augmented views of each training image trained on beside it (`extract --augment`)
 
 
 @dataclass(frozen=True)

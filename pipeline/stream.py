@@ -51,6 +51,12 @@ def in_memory_bytes(cache: store.Cache, splits: list[str], copies: float, dim: i
     return total
 
 
+def views_bytes(cache: store.Cache, split: str, copies: float, dim: int | None = None) -> int:
+    """What the augmented views of a split (`extract --augment`) add to `in_memory_bytes`: 0 without views."""
+    n, file_dim, _ = cache.split_shape(split)
+    return int(n * cache.views_per_row(split) * (dim or file_dim) * 4 * copies)
+
+
 @dataclass(frozen=True)
 class Loading:
     """How a run read its data: recorded in run.json."""
@@ -58,6 +64,7 @@ class Loading:
     mode: str  # "memory" | "stream"
     budget_bytes: int
     needed_bytes: int
+    views: bool = True  # the augmented views of a cache that has them fit beside the rows (only in memory)
 
     def describe(self) -> str:
         return f"{self.mode} ({human_bytes(self.needed_bytes)} of rows, budget {human_bytes(self.budget_bytes)})"

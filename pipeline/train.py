@@ -35,6 +35,7 @@ class Data:
     y_test: np.ndarray | None
     val_source: str
     loading: Loading
+    V_train: np.ndarray | None = None  # augmented views of X_train's rows, (rows, K, D): trained on, never scored
 
 
 def pools_to_try(cfg: TrainConfig, header: store.Header) -> list[str | None]:
@@ -75,9 +76,19 @@ def plan_loading(cfg: TrainConfig, cache: store.Cache, tried: list[str | None]) 
     cache.split_shape(cfg.train_split)  # a missing train split is the first thing to say
     splits = [s for s in (cfg.train_split, cfg.val_split, cfg.test_split) if s in cache.splits]
     dim = max(_pooled_dim(cache.header, p) for p in tried)
-    needed = stream.in_memory_bytes(cache, splits, HEADS[cfg.head.kind].memory_copies, dim)
+    copies = HEADS[cfg.head.kind].memory_copies
+    needed = stream.in_memory_bytes(cache, splits, copies, dim)
+    views = stream.views_bytes(cache, cfg.train_split, copies, dim) if cfg.views is not False else 0
     budget = cfg.budget_bytes or stream.default_budget()
     loading = stream.Loading("stream" if cfg.stream or needed > budget else "memory", budget, needed)
+    if views and loading.mode == "memory" and needed + views > budget:  # the views go first: rows matter more
+        loading = _without_views(cfg, cache, loading, f"{human_bytes(needed + views)} with the views, over the "
+                                 f"{human_bytes(budget)} --memory-budget")
+    elif views and loading.mode == "stream":
+        loading = _without_views(cfg, cache, loading, "--stream was asked for" if cfg.stream else "the rows are "
+                                 f"streamed from the file (over the {human_bytes(budget)} --memory-budget)")
+    elif views:
+        loading = replace(loading, needed_bytes=needed + views)
     if loading.mode == "stream" and not HEADS[cfg.head.kind].streams:
         pool4_map = cache.header.config.get("layer") == "pool4" and cache.header.config.get("pool") == "map"
         streaming = " or ".join(h.name for h in HEADS.values() if h.streams and (pool4_map or not h.takes_map))
@@ -92,23 +103,44 @@ def plan_loading(cfg: TrainConfig, cache: store.Cache, tried: list[str | None]) 
     return loading
 
 
+def _without_views(cfg: TrainConfig, cache: store.Cache, loading: Loading, why: str) -> Loading:
+    """Views are trained on in memory only: refused when asked for (--views), else left out with a warning."""
+    if cfg.views:
+        raise UserError(f"--views trains on the augmented views in memory, and {why}: use --no-views, or raise "
+                        "--memory-budget")
+    log.warning("%s holds augmented views, left out of training: %s", cache.path, why)
+    return replace(loading, views=False)
+
+
+def views_per_image(cfg: TrainConfig, cache: store.Cache, loading: Loading) -> int:
+    """K, the augmented views of each training image the head trains on: the cache's, unless --no-views or they
+    do not fit memory (plan_loading); --views on a cache without views is refused."""
+    k = cache.views_per_row(cfg.train_split)
+    if cfg.views and not k:
+        raise UserError(f"--views: {cfg.features} holds no augmented views of {cfg.train_split!r} "
+                        "(extract --augment K makes them)")
+    return k if cfg.views is not False and loading.views else 0
+
+
 def load_data(cfg: TrainConfig, cache: store.Cache, loading: Loading, transform=None) -> Data:
     """Train and validation rows (validation held out of train when the file has none), test when present;
     `transform` pools a map cache's rows as they are read."""
     read = _split if loading.mode == "memory" else _rows
     split = lambda name, need_classes=True: read(cache, name, need_classes, transform)
-    train = split(cfg.train_split)
+    train, k = split(cfg.train_split), views_per_image(cfg, cache, loading)
+    views = cache.read_views(cfg.train_split, transform).reshape(len(train[1]), k, -1) if k else None
     if cfg.val_split in cache.splits:
         val, source = split(cfg.val_split), cfg.val_split
     else:
-        train, val = _hold_out(cfg, train)
+        train, val, views = _hold_out(cfg, train, views)
         source = f"{cfg.val_fraction:g} of {cfg.train_split!r}, stratified, seed {cfg.head.seed}"
         log.info("no %r split: validating on %s", cfg.val_split, source)
     test = split(cfg.test_split, need_classes=False) if cfg.test_split in cache.splits else None
-    return Data(*train, *val, *(test or (None, None)), source, loading)
+    return Data(*train, *val, *(test or (None, None)), source, loading, views)
 
 
-def _hold_out(cfg: TrainConfig, train: tuple) -> tuple[tuple, tuple]:
+def _hold_out(cfg: TrainConfig, train: tuple, views: np.ndarray | None) -> tuple[tuple, tuple, np.ndarray | None]:
+    """Validation rows held out of train, by image: an image's views go with it, so none is trained on."""
     X, y = train
     try:
         fit, held = train_test_split(np.arange(len(y)), test_size=cfg.val_fraction, stratify=y,
@@ -117,8 +149,8 @@ def _hold_out(cfg: TrainConfig, train: tuple) -> tuple[tuple, tuple]:
         raise UserError(f"cannot hold out a stratified validation set from {cfg.train_split!r}: {e}") from None
     if isinstance(X, SplitRows):
         fit, held = np.sort(fit), np.sort(held)
-        return (X.subset(fit), y[fit]), (X.subset(held), y[held])
-    return (X[fit], y[fit]), (X[held], y[held])
+        return (X.subset(fit), y[fit]), (X.subset(held), y[held]), None
+    return (X[fit], y[fit]), (X[held], y[held]), None if views is None else views[fit]
 
 
 def _check_rows(cache: store.Cache, name: str, labels: np.ndarray, need_classes: bool) -> None:
@@ -141,8 +173,8 @@ def _rows(cache: store.Cache, name: str, need_classes: bool, transform) -> tuple
     return rows, rows.labels
 
 
-def _fit(head, X, y):
-    return head.fit_rows(X) if isinstance(X, SplitRows) else head.fit(X, y)
+def _fit(head, X, y, views=None):
+    return head.fit_rows(X) if isinstance(X, SplitRows) else head.fit(X, y, views=views)
 
 
 @dataclass
@@ -183,10 +215,11 @@ def sweep_candidates(cfg: HeadConfig, data: Data):
         if spec.path and len(group) > 1 and not isinstance(data.X_train, SplitRows):
             first = make_head(cfg.kind, **group[0])
             by_value = {p[spec.path]: p for p in group}
-            heads = first.iter_path(data.X_train, data.y_train, list(by_value))  # in increasing value
+            heads = first.iter_path(data.X_train, data.y_train, list(by_value), views=data.V_train)  # increasing
             fitted = ((by_value[getattr(h, spec.path)], h) for h in heads)
         else:
-            fitted = ((params, _fit(make_head(cfg.kind, **params), data.X_train, data.y_train)) for params in group)
+            fitted = ((params, _fit(make_head(cfg.kind, **params), data.X_train, data.y_train, data.V_train))
+                      for params in group)
         start = time.perf_counter()
         for params, head in fitted:  # each head is scored, then dropped unless it is the best so far
             seconds = time.perf_counter() - start
@@ -219,7 +252,7 @@ def refit(cfg: TrainConfig, choice: Choice):
     """The chosen configuration fitted again on train + val (the protocol's last step before test)."""
     d = choice.data
     X = np.concatenate([d.X_train, d.X_val])
-    return make_head(cfg.head.kind, **choice.params).fit(X, np.concatenate([d.y_train, d.y_val]))
+    return make_head(cfg.head.kind, **choice.params).fit(X, np.concatenate([d.y_train, d.y_val]), views=d.V_train)
 
 
 def train_head(cfg: TrainConfig) -> runs.Run:
@@ -262,7 +295,8 @@ def _record(cfg: TrainConfig, header: store.Header, choice: Choice, head, refitt
         "sweep": choice.table,
         "splits": runs.SplitsRecord(train=cfg.train_split, val=d.val_source,
                                     test=cfg.test_split if d.X_test is not None else None,
-                                    n_train=int(len(d.y_train)), n_val=int(len(d.y_val))),
+                                    n_train=int(len(d.y_train)), n_val=int(len(d.y_val)),
+                                    views_per_image=0 if d.V_train is None else int(d.V_train.shape[1])),
         # load: opening and planning; the splits are read inside the sweep, once per pooling tried
         "timings": runs.Timings(load_seconds=round(loaded - start, 3), fit_seconds=round(fitted - loaded, 3)),
         "loading": runs.LoadingRecord(mode=d.loading.mode, budget_bytes=d.loading.budget_bytes,

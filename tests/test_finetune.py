@@ -31,7 +31,7 @@ def folder(tmp_path_factory) -> Path:
 def pool4(folder, weights_file, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("p4") / "pool4.h5"
     return extract(extract_config(folder, out, weights=str(weights_file), layer="pool4", pool="map", image_size=SIZE,
-                                  dtype="float32")).out
+                                  dtype="float32", precision="fp32")).out
 
 
 def test_pool4_cache_holds_the_map_and_says_so(pool4):
@@ -45,7 +45,7 @@ def test_block5_from_the_caches_weights_gives_the_pool5_of_a_direct_forward(fold
     import torch
 
     pool5 = extract(extract_config(folder, tmp_path / "p5.h5", weights=str(weights_file), pool="map", image_size=SIZE,
-                                   dtype="float32")).out
+                                   dtype="float32", precision="fp32")).out
     with store.open_cache(pool4) as a, store.open_cache(pool5) as b:
         x, expected = a.read_split("train").features, b.read_split("train").features
     with torch.inference_mode():
