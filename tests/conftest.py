@@ -33,8 +33,10 @@ def weights_file(tmp_path_factory) -> Path:
 def extract_config(data: Path, out: Path, **kw):
     from pipeline.config import ExtractConfig
 
+    # fp32 unless a test asks: "auto" is bf16 on CPUs with native bf16 and fp32 elsewhere, and tests compare values
     return ExtractConfig(data=data, out=out, weights=kw.pop("weights", "none"), image_size=kw.pop("image_size", SIZE),
-                         batch_size=kw.pop("batch_size", 4), workers=kw.pop("workers", 0), **kw)
+                         batch_size=kw.pop("batch_size", 4), workers=kw.pop("workers", 0),
+                         precision=kw.pop("precision", "fp32"), **kw)
 
 
 def interruptible() -> None:

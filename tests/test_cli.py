@@ -12,7 +12,7 @@ from pipeline.extract import extract
 from pipeline.train import train_head
 
 runner = CliRunner()
-FAST = ["--weights", "none", "--image-size", str(SIZE), "--batch-size", "8", "--workers", "0"]
+FAST = ["--weights", "none", "--image-size", str(SIZE), "--batch-size", "8", "--workers", "0", "--precision", "fp32"]
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +47,9 @@ CASES = {
     "extract-scales": ("extract", ["--scales", "256,abc"], "--scales '256,abc' is not valid (expected sizes from 32 to 2048"),
     "extract-scales-repeat": ("extract", ["--scales", "256,256"], "--scales '256,256' is not valid"),
     "extract-map-views": ("extract", ["--pool", "map", "--views", "flip"], "--pool map keeps one centre-crop view"),
+    "extract-augment": ("extract", ["--augment", "-1"], "--augment -1 is not valid (expected an integer in [0, 64])"),
+    "extract-augment-seed": ("extract", ["--augment-seed", "-1"], "--augment-seed -1 is not valid"),
+    "train-views": ("train-head", ["--views"], "--views: {features} holds no augmented views of 'train'"),
     "train-pool": ("train-head", ["--pool", "gem"], "--pool 'gem' is not valid (expected one of auto, avg, max, avgmax, flatten, spp)"),
     "train-pool-pooled": ("train-head", ["--pool", "max"], "holds avg-pooled features, so --pool max cannot be computed from it"),
     "train-norm": ("train-head", ["--norm", "zscore"], "--norm 'zscore' is not valid (expected one of standard, l2, power, auto)"),

@@ -9,7 +9,7 @@ from conftest import SIZE
 from pipeline.cli import app
 
 runner = CliRunner()
-FAST = ["--weights", "none", "--image-size", str(SIZE), "--batch-size", "8", "--workers", "0"]
+FAST = ["--weights", "none", "--image-size", str(SIZE), "--batch-size", "8", "--workers", "0", "--precision", "fp32"]
 
 
 def invoke(*args):

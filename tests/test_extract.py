@@ -168,7 +168,7 @@ def test_resume_after_kill_9_at_several_points_matches_an_uninterrupted_run(tmp_
     data = make_image_folder(tmp_path / "data", {"train": 12, "val": 4}, size=(48, 40))
     env = dict(os.environ, VGGCACHE_COMMIT_EVERY_S="0")
     args = lambda out: [str(data), "--out", str(out), "--weights", "none", "--image-size", "48",
-                        "--batch-size", "4", "--workers", "0", "--dtype", "float32"]
+                        "--batch-size", "4", "--workers", "0", "--dtype", "float32", "--precision", "fp32"]
     reference = extract(extract_config(data, tmp_path / "ref.h5", image_size=48, dtype="float32")).out
     out = tmp_path / "f.h5"
     partial = Path(f"{out}.partial")
@@ -189,7 +189,8 @@ def test_ctrl_c_exits_130_and_says_how_to_resume(tmp_path):
     data = make_image_folder(tmp_path / "data", {"train": 12}, size=(48, 40))
     out = tmp_path / "f.h5"
     env = dict(os.environ, VGGCACHE_COMMIT_EVERY_S="0")
-    args = [str(data), "--out", str(out), "--weights", "none", "--image-size", "48", "--batch-size", "4", "--workers", "0"]
+    args = [str(data), "--out", str(out), "--weights", "none", "--image-size", "48", "--batch-size", "4", "--workers", "0",
+            "--precision", "fp32"]
     code, output = run_until(args, env, lambda: len(list(Path(f"{out}.partial").glob("*-0*.json"))) >= 1, signal.SIGINT)
     assert code == 130, output
     assert "rerun the same command to resume" in output and "Traceback" not in output
