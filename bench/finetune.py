@@ -1,6 +1,6 @@
 """Fine-tuning block 5 from a cached pool4 map, against a probe on pool5 and against the tutorial's loop.
 
-    python bench/finetune.py [--data DIR] [--weights FILE] [--tutorial-epochs N] [--degraded]
+    python bench/finetune.py [--data DIR] [--weights FILE] [--tutorial-epochs N] [--datasets original,degraded]
 
 One table per dataset (README, "Fine-tuning block 5"): each row is whole commands in fresh processes, timed from
 the images on disk to a trained head (extract, then train-head), with its validation accuracy:
@@ -9,7 +9,7 @@ the images on disk to a trained head (extract, then train-head), with its valida
   block5, --augment 4   the same with 4 cached augmented views of each training image
   tutorial loop         bench/tutorial.py: N epochs of the whole network (25 in the tutorial; fewer here to save
                         time: its 25-epoch time is extrapolated from the epochs run, its accuracy is the best of them)
-`--degraded` also builds a copy of the data far from ImageNet (degraded_copy) and measures the same rows on it.
+`--datasets degraded` builds a copy of the data far from ImageNet (degraded_copy) and measures the same rows on it.
 `make bench` row 11 is `bench_block5`: pool4 extraction + block5 training against row 4's 25 tutorial epochs.
 """
 
@@ -106,14 +106,16 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=shared / "data" / "hymenoptera")
     p.add_argument("--weights", default=str(shared / "weights" / "vgg16_imagenet_features.pth"))
     p.add_argument("--tutorial-epochs", type=int, default=5)
-    p.add_argument("--degraded", action="store_true", help="also measure on a grey, blurred copy of the data")
+    p.add_argument("--datasets", default="original,degraded",
+                   help="original (--data), degraded (its grey, blurred copy), or both, comma-separated")
     p.add_argument("--work", type=Path, default=Path("/tmp/vggcache-finetune"))
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "finetune.json")
     args = p.parse_args()
-    datasets = {"original": args.data}
-    if args.degraded:
-        datasets["degraded"] = degraded_copy(args.data, args.work / "degraded")
-    results = {}
+    wanted = args.datasets.split(",")
+    datasets = {"original": args.data} if "original" in wanted else {}
+    if "degraded" in wanted:
+        datasets["degraded"] = degraded_copy(args.data, args.work / "data-degraded")
+    results = json.loads(args.out.read_text()) if args.out.is_file() else {}  # a table measured before is kept
     for name, data in datasets.items():
         start = time.perf_counter()
         results[name] = table(data, args.weights, args.work / name, args.tutorial_epochs)

@@ -16,7 +16,7 @@ from typing import Optional
 import typer
 from typer.core import TyperGroup
 
-from pipeline.config import VGG16_CHANNELS, EvaluateConfig, ExtractConfig, HeadConfig, PredictConfig, TrainConfig
+from pipeline.config import VGG16_CHANNELS, AuditConfig, EvaluateConfig, MapConfig, ExtractConfig, HeadConfig, PredictConfig, TrainConfig
 from pipeline.errors import Interrupted, UserError
 from pipeline.files import human_bytes, printable
 from pipeline.heads import HEADS
@@ -139,6 +139,7 @@ def extract(
 def info(file: Path = typer.Argument(..., help="A feature cache (.h5)."),
          as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON.")):
     """Summarise a feature cache: config, splits, counts per class, feature dim, failed files."""
+    from pipeline.audit import describe_copies
     from pipeline.store import describe
 
     d = describe(file)
@@ -158,6 +159,7 @@ def info(file: Path = typer.Argument(..., help="A feature cache (.h5)."),
     if d["extraction"]:
         e = d["extraction"]
         _echo(f"extraction   {e.get('device')} {e.get('precision')}, {e.get('images_per_s')} images/s")
+    _echo(f"copies       {describe_copies(file)}")
     for split, s in sorted(d["splits"].items()):
         per_class = ", ".join(f"{name} {n}" for name, n in s["per_class"].items())
         views = f", {s['views']} augmented views ({s['views'] // max(1, s['rows'])} per row)" if s["views"] else ""
@@ -245,12 +247,14 @@ def predict(run: Path = typer.Argument(..., help="A run folder made by train-hea
             batch_size: int = typer.Option(P("batch_size"), help="Images per forward."),
             workers: int = typer.Option(P("workers"), help="DataLoader decode workers."),
             device: str = typer.Option(P("device"), help="auto, cpu, cuda or mps."),
-            precision: str = typer.Option(P("precision"), help="auto (as the run's features were extracted), fp32, bf16 or fp16.")):
+            precision: str = typer.Option(P("precision"), help="auto (as the run's features were extracted), fp32, bf16 or fp16."),
+            report: bool = typer.Option(False, "--report", help="Say whether the images look like the run's training data (one line, and a PNG beside --out or drift.png).")):
     """Predict classes of new images with a saved run: same extractor as its features, then its head."""
     from pipeline.predict import predict as run_predict
 
     rows = run_predict(PredictConfig(run=run, images=tuple(images), out=out, top_k=top_k, weights=weights,
-                                     batch_size=batch_size, workers=workers, device=device, precision=precision))
+                                     batch_size=batch_size, workers=workers, device=device, precision=precision,
+                                     report=report))
     if out:
         failed = sum(bool(r["error"]) for r in rows)
         _echo(f"wrote {out}: {len(rows)} images, {failed} unreadable")
@@ -276,6 +280,36 @@ def runs(models: Path = typer.Argument(Path("models"), help="Folder of run folde
         params = describe_chosen(r["chosen"]).replace(", ", ",")
         _echo(f"{r['name']:<40} {r['head']:<7} {r['features']:<32} {params:<40} {fmt(r['val_accuracy']):>8} "
               f"{fmt(r['val_macro_f1']):>7} {fmt(r['test_accuracy']):>8} {fmt(r['test_macro_f1']):>7} {r['fit_seconds']:>6.2f}")
+
+
+@app.command()
+@_user_errors
+def audit(features: Path = typer.Argument(..., help="A feature cache made by `extract`."),
+          threshold: float = typer.Option(AuditConfig.threshold, help="Centred cosine similarity from which two images are near-duplicates."),
+          neighbours: int = typer.Option(AuditConfig.neighbours, help="List an image whose this many nearest neighbours all carry another label."),
+          out: Optional[Path] = typer.Option(None, help="CSV of every finding (default: FEATURES.audit.csv).")):
+    """Find exact duplicates (sha256), near-duplicates (cached features) and likely mislabelled images, within and
+    across splits: leakage between train and test makes a score optimistic."""
+    from pipeline.audit import audit as run_audit, summary
+
+    cfg = AuditConfig(features=features, threshold=threshold, neighbours=neighbours, out=out)
+    report = run_audit(cfg)
+    for line in summary(report):
+        _echo(line)
+    _echo(f"wrote {cfg.csv_path}")
+
+
+@app.command("map")
+@_user_errors
+def map_(features: Path = typer.Argument(..., help="A feature cache made by `extract`."),
+         run: Optional[Path] = typer.Option(None, help="A run trained on it: its mistakes are ringed."),
+         method: str = typer.Option(MapConfig.method, help="pca (any size: a sample of 20,000) or tsne (a sample of 3,000)."),
+         out: Optional[Path] = typer.Option(None, help="PNG to write (default: FEATURES.map.png)."),
+         seed: int = typer.Option(MapConfig.seed, help="Seed of the sample and of t-SNE.")):
+    """Draw the cache's images in two dimensions, coloured by class, one marker per split."""
+    from pipeline.embedding_map import draw
+
+    _echo(f"wrote {draw(MapConfig(features=features, run=run, method=method, out=out, seed=seed))}")
 
 
 @app.command("make-demo-data")

@@ -297,6 +297,46 @@ class TrainConfig:
         return None if self.memory_budget is None else parse_bytes(self.memory_budget)
 
 
+@dataclass(frozen=True)
+class AuditConfig:
+    """What `pipeline audit` was asked to check (see audit.py)."""
+
+    features: Path
+    threshold: float = 0.92  # centred cosine similarity from which two images are near-duplicates
+    neighbours: int = 5  # an image whose k nearest neighbours all carry another label is listed
+    out: Path | None = None  # the CSV of findings; None: beside the cache, <cache>.audit.csv
+
+    PARAMS = {"threshold": Interval(float, -1, 1), "neighbours": Interval(int, 1, 1000)}
+    OPTIONS = {}
+
+    def __post_init__(self):
+        validate(self)
+
+    @property
+    def csv_path(self) -> Path:
+        return Path(self.out) if self.out else Path(f"{self.features}.audit.csv")
+
+
+@dataclass(frozen=True)
+class MapConfig:
+    """What `pipeline map` was asked to draw (see embedding_map.py)."""
+
+    features: Path
+    run: Path | None = None  # its mistakes are ringed, and a map cache is pooled as its head pools it
+    method: str = "pca"
+    out: Path | None = None  # None: beside the cache, <cache>.map.png
+    seed: int = 0
+
+    PARAMS = {"method": OneOf(("pca", "tsne")), "seed": Interval(int, 0, 2**32 - 1)}
+
+    def __post_init__(self):
+        validate(self)
+
+    @property
+    def png_path(self) -> Path:
+        return Path(self.out) if self.out else Path(f"{self.features}.map.png")
+
+
 def parse_bytes(text: str) -> int:
     """'8G' -> 8 * 2**30; plain digits are bytes. Raises ValueError for anything else."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)I?B?\s*", str(text), re.IGNORECASE)
@@ -316,12 +356,18 @@ class PredictConfig:
     workers: int = 0
     device: str = "auto"
     precision: str = "auto"  # auto: as the run's features were extracted (fp32 or bf16), else the device's default
+    report: bool = False  # compare the new images with the run's training data (drift.py): one line and a PNG
 
     PARAMS = {"top_k": Interval(int, 1, 1 << 20), "batch_size": Interval(int, 1, 65536), "workers": Interval(int, 0, 256),
               "device": OneOf(DEVICES), "precision": OneOf(PRECISIONS)}
 
     def __post_init__(self):
         validate(self)
+
+    @property
+    def report_path(self) -> Path:
+        """Where --report draws its picture: beside --out, else drift.png in the current folder."""
+        return Path(f"{Path(self.out).with_suffix('')}.drift.png") if self.out else Path("drift.png")
 
 
 @dataclass(frozen=True)

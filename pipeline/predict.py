@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import files
+from pipeline import drift, files
 from pipeline.config import PredictConfig, weights_spec
 from pipeline.data import is_image_name
 from pipeline.errors import UserError
@@ -60,10 +60,11 @@ def predict(cfg: PredictConfig) -> list[dict]:
     paths = collect_images(cfg.images)
     if cfg.out:
         files.ensure_writable_file(cfg.out, "--out")  # before the forward pass, not after it
+    reference = _reference(run, cfg)
     extractor = Extractor(build_body(fcfg, weights_for(run, cfg.weights)), cfg.device, precision_for(run, cfg.precision))
     loader = image_batches("cpu", Path(""), paths, fcfg, cfg.batch_size, cfg.workers, extractor.device)
     pooled = run.head_pooling()  # a head trained on a map cache pools the map as it did
-    rows = []
+    rows, d_new = [], []
     for batch in loader:
         ok, images = decoded_images(batch)
         by_k = {}
@@ -72,10 +73,33 @@ def predict(cfg: PredictConfig) -> list[dict]:
             features = extractor(images).astype(fcfg.dtype).astype(np.float32)
             features = pooled(features) if pooled else features
             by_k = dict(zip(ok, full_proba(head, features, len(run.class_names))))
+            if reference is not None:
+                d_new.append(drift.distances(features, reference["mean"], reference["centroids"]))
         rows += [_row(paths[i], by_k.get(k), batch["error"][k], run.class_names, cfg.top_k)
                  for k, i in enumerate(batch["index"].tolist())]
     write_csv(rows, cfg.out)
+    if reference is not None:
+        _report(reference, np.concatenate(d_new or [np.zeros(0)]), rows, cfg, run)
     return rows
+
+
+def _reference(run: Run, cfg: PredictConfig) -> dict | None:
+    """The run's drift reference when --report asks for one; refused up front when the run keeps none."""
+    if not cfg.report:
+        return None
+    reference = drift.load(run.folder)
+    if reference is None:
+        raise UserError(f"--report: {run.folder} keeps no reference of its training data ({drift.REFERENCE_FILE}): "
+                        f"its head takes inputs wider than {drift.MAX_DIM:,}, or an older vggcache trained it")
+    files.ensure_writable_file(cfg.report_path, "--report")
+    return reference
+
+
+def _report(reference: dict, d_new: np.ndarray, rows: list[dict], cfg: PredictConfig, run: Run) -> None:
+    confidence = np.array([r["proba"].max() for r in rows if r["proba"] is not None])
+    drifted, line = drift.verdict(reference, d_new, confidence)
+    drift.plot(reference, d_new, confidence, cfg.report_path, f"{run.folder.name}: {line}")
+    (log.warning if drifted else log.info)("%s (%s)", line, cfg.report_path)
 
 
 def _row(path: str, proba, error: str, names: list[str], k: int) -> dict:

@@ -7,6 +7,9 @@
     report.txt            the metrics as tables
     confusion_matrix.png  test, else val
     sweep.png             validation accuracy against the first swept hyperparameter, the choice marked
+    errors.csv            every misclassified validation (and test) image: true, predicted, probability
+    errors.png            the most confident of them as thumbnails (gallery.py)
+    reference.npz         what predict --report compares new images with (drift.py)
 
 What a run folder is trusted for: it is data, never code. Loading one parses JSON and reads numeric arrays with
 `allow_pickle=False`; the only file it names, the head, must be a plain file inside the folder. The sha256 in
@@ -25,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import files, plots, pools
+from pipeline import drift, files, gallery, plots, pools
 from pipeline.files import printable
 from pipeline.config import FeatureConfig, HeadConfig, library_versions, sha256_file
 from pipeline.errors import UserError
@@ -226,7 +229,8 @@ def _inside(folder: Path, name: str) -> Path:
     return path
 
 
-RUN_FILES = (HEAD_FILE, METRICS_FILE, REPORT_FILE, CONFUSION_FILE, SWEEP_FILE, RUN_FILE)
+RUN_FILES = (HEAD_FILE, METRICS_FILE, REPORT_FILE, CONFUSION_FILE, SWEEP_FILE, gallery.ERRORS_CSV, gallery.ERRORS_PNG,
+             drift.REFERENCE_FILE, RUN_FILE)
 
 
 def ensure_free(folder: Path) -> None:
@@ -242,8 +246,11 @@ def ensure_free(folder: Path) -> None:
     files.ensure_writable_dir(folder if folder.exists() else folder.parent, "--out")
 
 
-def save_run(folder: Path, head, record: dict, metrics: dict) -> Run:
-    """Write the head, metrics.json, report.txt and the confusion matrix, then run.json last.
+def save_run(folder: Path, head, record: dict, metrics: dict, errors: tuple | None = None,
+             reference: dict | None = None) -> Run:
+    """Write the head, metrics.json, report.txt, the confusion matrix and (given `errors`: the mistakes and the
+    dataset root their paths are relative to) errors.csv and errors.png, the drift reference (drift.py) when
+    given, then run.json last.
 
     `record` holds the RunRecord fields known to the caller; the name, time, versions and head file are added here.
     """
@@ -255,6 +262,10 @@ def save_run(folder: Path, head, record: dict, metrics: dict) -> Run:
         (folder / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
         write_reports(folder, metrics, record["features"].class_names)
         _plot_sweep(folder, record["head"], record["sweep"])
+        if errors is not None:
+            gallery.write_errors(folder, errors[0], errors[1], f"{folder.name} ({' + '.join(metrics)})")
+        if reference is not None:
+            drift.save(folder, reference)
         full = RunRecord(name=folder.name, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                          versions=library_versions(), head_file=head_path.name, head_sha256=sha256_file(head_path),
                          **record)

@@ -203,6 +203,11 @@ class Cache:
         ds = self._group(split)["features"]
         return ds.shape[0], ds.shape[1], (ds.chunks or ds.shape)[0]
 
+    def read_paths(self, split: str) -> list[str]:
+        """The image paths of a split's rows, in row order."""
+        with self._reading(split):
+            return list(self._group(split)["paths"].asstr(errors="surrogateescape")[:])
+
     def read_labels(self, split: str) -> np.ndarray:
         with self._reading(split):
             return self._group(split)["labels"][:]

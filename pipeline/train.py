@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from pipeline import pools, runs, store, stream
+from pipeline import drift, gallery, pools, runs, store, stream
 from pipeline.config import FeatureConfig, HeadConfig, TrainConfig, weights_spec
 from pipeline.errors import UserError
 from pipeline.files import human_bytes
@@ -36,6 +36,8 @@ class Data:
     val_source: str
     loading: Loading
     V_train: np.ndarray | None = None  # augmented views of X_train's rows, (rows, K, D): trained on, never scored
+    paths_val: list[str] | None = None  # the images of the validation rows, and of the test rows (errors.png)
+    paths_test: list[str] | None = None
 
 
 def pools_to_try(cfg: TrainConfig, header: store.Header) -> list[str | None]:
@@ -130,17 +132,20 @@ def load_data(cfg: TrainConfig, cache: store.Cache, loading: Loading, transform=
     train, k = split(cfg.train_split), views_per_image(cfg, cache, loading)
     views = cache.read_views(cfg.train_split, transform).reshape(len(train[1]), k, -1) if k else None
     if cfg.val_split in cache.splits:
-        val, source = split(cfg.val_split), cfg.val_split
+        val, source, paths_val = split(cfg.val_split), cfg.val_split, cache.read_paths(cfg.val_split)
     else:
-        train, val, views = _hold_out(cfg, train, views)
+        train, val, views, held = _hold_out(cfg, train, views)
+        paths_val = [cache.read_paths(cfg.train_split)[i] for i in held]
         source = f"{cfg.val_fraction:g} of {cfg.train_split!r}, stratified, seed {cfg.head.seed}"
         log.info("no %r split: validating on %s", cfg.val_split, source)
     test = split(cfg.test_split, need_classes=False) if cfg.test_split in cache.splits else None
-    return Data(*train, *val, *(test or (None, None)), source, loading, views)
+    paths_test = cache.read_paths(cfg.test_split) if test else None
+    return Data(*train, *val, *(test or (None, None)), source, loading, views, paths_val, paths_test)
 
 
-def _hold_out(cfg: TrainConfig, train: tuple, views: np.ndarray | None) -> tuple[tuple, tuple, np.ndarray | None]:
-    """Validation rows held out of train, by image: an image's views go with it, so none is trained on."""
+def _hold_out(cfg: TrainConfig, train: tuple, views: np.ndarray | None):
+    """(train, validation, the views of train, the held-out rows' positions): validation held out of train by
+    image, so an image's views go with it and none of a validation image is trained on."""
     X, y = train
     try:
         fit, held = train_test_split(np.arange(len(y)), test_size=cfg.val_fraction, stratify=y,
@@ -149,8 +154,8 @@ def _hold_out(cfg: TrainConfig, train: tuple, views: np.ndarray | None) -> tuple
         raise UserError(f"cannot hold out a stratified validation set from {cfg.train_split!r}: {e}") from None
     if isinstance(X, SplitRows):
         fit, held = np.sort(fit), np.sort(held)
-        return (X.subset(fit), y[fit]), (X.subset(held), y[held]), None
-    return (X[fit], y[fit]), (X[held], y[held]), None if views is None else views[fit]
+        return (X.subset(fit), y[fit]), (X.subset(held), y[held]), None, held
+    return (X[fit], y[fit]), (X[held], y[held]), None if views is None else views[fit], held
 
 
 def _check_rows(cache: store.Cache, name: str, labels: np.ndarray, need_classes: bool) -> None:
@@ -275,14 +280,32 @@ def train_head(cfg: TrainConfig) -> runs.Run:
         loaded = time.perf_counter()
         choice = sweep(cfg, cache, loading, tried)
         d, names = choice.data, cache.header.class_names
-        metrics = {"val": classification_metrics(d.y_val, full_proba(choice.head, d.X_val, len(names)), names)}
+        proba_val = full_proba(choice.head, d.X_val, len(names))
+        metrics = {"val": classification_metrics(d.y_val, proba_val, names)}
+        wrong = gallery.mistakes("val", d.paths_val, d.y_val, proba_val, names)
         refitted = cfg.refit if cfg.refit is not None else (d.X_test is not None and loading.mode == "memory")
         head = refit(cfg, choice) if refitted else choice.head
         fitted = time.perf_counter()
         if d.X_test is not None:
-            metrics["test"] = classification_metrics(d.y_test, full_proba(head, d.X_test, len(names)), names)
+            proba_test = full_proba(head, d.X_test, len(names))
+            metrics["test"] = classification_metrics(d.y_test, proba_test, names)
+            wrong += gallery.mistakes("test", d.paths_test, d.y_test, proba_test, names)
         record = _record(cfg, cache.header, choice, head, refitted, (start, loaded, fitted))
-    return runs.save_run(out, head, record, metrics)
+        _warn_of_copies_across_splits(cfg, cache)
+        reference = drift.reference(d.X_train, d.y_train, d.X_val, proba_val.max(1), len(names))
+    return runs.save_run(out, head, record, metrics, errors=(wrong, cache.header.source.get("root")), reference=reference)
+
+
+def _warn_of_copies_across_splits(cfg: TrainConfig, cache: store.Cache) -> None:
+    """Byte-identical images on both sides of train and val/test make the scores optimistic: say so, cheaply (the
+    stored hashes only; `pipeline audit` finds near-duplicates too)."""
+    from pipeline.audit import cross_split_copies
+
+    scored = {cfg.val_split, cfg.test_split}
+    for (a, b), n in cross_split_copies(cache.records(), cache.header.class_names).items():
+        if cfg.train_split in (a, b) and {a, b} & scored:
+            log.warning("%d images of %r are byte-identical copies of images of %r: their scores are optimistic "
+                        "(run `pipeline audit %s`)", n, b if a == cfg.train_split else a, cfg.train_split, cfg.features)
 
 
 def _record(cfg: TrainConfig, header: store.Header, choice: Choice, head, refitted: bool, times) -> dict:

@@ -1,0 +1,249 @@
+"""Audit a cache before trusting a score on it: exact duplicates (the stored sha256), near-duplicates (cosine
+similarity of the cached features), and images whose nearest neighbours all carry another label (likely
+mislabelled). No image is decoded and no model runs: everything comes from the cache.
+
+Near-duplicates and neighbours are exact: every pair of rows is compared, a block of rows against a block at a
+time (each pair once: only blocks on or above the diagonal), so memory stays a few blocks whatever the number of
+rows. Similarities are cosines of the features centred on their mean: a ReLU network's features are all
+non-negative, and their raw cosines crowd near 1 for any two photographs, which would hide the copies.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import files, store
+from pipeline.files import printable
+from pipeline.config import AuditConfig, FeatureConfig
+
+log = logging.getLogger(__name__)
+
+BLOCK_ROWS = 4096  # rows per similarity block: a 4096 x 4096 float32 block is 64 MB
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One image of the cache: its split, path and class name."""
+
+    split: str
+    path: str
+    label: str
+
+
+@dataclass(frozen=True)
+class Pair:
+    kind: str  # "exact" (same bytes) | "near" (similar features)
+    similarity: float
+    a: Entry
+    b: Entry
+
+    @property
+    def splits(self) -> tuple[str, str]:
+        return tuple(sorted((self.a.split, self.b.split)))
+
+    @property
+    def crosses(self) -> bool:
+        return self.a.split != self.b.split
+
+
+@dataclass(frozen=True)
+class Suspect:
+    """An image whose k nearest neighbours all carry another label: `suggested` is the most common of theirs."""
+
+    entry: Entry
+    suggested: str
+    similarity: float  # mean similarity of its k neighbours
+
+
+@dataclass
+class AuditReport:
+    rows: int
+    threshold: float
+    neighbours: int
+    exact: list[Pair] = field(default_factory=list)
+    near: list[Pair] = field(default_factory=list)
+    suspects: list[Suspect] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @staticmethod
+    def counts(pairs: list[Pair]) -> dict[tuple[str, str], int]:
+        """Pairs per pair of splits, those across splits first."""
+        counts = Counter(p.splits for p in pairs)
+        return dict(sorted(counts.items(), key=lambda kv: (kv[0][0] == kv[0][1], kv[0])))
+
+
+def _side(e: Entry) -> tuple:
+    """The order of a pair's two images: the training one first, then by split and path."""
+    return e.split != "train", e.split, e.path
+
+
+def exact_duplicates(records: list[store.Record], class_names: list[str]) -> list[Pair]:
+    """Rows whose files have the same sha256: each copy paired with the first (by split, path) of its group;
+    pairs across splits first."""
+    groups: dict[str, list[Entry]] = defaultdict(list)
+    for r in records:
+        if r.ok and r.view is None and r.sha256:
+            groups[r.sha256].append(Entry(r.split, r.path, class_names[r.label]))
+    pairs = []
+    for group in groups.values():
+        first, *copies = sorted(group, key=_side)
+        pairs += [Pair("exact", 1.0, first, copy) for copy in copies]
+    return sorted(pairs, key=lambda p: (not p.crosses, p.a.split, p.a.path, p.b.path))
+
+
+def cross_split_copies(records: list[store.Record], class_names: list[str]) -> dict[tuple[str, str], int]:
+    """Exact copies across splits, per pair of splits: what train-head warns about and info summarises."""
+    return {splits: n for splits, n in AuditReport.counts(exact_duplicates(records, class_names)).items()
+            if splits[0] != splits[1]}
+
+
+def describe_copies(path: Path) -> str:
+    """One line for `info`: exact copies (stored hashes only, no features read), across splits first."""
+    with store.open_cache(path) as cache:
+        pairs = exact_duplicates(cache.records(), cache.header.class_names)
+    if not pairs:
+        return "no two images have the same bytes"
+    counts = ", ".join(f"{a}/{b} {n}" for (a, b), n in AuditReport.counts(pairs).items())
+    crossing = sum(p.crosses for p in pairs)
+    return (f"{len(pairs)} images are byte-identical copies of another ({counts})"
+            + (f"; {crossing} across splits: scores on them are optimistic" if crossing else "")
+            + f"; `pipeline audit {path}` lists them, and near-duplicates")
+
+
+def centred_unit_rows(cache: store.Cache) -> tuple[np.ndarray, list[Entry], np.ndarray]:
+    """Every row of every split (a map cache average-pooled), centred on the mean row and scaled to unit length;
+    the row's entry and label index."""
+    transform = None
+    if cache.header.config.get("pool") == "map":  # only a map cache's config needs parsing: its rows are pooled
+        transform = FeatureConfig.parse(cache.header.config, f"{cache.path}'s config").head_pooling("avg")
+    parts, entries, labels = [], [], []
+    for split in cache.splits:
+        data = cache.read_split(split, transform)
+        parts.append(np.asarray(data.features, np.float32))
+        entries += [Entry(split, p, cache.header.class_names[y]) for p, y in zip(data.paths, data.labels)]
+        labels.append(data.labels)
+    X = np.concatenate(parts) if parts else np.zeros((0, cache.header.feature_dim), np.float32)
+    X -= X.mean(0, keepdims=True)
+    X /= np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+    return X, entries, np.concatenate(labels) if labels else np.zeros(0, np.int64)
+
+
+def similar_pairs_and_neighbours(X: np.ndarray, threshold: float, k: int, block: int = BLOCK_ROWS):
+    """(pairs i < j with similarity >= threshold as three arrays, (n, k) nearest neighbours' indices and
+    similarities): exact, every pair computed once, one block of rows against another at a time."""
+    import torch
+
+    Xt = torch.from_numpy(X)
+    n, k = len(X), min(k, max(len(X) - 1, 0))
+    best_sim = torch.full((n, k), -2.0)
+    best_idx = torch.zeros((n, k), dtype=torch.int64)
+    found = []
+    for i0 in range(0, n, block):
+        for j0 in range(i0, n, block):
+            S = Xt[i0:i0 + block] @ Xt[j0:j0 + block].T
+            if i0 == j0:
+                S.fill_diagonal_(-2.0)  # an image is not its own neighbour
+            hits = (S >= threshold).nonzero()
+            hits = hits[hits[:, 1] + j0 > hits[:, 0] + i0]  # each pair once
+            found.append((hits[:, 0] + i0, hits[:, 1] + j0, S[hits[:, 0], hits[:, 1]]))
+            if k:
+                _merge(best_sim, best_idx, i0, S, j0, k)
+                if j0 != i0:
+                    _merge(best_sim, best_idx, j0, S.T, i0, k)
+    if found:
+        i, j, s = (torch.cat(column).numpy() for column in zip(*found))
+    else:
+        i, j, s = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    return (i, j, s), best_idx.numpy(), best_sim.numpy()
+
+
+def _merge(best_sim, best_idx, row0: int, S, col0: int, k: int) -> None:
+    """Fold block S (rows row0.., columns col0..) into the running k best neighbours of its rows."""
+    import torch
+
+    top = S.topk(min(k, S.shape[1]), dim=1)
+    rows = slice(row0, row0 + S.shape[0])
+    sims = torch.cat([best_sim[rows], top.values], dim=1)
+    idx = torch.cat([best_idx[rows], top.indices + col0], dim=1)
+    keep = sims.topk(k, dim=1)
+    best_sim[rows], best_idx[rows] = keep.values, idx.gather(1, keep.indices)
+
+
+def likely_mislabelled(entries: list[Entry], labels: np.ndarray, idx: np.ndarray, sim: np.ndarray,
+                       class_names: list[str]) -> list[Suspect]:
+    """Images whose every neighbour carries another label, most confident (highest neighbour similarity) first."""
+    if not idx.size:
+        return []
+    others = labels[idx]
+    out = [Suspect(entries[i], class_names[Counter(others[i].tolist()).most_common(1)[0][0]], float(sim[i].mean()))
+           for i in np.flatnonzero((others != labels[:, None]).all(1))]
+    return sorted(out, key=lambda s: -s.similarity)
+
+
+def audit(cfg: AuditConfig) -> AuditReport:
+    """Every check on the cache `cfg.features`; the findings are also written to `cfg.csv_path`."""
+    files.ensure_writable_file(cfg.csv_path, "--out")  # before the work, not after
+    start = time.perf_counter()
+    with store.open_cache(cfg.features) as cache:
+        records, names = cache.records(), cache.header.class_names
+        X, entries, labels = centred_unit_rows(cache)
+    report = AuditReport(rows=len(entries), threshold=cfg.threshold, neighbours=cfg.neighbours)
+    report.exact = exact_duplicates(records, names)
+    copies = {(p.a.path, p.b.path) for p in report.exact} | {(p.b.path, p.a.path) for p in report.exact}
+    (i, j, s), idx, sim = similar_pairs_and_neighbours(X, cfg.threshold, cfg.neighbours)
+    near = [Pair("near", float(v), *sorted((entries[a], entries[b]), key=_side)) for a, b, v in zip(i, j, s)
+            if (entries[a].path, entries[b].path) not in copies]
+    report.near = sorted(near, key=lambda p: (not p.crosses, -p.similarity))
+    report.suspects = likely_mislabelled(entries, labels, idx, sim, names)
+    report.seconds = time.perf_counter() - start
+    write_csv(report, cfg.csv_path)
+    return report
+
+
+CSV_HEADER = ("kind", "similarity", "split_a", "path_a", "label_a", "split_b", "path_b", "label_b")
+
+
+def write_csv(report: AuditReport, path: Path) -> Path:
+    """Every finding, a row each: exact and near pairs, then suspects (their suggested label in label_b)."""
+    with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+        w = csv.writer(f)
+        w.writerow(CSV_HEADER)
+        for p in report.exact + report.near:
+            w.writerow((p.kind, f"{p.similarity:.4f}", p.a.split, p.a.path, p.a.label, p.b.split, p.b.path, p.b.label))
+        for s in report.suspects:
+            w.writerow(("mislabel?", f"{s.similarity:.4f}", s.entry.split, s.entry.path, s.entry.label, "", "", s.suggested))
+    return Path(path)
+
+
+def summary(report: AuditReport, shown: int = 10) -> list[str]:
+    """The report for a person: counts per pair of splits, then the first `shown` findings of each kind."""
+    lines = [f"{report.rows} images, every pair compared in {report.seconds:.1f} s (centred cosine >= "
+             f"{report.threshold:g}; {report.neighbours} nearest neighbours)"]
+    for title, pairs, sign in (("exact duplicates", report.exact, "=="), ("near duplicates", report.near, "~")):
+        counts = ", ".join(f"{a}/{b} {n}" + (" (across splits: leakage)" if a != b else "")
+                           for (a, b), n in report.counts(pairs).items())
+        lines.append(f"{title}: {len(pairs)} pairs" + (f" ({counts})" if pairs else ""))
+        lines += [f"  {p.similarity:.3f}  {_where(p.a)} {sign} {_where(p.b)}"
+                  + (f"  (labels differ: {p.a.label} / {p.b.label})" if p.a.label != p.b.label else "")
+                  for p in pairs[:shown]]
+        if len(pairs) > shown:
+            lines.append(f"  ... {len(pairs) - shown} more in the CSV")
+    lines.append(f"likely mislabelled: {len(report.suspects)} images whose {report.neighbours} nearest neighbours all "
+                 "carry another label")
+    lines += [f"  {_where(s.entry)}: labelled {s.entry.label}, neighbours {s.suggested} ({s.similarity:.3f})"
+              for s in report.suspects[:shown]]
+    if len(report.suspects) > shown:
+        lines.append(f"  ... {len(report.suspects) - shown} more in the CSV")
+    return lines
+
+
+def _where(e: Entry) -> str:
+    """A path as the user knows it, with its split when the path does not already start with it."""
+    return printable(e.path if e.path.startswith(f"{e.split}/") else f"{e.path} ({e.split})")

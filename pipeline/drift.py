@@ -1,0 +1,114 @@
+"""Do new images look like the data a head was trained on? (`predict --report`)
+
+At training time the run keeps a reference (reference.npz, arrays only): the mean of the head's training inputs,
+one centroid per class, and, for the validation rows (images the head did not train on, like new ones), the
+histogram of their distance to the nearest centroid and of the head's confidence, plus the distance that 95% of
+them stay within. Distances are cosine distances of inputs centred on the training mean (see audit.py for why
+centred). At predict time the new images are measured the same way: when many more than 5% of them lie beyond
+that distance, or the head is much less confident on them, they do not look like the training data.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+REFERENCE_FILE, DRIFT_PNG = "reference.npz", "drift.png"
+DISTANCE_BINS = np.linspace(0.0, 2.0, 51)  # cosine distance lives in [0, 2]
+CONFIDENCE_BINS = np.linspace(0.0, 1.0, 21)
+QUANTILE = 0.95
+TOLERATED = 2.0  # new images beyond the validation's 95% distance: drift when over this many times the 5% expected
+MAX_DIM = 32_768  # heads on wider inputs (block5 on pool4 maps, flatten) keep no reference
+
+
+def _blocks(X, step: int = 8192):
+    """(rows, their positions) of an array, or of rows streamed from the cache (stream.SplitRows), a block at a time."""
+    if hasattr(X, "blocks"):
+        yield from X.blocks()
+    else:
+        for start in range(0, len(X), step):
+            yield np.asarray(X[start:start + step], np.float32), np.arange(start, min(start + step, len(X)))
+
+
+def _unit(X: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    Z = np.asarray(X, np.float64) - mean
+    return Z / np.maximum(np.linalg.norm(Z, axis=1, keepdims=True), 1e-12)
+
+
+def distances(X, mean: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Cosine distance of each centred row to the nearest centred class centroid."""
+    C = _unit(centroids, mean)
+    out = np.zeros(len(X))
+    for block, rows in _blocks(X):
+        out[rows] = 1 - (_unit(block, mean) @ C.T).max(1)
+    return out
+
+
+def reference(X_train, y_train: np.ndarray, X_val, confidence_val: np.ndarray, n_classes: int) -> dict | None:
+    """The arrays of reference.npz, from the head's training and validation inputs; None for too wide inputs."""
+    dim = X_train.dim if hasattr(X_train, "dim") else X_train.shape[1]
+    if dim > MAX_DIM:
+        return None
+    sums, counts = np.zeros((n_classes, dim)), np.zeros(n_classes)
+    for block, rows in _blocks(X_train):
+        np.add.at(sums, y_train[rows], block)
+        counts += np.bincount(y_train[rows], minlength=n_classes)
+    mean = sums.sum(0) / max(counts.sum(), 1)
+    centroids = sums / np.maximum(counts, 1)[:, None]
+    d_val = distances(X_val, mean, centroids)
+    return {"mean": mean, "centroids": centroids, "distance_hist": np.histogram(d_val, DISTANCE_BINS)[0],
+            "confidence_hist": np.histogram(confidence_val, CONFIDENCE_BINS)[0],
+            "distance_q95": np.array(np.quantile(d_val, QUANTILE)), "confidence_median": np.array(np.median(confidence_val))}
+
+
+def save(folder: Path, arrays: dict) -> None:
+    np.savez(Path(folder) / REFERENCE_FILE, **arrays)
+
+
+def load(folder: Path) -> dict | None:
+    """The run's reference, or None when it keeps none (wide inputs, or a run older than this check)."""
+    path = Path(folder) / REFERENCE_FILE
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
+def verdict(ref: dict, d_new: np.ndarray, confidence_new: np.ndarray) -> tuple[bool, str]:
+    """(drifted, one line saying why) for new images' distances and confidences."""
+    beyond = float((d_new > ref["distance_q95"]).mean()) if len(d_new) else 0.0
+    median, expected = float(np.median(confidence_new)) if len(confidence_new) else 0.0, 1 - QUANTILE
+    drifted = beyond > TOLERATED * expected
+    look = "do NOT look like the training data" if drifted else "look like the training data"
+    return drifted, (f"{len(d_new)} new images {look}: {beyond:.0%} lie farther from every class centroid than "
+                     f"{QUANTILE:.0%} of the validation images (expected {expected:.0%}); median confidence "
+                     f"{median:.2f} (validation {float(ref['confidence_median']):.2f})")
+
+
+def plot(ref: dict, d_new: np.ndarray, confidence_new: np.ndarray, path: Path, title: str) -> Path:
+    """Distance to the nearest centroid and confidence: validation against the new images, as densities."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), constrained_layout=True)
+    panels = ((axes[0], DISTANCE_BINS, ref["distance_hist"], d_new, "cosine distance to the nearest class centroid"),
+              (axes[1], CONFIDENCE_BINS, ref["confidence_hist"], confidence_new, "confidence (top probability)"))
+    for ax, bins, val_hist, new, xlabel in panels:
+        width = np.diff(bins)
+        ax.bar(bins[:-1], val_hist / max(val_hist.sum(), 1) / width, width, align="edge", alpha=0.5, label="validation")
+        ax.hist(new, bins, density=True, histtype="step", linewidth=2, color="crimson", label="new images")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("density")
+        ax.legend(fontsize=8)
+    axes[0].axvline(float(ref["distance_q95"]), color="k", linestyle="--", linewidth=1)
+    axes[0].text(float(ref["distance_q95"]), axes[0].get_ylim()[1] * 0.9, " 95% of validation", fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,117 @@
+"""`pipeline map`: the cache's embeddings in two dimensions, coloured by class, one marker per split, and, given a
+run, its mistakes ringed: clusters, outliers and overlapping classes at a glance.
+
+PCA (scikit-learn, any number of rows: a seeded sample of at most MAX_PCA_POINTS is drawn) or t-SNE (on at most
+MAX_TSNE_POINTS rows, after PCA to 50 dimensions, as its authors advise). A map cache is average-pooled first, or
+pooled as the run's head pools it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import files, gallery, store
+from pipeline.config import FeatureConfig, MapConfig
+from pipeline.errors import UserError
+from pipeline.files import printable
+
+log = logging.getLogger(__name__)
+
+MAX_PCA_POINTS = 20_000
+MAX_TSNE_POINTS = 3_000
+SPLIT_MARKERS = {"train": "o", "val": "^", "test": "s"}
+
+
+def _rows(cache: store.Cache, pool: str | None, limit: int, seed: int):
+    """(features, labels, split per row, paths) of every split, a seeded sample of `limit` rows when there are more."""
+    transform = None
+    if cache.header.config.get("pool") == "map":  # only a map cache's config needs parsing: its rows are pooled
+        transform = FeatureConfig.parse(cache.header.config, f"{cache.path}'s config").head_pooling(pool or "avg")
+    parts = [(split, cache.read_split(split, transform)) for split in cache.splits]
+    X = np.concatenate([np.asarray(d.features, np.float32) for _, d in parts])
+    y = np.concatenate([d.labels for _, d in parts])
+    splits = np.array([s for s, d in parts for _ in d.paths])
+    paths = np.array([p for _, d in parts for p in d.paths], dtype=object)
+    if len(X) > limit:
+        keep = np.sort(np.random.default_rng(seed).choice(len(X), limit, replace=False))
+        log.info("drawing %d of %d rows (seed %d)", limit, len(X), seed)
+        X, y, splits, paths = X[keep], y[keep], splits[keep], paths[keep]
+    return X, y, splits, paths
+
+
+def project(X: np.ndarray, method: str, seed: int) -> np.ndarray:
+    """(n, 2) coordinates: PCA of the standardised rows, or t-SNE of their first 50 principal components."""
+    from sklearn.decomposition import PCA
+    from sklearn.preprocessing import StandardScaler
+
+    Z = StandardScaler().fit_transform(X)
+    if method == "pca":
+        return PCA(n_components=2, random_state=seed).fit_transform(Z)
+    from sklearn.manifold import TSNE
+
+    Z = PCA(n_components=min(50, *Z.shape), random_state=seed).fit_transform(Z)
+    return TSNE(n_components=2, init="pca", perplexity=min(30.0, max(2.0, (len(Z) - 1) / 3)),
+                random_state=seed).fit_transform(Z)
+
+
+def draw(cfg: MapConfig) -> Path:
+    """Write the map of `cfg.features` (and `cfg.run`'s mistakes) to `cfg.png_path`."""
+    files.ensure_writable_file(cfg.png_path, "--out")
+    run, pool, wrong = _run_parts(cfg)
+    with store.open_cache(cfg.features) as cache:
+        if run is not None and run.fingerprint != cache.header.fingerprint:
+            raise UserError(f"--run {cfg.run} was trained on features {run.fingerprint}, and {cfg.features} holds "
+                            f"{cache.header.fingerprint}: map the cache the run was trained on")
+        limit = MAX_TSNE_POINTS if cfg.method == "tsne" else MAX_PCA_POINTS
+        X, y, splits, paths = _rows(cache, pool, limit, cfg.seed)
+        names = cache.header.class_names
+    if len(X) < 3:
+        raise UserError(f"{cfg.features} holds {len(X)} rows: a map needs 3 at least")
+    xy = project(X, cfg.method, cfg.seed)
+    missed = np.array([p in wrong for p in paths], bool)
+    return _plot(xy, y, splits, missed, names, cfg)
+
+
+def _run_parts(cfg: MapConfig):
+    """The run, the pooling its head used, and the paths of its mistakes; (None, None, set()) without --run."""
+    if cfg.run is None:
+        return None, None, set()
+    from pipeline.runs import load_run
+
+    run = load_run(cfg.run)
+    return run, run.record.pool, {m.path for m in gallery.read_errors(run.folder)}
+
+
+def _plot(xy, y, splits, missed, names: list[str], cfg: MapConfig) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from matplotlib.lines import Line2D
+
+    fig, ax = plt.subplots(figsize=(8, 6.5), constrained_layout=True)
+    cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    size = 30 if len(xy) <= 2000 else 8
+    marker = lambda split: SPLIT_MARKERS.get(split, "D")
+    for split in sorted(set(splits)):
+        sel = splits == split
+        ax.scatter(*xy[sel].T, s=size, c=[cmap(c % cmap.N) for c in y[sel]], marker=marker(split), alpha=0.7, linewidths=0)
+    handles = [Line2D([], [], marker="o", linestyle="", color=cmap(c % cmap.N), label=printable(name))
+               for c, name in enumerate(names)]
+    handles += [Line2D([], [], marker=marker(split), linestyle="", color="grey", label=f"split {printable(split)}")
+                for split in sorted(set(splits))]
+    if missed.any():
+        ax.scatter(*xy[missed].T, s=size * 4, facecolors="none", edgecolors="red", linewidths=1.2)
+        handles.append(Line2D([], [], marker="o", linestyle="", markerfacecolor="none", markeredgecolor="red",
+                              markersize=9, label=f"misclassified by the run ({int(missed.sum())})"))
+    ax.set_title(printable(f"{Path(cfg.features).name}: {cfg.method.upper()} of {len(xy)} images"), fontsize=10)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.legend(handles=handles, fontsize=7, loc="best", ncol=1 + len(handles) // 16)
+    fig.savefig(cfg.png_path, dpi=110)
+    plt.close(fig)
+    return Path(cfg.png_path)

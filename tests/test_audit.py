@@ -1,0 +1,129 @@
+"""`pipeline audit`: exact copies by hash, near-duplicates and neighbours by exact blocked similarity, likely
+mislabelled images; and the one-line summaries in info and train-head."""
+
+import csv
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import extract_config
+from pipeline import audit, store, train
+from pipeline.config import AuditConfig, HeadConfig, TrainConfig
+from pipeline.extract import extract
+from pipeline.store import Header, Record
+
+CLI = [sys.executable, "-m", "pipeline"]
+
+
+def write_cache(path, rows: list[tuple[str, str, int, str]], X: np.ndarray, names=("a", "b")):
+    """A cache of hand-made rows (split, path, label, sha256) and features."""
+    records = [Record(split, p, label, 1, 1, sha) for split, p, label, sha in rows]
+    value = {p: X[i] for i, (_, p, _, _) in enumerate(rows)}
+    header = Header(fingerprint="f", config={"pool": "avg"}, class_names=list(names), feature_dim=X.shape[1])
+    store.write_atomic(path, header, records, lambda rs: np.stack([value[r.path] for r in rs]), "float32")
+    return path
+
+
+@pytest.fixture
+def planted(tmp_path):
+    """40 distinct random rows in two clusters, plus: an exact copy across splits, a relabelled exact copy, a
+    near copy (the same row, slightly perturbed), and a row labelled against its cluster."""
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((2, 64)) * 2  # distinct rows: centred cosines about 0.7 within a cluster
+    X = np.stack([centres[i % 2] + rng.standard_normal(64) for i in range(40)])
+    rows = [("train" if i < 30 else "val", f"{i:02d}.jpg", i % 2, f"{i:064x}") for i in range(40)]
+    rows += [("val", "copy-of-03.jpg", 1, f"{3:064x}"),  # cross-split copy of train 03
+             ("train", "relabelled-04.jpg", 1, f"{4:064x}"),  # the bytes of 04 (class a), labelled b
+             ("test", "near-05.jpg", 1, "e" * 64),  # 05's features, nudged
+             ("train", "wrong-label.jpg", 1, "f" * 64)]  # in cluster a, labelled b
+    extra = np.stack([X[3], X[4], X[5] + 0.02 * rng.standard_normal(64), centres[0] + rng.standard_normal(64)])
+    return write_cache(tmp_path / "c.h5", rows, np.concatenate([X, extra]).astype(np.float32))
+
+
+def test_audit_finds_each_planted_copy_and_no_false_pair(planted, tmp_path):
+    report = audit.audit(AuditConfig(planted, out=tmp_path / "a.csv"))
+    exact = {(p.a.path, p.b.path) for p in report.exact}
+    assert exact == {("03.jpg", "copy-of-03.jpg"), ("04.jpg", "relabelled-04.jpg")}
+    assert [(p.a.path, p.b.path) for p in report.near] == [("05.jpg", "near-05.jpg")]
+    assert report.near[0].crosses and report.near[0].similarity > 0.99
+    assert report.counts(report.exact) == {("train", "val"): 1, ("train", "train"): 1}
+
+
+def test_a_row_whose_neighbours_all_carry_another_label_is_suspected(planted, tmp_path):
+    report = audit.audit(AuditConfig(planted, out=tmp_path / "a.csv"))
+    suspects = {s.entry.path: s.suggested for s in report.suspects}
+    assert suspects == {"wrong-label.jpg": "a", "relabelled-04.jpg": "a"}
+
+
+def test_the_csv_lists_every_finding(planted, tmp_path):
+    report = audit.audit(AuditConfig(planted, out=tmp_path / "a.csv"))
+    with open(tmp_path / "a.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0]) == audit.CSV_HEADER
+    assert [r["kind"] for r in rows] == ["exact"] * 2 + ["near"] + ["mislabel?"] * len(report.suspects)
+
+
+@pytest.mark.parametrize("block", [7, 64, 1000], ids=["many-blocks", "one-row-of-blocks", "one-block"])
+def test_blocked_pairs_and_neighbours_equal_brute_force(block):
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((150, 8)).astype(np.float32)
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    (i, j, s), idx, sim = audit.similar_pairs_and_neighbours(X, 0.8, 4, block=block)
+    S = X @ X.T
+    np.fill_diagonal(S, -2)
+    want = {(a, b) for a, b in zip(*np.nonzero(S >= 0.8)) if a < b}
+    assert set(zip(i.tolist(), j.tolist())) == want and len(i) == len(want)
+    np.testing.assert_allclose(sim, -np.sort(-S, axis=1)[:, :4], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.take_along_axis(S, idx, 1), sim, rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture
+def images_with_copies(image_folder):
+    """The tiny image folder with a cross-split copy, a resized copy and a relabelled copy planted."""
+    train, val = image_folder / "train", image_folder / "val"
+    shutil.copyfile(train / "circle" / "00000.jpg", val / "circle" / "copy.jpg")
+    Image.open(train / "checks" / "00001.jpg").resize((80, 72)).save(val / "checks" / "resized.jpg", quality=95)
+    shutil.copyfile(train / "stripes" / "00002.jpg", train / "circle" / "relabelled.jpg")
+    return image_folder
+
+
+def test_audit_on_images_finds_the_planted_copies(images_with_copies, tmp_path):
+    out = extract(extract_config(images_with_copies, tmp_path / "f.h5")).out
+    # seeded random weights on 32 px images: the resized copy scores 0.957, the closest distinct pair 0.881
+    report = audit.audit(AuditConfig(out, threshold=0.92, out=tmp_path / "a.csv"))
+    exact = {(p.a.path, p.b.path) for p in report.exact}
+    assert exact == {("train/circle/00000.jpg", "val/circle/copy.jpg"),
+                     ("train/circle/relabelled.jpg", "train/stripes/00002.jpg")}
+    near = {(p.a.path, p.b.path) for p in report.near}
+    assert near == {("train/checks/00001.jpg", "val/checks/resized.jpg")}
+
+
+def test_info_and_train_head_say_when_copies_cross_splits(images_with_copies, tmp_path, caplog):
+    out = extract(extract_config(images_with_copies, tmp_path / "f.h5")).out
+    line = audit.describe_copies(out)
+    assert line.startswith("2 images are byte-identical copies of another (train/val 1, train/train 1); 1 across splits")
+    train.train_head(TrainConfig(features=out, out=tmp_path / "run", head=HeadConfig("logreg", C=1.0)))
+    assert "1 images of 'val' are byte-identical copies of images of 'train'" in caplog.text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--threshold", "1.5"], "--threshold 1.5 is not valid (expected a number in [-1, 1])"),
+    (["--neighbours", "0"], "--neighbours 0 is not valid (expected an integer in [1, 1000])"),
+    (["--out", "{tmp}"], "is a folder"),
+], ids=["threshold", "neighbours", "out-is-a-folder"])
+def test_bad_audit_options_are_one_line_and_exit_2(planted, tmp_path, args, message):
+    args = [a.format(tmp=tmp_path) for a in args]
+    r = subprocess.run(CLI + ["audit", str(planted), *args], capture_output=True, text=True)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_the_cli_prints_counts_and_writes_the_csv(planted, tmp_path):
+    r = subprocess.run(CLI + ["audit", str(planted)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "exact duplicates: 2 pairs (train/val 1 (across splits: leakage), train/train 1)" in r.stdout
+    assert "labels differ: a / b" in r.stdout
+    assert (tmp_path / "c.h5.audit.csv").is_file()

@@ -1,0 +1,131 @@
+"""Pictures to look at: errors.png and errors.csv in every run, the embedding map, and predict --report (drift)."""
+
+import csv
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import extract_config
+from pipeline import drift, gallery, store, train
+from pipeline.config import HeadConfig, MapConfig, PredictConfig, TrainConfig
+from pipeline.embedding_map import draw
+from pipeline.errors import UserError
+from pipeline.extract import extract
+from pipeline.heads import full_proba
+from pipeline.predict import predict
+from pipeline.synthetic import make_image_folder
+
+CLI = [sys.executable, "-m", "pipeline"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A run with mistakes on val and test: few training images, random weights."""
+    root = tmp_path_factory.mktemp("look")
+    data = make_image_folder(root / "data", {"train": 6, "val": 5, "test": 5}, size=(40, 36), seed=3)
+    cache = extract(extract_config(data, root / "f.h5")).out
+    run = train.train_head(TrainConfig(features=cache, out=root / "run", head=HeadConfig("logreg", C=0.01)))
+    return data, cache, run
+
+
+def png_size(path):
+    with Image.open(path) as img:
+        assert img.format == "PNG"
+        img.load()  # a truncated file fails here
+        return img.size
+
+
+def test_errors_csv_lists_exactly_the_misclassified_rows(trained):
+    _, cache, run = trained
+    head = run.load_head()
+    with open(run.folder / gallery.ERRORS_CSV, newline="") as f:
+        listed = {(r["split"], r["path"], r["predicted"]) for r in csv.DictReader(f)}
+    names, wrong = store.read_header(cache).class_names, set()
+    for split in ("val", "test"):
+        data = store.read_split(cache, split)
+        predicted = full_proba(head if split == "test" else _val_head(run, head), data.features, 3).argmax(1)
+        wrong |= {(split, p, names[k]) for p, k, y in zip(data.paths, predicted, data.labels) if k != y}
+    assert wrong and listed == wrong
+
+
+def _val_head(run, head):
+    """Val is scored by the head fitted on train, test by the one refit on train + val: refit val's head here."""
+    assert run.record.refit  # the fixture has a test split
+    from pipeline.heads import make_head
+
+    cache = store.open_cache(run.record.features.path)
+    return make_head("logreg", **run.record.head.params).fit(cache.read_split("train").features,
+                                                              cache.read_split("train").labels)
+
+
+def test_errors_png_is_a_sheet_of_the_mistakes(trained):
+    _, _, run = trained
+    n = len(gallery.read_errors(run.folder))
+    cols = min(gallery.COLUMNS, n)
+    rows = -(-min(n, gallery.MAX_SHOWN) // cols)
+    assert png_size(run.folder / gallery.ERRORS_PNG) == (round(1.9 * cols * 100), round((2.2 * rows + 0.4) * 100))
+
+
+def test_a_missing_image_is_a_placeholder_not_a_crash(tmp_path):
+    found = [gallery.Mistake("val", "gone.jpg", "a", "b", 0.9), gallery.Mistake("val", "../../etc/passwd", "a", "b", 0.8)]
+    gallery.write_errors(tmp_path, found, tmp_path, "t")
+    assert png_size(tmp_path / gallery.ERRORS_PNG) == (380, 260)
+
+
+def test_no_mistakes_is_still_a_sheet(tmp_path):
+    gallery.write_errors(tmp_path, [], None, "t")
+    assert png_size(tmp_path / gallery.ERRORS_PNG) == (190, 260)
+    assert (tmp_path / gallery.ERRORS_CSV).read_text().splitlines() == ["split,path,true,predicted,probability"]
+
+
+@pytest.mark.parametrize("method", ["pca", "tsne"])
+def test_the_map_is_a_png_with_the_runs_mistakes(trained, tmp_path, method):
+    _, cache, run = trained
+    out = draw(MapConfig(cache, run=run.folder, method=method, out=tmp_path / "m.png"))
+    assert png_size(out) == (880, 715)
+
+
+def test_the_map_refuses_a_run_of_other_features(trained, tmp_path, image_folder):
+    _, _, run = trained
+    other = extract(extract_config(image_folder, tmp_path / "o.h5", pool="max")).out
+    with pytest.raises(UserError, match="was trained on features"):
+        draw(MapConfig(other, run=run.folder, out=tmp_path / "m.png"))
+
+
+def test_drift_verdict_on_the_same_and_on_a_shifted_distribution():
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((600, 16)) + np.repeat(np.eye(16)[:2] * 4, 300, axis=0)
+    y = np.repeat([0, 1], 300)
+    ref = drift.reference(X[::2], y[::2], X[1::2], np.full(300, 0.9), 2)
+    same, _ = drift.verdict(ref, drift.distances(X[1::2], ref["mean"], ref["centroids"]), np.full(300, 0.9))
+    shifted = rng.standard_normal((300, 16)) + np.eye(16)[5] * 4
+    moved, line = drift.verdict(ref, drift.distances(shifted, ref["mean"], ref["centroids"]), np.full(300, 0.6))
+    assert not same and moved and "do NOT look like the training data" in line
+
+
+def test_predict_report_writes_one_line_and_a_png(trained, tmp_path, caplog):
+    data, _, run = trained
+    predict(PredictConfig(run=run.folder, images=(data / "test",), out=tmp_path / "p.csv", report=True))
+    assert png_size(tmp_path / "p.drift.png") == (1000, 360)
+    assert "15 new images" in caplog.text and "of the validation images (expected 5%)" in caplog.text
+
+
+def test_predict_report_without_a_reference_is_refused_up_front(trained, tmp_path):
+    data, _, run = trained
+    (run.folder / drift.REFERENCE_FILE).rename(tmp_path / "kept.npz")
+    try:
+        with pytest.raises(UserError, match="keeps no reference of its training data"):
+            predict(PredictConfig(run=run.folder, images=(data / "test",), out=tmp_path / "p.csv", report=True))
+        assert not (tmp_path / "p.csv").exists()
+    finally:
+        (tmp_path / "kept.npz").rename(run.folder / drift.REFERENCE_FILE)
+
+
+def test_map_cli_writes_beside_the_cache(trained):
+    _, cache, _ = trained
+    r = subprocess.run(CLI + ["map", str(cache)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert png_size(f"{cache}.map.png") == (880, 715)
