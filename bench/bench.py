@@ -198,6 +198,29 @@ finally:
 """
 
 
+def bench_audit(tmp: Path, n: int = 100_000, dim: int = 512) -> dict:
+    """Row 12: `pipeline audit` (whole command) on n x 512 synthetic features in 10 classes, 100 planted copies:
+    every pair compared, k nearest neighbours of every row; wall time and peak RSS."""
+    X, y = synthetic_features(n, dim)
+    rows = X.astype(np.float16)
+    sha = [f"{i:064x}" for i in range(n)]
+    for i in range(100):  # planted copies across the two splits
+        rows[n - 1 - i], sha[n - 1 - i] = rows[i], sha[i]
+    split = lambda i: "train" if i < n * 4 // 5 else "val"
+    records = [store.Record(split(i), f"{i:06d}.jpg", int(y[i]), 1, 1, sha[i]) for i in range(n)]
+    header = store.Header(fingerprint="bench", config={"pool": "avg"}, class_names=[str(i) for i in range(10)],
+                          feature_dim=dim)
+    path = tmp / "audit.h5"
+    store.write_atomic(path, header, records, lambda rs: rows[[int(r.path[:6]) for r in rs]], "float16")
+    start = time.perf_counter()
+    args = ["-q", "audit", str(path), "--out", str(tmp / "audit.csv")]
+    result = subprocess.run([sys.executable, "-c", RSS_PROBE, *args], capture_output=True, text=True, cwd=ROOT)
+    seconds = time.perf_counter() - start
+    rss = json.loads(result.stdout.strip().splitlines()[-1])
+    found = sum(1 for line in open(tmp / "audit.csv") if line.startswith("exact,"))
+    return {"rows": n, "dim": dim, "seconds": seconds, "peak_rss_mb": rss["peak_kb"] / 1024, "exact_found": found}
+
+
 def bench_memory(tmp: Path, counts=(400, 4000)) -> dict:
     """Row 7: peak RSS of the extract process for a small and a large dataset (workers: decoding only, flat)."""
     out = {}
@@ -271,6 +294,9 @@ def ratios_and_targets(r: dict) -> list[tuple[str, str, str, bool | None]]:
         rows += [("GPU: forward alone, bf16", f"{fwd:,.0f} images/s", ">= 12,000", fwd >= 12_000),
                  ("GPU: extract from JPEG files (best decoder)", f"{best_e2e:,.0f} images/s", ">= 6,000", best_e2e >= 6_000)]
     rows += protocol.targets(r["protocol"])
+    a = r["audit"]
+    rows.append((f"audit, {a['rows']:,} x {a['dim']}: wall time / peak RSS", f"{a['seconds']:.1f} s / "
+                 f"{a['peak_rss_mb']:,.0f} MB", "< 30 s / < 2 GB", a["seconds"] < 30 and a["peak_rss_mb"] < 2048))
     ft = r["finetune"]
     rows.append(("tutorial 25 epochs / (pool4 extract + block5 training)", f"{tut['epochs_25_seconds'] / ft['seconds']:.1f}x",
                  ">= 5x", tut["epochs_25_seconds"] >= 5 * ft["seconds"]))
@@ -327,6 +353,9 @@ def markdown(r: dict) -> str:
     lines.append(f"| 11 | `extract --layer pool4 --pool map`, then `train-head --head block5` (whole commands) | "
                  f"{ft['seconds']:.0f} s ({ft['extract_seconds']:.0f} + {ft['train_seconds']:.0f}), "
                  f"val acc {ft['val_accuracy']:.3f} |")
+    a = r["audit"]
+    lines.append(f"| 12 | `audit`, {a['rows']:,} x {a['dim']} synthetic float16 rows (whole command) | "
+                 f"{a['seconds']:.1f} s, peak RSS {a['peak_rss_mb']:,.0f} MB, {a['exact_found']} of 100 planted copies |")
     lines += ["", "| target | measured | wanted | met |", "| --- | --- | --- | --- |"]
     lines += [f"| {what} | {fig} | {want} | {'-' if ok is None else 'yes' if ok else 'NO'} |" for what, fig, want, ok in r["targets"]]
     return "\n".join(lines)
@@ -393,6 +422,8 @@ def run(args, tmp: Path) -> dict:
     r["streaming"] = scale.bench_streaming(tmp, budget_mb=64)
     print("10. probe protocol", flush=True)
     r["protocol"] = protocol.bench_protocol(Path(data), args.weights, tmp, synthetic_features)
+    print("12. audit", flush=True)
+    r["audit"] = bench_audit(tmp)
     print("11. fine-tuning block 5", flush=True)
     r["finetune"] = finetune.bench_block5(Path(data), args.weights, tmp)
     r["targets"] = ratios_and_targets(r)

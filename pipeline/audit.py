@@ -26,6 +26,8 @@ from pipeline.config import AuditConfig, FeatureConfig
 log = logging.getLogger(__name__)
 
 BLOCK_ROWS = 4096  # rows per similarity block: a 4096 x 4096 float32 block is 64 MB
+SCREEN_MARGIN = 0.01  # bf16 screening: pairs re-scored from this far under the threshold (bf16 errs < 0.001)
+SCREEN_EXTRA = 3  # bf16 screening: neighbours re-scored among this many more than asked
 
 
 @dataclass(frozen=True)
@@ -135,45 +137,98 @@ def centred_unit_rows(cache: store.Cache) -> tuple[np.ndarray, list[Entry], np.n
     return X, entries, np.concatenate(labels) if labels else np.zeros(0, np.int64)
 
 
-def similar_pairs_and_neighbours(X: np.ndarray, threshold: float, k: int, block: int = BLOCK_ROWS):
+def similar_pairs_and_neighbours(X: np.ndarray, threshold: float, k: int, block: int = BLOCK_ROWS,
+                                 screen_bf16: bool | None = None):
     """(pairs i < j with similarity >= threshold as three arrays, (n, k) nearest neighbours' indices and
-    similarities): exact, every pair computed once, one block of rows against another at a time."""
+    similarities), every pair of rows compared once, a block of rows against another at a time.
+
+    On CPUs with native bf16 the blocks are screened in bf16 (2x the float32 speed; its error on unit rows is
+    under 0.001), then every candidate is scored again in float32: pairs from `threshold - SCREEN_MARGIN` up,
+    neighbours among the k + SCREEN_EXTRA best. What is returned is float32 similarity, as without screening.
+    """
     import torch
 
-    Xt = torch.from_numpy(X)
+    from pipeline.device import cpu_has_native_bf16
+
+    bf16 = cpu_has_native_bf16() if screen_bf16 is None else screen_bf16
+    Xt = torch.from_numpy(np.ascontiguousarray(X, np.float32))
+    Xs = Xt.to(torch.bfloat16) if bf16 else Xt
     n, k = len(X), min(k, max(len(X) - 1, 0))
-    best_sim = torch.full((n, k), -2.0)
-    best_idx = torch.zeros((n, k), dtype=torch.int64)
+    kept = min(k + SCREEN_EXTRA, max(n - 1, 0)) if bf16 else k
+    floor = threshold - SCREEN_MARGIN if bf16 else threshold
+    best = _Best(n, kept)
     found = []
     for i0 in range(0, n, block):
         for j0 in range(i0, n, block):
-            S = Xt[i0:i0 + block] @ Xt[j0:j0 + block].T
+            S = Xs[i0:i0 + block] @ Xs[j0:j0 + block].T
             if i0 == j0:
                 S.fill_diagonal_(-2.0)  # an image is not its own neighbour
-            hits = (S >= threshold).nonzero()
-            hits = hits[hits[:, 1] + j0 > hits[:, 0] + i0]  # each pair once
-            found.append((hits[:, 0] + i0, hits[:, 1] + j0, S[hits[:, 0], hits[:, 1]]))
-            if k:
-                _merge(best_sim, best_idx, i0, S, j0, k)
+            found.append(_hits(S, floor, i0, j0))
+            if kept:
+                best.merge(i0, S, j0)
                 if j0 != i0:
-                    _merge(best_sim, best_idx, j0, S.T, i0, k)
-    if found:
-        i, j, s = (torch.cat(column).numpy() for column in zip(*found))
-    else:
-        i, j, s = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-    return (i, j, s), best_idx.numpy(), best_sim.numpy()
+                    best.merge(j0, S, i0, transposed=True)
+    i, j = (torch.cat(column) for column in zip(*found)) if found else (torch.zeros(0, dtype=torch.int64),) * 2
+    sims = (Xt[i] * Xt[j]).sum(1)  # float32, whatever the screening
+    keep = sims >= threshold
+    idx, sim = best.rescored(Xt, k)
+    return (i[keep].numpy(), j[keep].numpy(), sims[keep].numpy()), idx, sim
 
 
-def _merge(best_sim, best_idx, row0: int, S, col0: int, k: int) -> None:
-    """Fold block S (rows row0.., columns col0..) into the running k best neighbours of its rows."""
+def _hits(S, floor: float, i0: int, j0: int):
+    """Global (i, j) with S >= floor and i < j: rows without any are skipped by their maximum first (most are)."""
     import torch
 
-    top = S.topk(min(k, S.shape[1]), dim=1)
-    rows = slice(row0, row0 + S.shape[0])
-    sims = torch.cat([best_sim[rows], top.values], dim=1)
-    idx = torch.cat([best_idx[rows], top.indices + col0], dim=1)
-    keep = sims.topk(k, dim=1)
-    best_sim[rows], best_idx[rows] = keep.values, idx.gather(1, keep.indices)
+    rows = (S.amax(1) >= floor).nonzero()[:, 0]
+    if not len(rows):
+        return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
+    r, c = (S[rows] >= floor).nonzero().T
+    i, j = rows[r] + i0, c + j0
+    return i[j > i], j[j > i]
+
+
+class _Best:
+    """The running `kept` best neighbours of every row: indices, and their (screening) similarities."""
+
+    def __init__(self, n: int, kept: int):
+        import torch
+
+        self.sim = torch.full((n, kept), -3.0)
+        self.idx = torch.zeros((n, kept), dtype=torch.int64)
+        self.kept = kept
+
+    def merge(self, row0: int, S, col0: int, transposed: bool = False) -> None:
+        """Fold block S (rows row0.., columns col0..; `transposed`: S.T is that block) into the best neighbours
+        of its rows. Only rows whose best in the block beats their current worst kept are sorted: after the
+        first blocks, few are."""
+        import torch
+
+        n_rows = S.shape[1] if transposed else S.shape[0]
+        maxima = S.amax(0 if transposed else 1).float()
+        live = (maxima > self.sim[row0:row0 + n_rows, -1]).nonzero()[:, 0]
+        if not len(live):
+            return
+        block = S[:, live].T.contiguous() if transposed else S[live]  # rows in memory order: a fast topk
+        top = block.topk(min(self.kept, block.shape[1]), dim=1)
+        rows = live + row0
+        sims = torch.cat([self.sim[rows], top.values.float()], dim=1)
+        idx = torch.cat([self.idx[rows], top.indices + col0], dim=1)
+        keep = sims.topk(self.kept, dim=1)
+        self.sim[rows], self.idx[rows] = keep.values, idx.gather(1, keep.indices)
+
+    def rescored(self, Xt, k: int, step: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+        """The k best of the kept candidates, by float32 similarity, a block of rows at a time."""
+        import torch
+
+        n = len(Xt)
+        idx, sim = np.zeros((n, k), np.int64), np.zeros((n, k), np.float32)
+        for start in range(0, n, step):
+            cand = self.idx[start:start + step]
+            exact = torch.einsum("rd,rkd->rk", Xt[start:start + step], Xt[cand])
+            exact[self.sim[start:start + step] < -2.5] = -3.0  # slots never filled (fewer rows than kept)
+            top = exact.topk(k, dim=1)
+            idx[start:start + step], sim[start:start + step] = cand.gather(1, top.indices).numpy(), top.values.numpy()
+        return idx, sim
 
 
 def likely_mislabelled(entries: list[Entry], labels: np.ndarray, idx: np.ndarray, sim: np.ndarray,

@@ -67,12 +67,13 @@ def test_the_csv_lists_every_finding(planted, tmp_path):
     assert [r["kind"] for r in rows] == ["exact"] * 2 + ["near"] + ["mislabel?"] * len(report.suspects)
 
 
+@pytest.mark.parametrize("screen_bf16", [False, True], ids=["float32", "bf16-screened"])
 @pytest.mark.parametrize("block", [7, 64, 1000], ids=["many-blocks", "one-row-of-blocks", "one-block"])
-def test_blocked_pairs_and_neighbours_equal_brute_force(block):
+def test_blocked_pairs_and_neighbours_equal_brute_force(block, screen_bf16):
     rng = np.random.default_rng(1)
     X = rng.standard_normal((150, 8)).astype(np.float32)
     X /= np.linalg.norm(X, axis=1, keepdims=True)
-    (i, j, s), idx, sim = audit.similar_pairs_and_neighbours(X, 0.8, 4, block=block)
+    (i, j, s), idx, sim = audit.similar_pairs_and_neighbours(X, 0.8, 4, block=block, screen_bf16=screen_bf16)
     S = X @ X.T
     np.fill_diagonal(S, -2)
     want = {(a, b) for a, b in zip(*np.nonzero(S >= 0.8)) if a < b}
