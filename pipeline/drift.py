@@ -4,8 +4,11 @@ At training time the run keeps a reference (reference.npz, arrays only): the mea
 one centroid per class, and, for the validation rows (images the head did not train on, like new ones), the
 histogram of their distance to the nearest centroid and of the head's confidence, plus the distance that 95% of
 them stay within. Distances are cosine distances of inputs centred on the training mean (see audit.py for why
-centred). At predict time the new images are measured the same way: when many more than 5% of them lie beyond
-that distance, or the head is much less confident on them, they do not look like the training data.
+centred). At predict time the new images are measured the same way, and compared with validation: when their
+distances, or the head's confidence on them, are distributed otherwise (a two-sample Kolmogorov-Smirnov test on
+the stored histograms), they do not look like the training data. Both ways matter: images far from every class
+(another domain) move the distances up; washed-out images (blur, no colour) move them down, towards the mean, and
+the confidence with them.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ REFERENCE_FILE, DRIFT_PNG = "reference.npz", "drift.png"
 DISTANCE_BINS = np.linspace(0.0, 2.0, 51)  # cosine distance lives in [0, 2]
 CONFIDENCE_BINS = np.linspace(0.0, 1.0, 21)
 QUANTILE = 0.95
-TOLERATED = 2.0  # new images beyond the validation's 95% distance: drift when over this many times the 5% expected
+KS_CRITICAL = 1.63  # two-sample Kolmogorov-Smirnov, 1% level: D > 1.63 sqrt((n + m) / (n m))
+MIN_SHIFT = 0.15  # and a shift a person would call one: D above this
 MAX_DIM = 32_768  # heads on wider inputs (block5 on pool4 maps, flatten) keep no reference
 
 
@@ -78,15 +82,30 @@ def load(folder: Path) -> dict | None:
         return {k: f[k] for k in f.files}
 
 
+def _ks(reference_hist: np.ndarray, values: np.ndarray, bins: np.ndarray) -> float:
+    """Kolmogorov-Smirnov distance between the reference's histogram and `values` on the same bins."""
+    new_hist = np.histogram(np.clip(values, bins[0], bins[-1]), bins)[0]
+    cdf = lambda h: np.cumsum(h) / max(h.sum(), 1)
+    return float(np.abs(cdf(reference_hist) - cdf(new_hist)).max())
+
+
 def verdict(ref: dict, d_new: np.ndarray, confidence_new: np.ndarray) -> tuple[bool, str]:
-    """(drifted, one line saying why) for new images' distances and confidences."""
-    beyond = float((d_new > ref["distance_q95"]).mean()) if len(d_new) else 0.0
-    median, expected = float(np.median(confidence_new)) if len(confidence_new) else 0.0, 1 - QUANTILE
-    drifted = beyond > TOLERATED * expected
+    """(drifted, one line saying why): the new images drift when their distances to the class centroids, or the
+    head's confidence on them, are distributed unlike the validation images' (two-sample Kolmogorov-Smirnov
+    distance over both the 1% critical value and MIN_SHIFT, so that a huge batch is not flagged for a tiny shift)."""
+    n_val, n_new = int(ref["distance_hist"].sum()), len(d_new)
+    if not n_new:
+        return False, "no new image could be read: nothing to compare"
+    limit = max(MIN_SHIFT, KS_CRITICAL * np.sqrt((n_val + n_new) / max(n_val * n_new, 1)))
+    d_dist = _ks(ref["distance_hist"], d_new, DISTANCE_BINS)
+    d_conf = _ks(ref["confidence_hist"], confidence_new, CONFIDENCE_BINS)
+    drifted = max(d_dist, d_conf) > limit
+    beyond = float((d_new > ref["distance_q95"]).mean())
     look = "do NOT look like the training data" if drifted else "look like the training data"
-    return drifted, (f"{len(d_new)} new images {look}: {beyond:.0%} lie farther from every class centroid than "
-                     f"{QUANTILE:.0%} of the validation images (expected {expected:.0%}); median confidence "
-                     f"{median:.2f} (validation {float(ref['confidence_median']):.2f})")
+    return drifted, (f"{n_new} new images {look}: against the {n_val} validation images, their distance to the "
+                     f"nearest class centroid differs by KS D = {d_dist:.2f}, the head's confidence by D = {d_conf:.2f} "
+                     f"(drift above {limit:.2f}); {beyond:.0%} lie beyond 95% of validation's distances; median "
+                     f"confidence {float(np.median(confidence_new)):.2f} (validation {float(ref['confidence_median']):.2f})")
 
 
 def plot(ref: dict, d_new: np.ndarray, confidence_new: np.ndarray, path: Path, title: str) -> Path:

@@ -1,6 +1,7 @@
 """Pictures to look at: errors.png and errors.csv in every run, the embedding map, and predict --report (drift)."""
 
 import csv
+import logging
 import subprocess
 import sys
 
@@ -108,9 +109,10 @@ def test_drift_verdict_on_the_same_and_on_a_shifted_distribution():
 
 def test_predict_report_writes_one_line_and_a_png(trained, tmp_path, caplog):
     data, _, run = trained
+    caplog.set_level(logging.INFO)
     predict(PredictConfig(run=run.folder, images=(data / "test",), out=tmp_path / "p.csv", report=True))
     assert png_size(tmp_path / "p.drift.png") == (1000, 360)
-    assert "15 new images" in caplog.text and "of the validation images (expected 5%)" in caplog.text
+    assert "15 new images" in caplog.text and "against the 15 validation images" in caplog.text
 
 
 def test_predict_report_without_a_reference_is_refused_up_front(trained, tmp_path):
