@@ -135,7 +135,8 @@ def load_data(cfg: TrainConfig, cache: store.Cache, loading: Loading, transform=
         val, source, paths_val = split(cfg.val_split), cfg.val_split, cache.read_paths(cfg.val_split)
     else:
         train, val, views, held = _hold_out(cfg, train, views)
-        paths_val = [cache.read_paths(cfg.train_split)[i] for i in held]
+        train_paths = cache.read_paths(cfg.train_split)
+        paths_val = [train_paths[i] for i in held]
         source = f"{cfg.val_fraction:g} of {cfg.train_split!r}, stratified, seed {cfg.head.seed}"
         log.info("no %r split: validating on %s", cfg.val_split, source)
     test = split(cfg.test_split, need_classes=False) if cfg.test_split in cache.splits else None

@@ -74,7 +74,7 @@ import resource, sys
 from pipeline.config import HeadConfig, TrainConfig
 from pipeline.train import train_head
 train_head(TrainConfig(features=sys.argv[1], out=sys.argv[2], stream=sys.argv[3] == "stream",
-                       head=HeadConfig(kind="linear", weight_decay=1e-3, epochs=2, device="cpu")))
+                       head=HeadConfig(kind="linear", weight_decay=1e-3, lr=1e-3, epochs=2, device="cpu")))
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
 """
 
