@@ -8,6 +8,7 @@ torch is imported only when images must go through the model: an up-to-date reru
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from collections import defaultdict
@@ -190,7 +191,8 @@ def _previous_cache(out: Path, fcfg: FeatureConfig, force: bool):
         raise UserError(f"{e}; refusing to overwrite it (use --force to replace it, or another --out)") from None
     with cache:
         if cache.header.fingerprint != fcfg.fingerprint():
-            changed = {k: (cache.header.config.get(k), v) for k, v in fcfg.to_dict().items() if cache.header.config.get(k) != v}
+            ours = json.loads(json.dumps(fcfg.to_dict()))  # as the file holds it: tuples are JSON lists
+            changed = {k: (cache.header.config.get(k), v) for k, v in ours.items() if cache.header.config.get(k) != v}
             diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
             raise UserError(f"{out} holds features of extractor config {cache.header.fingerprint}, this run's is "
                             f"{fcfg.fingerprint()} ({diff}); use another --out, or --force to replace it")

@@ -113,8 +113,9 @@ def test_added_removed_changed_and_touched_files(image_folder, tmp_path):
 def test_other_config_never_writes_into_an_existing_cache(image_folder, tmp_path):
     out = tmp_path / "f.h5"
     extract(extract_config(image_folder, out))
-    with pytest.raises(UserError, match=r"holds features of extractor config .*pool: 'avg' -> 'max'.*--force"):
+    with pytest.raises(UserError, match=r"holds features of extractor config .*pool: 'avg' -> 'max'.*--force") as e:
         extract(extract_config(image_folder, out, pool="max"))
+    assert "mean" not in str(e.value)  # only what changed: the tuples read back from JSON as lists are the same
     s = extract(extract_config(image_folder, None, pool="max", features_dir=tmp_path))
     assert s.out.name.startswith("data-") and s.out != out and s.feature_dim == 512
     s = extract(extract_config(image_folder, out, pool="avgmax", force=True))
