@@ -132,7 +132,8 @@ def centred_unit_rows(cache: store.Cache) -> tuple[np.ndarray, list[Entry], np.n
         entries += [Entry(split, p, cache.header.class_names[y]) for p, y in zip(data.paths, data.labels)]
         labels.append(data.labels)
     X = np.concatenate(parts) if parts else np.zeros((0, cache.header.feature_dim), np.float32)
-    X -= X.mean(0, keepdims=True)
+    if len(X):
+        X -= X.mean(0, keepdims=True)
     X /= np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
     return X, entries, np.concatenate(labels) if labels else np.zeros(0, np.int64)
 

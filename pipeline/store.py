@@ -546,7 +546,9 @@ def _write_split(g: h5py.Group, records: list[Record], dim: int, fetch, dtype: s
 
 def _write_rows(g: h5py.Group, name: str, rows: list[Record], dim: int, fetch, dtype: str, out: _GuardedFile) -> None:
     chunk_rows = max(1, CHUNK_BYTES // (dim * np.dtype(dtype).itemsize))
-    ds = g.create_dataset(name, (len(rows), dim), dtype=dtype, chunks=(min(chunk_rows, max(1, len(rows))), dim))
+    # a split whose every image failed has no rows: HDF5 takes a chunk larger than an empty dataset only when it may grow
+    ds = g.create_dataset(name, (len(rows), dim), dtype=dtype, chunks=(min(chunk_rows, max(1, len(rows))), dim),
+                          maxshape=(None, dim) if not rows else None)
     for start in range(0, len(rows), chunk_rows):
         if out.error is not None:
             return

@@ -97,6 +97,15 @@ def test_views_of_the_wrong_shape_are_damage(tmp_path, shape):
         store.open_cache(path)
 
 
+def test_a_split_whose_every_image_failed_is_written_and_read_back_empty(tmp_path):
+    header = Header(fingerprint="f", config={}, class_names=["a", "b"], feature_dim=4)
+    records = [Record("train", "x.jpg", -1, 5, 1, "", "not a decodable image (5 bytes)")]
+    store.write_atomic(tmp_path / "c.h5", header, records, lambda rs: np.zeros((len(rs), 4)), "float16")
+    with store.open_cache(tmp_path / "c.h5") as cache:
+        assert cache.read_split("train").features.shape == (0, 4) and cache.split_shape("train")[2] >= 1
+        assert cache.records() == records
+
+
 def test_describe_counts_rows_per_class_and_failures(tmp_path):
     write_example(tmp_path / "c.h5")
     d = store.describe(tmp_path / "c.h5")
