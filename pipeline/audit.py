@@ -245,7 +245,7 @@ def likely_mislabelled(entries: list[Entry], labels: np.ndarray, idx: np.ndarray
 
 def audit(cfg: AuditConfig) -> AuditReport:
     """Every check on the cache `cfg.features`; the findings are also written to `cfg.csv_path`."""
-    files.ensure_writable_file(cfg.csv_path, "--out")  # before the work, not after
+    files.ensure_writable_file(cfg.csv_path, "--out", inputs=(cfg.features,))  # before the work, not after
     start = time.perf_counter()
     with store.open_cache(cfg.features) as cache:
         records, names = cache.records(), cache.header.class_names

@@ -88,7 +88,7 @@ class FeatureConfig:
         """The canonical form: a field added since schema 1 is left out at its default, so every cache made before
         it keeps its fingerprint."""
         d = asdict(self)
-        for name, default in _LATER_FIELDS.items():
+        for name, default in LATER_FIELD_DEFAULTS.items():
             if d[name] == default:
                 del d[name]
         if "scales" in d:
@@ -115,7 +115,7 @@ class FeatureConfig:
         return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
 
-_LATER_FIELDS = {"views": "none", "scales": (), "layer": "pool5", "augment": 0, "augment_seed": 0, "augment_recipe": ""}
+LATER_FIELD_DEFAULTS = {"views": "none", "scales": (), "layer": "pool5", "augment": 0, "augment_seed": 0, "augment_recipe": ""}
 LAYERS = tuple(pools.LAYER_STRIDES)
 VIEWS = ("none", "flip")
 
@@ -327,7 +327,9 @@ class MapConfig:
     out: Path | None = None  # None: beside the cache, <cache>.map.png
     seed: int = 0
 
-    PARAMS = {"method": OneOf(("pca", "tsne")), "seed": Interval(int, 0, 2**32 - 1)}
+    PARAMS = {"method": OneOf(("pca", "tsne")), "seed": Interval(int, 0, 2**32 - 1),
+              "out": Optional(Satisfies(lambda p: Path(p).suffix.lower() in (".png", ".svg", ".pdf"),
+                                        "a file name ending in .png, .svg or .pdf"))}
 
     def __post_init__(self):
         validate(self)
@@ -363,11 +365,13 @@ class PredictConfig:
 
     def __post_init__(self):
         validate(self)
+        if self.report and not self.out:
+            raise UserError("--report draws its picture beside the predictions: pass --out FILE.csv too")
 
     @property
     def report_path(self) -> Path:
-        """Where --report draws its picture: beside --out, else drift.png in the current folder."""
-        return Path(f"{Path(self.out).with_suffix('')}.drift.png") if self.out else Path("drift.png")
+        """Where --report draws its picture: beside --out (p.csv -> p.drift.png)."""
+        return Path(f"{Path(self.out).with_suffix('')}.drift.png")
 
 
 @dataclass(frozen=True)

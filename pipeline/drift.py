@@ -14,9 +14,12 @@ the confidence with them.
 from __future__ import annotations
 
 import logging
+import zipfile
 from pathlib import Path
 
 import numpy as np
+
+from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +81,19 @@ def load(folder: Path) -> dict | None:
     path = Path(folder) / REFERENCE_FILE
     if not path.is_file():
         return None
-    with np.load(path, allow_pickle=False) as f:
-        return {k: f[k] for k in f.files}
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            ref = {k: f[k] for k in f.files}
+        k, d = ref["centroids"].shape
+        shapes = {"mean": (d,), "distance_hist": (len(DISTANCE_BINS) - 1,),
+                  "confidence_hist": (len(CONFIDENCE_BINS) - 1,), "distance_q95": (), "confidence_median": ()}
+        bad = [name for name, shape in shapes.items() if ref[name].shape != shape or not np.isfinite(ref[name]).all()]
+        if bad or not np.isfinite(ref["centroids"]).all():
+            raise ValueError(f"{', '.join(bad) or 'centroids'} not as written")
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise UserError(f"{path} is damaged ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__}); "
+                        "retrain the run") from None
+    return ref
 
 
 def _ks(reference_hist: np.ndarray, values: np.ndarray, bins: np.ndarray) -> float:
@@ -121,7 +135,8 @@ def plot(ref: dict, d_new: np.ndarray, confidence_new: np.ndarray, path: Path, t
     for ax, bins, val_hist, new, xlabel in panels:
         width = np.diff(bins)
         ax.bar(bins[:-1], val_hist / max(val_hist.sum(), 1) / width, width, align="edge", alpha=0.5, label="validation")
-        ax.hist(new, bins, density=True, histtype="step", linewidth=2, color="crimson", label="new images")
+        if len(new):  # every new image unreadable: validation alone
+            ax.hist(new, bins, density=True, histtype="step", linewidth=2, color="crimson", label="new images")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("density")
         ax.legend(fontsize=8)

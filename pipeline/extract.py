@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import distributed, embed, files, store
-from pipeline.config import ExtractConfig, FeatureConfig, feature_config, library_versions
+from pipeline.augment import AUGMENTED_SPLITS, augments
+from pipeline.config import LATER_FIELD_DEFAULTS, ExtractConfig, FeatureConfig, feature_config, library_versions
 from pipeline.data import Dataset, discover
 from pipeline.errors import Interrupted, UserError
 from pipeline.journal import Journal
@@ -76,6 +77,9 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
         raise UserError("--force with --shard would discard the other parts' work: run a plain extract --force, "
                         "or delete the cache and its .partial folder, then start the parts")
     dataset = discover(cfg.data)
+    if cfg.augment and not any(augments(split) for split in dataset.splits):
+        raise UserError(f"--augment makes views of the training split ({' or '.join(AUGMENTED_SPLITS)}), and "
+                        f"{cfg.data} has {', '.join(dataset.splits)}: name the training split train")
     fcfg = feature_config(cfg.weights, cfg.pool, cfg.image_size, cfg.dtype, cfg.views, cfg.scale_sizes, cfg.layer,
                           cfg.augment, cfg.augment_seed)
     job = _Job(cfg, dataset, fcfg, Path(cfg.out) if cfg.out else default_output(cfg.features_dir, dataset.name, fcfg), worker)
@@ -191,12 +195,21 @@ def _previous_cache(out: Path, fcfg: FeatureConfig, force: bool):
         raise UserError(f"{e}; refusing to overwrite it (use --force to replace it, or another --out)") from None
     with cache:
         if cache.header.fingerprint != fcfg.fingerprint():
-            ours = json.loads(json.dumps(fcfg.to_dict()))  # as the file holds it: tuples are JSON lists
-            changed = {k: (cache.header.config.get(k), v) for k, v in ours.items() if cache.header.config.get(k) != v}
+            changed = config_changes(cache.header.config, fcfg)
             diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
             raise UserError(f"{out} holds features of extractor config {cache.header.fingerprint}, this run's is "
                             f"{fcfg.fingerprint()} ({diff}); use another --out, or --force to replace it")
         yield cache
+
+
+def config_changes(theirs: dict, fcfg: FeatureConfig) -> dict:
+    """What differs between a cache's config and `fcfg`: name -> (theirs, ours), a field left out of either at its
+    default shown as that default; values as JSON holds them (tuples are lists)."""
+    defaults = json.loads(json.dumps(LATER_FIELD_DEFAULTS))
+    ours = json.loads(json.dumps(fcfg.to_dict()))
+    names = sorted(set(ours) | set(theirs), key=lambda k: (k not in ours, k))
+    values = {k: (theirs.get(k, defaults.get(k)), ours.get(k, defaults.get(k))) for k in names}
+    return {k: (a, b) for k, (a, b) in values.items() if a != b}
 
 
 def _bytes_needed(plan: Plan, fcfg: FeatureConfig) -> int:

@@ -32,11 +32,15 @@ def ensure_writable_dir(folder: Path, option: str) -> None:
         raise UserError(f"{option}: cannot write in {folder} ({e.strerror or type(e).__name__})") from None
 
 
-def ensure_writable_file(path: Path, option: str) -> None:
-    """`path` can be created or replaced: its folder is writable and it is not a folder itself."""
+def ensure_writable_file(path: Path, option: str, inputs: tuple = ()) -> None:
+    """`path` can be created or replaced: its folder is writable, it is not a folder itself, and it is none of the
+    command's `inputs` (files, or folders whose files must not be replaced: a run folder)."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{option} {path} is a folder, expected a file name")
+    for given in map(Path, inputs):
+        if path.resolve() == given.resolve() or (given.is_dir() and given.resolve() in path.resolve().parents):
+            raise UserError(f"{option} {path} would overwrite {given}, which this command reads: choose another file")
     ensure_writable_dir(path.parent, option)
     if path.exists():
         try:

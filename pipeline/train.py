@@ -80,17 +80,8 @@ def plan_loading(cfg: TrainConfig, cache: store.Cache, tried: list[str | None]) 
     dim = max(_pooled_dim(cache.header, p) for p in tried)
     copies = HEADS[cfg.head.kind].memory_copies
     needed = stream.in_memory_bytes(cache, splits, copies, dim)
-    views = stream.views_bytes(cache, cfg.train_split, copies, dim) if cfg.views is not False else 0
     budget = cfg.budget_bytes or stream.default_budget()
     loading = stream.Loading("stream" if cfg.stream or needed > budget else "memory", budget, needed)
-    if views and loading.mode == "memory" and needed + views > budget:  # the views go first: rows matter more
-        loading = _without_views(cfg, cache, loading, f"{human_bytes(needed + views)} with the views, over the "
-                                 f"{human_bytes(budget)} --memory-budget")
-    elif views and loading.mode == "stream":
-        loading = _without_views(cfg, cache, loading, "--stream was asked for" if cfg.stream else "the rows are "
-                                 f"streamed from the file (over the {human_bytes(budget)} --memory-budget)")
-    elif views:
-        loading = replace(loading, needed_bytes=needed + views)
     if loading.mode == "stream" and not HEADS[cfg.head.kind].streams:
         pool4_map = cache.header.config.get("layer") == "pool4" and cache.header.config.get("pool") == "map"
         streaming = " or ".join(h.name for h in HEADS.values() if h.streams and (pool4_map or not h.takes_map))
@@ -102,14 +93,23 @@ def plan_loading(cfg: TrainConfig, cache: store.Cache, tried: list[str | None]) 
     if loading.mode == "stream" and cfg.refit:
         raise UserError("--refit needs the splits in memory, and they are streamed from the file: use --no-refit, "
                         "or raise --memory-budget")
+    views = stream.views_bytes(cache, cfg.train_split, copies, dim) if cfg.views is not False else 0
+    if views and loading.mode == "memory" and needed + views > budget:  # the views go first: rows matter more
+        return _without_views(cfg, cache, loading, f"{human_bytes(needed + views)} with the views, over the "
+                              f"{human_bytes(budget)} --memory-budget", "raise --memory-budget")
+    if views and loading.mode == "stream":
+        return _without_views(cfg, cache, loading, "--stream was asked for" if cfg.stream else "the rows are streamed "
+                              f"from the file (over the {human_bytes(budget)} --memory-budget)",
+                              "leave out --stream" if cfg.stream else "raise --memory-budget")
+    if views:
+        return replace(loading, needed_bytes=needed + views)
     return loading
 
 
-def _without_views(cfg: TrainConfig, cache: store.Cache, loading: Loading, why: str) -> Loading:
+def _without_views(cfg: TrainConfig, cache: store.Cache, loading: Loading, why: str, fix: str) -> Loading:
     """Views are trained on in memory only: refused when asked for (--views), else left out with a warning."""
     if cfg.views:
-        raise UserError(f"--views trains on the augmented views in memory, and {why}: use --no-views, or raise "
-                        "--memory-budget")
+        raise UserError(f"--views trains on the augmented views in memory, and {why}: use --no-views, or {fix}")
     log.warning("%s holds augmented views, left out of training: %s", cache.path, why)
     return replace(loading, views=False)
 

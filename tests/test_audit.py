@@ -115,7 +115,8 @@ def test_info_and_train_head_say_when_copies_cross_splits(images_with_copies, tm
     (["--threshold", "1.5"], "--threshold 1.5 is not valid (expected a number in [-1, 1])"),
     (["--neighbours", "0"], "--neighbours 0 is not valid (expected an integer in [1, 1000])"),
     (["--out", "{tmp}"], "is a folder"),
-], ids=["threshold", "neighbours", "out-is-a-folder"])
+    (["--out", "{tmp}/c.h5"], "would overwrite"),
+], ids=["threshold", "neighbours", "out-is-a-folder", "out-is-the-cache"])
 def test_bad_audit_options_are_one_line_and_exit_2(planted, tmp_path, args, message):
     args = [a.format(tmp=tmp_path) for a in args]
     r = subprocess.run(CLI + ["audit", str(planted), *args], capture_output=True, text=True)

@@ -188,6 +188,19 @@ def test_views_that_do_not_fit_the_budget_are_left_out_or_refused(augmented, tmp
         train.train_head(TrainConfig(features=out, out=tmp_path / "run2", memory_budget=budget, views=True))
 
 
+def test_augment_without_a_training_split_is_refused(tmp_path):
+    data = make_image_folder(tmp_path / "data", {"training": 2, "val": 1}, size=(40, 36))
+    with pytest.raises(UserError, match=r"--augment makes views of the training split \(train or all\), and .* has "
+                                        r"training, val"):
+        extract(extract_config(data, tmp_path / "f.h5", augment=2))
+
+
+def test_going_back_to_no_views_names_what_changed(image_folder, tmp_path):
+    extract(extract_config(image_folder, tmp_path / "f.h5", augment=1))
+    with pytest.raises(UserError, match=r"\(augment: 1 -> 0, augment_recipe: 'random_resized_crop.*' -> ''\)"):
+        extract(extract_config(image_folder, tmp_path / "f.h5"))
+
+
 @pytest.mark.parametrize("args, message", [
     (["--augment", "65"], "--augment 65 is not valid (expected an integer in [0, 64])"),
     (["--augment", "2", "--scales", "64,96"], "--augment caches crops at --image-size, and --scales whole images"),

@@ -83,6 +83,8 @@ CASES = {
     "predict-batch": ("predict", ["--batch-size", "0"], "--batch-size 0 is not valid (expected an integer in [1, 65536])"),
     "predict-workers": ("predict", ["--workers", "-1"], "--workers -1 is not valid (expected an integer in [0, 256])"),
     "predict-out": ("predict", ["--out", "{file}/p.csv"], "--out: {file} is a file, not a folder"),
+    "predict-out-run": ("predict", ["--out", "{run}/head.npz"], "would overwrite {run}, which this command reads"),
+    "predict-report-no-out": ("predict", ["--report"], "--report draws its picture beside the predictions: pass --out"),
     "predict-missing": ("predict", ["{file}-missing.jpg"], "image path not found: {file}-missing.jpg"),
     "evaluate-split": ("evaluate", ["--split", "nope"], "has no split 'nope'"),
     "info-missing": ("info", ["{file}.h5"], None),  # replaced below: info takes only the file

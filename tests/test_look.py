@@ -126,6 +126,26 @@ def test_predict_report_without_a_reference_is_refused_up_front(trained, tmp_pat
         (tmp_path / "kept.npz").rename(run.folder / drift.REFERENCE_FILE)
 
 
+@pytest.mark.parametrize("out, message", [("m.csv", "a file name ending in .png, .svg or .pdf"),
+                                          ("{run}/m.png", "would overwrite")], ids=["not-a-picture", "in-the-run"])
+def test_map_refuses_an_out_it_cannot_or_must_not_write(trained, tmp_path, out, message):
+    _, cache, run = trained
+    target = out.format(run=run.folder) if "{" in out else str(tmp_path / out)
+    r = subprocess.run(CLI + ["map", str(cache), "--run", str(run.folder), "--out", target], capture_output=True, text=True)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_damaged_reference_is_one_line(trained, tmp_path):
+    data, _, run = trained
+    (run.folder / drift.REFERENCE_FILE).rename(tmp_path / "kept.npz")
+    try:
+        (run.folder / drift.REFERENCE_FILE).write_bytes(b"junk")
+        with pytest.raises(UserError, match="reference.npz is damaged .*retrain the run"):
+            predict(PredictConfig(run=run.folder, images=(data / "test",), out=tmp_path / "p.csv", report=True))
+    finally:
+        (tmp_path / "kept.npz").replace(run.folder / drift.REFERENCE_FILE)
+
+
 def test_map_cli_writes_beside_the_cache(trained):
     _, cache, _ = trained
     r = subprocess.run(CLI + ["map", str(cache)], capture_output=True, text=True)
