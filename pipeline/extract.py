@@ -78,8 +78,9 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
                         "or delete the cache and its .partial folder, then start the parts")
     dataset = discover(cfg.data)
     if cfg.augment and not any(augments(split) for split in dataset.splits):
-        raise UserError(f"--augment makes views of the training split ({' or '.join(AUGMENTED_SPLITS)}), and "
-                        f"{cfg.data} has {', '.join(dataset.splits)}: name the training split train")
+        # not refused: a test set extracted with a training cache's config (views and all) serves its runs
+        log.warning("--augment makes views of the training split (%s), and %s has %s: no views are made (name the "
+                    "training split train)", " or ".join(AUGMENTED_SPLITS), cfg.data, ", ".join(dataset.splits))
     fcfg = feature_config(cfg.weights, cfg.pool, cfg.image_size, cfg.dtype, cfg.views, cfg.scale_sizes, cfg.layer,
                           cfg.augment, cfg.augment_seed)
     job = _Job(cfg, dataset, fcfg, Path(cfg.out) if cfg.out else default_output(cfg.features_dir, dataset.name, fcfg), worker)
