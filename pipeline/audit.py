@@ -250,7 +250,8 @@ def audit(cfg: AuditConfig) -> AuditReport:
     with store.open_cache(cfg.features) as cache:
         records, names = cache.records(), cache.header.class_names
         X, entries, labels = centred_unit_rows(cache)
-    report = AuditReport(rows=len(entries), threshold=cfg.threshold, neighbours=cfg.neighbours)
+    report = AuditReport(rows=len(entries), threshold=cfg.threshold,
+                         neighbours=min(cfg.neighbours, max(len(entries) - 1, 0)))  # what is used: at most the others
     report.exact = exact_duplicates(records, names)
     copies = {(p.a.path, p.b.path) for p in report.exact} | {(p.b.path, p.a.path) for p in report.exact}
     (i, j, s), idx, sim = similar_pairs_and_neighbours(X, cfg.threshold, cfg.neighbours)
@@ -301,5 +302,7 @@ def summary(report: AuditReport, shown: int = 10) -> list[str]:
 
 
 def _where(e: Entry) -> str:
-    """A path as the user knows it, with its split when the path does not already start with it."""
-    return printable(e.path if e.path.startswith(f"{e.split}/") else f"{e.path} ({e.split})")
+    """A path as the user knows it, with its split when the path does not already start with it; a control
+    character in a name (a newline) shown escaped, so that every finding stays one line."""
+    text = printable(e.path if e.path.startswith(f"{e.split}/") else f"{e.path} ({e.split})")
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

@@ -123,6 +123,16 @@ def test_bad_audit_options_are_one_line_and_exit_2(planted, tmp_path, args, mess
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
 
 
+def test_a_name_with_a_newline_stays_on_one_line_and_neighbours_are_at_most_the_others(tmp_path):
+    X = np.eye(3, 8, dtype=np.float32)
+    path = write_cache(tmp_path / "c.h5", [("train", "a\nb.jpg", 0, "1" * 64), ("train", "c.jpg", 1, "1" * 64),
+                                           ("train", "d.jpg", 1, "2" * 64)], X)
+    report = audit.audit(AuditConfig(path, neighbours=50, out=tmp_path / "a.csv"))
+    lines = audit.summary(report)
+    assert report.neighbours == 2 and any("a\\nb.jpg" in line for line in lines)
+    assert not any(line.strip() == "b.jpg == train/c.jpg" for line in lines)
+
+
 def test_the_cli_prints_counts_and_writes_the_csv(planted, tmp_path):
     r = subprocess.run(CLI + ["audit", str(planted)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
