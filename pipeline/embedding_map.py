@@ -82,6 +82,8 @@ def _run_parts(cfg: MapConfig):
     from pipeline.runs import load_run
 
     run = load_run(cfg.run)
+    if not (run.folder / gallery.ERRORS_CSV).is_file():
+        log.warning("%s has no %s (an older vggcache trained it): no mistakes to ring", run.folder, gallery.ERRORS_CSV)
     return run, run.record.pool, {m.path for m in gallery.read_errors(run.folder)}
 
 

@@ -305,8 +305,9 @@ def _warn_of_copies_across_splits(cfg: TrainConfig, cache: store.Cache) -> None:
     scored = {cfg.val_split, cfg.test_split}
     for (a, b), n in cross_split_copies(cache.records(), cache.header.class_names).items():
         if cfg.train_split in (a, b) and {a, b} & scored:
-            log.warning("%d images of %r are byte-identical copies of images of %r: their scores are optimistic "
-                        "(run `pipeline audit %s`)", n, b if a == cfg.train_split else a, cfg.train_split, cfg.features)
+            copies = "1 image of %r is a byte-identical copy" if n == 1 else f"{n} images of %r are byte-identical copies"
+            log.warning(copies + " of images of %r: scores on them are optimistic (run `pipeline audit %s`)",
+                        b if a == cfg.train_split else a, cfg.train_split, cfg.features)
 
 
 def _record(cfg: TrainConfig, header: store.Header, choice: Choice, head, refitted: bool, times) -> dict:

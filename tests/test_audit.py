@@ -108,7 +108,7 @@ def test_info_and_train_head_say_when_copies_cross_splits(images_with_copies, tm
     line = audit.describe_copies(out)
     assert line.startswith("2 images are byte-identical copies of another (train/val 1, train/train 1); 1 across splits")
     train.train_head(TrainConfig(features=out, out=tmp_path / "run", head=HeadConfig("logreg", C=1.0)))
-    assert "1 images of 'val' are byte-identical copies of images of 'train'" in caplog.text
+    assert "1 image of 'val' is a byte-identical copy of images of 'train'" in caplog.text
 
 
 @pytest.mark.parametrize("args, message", [
