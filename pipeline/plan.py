@@ -109,7 +109,7 @@ def _fail_with_views(plan: Plan, image: Record, views: list[Record]) -> None:
     """An image whose view failed is recorded as failed, its views dropped: a split with views holds all K views
     of every row (the same bytes decode the same way, so this happens only to a file changed between reads)."""
     bad = next((v for v in views if not v.ok), None)
-    if bad is None or not image.ok:
+    if bad is None:
         return
     failed = replace(image, label=-1, reason=f"{bad.reason} (view {bad.view[1]})")
     plan.records[plan.records.index(image)] = failed

@@ -16,7 +16,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from pipeline.augment import view_params
-from pipeline.store import VIEW_SEP, unreadable_reason
+from pipeline.store import unreadable_reason, view_of
 
 _SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 
@@ -81,12 +81,20 @@ class ImageFiles(torch.utils.data.Dataset):
         with open(self.root / self.paths[index], "rb") as f:
             return f.read()
 
+    def empty(self):
+        """What a file that could not be decoded stands for in its batch."""
+        return torch.zeros(3, self.crop_size, self.crop_size, dtype=torch.uint8)
+
+    def decode(self, data: bytes, index: int):
+        """The model-ready image of file `index`, from its bytes."""
+        return preprocess(open_image(data, self.resize_size), self.resize_size, self.crop_size)
+
     def __getitem__(self, index: int) -> dict:
-        image, error, digest, data = torch.zeros(3, self.crop_size, self.crop_size, dtype=torch.uint8), "", "", None
+        image, error, digest, data = self.empty(), "", "", None
         try:
             data = self.read(index)
             digest = hashlib.sha256(data).hexdigest()
-            image = preprocess(open_image(data, self.resize_size), self.resize_size, self.crop_size)
+            image = self.decode(data, index)
         except Exception as e:  # any failure is this file's, not the run's: report it and go on
             error = describe_failure(e, None if data is None else len(data))
         return {"index": index, "image": image, "error": error, "sha256": digest}
@@ -101,21 +109,15 @@ class AugmentedImageFiles(ImageFiles):
         self.seed = seed
 
     def read(self, index: int) -> bytes:
-        with open(self.root / self.paths[index].partition(VIEW_SEP)[0], "rb") as f:
+        view = view_of(self.paths[index])
+        with open(self.root / (view[0] if view else self.paths[index]), "rb") as f:
             return f.read()
 
-    def __getitem__(self, index: int) -> dict:
-        path, sep, view = self.paths[index].partition(VIEW_SEP)
-        if not sep:
-            return super().__getitem__(index)
-        image, error, digest, data = torch.zeros(3, self.crop_size, self.crop_size, dtype=torch.uint8), "", "", None
-        try:
-            data = self.read(index)
-            digest = hashlib.sha256(data).hexdigest()
-            image = augmented_view(open_image(data), self.seed, path, int(view), self.crop_size)
-        except Exception as e:  # any failure is this file's, not the run's: report it and go on
-            error = describe_failure(e, None if data is None else len(data))
-        return {"index": index, "image": image, "error": error, "sha256": digest}
+    def decode(self, data: bytes, index: int):
+        view = view_of(self.paths[index])
+        if view is None:
+            return super().decode(data, index)
+        return augmented_view(open_image(data), self.seed, view[0], view[1], self.crop_size)
 
 
 def augmented_view(img: Image.Image, seed: int, path: str, view: int, size: int) -> torch.Tensor:
@@ -136,18 +138,14 @@ class ScaledImageFiles(ImageFiles):
         super().__init__(root, paths, max(scales), max(scales))
         self.scales = scales
 
-    def __getitem__(self, index: int) -> dict:
-        views, error, digest, data = [], "", "", None
-        try:
-            data = self.read(index)
-            digest = hashlib.sha256(data).hexdigest()
-            img = open_image(data, max(self.scales))  # a JPEG draft never below the largest scale
-            # the longer side is capped at MAX_ASPECT x the scale: a 2 x 300 px strip must not become 64 x 9600
-            views = [TF.pil_to_tensor(TF.resize(img, s, interpolation=InterpolationMode.BILINEAR, antialias=True,
-                                                max_size=MAX_ASPECT * s)) for s in self.scales]
-        except Exception as e:  # any failure is this file's, not the run's: report it and go on
-            error = describe_failure(e, None if data is None else len(data))
-        return {"index": index, "image": views, "error": error, "sha256": digest}
+    def empty(self):
+        return []
+
+    def decode(self, data: bytes, index: int):
+        img = open_image(data, max(self.scales))  # a JPEG draft never below the largest scale
+        # the longer side is capped at MAX_ASPECT x the scale: a 2 x 300 px strip must not become 64 x 9600
+        return [TF.pil_to_tensor(TF.resize(img, s, interpolation=InterpolationMode.BILINEAR, antialias=True,
+                                           max_size=MAX_ASPECT * s)) for s in self.scales]
 
 
 def collate_scaled(items: list[dict]) -> dict:

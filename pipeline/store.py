@@ -58,8 +58,7 @@ class Record:
     @property
     def view(self) -> tuple[str, int] | None:
         """(source path, view index) of an augmented view's record (see `view_key`), None for an image's own row."""
-        source, sep, index = self.path.partition(VIEW_SEP)
-        return (source, int(index)) if sep else None
+        return view_of(self.path)
 
     @property
     def unreadable(self) -> bool:
@@ -76,10 +75,16 @@ def view_key(path: str, index: int) -> str:
     return f"{path}{VIEW_SEP}{index}"
 
 
+def view_of(key: str) -> tuple[str, int] | None:
+    """(source path, view index) of a view's key, None for an image's own path: the one reader of `view_key`."""
+    source, sep, index = key.partition(VIEW_SEP)
+    return (source, int(index)) if sep else None
+
+
 def shown(path: str) -> str:
     """A record's path as a person reads it: 'a/b.jpg (view 2)' for a view."""
-    source, sep, index = path.partition(VIEW_SEP)
-    return f"{source} (view {index})" if sep else path
+    view = view_of(path)
+    return f"{view[0]} (view {view[1]})" if view else path
 
 
 def unreadable_reason(e: Exception) -> str:
