@@ -119,23 +119,29 @@ def describe_copies(path: Path) -> str:
             + f"; `pipeline audit {path}` lists them, and near-duplicates")
 
 
+def all_rows(cache: store.Cache, pool: str = "avg") -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """(features as float32, labels, split of each row, paths) of every split in file order; a map cache's rows
+    pooled by `pool` (only a map cache's config needs parsing)."""
+    transform = None
+    if cache.header.config.get("pool") == "map":
+        transform = FeatureConfig.parse(cache.header.config, f"{cache.path}'s config").head_pooling(pool)
+    parts = [(split, cache.read_split(split, transform)) for split in cache.splits]
+    if not parts:
+        return np.zeros((0, cache.header.feature_dim), np.float32), np.zeros(0, np.int64), np.array([]), []
+    X = np.concatenate([np.asarray(d.features, np.float32) for _, d in parts])
+    splits = np.array([split for split, d in parts for _ in d.paths])
+    return X, np.concatenate([d.labels for _, d in parts]), splits, [p for _, d in parts for p in d.paths]
+
+
 def centred_unit_rows(cache: store.Cache) -> tuple[np.ndarray, list[Entry], np.ndarray]:
     """Every row of every split (a map cache average-pooled), centred on the mean row and scaled to unit length;
     the row's entry and label index."""
-    transform = None
-    if cache.header.config.get("pool") == "map":  # only a map cache's config needs parsing: its rows are pooled
-        transform = FeatureConfig.parse(cache.header.config, f"{cache.path}'s config").head_pooling("avg")
-    parts, entries, labels = [], [], []
-    for split in cache.splits:
-        data = cache.read_split(split, transform)
-        parts.append(np.asarray(data.features, np.float32))
-        entries += [Entry(split, p, cache.header.class_names[y]) for p, y in zip(data.paths, data.labels)]
-        labels.append(data.labels)
-    X = np.concatenate(parts) if parts else np.zeros((0, cache.header.feature_dim), np.float32)
+    X, labels, splits, paths = all_rows(cache)
+    entries = [Entry(str(s), p, cache.header.class_names[y]) for s, p, y in zip(splits, paths, labels)]
     if len(X):
         X -= X.mean(0, keepdims=True)
     X /= np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
-    return X, entries, np.concatenate(labels) if labels else np.zeros(0, np.int64)
+    return X, entries, labels
 
 
 def similar_pairs_and_neighbours(X: np.ndarray, threshold: float, k: int, block: int = BLOCK_ROWS,

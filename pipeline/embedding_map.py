@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import files, gallery, store
-from pipeline.config import FeatureConfig, MapConfig
+from pipeline.audit import all_rows
+from pipeline.config import MapConfig
 from pipeline.errors import UserError
 from pipeline.files import printable
 
@@ -27,14 +28,8 @@ SPLIT_MARKERS = {"train": "o", "val": "^", "test": "s"}
 
 def _rows(cache: store.Cache, pool: str | None, limit: int, seed: int):
     """(features, labels, split per row, paths) of every split, a seeded sample of `limit` rows when there are more."""
-    transform = None
-    if cache.header.config.get("pool") == "map":  # only a map cache's config needs parsing: its rows are pooled
-        transform = FeatureConfig.parse(cache.header.config, f"{cache.path}'s config").head_pooling(pool or "avg")
-    parts = [(split, cache.read_split(split, transform)) for split in cache.splits]
-    X = np.concatenate([np.asarray(d.features, np.float32) for _, d in parts])
-    y = np.concatenate([d.labels for _, d in parts])
-    splits = np.array([s for s, d in parts for _ in d.paths])
-    paths = np.array([p for _, d in parts for p in d.paths], dtype=object)
+    X, y, splits, paths = all_rows(cache, pool or "avg")
+    paths = np.array(paths, dtype=object)
     if len(X) > limit:
         keep = np.sort(np.random.default_rng(seed).choice(len(X), limit, replace=False))
         log.info("drawing %d of %d rows (seed %d)", limit, len(X), seed)

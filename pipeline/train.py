@@ -36,8 +36,7 @@ class Data:
     val_source: str
     loading: Loading
     V_train: np.ndarray | None = None  # augmented views of X_train's rows, (rows, K, D): trained on, never scored
-    paths_val: list[str] | None = None  # the images of the validation rows, and of the test rows (errors.png)
-    paths_test: list[str] | None = None
+    val_held: np.ndarray | None = None  # validation held out of train: its rows' positions there (None: a split)
 
 
 def pools_to_try(cfg: TrainConfig, header: store.Header) -> list[str | None]:
@@ -131,17 +130,23 @@ def load_data(cfg: TrainConfig, cache: store.Cache, loading: Loading, transform=
     split = lambda name, need_classes=True: read(cache, name, need_classes, transform)
     train, k = split(cfg.train_split), views_per_image(cfg, cache, loading)
     views = cache.read_views(cfg.train_split, transform).reshape(len(train[1]), k, -1) if k else None
+    held = None
     if cfg.val_split in cache.splits:
-        val, source, paths_val = split(cfg.val_split), cfg.val_split, cache.read_paths(cfg.val_split)
+        val, source = split(cfg.val_split), cfg.val_split
     else:
         train, val, views, held = _hold_out(cfg, train, views)
-        train_paths = cache.read_paths(cfg.train_split)
-        paths_val = [train_paths[i] for i in held]
         source = f"{cfg.val_fraction:g} of {cfg.train_split!r}, stratified, seed {cfg.head.seed}"
         log.info("no %r split: validating on %s", cfg.val_split, source)
     test = split(cfg.test_split, need_classes=False) if cfg.test_split in cache.splits else None
-    paths_test = cache.read_paths(cfg.test_split) if test else None
-    return Data(*train, *val, *(test or (None, None)), source, loading, views, paths_val, paths_test)
+    return Data(*train, *val, *(test or (None, None)), source, loading, views, held)
+
+
+def val_paths(cfg: TrainConfig, cache: store.Cache, data: Data) -> list[str]:
+    """The images of the validation rows: its split's, or those held out of train (read once, for the choice)."""
+    if data.val_held is None:
+        return cache.read_paths(cfg.val_split)
+    train_paths = cache.read_paths(cfg.train_split)
+    return [train_paths[i] for i in data.val_held]
 
 
 def _hold_out(cfg: TrainConfig, train: tuple, views: np.ndarray | None):
@@ -283,14 +288,14 @@ def train_head(cfg: TrainConfig) -> runs.Run:
         d, names = choice.data, cache.header.class_names
         proba_val = full_proba(choice.head, d.X_val, len(names))
         metrics = {"val": classification_metrics(d.y_val, proba_val, names)}
-        wrong = gallery.mistakes("val", d.paths_val, d.y_val, proba_val, names)
+        wrong = gallery.mistakes("val", val_paths(cfg, cache, d), d.y_val, proba_val, names)
         refitted = cfg.refit if cfg.refit is not None else (d.X_test is not None and loading.mode == "memory")
         head = refit(cfg, choice) if refitted else choice.head
         fitted = time.perf_counter()
         if d.X_test is not None:
             proba_test = full_proba(head, d.X_test, len(names))
             metrics["test"] = classification_metrics(d.y_test, proba_test, names)
-            wrong += gallery.mistakes("test", d.paths_test, d.y_test, proba_test, names)
+            wrong += gallery.mistakes("test", cache.read_paths(cfg.test_split), d.y_test, proba_test, names)
         record = _record(cfg, cache.header, choice, head, refitted, (start, loaded, fitted))
         _warn_of_copies_across_splits(cfg, cache)
         reference = drift.reference(d.X_train, d.y_train, d.X_val, proba_val.max(1), len(names))
