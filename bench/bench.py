@@ -171,14 +171,20 @@ def bench_rerun(data: Path, weights: str, out: Path) -> dict:
     return {"seconds": time.perf_counter() - start, "up_to_date": "up to date" in result.stdout}
 
 
+def synthetic_cache(path: Path, rows: np.ndarray, labels, split_of, sha_of, config: dict) -> Path:
+    """A float16 cache of these rows in 10 classes: row i is the image "i.jpg" of split_of(i), with hash sha_of(i)."""
+    records = [store.Record(split_of(i), f"{i:06d}.jpg", int(labels[i]), 1, 1, sha_of(i)) for i in range(len(rows))]
+    header = store.Header(fingerprint="bench", config=config, class_names=[str(i) for i in range(10)],
+                          feature_dim=rows.shape[1])
+    store.write_atomic(path, header, records, lambda rs: rows[[int(r.path[:6]) for r in rs]], "float16")
+    return path
+
+
 def bench_hdf5_read(tmp: Path) -> dict:
     """Row 6b: read throughput of a features split, 50,000 x 512 float16, contiguous slices (page cache warm)."""
     n, dim = 50_000, 512
     rows = np.random.default_rng(0).standard_normal((n, dim)).astype(np.float16)
-    records = [store.Record("train", f"{i:06d}.jpg", i % 10, 1, 1, "0" * 64) for i in range(n)]
-    header = store.Header(fingerprint="bench", config={}, class_names=[str(i) for i in range(10)], feature_dim=dim)
-    path = tmp / "read.h5"
-    store.write_atomic(path, header, records, lambda rs: rows[[int(r.path[:6]) for r in rs]], "float16")
+    path = synthetic_cache(tmp / "read.h5", rows, np.arange(n) % 10, lambda i: "train", lambda i: "0" * 64, {})
     start = time.perf_counter()
     got = store.read_split(path, "train")
     seconds = time.perf_counter() - start
@@ -206,12 +212,8 @@ def bench_audit(tmp: Path, n: int = 100_000, dim: int = 512) -> dict:
     sha = [f"{i:064x}" for i in range(n)]
     for i in range(100):  # planted copies across the two splits
         rows[n - 1 - i], sha[n - 1 - i] = rows[i], sha[i]
-    split = lambda i: "train" if i < n * 4 // 5 else "val"
-    records = [store.Record(split(i), f"{i:06d}.jpg", int(y[i]), 1, 1, sha[i]) for i in range(n)]
-    header = store.Header(fingerprint="bench", config={"pool": "avg"}, class_names=[str(i) for i in range(10)],
-                          feature_dim=dim)
-    path = tmp / "audit.h5"
-    store.write_atomic(path, header, records, lambda rs: rows[[int(r.path[:6]) for r in rs]], "float16")
+    path = synthetic_cache(tmp / "audit.h5", rows, y, lambda i: "train" if i < n * 4 // 5 else "val",
+                           sha.__getitem__, {"pool": "avg"})
     start = time.perf_counter()
     args = ["-q", "audit", str(path), "--out", str(tmp / "audit.csv")]
     result = subprocess.run([sys.executable, "-c", RSS_PROBE, *args], capture_output=True, text=True, cwd=ROOT)
