@@ -307,7 +307,6 @@ class AuditConfig:
     out: Path | None = None  # the CSV of findings; None: beside the cache, <cache>.audit.csv
 
     PARAMS = {"threshold": Interval(float, -1, 1), "neighbours": Interval(int, 1, 1000)}
-    OPTIONS = {}
 
     def __post_init__(self):
         validate(self)
