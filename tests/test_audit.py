@@ -68,15 +68,18 @@ def test_the_csv_lists_every_finding(planted, tmp_path):
 
 
 @pytest.mark.parametrize("screen_bf16", [False, True], ids=["float32", "bf16-screened"])
-@pytest.mark.parametrize("block", [7, 64, 1000], ids=["many-blocks", "one-row-of-blocks", "one-block"])
-def test_blocked_pairs_and_neighbours_equal_brute_force(block, screen_bf16):
+@pytest.mark.parametrize("n, dim, block", [(150, 8, 7), (150, 8, 64), (150, 8, 1000), (2000, 64, 256)],
+                         ids=["many-blocks", "three-blocks-padded", "one-block", "pruned-folds"])
+def test_blocked_pairs_and_neighbours_equal_brute_force(n, dim, block, screen_bf16):
     rng = np.random.default_rng(1)
-    X = rng.standard_normal((150, 8)).astype(np.float32)
+    X = rng.standard_normal((n, dim)).astype(np.float32)
+    X[-5:] = X[:5] + 0.1 * rng.standard_normal((5, dim))  # near copies, in the first and the last block
     X /= np.linalg.norm(X, axis=1, keepdims=True)
     (i, j, s), idx, sim = audit.similar_pairs_and_neighbours(X, 0.8, 4, block=block, screen_bf16=screen_bf16)
     S = X @ X.T
     np.fill_diagonal(S, -2)
     want = {(a, b) for a, b in zip(*np.nonzero(S >= 0.8)) if a < b}
+    assert {(a, n - 5 + a) for a in range(5)} <= want
     assert set(zip(i.tolist(), j.tolist())) == want and len(i) == len(want)
     np.testing.assert_allclose(sim, -np.sort(-S, axis=1)[:, :4], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.take_along_axis(S, idx, 1), sim, rtol=1e-5, atol=1e-6)
