@@ -302,7 +302,7 @@ class AuditConfig:
     """What `pipeline audit` was asked to check (see audit.py)."""
 
     features: Path
-    threshold: float = 0.92  # centred cosine similarity from which two images are near-duplicates
+    threshold: float = 0.92  # centred cosine from which two images are near-duplicates (README: bench/near_duplicates.py)
     neighbours: int = 5  # an image whose k nearest neighbours all carry another label is listed
     out: Path | None = None  # the CSV of findings; None: beside the cache, <cache>.audit.csv
 
