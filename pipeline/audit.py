@@ -191,10 +191,20 @@ def similar_pairs_and_neighbours(X: np.ndarray, threshold: float, k: int, block:
         for j0 in starts[a + 1:]:
             found.append(best.fold(product(i0, j0), i0, j0))
     i, j = (torch.cat(column) for column in zip(*found)) if found else (torch.zeros(0, dtype=torch.int64),) * 2
-    sims = (Xt[i] * Xt[j]).sum(1)  # float32, whatever the screening
+    sims = _pair_similarities(Xt, i, j)  # float32, whatever the screening
     keep = sims >= threshold
     idx, sim = best.rescored(Xt, k)
     return (i[keep].numpy(), j[keep].numpy(), sims[keep].numpy()), idx, sim
+
+
+def _pair_similarities(Xt, i, j, values: int = 1 << 24):
+    """Float32 cosine of each pair (i, j), gathering rows a slice of pairs at a time (64 MB of them), so that a
+    cache where most pairs are near-duplicates does not gather gigabytes at once."""
+    import torch
+
+    step = max(1, values // max(Xt.shape[1], 1))
+    parts = [(Xt[i[s:s + step]] * Xt[j[s:s + step]]).sum(1) for s in range(0, len(i), step)]
+    return torch.cat(parts) if parts else torch.zeros(0)
 
 
 def _hits(S, floor: float, i0: int, j0: int):
@@ -239,12 +249,13 @@ class _Best:
         self.idx[rows, slots] = (top.indices + row0).where(real, 0)
 
     def bar(self, start: int, count: int):
-        """What a value must reach to matter to rows start..: their worst kept similarity, or the floor when
+        """What a value must reach to matter to rows start..: just above their worst kept similarity (a tie
+        changes nothing, and ties are everywhere in a cache of identical or blank images), or the floor when
         lower (a pair to report); never below -1.5, where padding and a row's own product lie."""
         import torch
 
         worst = self.sim[start:start + count, -1] if self.kept else torch.full((count,), float("inf"))
-        return worst.clamp(min=-1.5, max=self.floor)
+        return torch.nextafter(worst, torch.tensor(float("inf"))).clamp(min=-1.5, max=self.floor)
 
     def fold(self, S, row0: int, col0: int):
         """Fold block S (rows row0.., columns col0.. with col0 > row0) into the neighbours of its rows and of its
@@ -263,10 +274,15 @@ class _Best:
 
     def merge(self, rows, cols, values) -> None:
         """Fold candidates (row, neighbour, similarity), each (row, neighbour) new, into the kept best: sort each
-        affected row's kept and candidates together, keep the first `kept`."""
+        affected row's kept and candidates together, keep the first `kept`. Candidates that only reached the
+        pair floor, not the row's worst kept, are left out first."""
         import torch
 
         if not self.kept or not len(rows):
+            return
+        better = values > self.sim[rows, -1]
+        rows, cols, values = rows[better], cols[better], values[better]
+        if not len(rows):
             return
         owners, counts = rows.unique(return_counts=True)
         rows = torch.cat([owners.repeat_interleave(self.kept), rows])

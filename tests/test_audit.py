@@ -85,6 +85,18 @@ def test_blocked_pairs_and_neighbours_equal_brute_force(n, dim, block, screen_bf
     np.testing.assert_allclose(np.take_along_axis(S, idx, 1), sim, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("screen_bf16", [False, True], ids=["float32", "bf16-screened"])
+def test_identical_rows_pair_with_each_other_and_are_each_others_neighbours(screen_bf16):
+    """Ties everywhere (a cache of one placeholder image repeated): every pair of copies, no row its own neighbour."""
+    rng = np.random.default_rng(2)
+    X = np.concatenate([np.tile(rng.standard_normal((1, 16)), (40, 1)), rng.standard_normal((30, 16))])
+    X = (X / np.linalg.norm(X, axis=1, keepdims=True)).astype(np.float32)
+    (i, j, s), idx, sim = audit.similar_pairs_and_neighbours(X, 0.99, 3, block=32, screen_bf16=screen_bf16)
+    assert sorted(zip(i.tolist(), j.tolist())) == [(a, b) for a in range(40) for b in range(a + 1, 40)]
+    np.testing.assert_allclose(sim[:40], 1.0, atol=1e-5)
+    assert (idx[:40] < 40).all() and (idx != np.arange(70)[:, None]).all()
+
+
 @pytest.fixture
 def images_with_copies(image_folder):
     """The tiny image folder with a cross-split copy, a resized copy and a relabelled copy planted."""
