@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import files, store
+from pipeline.data import Item
 from pipeline.files import printable
 from pipeline.config import AuditConfig, FeatureConfig
 
@@ -35,20 +36,11 @@ SCREEN_EXTRA = 5
 
 
 @dataclass(frozen=True)
-class Entry:
-    """One image of the cache: its split, path and class name."""
-
-    split: str
-    path: str
-    label: str
-
-
-@dataclass(frozen=True)
 class Pair:
     kind: str  # "exact" (same bytes) | "near" (similar features)
     similarity: float
-    a: Entry
-    b: Entry
+    a: Item
+    b: Item
 
     @property
     def splits(self) -> tuple[str, str]:
@@ -63,7 +55,7 @@ class Pair:
 class Suspect:
     """An image whose k nearest neighbours all carry another label: `suggested` is the most common of theirs."""
 
-    entry: Entry
+    entry: Item
     suggested: str
     similarity: float  # mean similarity of its k neighbours
 
@@ -85,7 +77,7 @@ class AuditReport:
         return dict(sorted(counts.items(), key=lambda kv: (kv[0][0] == kv[0][1], kv[0])))
 
 
-def _side(e: Entry) -> tuple:
+def _side(e: Item) -> tuple:
     """The order of a pair's two images: the training one first, then by split and path."""
     return e.split != "train", e.split, e.path
 
@@ -93,10 +85,10 @@ def _side(e: Entry) -> tuple:
 def exact_duplicates(records: list[store.Record], class_names: list[str]) -> list[Pair]:
     """Rows whose files have the same sha256: each copy paired with the first (by split, path) of its group;
     pairs across splits first."""
-    groups: dict[str, list[Entry]] = defaultdict(list)
+    groups: dict[str, list[Item]] = defaultdict(list)
     for r in records:
         if r.ok and r.view is None and r.sha256:
-            groups[r.sha256].append(Entry(r.split, r.path, class_names[r.label]))
+            groups[r.sha256].append(Item(r.split, r.path, class_names[r.label]))
     pairs = []
     for group in groups.values():
         first, *copies = sorted(group, key=_side)
@@ -137,11 +129,11 @@ def all_rows(cache: store.Cache, pool: str = "avg") -> tuple[np.ndarray, np.ndar
     return X, np.concatenate([d.labels for _, d in parts]), splits, [p for _, d in parts for p in d.paths]
 
 
-def centred_unit_rows(cache: store.Cache) -> tuple[np.ndarray, list[Entry], np.ndarray]:
+def centred_unit_rows(cache: store.Cache) -> tuple[np.ndarray, list[Item], np.ndarray]:
     """Every row of every split (a map cache average-pooled), centred on the mean row and scaled to unit length;
     the row's entry and label index."""
     X, labels, splits, paths = all_rows(cache)
-    entries = [Entry(str(s), p, cache.header.class_names[y]) for s, p, y in zip(splits, paths, labels)]
+    entries = [Item(str(s), p, cache.header.class_names[y]) for s, p, y in zip(splits, paths, labels)]
     if len(X):
         X -= X.mean(0, keepdims=True)
     X /= np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
@@ -312,7 +304,7 @@ class _Best:
         return idx, sim
 
 
-def likely_mislabelled(entries: list[Entry], labels: np.ndarray, idx: np.ndarray, sim: np.ndarray,
+def likely_mislabelled(entries: list[Item], labels: np.ndarray, idx: np.ndarray, sim: np.ndarray,
                        class_names: list[str]) -> list[Suspect]:
     """Images whose every neighbour carries another label, most confident (highest neighbour similarity) first."""
     if not idx.size:
@@ -381,7 +373,7 @@ def summary(report: AuditReport, shown: int = 10) -> list[str]:
     return lines
 
 
-def _where(e: Entry) -> str:
+def _where(e: Item) -> str:
     """A path as the user knows it, with its split when the path does not already start with it; a control
     character in a name (a newline) shown escaped, so that every finding stays one line."""
     text = printable(e.path if e.path.startswith(f"{e.split}/") else f"{e.path} ({e.split})")
