@@ -176,9 +176,7 @@ def similar_pairs_and_neighbours(X: np.ndarray, threshold: float, k: int, block:
 
     starts = range(0, padded, block)
     for i0 in starts:
-        S = product(i0, i0)
-        found.append(_hits(S, floor, i0, i0))
-        best.seed(i0, S)
+        found.append(best.seed(i0, product(i0, i0)))
     for a, i0 in enumerate(starts):
         for j0 in starts[a + 1:]:
             found.append(best.fold(product(i0, j0), i0, j0))
@@ -199,16 +197,12 @@ def _pair_similarities(Xt, i, j, values: int = 1 << 24):
     return torch.cat(parts) if parts else torch.zeros(0)
 
 
-def _hits(S, floor: float, i0: int, j0: int):
-    """Global (i, j) with S >= floor and i < j: rows without any are skipped by their maximum first (most are)."""
-    import torch
-
-    rows = (S.amax(1) >= floor).nonzero()[:, 0]
-    if not len(rows):
-        return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
-    r, c = (S[rows] >= floor).nonzero().T
-    i, j = rows[r] + i0, c + j0
-    return i[j > i], j[j > i]
+def _row_passing(S, w: int, bar):
+    """_passing over the rows of block S. A row's chunk is every (C/w)-th column, not w consecutive ones: its
+    maxima then reduce across rows of S, element by element, which vectorises (as a column's chunk does)."""
+    R, C = S.shape
+    by_row = S.view(R, w, C // w)
+    return _passing(by_row.transpose(1, 2), by_row.amax(1), bar, (1, C // w))
 
 
 def _passing(chunks, maxima, bar, steps: tuple[int, int]):
@@ -232,13 +226,18 @@ class _Best:
         self.idx = torch.zeros((n, kept), dtype=torch.int64)
         self.kept, self.floor, self.chunk = kept, floor, chunk
 
-    def seed(self, row0: int, S) -> None:
-        """The best neighbours of rows row0.. within their own block (S: the block against itself)."""
+    def seed(self, row0: int, S):
+        """The best neighbours of rows row0.. within their own block (S: the block against itself); return the
+        block's pairs i < j at or above the floor."""
+        import torch
+
         top = S.topk(min(self.kept, S.shape[1]), dim=1)
         real = top.values > -1.5  # not padding, not the row itself
         rows, slots = slice(row0, row0 + len(S)), slice(0, top.values.shape[1])
         self.sim[rows, slots] = top.values.float().where(real, -3.0)
         self.idx[rows, slots] = (top.indices + row0).where(real, 0)
+        i, j, _ = _row_passing(S, self.chunk, torch.full((len(S),), self.floor))
+        return i[j > i] + row0, j[j > i] + row0
 
     def bar(self, start: int, count: int):
         """What a value must reach to matter to rows start..: just above their worst kept similarity (a tie
@@ -253,13 +252,10 @@ class _Best:
         """Fold block S (rows row0.., columns col0.. with col0 > row0) into the neighbours of its rows and of its
         columns; return its pairs at or above the floor."""
         w, (R, C) = self.chunk, S.shape
-        # a row's chunk: every (C/w)-th column; a column's chunk: w consecutive rows. Both maxima then reduce
-        # across rows of S, element by element, which vectorises (a row's w consecutive values would not)
-        by_row = S.view(R, w, C // w)
-        rows, cols, values = _passing(by_row.transpose(1, 2), by_row.amax(1), self.bar(row0, R), (1, C // w))
+        rows, cols, values = _row_passing(S, w, self.bar(row0, R))
         self.merge(rows + row0, cols + col0, values)
         hits = values >= self.floor
-        by_col = S.view(R // w, w, C)
+        by_col = S.view(R // w, w, C)  # a column's chunk: w consecutive rows
         c_cols, c_rows, c_values = _passing(by_col.permute(2, 0, 1), by_col.amax(1).T, self.bar(col0, C), (w, 1))
         self.merge(c_cols + col0, c_rows + row0, c_values)
         return rows[hits] + row0, cols[hits] + col0
@@ -284,9 +280,10 @@ class _Best:
         order = (rows.double() * 8 - values.double()).argsort()
         counts = counts + self.kept
         rank = torch.arange(len(order)) - (counts.cumsum(0) - counts).repeat_interleave(counts)
-        keep = order[rank < self.kept]
-        self.sim[rows[keep], rank[rank < self.kept]] = values[keep]
-        self.idx[rows[keep], rank[rank < self.kept]] = cols[keep]
+        first = rank < self.kept
+        keep = order[first]
+        self.sim[rows[keep], rank[first]] = values[keep]
+        self.idx[rows[keep], rank[first]] = cols[keep]
 
     def rescored(self, Xt, k: int, step: int = 4096) -> tuple[np.ndarray, np.ndarray]:
         """The k best of the kept candidates, by float32 similarity, a block of rows at a time."""
