@@ -28,7 +28,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from protocol import _timed_cli  # noqa: E402
 
-from pipeline import store  # noqa: E402
+from pipeline import audit, store  # noqa: E402
+from pipeline.estimators import row_normalised  # noqa: E402
 
 THRESHOLDS = (0.90, 0.92, 0.93, 0.94, 0.95)
 
@@ -78,15 +79,11 @@ def write_copies(chosen: list[Path], dst: Path) -> None:
                                                                                 quality=quality)
 
 
-def unit(X: np.ndarray, mean: np.ndarray) -> np.ndarray:
-    X = X.astype(np.float32) - mean
-    return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
-
-
-def rows_by_path(path: Path) -> dict[str, np.ndarray]:
+def rows_and_paths(path: Path) -> tuple[np.ndarray, list[str]]:
+    """Every row of a cache (float32) and its image path, as the audit reads them."""
     with store.open_cache(path) as cache:
-        parts = [cache.read_split(split) for split in cache.splits]
-    return {p: row for part in parts for p, row in zip(part.paths, part.features)}
+        X, _, _, paths = audit.all_rows(cache)
+    return X, paths
 
 
 def measure(data: Path, weights: str, copies: int, seed: int, tmp: Path) -> tuple[dict, list]:
@@ -94,17 +91,15 @@ def measure(data: Path, weights: str, copies: int, seed: int, tmp: Path) -> tupl
     write_copies(chosen, tmp / "copies")
     for folder, out in ((data, tmp / "data.h5"), (tmp / "copies", tmp / "copies.h5")):
         _timed_cli("extract", str(folder), "--weights", weights, "--out", str(out), "--force")
-    originals, edited = rows_by_path(tmp / "data.h5"), rows_by_path(tmp / "copies.h5")
-    names = list(originals)
-    X = np.stack([originals[p] for p in names]).astype(np.float32)
-    mean = X.mean(0)
-    U = unit(X, mean)
-    index = {str(path.relative_to(data)): i for i, path in enumerate(chosen)}
-    row_of = {i: names.index(p) for p, i in index.items()}
+    (X, names), (E, edited) = rows_and_paths(tmp / "data.h5"), rows_and_paths(tmp / "copies.h5")
+    mean = X.mean(0)  # the dataset's: the copies are centred as if they were a few among many
+    U, V = row_normalised(X - mean, "l2"), row_normalised(E - mean, "l2")
+    row = {name: r for r, name in enumerate(names)}
+    source_row = [row[str(path.relative_to(data))] for path in chosen]
     by_edit = {name: [] for name in EDITS}
-    for key, row in edited.items():
+    for key, v in zip(edited, V):
         name, file = key.rsplit("/", 1)
-        by_edit[name].append(float(unit(row[None], mean)[0] @ U[row_of[int(file[:3])]]))
+        by_edit[name].append(float(v @ U[source_row[int(file[:3])]]))
     S = U @ U.T
     np.fill_diagonal(S, -2)
     i, j = np.triu_indices(len(U), 1)
