@@ -29,7 +29,7 @@ from pipeline.config import ExtractConfig  # noqa: E402
 from pipeline.device import autocast, resolve_device, resolve_precision  # noqa: E402
 from pipeline.embed import default_batch_size, default_workers  # noqa: E402
 from pipeline.extract import extract  # noqa: E402
-from pipeline.synthetic import make_image_folder  # noqa: E402
+from pipeline.synthetic import make_image_folder, rows_config  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
 import finetune  # noqa: E402
@@ -101,8 +101,8 @@ def bench_extract(data: Path, weights: str, device: str, decode: str, out: Path)
     total = time.perf_counter() - start
     header = store.read_header(out)
     return {"images": s.extracted, "seconds": total, "model_images_per_s": s.images_per_s,
-            "images_per_s": s.extracted / total, "precision": header.extraction["precision"],
-            "batch": header.extraction["batch_size"], "workers": header.extraction["workers"],
+            "images_per_s": s.extracted / total, "precision": header.extraction.precision,
+            "batch": header.extraction.batch_size, "workers": header.extraction.workers,
             "file_bytes": s.file_bytes, "failed": len(s.failed)}
 
 
@@ -137,12 +137,13 @@ def fit_seconds(kind: str, X, y, Xv, yv) -> dict:
     """Row 5 cell: the whole train-head sweep (45 C values along the path, or 4 weight decays x 2 learning rates
     with early stopping)."""
     from pipeline.config import HeadConfig
-    from pipeline.stream import Loading
+    from pipeline.loading import MEMORY, LoadPlan
     from pipeline.train import Data, sweep_candidates
 
     start = time.perf_counter()
-    table = [score for score, _ in sweep_candidates(HeadConfig(kind=kind), Data(X, y, Xv, yv, None, None, "val",
-                                                                                Loading("memory", 0, 0)))]
+    data = Data(X_train=X, y_train=y, X_val=Xv, y_val=yv, X_test=None, y_test=None, val_source="val",
+                plan=LoadPlan(pools=(None,), mode=MEMORY, budget_bytes=0, needed_bytes=0))
+    table = [score for score, _ in sweep_candidates(HeadConfig(kind=kind), data)]
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "val_accuracy": max(t["val_accuracy"] for t in table), "candidates": len(table)}
 
@@ -171,7 +172,7 @@ def bench_rerun(data: Path, weights: str, out: Path) -> dict:
     return {"seconds": time.perf_counter() - start, "up_to_date": "up to date" in result.stdout}
 
 
-def synthetic_cache(path: Path, rows: np.ndarray, labels, split_of, sha_of, config: dict) -> Path:
+def synthetic_cache(path: Path, rows: np.ndarray, labels, split_of, sha_of, config) -> Path:
     """A float16 cache of these rows in 10 classes: row i is the image "i.jpg" of split_of(i), with hash sha_of(i)."""
     records = [store.Record(split_of(i), f"{i:06d}.jpg", int(labels[i]), 1, 1, sha_of(i)) for i in range(len(rows))]
     header = store.Header(fingerprint="bench", config=config, class_names=[str(i) for i in range(10)],
@@ -184,7 +185,7 @@ def bench_hdf5_read(tmp: Path) -> dict:
     """Row 6b: read throughput of a features split, 50,000 x 512 float16, contiguous slices (page cache warm)."""
     n, dim = 50_000, 512
     rows = np.random.default_rng(0).standard_normal((n, dim)).astype(np.float16)
-    path = synthetic_cache(tmp / "read.h5", rows, np.arange(n) % 10, lambda i: "train", lambda i: "0" * 64, {})
+    path = synthetic_cache(tmp / "read.h5", rows, np.arange(n) % 10, lambda i: "train", lambda i: "0" * 64, rows_config())
     start = time.perf_counter()
     got = store.read_split(path, "train")
     seconds = time.perf_counter() - start
@@ -213,7 +214,7 @@ def bench_audit(tmp: Path, n: int = 100_000, dim: int = 512) -> dict:
     for i in range(100):  # planted copies across the two splits
         rows[n - 1 - i], sha[n - 1 - i] = rows[i], sha[i]
     path = synthetic_cache(tmp / "audit.h5", rows, y, lambda i: "train" if i < n * 4 // 5 else "val",
-                           sha.__getitem__, {"pool": "avg"})
+                           sha.__getitem__, rows_config())
     start = time.perf_counter()
     args = ["-q", "audit", str(path), "--out", str(tmp / "audit.csv")]
     result = subprocess.run([sys.executable, "-c", RSS_PROBE, *args], capture_output=True, text=True, cwd=ROOT)

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from protocol import _timed_cli  # noqa: E402
 
-from pipeline import audit, store  # noqa: E402
+from pipeline import store  # noqa: E402
 from pipeline.estimators import row_normalised  # noqa: E402
 
 THRESHOLDS = (0.90, 0.92, 0.93, 0.94, 0.95)
@@ -82,8 +82,8 @@ def write_copies(chosen: list[Path], dst: Path) -> None:
 def rows_and_paths(path: Path) -> tuple[np.ndarray, list[str]]:
     """Every row of a cache (float32) and its image path, as the audit reads them."""
     with store.open_cache(path) as cache:
-        X, _, _, paths = audit.all_rows(cache)
-    return X, paths
+        rows = cache.all_rows()
+    return rows.features, rows.paths
 
 
 def measure(data: Path, weights: str, copies: int, seed: int, tmp: Path) -> tuple[dict, list]:

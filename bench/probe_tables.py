@@ -27,7 +27,8 @@ from pipeline import pools, store  # noqa: E402
 from pipeline.config import ExtractConfig, HeadConfig, TrainConfig  # noqa: E402
 from pipeline.extract import extract  # noqa: E402
 from pipeline.runs import describe_chosen  # noqa: E402
-from pipeline.train import Data, load_data, plan_loading, sweep_candidates, train_head  # noqa: E402
+from pipeline.loading import plan_loading  # noqa: E402
+from pipeline.train import Data, load_data, sweep_candidates, train_head  # noqa: E402
 
 KINDS = {"avg": {}, "map": {"pool": "map"}, "flip": {"views": "flip"}, "scales": {"scales": "256,384,512"}}
 
@@ -81,7 +82,7 @@ def _former_grid(cache: Path) -> tuple[float, float, str]:
     cfg = TrainConfig(features=cache)
     start, best = time.perf_counter(), None
     with store.open_cache(cache) as c:
-        data = load_data(cfg, c, plan_loading(cfg, c, [None]))
+        data = load_data(cfg, c, plan_loading(cfg, c))
         for C in np.logspace(-4, 2, 7):
             for score, _ in sweep_candidates(HeadConfig(C=float(C)), data):
                 key = (score["val_accuracy"], -score["val_log_loss"])

@@ -64,7 +64,7 @@ from pipeline.config import HeadConfig, TrainConfig
 from pipeline.train import train_head
 start = time.perf_counter()
 run = train_head(TrainConfig(features=sys.argv[1], out=sys.argv[2], memory_budget=sys.argv[3],
-                             head=HeadConfig(kind="linear", weight_decay=1e-3, lr=1e-3, epochs=5, n_iter_no_change=100)))
+                             head=HeadConfig(kind="linear", weight_decay=1e-3, lr=1e-3, epochs=5, patience=100)))
 hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
 print(json.dumps({"fit_seconds": run.record.timings.fit_seconds, "mode": run.record.loading.mode,
                   "val_accuracy": run.metrics["val"]["accuracy"], "peak_mb": hwm / 1024}))
@@ -74,13 +74,14 @@ print(json.dumps({"fit_seconds": run.record.timings.fit_seconds, "mode": run.rec
 def synthetic_cache(path: Path, rows: int, dim: int = 512, classes: int = 10) -> Path:
     """A train/val cache of separable-ish random features, written through the real schema, in blocks."""
     from pipeline import store
+    from pipeline.synthetic import rows_config
 
     rng = np.random.default_rng(0)
     centres = rng.standard_normal((classes, dim)).astype(np.float32)
     labels = rng.integers(0, classes, rows)
     records = [store.Record("train" if i % 5 else "val", f"{i:08d}.jpg", int(labels[i]), 1, 1, "0" * 64)
                for i in range(rows)]
-    header = store.Header(fingerprint="bench", config={}, class_names=[str(c) for c in range(classes)], feature_dim=dim)
+    header = store.Header(fingerprint="bench", config=rows_config(), class_names=[str(c) for c in range(classes)], feature_dim=dim)
 
     def fetch(batch):
         index = np.array([int(r.path[:8]) for r in batch])

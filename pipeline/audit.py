@@ -23,7 +23,7 @@ import numpy as np
 from pipeline import files, store
 from pipeline.data import Item
 from pipeline.files import printable
-from pipeline.config import AuditConfig, FeatureConfig
+from pipeline.config import AuditConfig
 
 log = logging.getLogger(__name__)
 
@@ -115,25 +115,12 @@ def describe_copies(path: Path) -> str:
             + f"; `pipeline audit {path}` lists them, and near-duplicates")
 
 
-def all_rows(cache: store.Cache, pool: str = "avg") -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
-    """(features as float32, labels, split of each row, paths) of every split in file order; a map cache's rows
-    pooled by `pool` (only a map cache's config needs parsing)."""
-    transform = None
-    if cache.header.config.get("pool") == "map":
-        transform = FeatureConfig.parse(cache.header.config, f"{cache.path}'s config").head_pooling(pool)
-    parts = [(split, cache.read_split(split, transform)) for split in cache.splits]
-    if not parts:
-        return np.zeros((0, cache.header.feature_dim), np.float32), np.zeros(0, np.int64), np.array([]), []
-    X = np.concatenate([np.asarray(d.features, np.float32) for _, d in parts])
-    splits = np.array([split for split, d in parts for _ in d.paths])
-    return X, np.concatenate([d.labels for _, d in parts]), splits, [p for _, d in parts for p in d.paths]
-
-
 def centred_unit_rows(cache: store.Cache) -> tuple[np.ndarray, list[Item], np.ndarray]:
     """Every row of every split (a map cache average-pooled), centred on the mean row and scaled to unit length;
     the row's entry and label index."""
-    X, labels, splits, paths = all_rows(cache)
-    entries = [Item(str(s), p, cache.header.class_names[y]) for s, p, y in zip(splits, paths, labels)]
+    rows = cache.all_rows()
+    X, labels = rows.features, rows.labels
+    entries = [Item(str(s), p, cache.header.class_names[y]) for s, p, y in zip(rows.splits, rows.paths, labels)]
     if len(X):
         X -= X.mean(0, keepdims=True)
     X /= np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)

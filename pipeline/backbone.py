@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 # torchvision's vgg16().features: blocks 1-4 end with the max-pool at index 23 (pool4); block 5 is 24..30:
 # conv5_1, relu, conv5_2, relu, conv5_3, relu, pool5
-POOL4_END = 24
+POOL4_END = pools.BLOCK5_INPUT.end
 BLOCK5_CONVS = (24, 26, 28)
 
 
@@ -114,12 +114,10 @@ def _load_failure(e: Exception) -> str:
 def build_body(feature_cfg: FeatureConfig, weights: str) -> VGG16Body:
     """The frozen, eval-mode body for a feature config; `weights` is the user's spec (imagenet|none|path)."""
     identity = config.weights_identity(weights)
-    if identity != feature_cfg.weights:
-        raise UserError(f"weights {weights!r} are {identity}, but the features were made with {feature_cfg.weights}")
-    layers = vgg16_features(weights)
-    if feature_cfg.layer == "pool4":
-        layers = layers[:POOL4_END]
-    body = VGG16Body(layers, feature_cfg.pool, feature_cfg.mean, feature_cfg.std, flip=feature_cfg.views == "flip")
+    if identity != feature_cfg.weights_id:
+        raise UserError(f"weights {weights!r} are {identity}, but the features were made with {feature_cfg.weights_id}")
+    layers = vgg16_features(weights)[:pools.LAYERS[feature_cfg.layer].end]
+    body = VGG16Body(layers, feature_cfg.pool, feature_cfg.mean, feature_cfg.std, flip=feature_cfg.flip)
     body.requires_grad_(False)
     return body.eval()
 

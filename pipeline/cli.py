@@ -16,7 +16,7 @@ from typing import Optional
 import typer
 from typer.core import TyperGroup
 
-from pipeline.config import VGG16_CHANNELS, AuditConfig, EvaluateConfig, MapConfig, ExtractConfig, HeadConfig, PredictConfig, TrainConfig
+from pipeline.config import VGG16_CHANNELS, VIEWS, AuditConfig, EvaluateConfig, MapConfig, ExtractConfig, HeadConfig, PredictConfig, TrainConfig, flip_option, scales_option
 from pipeline.errors import Interrupted, UserError
 from pipeline.files import human_bytes, printable
 from pipeline.heads import HEADS
@@ -92,8 +92,8 @@ def extract(
                              + "; map keeps the pool5 map, so train-head can pool it any of the other ways."),
     image_size: int = typer.Option(X("image_size"), help="Centre-crop side; images are resized to 256/224 of it first."),
     layer: str = typer.Option(X("layer"), help="pool5 (the body's output), or pool4 (512 x 14 x 14 at 224, the input of block 5: for --head block5)."),
-    views: str = typer.Option(X("views"), help="none, or flip: each row is the mean of the image's and its mirror's features."),
-    scales: str = typer.Option(X("scales"), help="e.g. 256,384,512: the whole image (no crop) at each shorter side, pooled and averaged (pooled modes only)."),
+    views: str = typer.Option(VIEWS[X("flip")], help="none, or flip: each row is the mean of the image's and its mirror's features."),
+    scales: str = typer.Option(",".join(map(str, X("scales"))), help="e.g. 256,384,512: the whole image (no crop) at each shorter side, pooled and averaged (pooled modes only)."),
     augment: int = typer.Option(X("augment"), help="K: also cache K augmented views (random resized crop + flip) of every training image, for train-head --views."),
     augment_seed: int = typer.Option(X("augment_seed"), help="Seed of the augmented views (each view depends on it, its file's path and its index only)."),
     batch_size: int = typer.Option(X("batch_size"), help="Images per forward (default 0: 256 on CUDA, 4 elsewhere)."),
@@ -112,8 +112,8 @@ def extract(
     writes the cache."""
     from pipeline.extract import extract as run_extract
 
-    s = run_extract(ExtractConfig(data=data, out=out, weights=weights, pool=pool, image_size=image_size, layer=layer, views=views,
-                                  scales=scales, augment=augment, augment_seed=augment_seed, batch_size=batch_size, workers=workers, device=device, precision=precision,
+    s = run_extract(ExtractConfig(data=data, out=out, weights=weights, pool=pool, image_size=image_size, layer=layer, flip=flip_option(views),
+                                  scales=scales_option(scales), augment=augment, augment_seed=augment_seed, batch_size=batch_size, workers=workers, device=device, precision=precision,
                                   dtype=dtype, decode=decode, force=force, verify=verify, shard=shard))
     if not s.wrote_cache:
         if s.remaining:  # a part of a job array; a rank other than 0 prints nothing but its progress
@@ -144,28 +144,32 @@ def info(file: Path = typer.Argument(..., help="A feature cache (.h5)."),
 
     d = describe(file)
     if as_json:
-        typer.echo(json.dumps(d, indent=2))
+        typer.echo(json.dumps(d.to_json(), indent=2))
         return
-    _echo(f"{d['path']}  ({human_bytes(d['file_bytes'])}, schema ok)")
-    _echo(f"fingerprint  {d['fingerprint']}   feature dim {d['feature_dim']}   classes {len(d['class_names'])}")
-    if d["map_shape"]:
-        c, h, w = d["map_shape"]
-        layer = d["config"].get("layer", "pool5")
-        heads = "; train-head --head block5 fine-tunes block 5 on it" if layer == "pool4" else ""
-        _echo(f"map          {layer} map {c}x{h}x{w} per row (row-major): train-head --pool {'|'.join(HEAD_POOLS)}|auto{heads}")
-    _echo(f"config       {json.dumps(d['config'], sort_keys=True)}")
-    _echo(f"source       {d['source'].get('root')} ({d['source'].get('kind')})")
-    _echo(f"created      {d['created']}   updated {d['updated']}")
-    if d["extraction"]:
-        e = d["extraction"]
-        _echo(f"extraction   {e.get('device')} {e.get('precision')}, {e.get('images_per_s')} images/s")
+    h = d.header
+    _echo(f"{d.path}  ({human_bytes(d.file_bytes)}, schema ok)")
+    _echo(f"fingerprint  {h.fingerprint}   feature dim {h.feature_dim}   classes {len(h.class_names)}")
+    if d.map_shape:
+        c, rows, cols = d.map_shape
+        heads = "".join(f"; train-head --head {s.name} fine-tunes block 5 on it"
+                        for s in HEADS.values() if s.takes_map and h.config.feeds_block5)
+        _echo(f"map          {h.config.layer} map {c}x{rows}x{cols} per row (row-major): train-head --pool "
+              f"{'|'.join(HEAD_POOLS)}|auto{heads}")
+    _echo(f"config       {json.dumps(h.config_dict, sort_keys=True)}")
+    if h.config is None:
+        _echo(f"             not a config this vggcache can use ({h.config_problem})")
+    _echo(f"source       {h.source.root} ({h.source.kind})")
+    _echo(f"created      {h.created}   updated {h.updated}")
+    if h.extraction:
+        e = h.extraction
+        _echo(f"extraction   {e.device} {e.precision}, {e.images_per_s} images/s")
     _echo(f"copies       {describe_copies(file)}")
-    for split, s in sorted(d["splits"].items()):
-        per_class = ", ".join(f"{name} {n}" for name, n in s["per_class"].items())
-        views = f", {s['views']} augmented views ({s['views'] // max(1, s['rows'])} per row)" if s["views"] else ""
-        _echo(f"split {split}: {s['rows']} rows ({per_class}){views}, {len(s['failed'])} failed")
-        for f in s["failed"]:
-            _echo(f"  failed {f['path']}: {f['reason']}")
+    for split, s in sorted(d.splits.items()):
+        per_class = ", ".join(f"{name} {n}" for name, n in s.per_class.items())
+        views = f", {s.views} augmented views ({s.views // max(1, s.rows)} per row)" if s.views else ""
+        _echo(f"split {split}: {s.rows} rows ({per_class}){views}, {len(s.failed)} failed")
+        for r in s.failed:
+            _echo(f"  failed {r.path}: {r.reason}")
 
 
 @app.command("train-head")
@@ -204,7 +208,7 @@ def train_head(
     from pipeline.train import train_head as run_train
 
     head_cfg = HeadConfig(kind=head, C=C, k=k, norm=norm, hidden=hidden, dropout=dropout, lr=lr, weight_decay=weight_decay, epochs=epochs,
-                          batch_size=batch_size, n_iter_no_change=patience, validation_fraction=early_stop_fraction,
+                          batch_size=batch_size, patience=patience, validation_fraction=early_stop_fraction,
                           freeze_convs=freeze_convs, weights=weights,
                           seed=seed, device=device)
     run = run_train(TrainConfig(features=features, out=out, train_split=train_split, val_split=val_split,

@@ -11,12 +11,13 @@ import re
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
 from pathlib import Path
+from typing import Callable
 
 from pipeline import pools
 from pipeline.augment import RECIPE
 from pipeline.errors import UserError
 from pipeline.heads import HEADS, NORMS
-from pipeline.params import Interval, OneOf, Optional, Satisfies, validate
+from pipeline.params import Interval, OneOf, Optional, Satisfies, parse_option, validate
 
 POOLS = tuple(pools.POOLS)
 DTYPES = ("float16", "float32")
@@ -38,11 +39,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class FeatureConfig:
     """Everything that defines the features in a cache; its hash is the cache's fingerprint.
 
-    Device, autocast precision and decoder are recorded beside it (`extraction`), not in it: they change
+    Device, autocast precision and decoder are recorded beside it (store.Extraction), not in it: they change
     values only at the level of float rounding, so a cache made on a GPU serves a head used on a CPU.
+    Its form in a file, and what is hashed, is declared field by field in CANONICAL (below), not derived from the
+    attribute names here: renaming an attribute never changes an existing cache's fingerprint.
     """
 
-    weights: str  # "torchvision:<enum>", "sha256:<hex of the file>" or "random:seed=0,torch=<version>"
+    weights_id: str  # "torchvision:<enum>", "sha256:<hex of the file>" or "random:seed=0,torch=<version>"
     pool: str
     image_size: int
     resize_size: int
@@ -52,12 +55,37 @@ class FeatureConfig:
     antialias: bool = True
     dtype: str = "float16"
     backbone: str = "torchvision.models.vgg16.features"
-    views: str = "none"  # "flip": each row is the mean of the image's and its mirror's features
+    flip: bool = False  # each row is the mean of the image's and its mirror's features (`extract --views flip`)
     scales: tuple[int, ...] = ()  # () : one centre crop; else the whole image at each shorter side, pooled, averaged
-    layer: str = "pool5"  # pool5 (the body's output) or pool4 (the input of block 5, for fine-tuning it)
+    layer: str = "pool5"  # a pools.LAYERS name: pool5 (the body's output) or pool4 (the input of block 5)
     augment: int = 0  # K augmented views of each training image, cached beside its row (augment.py)
     augment_seed: int = 0
     augment_recipe: str = ""  # augment.RECIPE when augment > 0: what the views are, in words
+
+    PARAMS = {
+        "weights_id": Satisfies(lambda w: isinstance(w, str) and w.split(":")[0] in ("torchvision", "sha256", "random"),
+                                "torchvision:..., sha256:... or random:..."),
+        "pool": OneOf(tuple(pools.POOLS)), "image_size": Interval(int, 32, 1024), "resize_size": Interval(int, 32, 4096),
+        "mean": Satisfies(lambda m: _three_numbers(m), "three numbers"), "std": Satisfies(lambda m: _three_numbers(m, positive=True), "three positive numbers"),
+        "interpolation": Satisfies(lambda t: isinstance(t, str), "a text"), "antialias": OneOf((False, True)),
+        "dtype": OneOf(DTYPES), "backbone": Satisfies(lambda t: isinstance(t, str), "a text"),
+        "flip": OneOf((False, True)), "scales": Satisfies(lambda s: _scale_sizes(s), "sizes from 32 to 2048, sorted, without repeats"),
+        "layer": OneOf(tuple(pools.LAYERS)), "augment": Interval(int, 0, 64), "augment_seed": Interval(int, 0, 2**32 - 1),
+        "augment_recipe": Satisfies(lambda t: isinstance(t, str), "a text"),
+    }
+
+    def __post_init__(self):
+        validate(self)
+
+    @property
+    def is_map(self) -> bool:
+        """The cache holds the layer's map itself (`extract --pool map`): rows are pooled at head time."""
+        return pools.get(self.pool).keeps_map
+
+    @property
+    def feeds_block5(self) -> bool:
+        """The cache holds the map of the input of block 5 (`extract --layer pool4 --pool map`): the block5 head's."""
+        return self.is_map and pools.LAYERS[self.layer].feeds_block5
 
     @property
     def map_side(self) -> int:
@@ -69,55 +97,154 @@ class FeatureConfig:
 
     @property
     def map_shape(self) -> tuple[int, int, int] | None:
-        """(C, h, w) of a row of a map cache (`pool == "map"`), else None."""
-        return (VGG16_CHANNELS, self.map_side, self.map_side) if self.pool == "map" else None
+        """(C, h, w) of a row of a map cache, else None."""
+        return (VGG16_CHANNELS, self.map_side, self.map_side) if self.is_map else None
 
-    def pooled_dim(self, pool: str) -> int:
-        """Size of this (map) cache's rows once pooled by `pool` at head time."""
-        return pools.get(pool).dim(VGG16_CHANNELS, self.map_side)
+    def pooled_dim(self, pool: str | None) -> int:
+        """Size of this cache's rows once pooled by `pool` at head time (None: the rows as stored)."""
+        return self.feature_dim if pool is None else pools.get(pool).dim(VGG16_CHANNELS, self.map_side)
+
+    def pooled_name(self, pool: str | None) -> str:
+        """The pooling a head's rows have: `pool` applied at head time, or the cache's own (None)."""
+        return pool or self.pool
 
     def head_pooling(self, pool: str | None):
         """Rows of this (map) cache -> rows pooled by `pool` (a pools.HEAD_POOLS name); None: the rows as they are."""
         if pool is None:
             return None
-        if self.pool != "map":
+        if not self.is_map:
             raise ValueError(f"only a map cache is pooled at head time; this one holds {self.pool}")
         return pools.from_map(pool, VGG16_CHANNELS, self.map_side)
 
     def to_dict(self) -> dict:
-        """The canonical form: a field added since schema 1 is left out at its default, so every cache made before
-        it keeps its fingerprint."""
-        d = asdict(self)
-        for name, default in LATER_FIELD_DEFAULTS.items():
-            if d[name] == default:
-                del d[name]
-        if "scales" in d:
-            d["scales"] = list(d["scales"])  # as JSON reads it back
-        return d
+        """The canonical form, as a cache's config attribute holds it: CANONICAL's names and JSON values, a field
+        added since schema 1 left out at its default, so every cache made before it keeps its fingerprint."""
+        out = {}
+        for c in CANONICAL:
+            value = c.to_json(getattr(self, c.attribute))
+            if c.since_schema_1 or value != c.to_json(c.default):
+                out[c.name] = value
+        return out
 
     @classmethod
     def parse(cls, d: dict, what: str) -> "FeatureConfig":
         """`from_dict` for a config read from a file: one UserError naming `what` when it is not one."""
         try:
             return cls.from_dict(d)
-        except (TypeError, KeyError, ValueError) as e:
+        except (TypeError, KeyError, ValueError, UserError) as e:
             raise UserError(f"{what} is not an extractor config this vggcache knows ({e})") from None
 
     @classmethod
     def from_dict(cls, d: dict) -> "FeatureConfig":
-        d = dict(d)
-        d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
-        d["scales"] = tuple(d.get("scales", ()))
-        return cls(**d)
+        """The canonical form back (`to_dict`), every value validated; unknown or missing names are refused."""
+        if not isinstance(d, dict):
+            raise TypeError(f"expected a JSON object, found {type(d).__name__}")
+        unknown = sorted(set(d) - {c.name for c in CANONICAL})
+        if unknown:
+            raise ValueError(f"unknown field {unknown[0]!r}")
+        values = {}
+        for c in CANONICAL:
+            if c.name in d:
+                values[c.attribute] = c.from_json(d[c.name])
+            elif c.since_schema_1 and c.default is REQUIRED:
+                raise KeyError(c.name)
+        return cls(**values)
 
     def fingerprint(self) -> str:
         canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
+    def changes_from(self, stored: dict) -> dict:
+        """What differs between a config as a cache stores it (perhaps one this version cannot read) and this one:
+        name -> (theirs, ours), a name left out of either shown at its default; values as JSON holds them."""
+        defaults = {c.name: c.to_json(c.default) for c in CANONICAL if c.default is not REQUIRED}
+        ours, theirs = json.loads(json.dumps(self.to_dict())), json.loads(json.dumps(stored))
+        names = sorted(set(ours) | set(theirs), key=lambda k: (k not in ours, k))
+        values = {k: (theirs.get(k, defaults.get(k)), ours.get(k, defaults.get(k))) for k in names}
+        return {k: (a, b) for k, (a, b) in values.items() if a != b}
 
-LATER_FIELD_DEFAULTS = {"views": "none", "scales": (), "layer": "pool5", "augment": 0, "augment_seed": 0, "augment_recipe": ""}
-LAYERS = tuple(pools.LAYER_STRIDES)
-VIEWS = ("none", "flip")
+
+REQUIRED = object()
+
+
+def _same(value):
+    return value
+
+
+def _as_tuple(value):
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"expected a list, found {json.dumps(value)[:40]}")
+    return tuple(value)
+
+
+def _flip_from(views):
+    if views not in VIEWS:
+        raise ValueError(f"views {views!r} is not one of {', '.join(VIEWS)}")
+    return views == "flip"
+
+
+@dataclass(frozen=True)
+class Canonical:
+    """How one FeatureConfig attribute is named and written in a cache's config (and so in its fingerprint).
+
+    `name` never changes once a cache holds it: an attribute may be renamed in code, its canonical name stays.
+    A field added after schema 1 (`since_schema_1=False`) is written only when it differs from its `default`.
+    """
+
+    attribute: str
+    name: str
+    default: object = REQUIRED
+    since_schema_1: bool = True
+    to_json: Callable = _same
+    from_json: Callable = _same
+
+
+VIEWS = ("none", "flip")  # the words of `extract --views` and of a config's "views"
+CANONICAL = (
+    Canonical("weights_id", "weights"),
+    Canonical("pool", "pool"),
+    Canonical("image_size", "image_size"),
+    Canonical("resize_size", "resize_size"),
+    Canonical("mean", "mean", IMAGENET_MEAN, to_json=list, from_json=_as_tuple),
+    Canonical("std", "std", IMAGENET_STD, to_json=list, from_json=_as_tuple),
+    Canonical("interpolation", "interpolation", "bilinear"),
+    Canonical("antialias", "antialias", True),
+    Canonical("dtype", "dtype", "float16"),
+    Canonical("backbone", "backbone", "torchvision.models.vgg16.features"),
+    # added after schema 1: left out at their default
+    Canonical("flip", "views", False, False, lambda flip: VIEWS[bool(flip)], _flip_from),
+    Canonical("scales", "scales", (), False, list, _as_tuple),
+    Canonical("layer", "layer", "pool5", False),
+    Canonical("augment", "augment", 0, False),
+    Canonical("augment_seed", "augment_seed", 0, False),
+    Canonical("augment_recipe", "augment_recipe", "", False),
+)
+FeatureConfig.OPTIONS = {c.attribute: c.name for c in CANONICAL}  # a bad value is named as the file names it
+LAYERS = tuple(pools.LAYERS)
+
+
+def _three_numbers(values, positive: bool = False) -> bool:
+    return isinstance(values, tuple) and len(values) == 3 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and (v > 0 if positive else True) for v in values)
+
+
+def _scale_sizes(sizes) -> bool:
+    """A tuple of shorter sides: 32..2048, sorted, no repeats (what parse_scales makes; () for one centre crop)."""
+    return isinstance(sizes, tuple) and all(isinstance(s, int) and not isinstance(s, bool) and 32 <= s <= 2048
+                                            for s in sizes) and list(sizes) == sorted(set(sizes))
+
+
+SCALES_EXPECTED = "sizes from 32 to 2048 without repeats, e.g. 256,384,512"
+
+
+def flip_option(text: str) -> bool:
+    """`extract --views none|flip` -> ExtractConfig.flip; one UserError line for anything else."""
+    return parse_option("--views", text, lambda t: {"none": False, "flip": True}.get(t), f"one of {', '.join(VIEWS)}")
+
+
+def scales_option(text: str) -> tuple[int, ...]:
+    """`extract --scales 384,256` -> ExtractConfig.scales (256, 384); one UserError line for anything else."""
+    return parse_option("--scales", text, parse_scales, SCALES_EXPECTED)
 
 
 def parse_scales(text: str) -> tuple[int, ...] | None:
@@ -141,8 +268,8 @@ class ExtractConfig:
     weights: str = "imagenet"  # imagenet | none | path to a state dict
     pool: str = "avg"
     image_size: int = 224
-    views: str = "none"
-    scales: str = ""  # "256,384,512": the whole image at each shorter side (see FeatureConfig.scales)
+    flip: bool = False  # --views flip: each row is the mean of the image's and its mirror's features
+    scales: tuple[int, ...] = ()  # the whole image at each shorter side (see FeatureConfig.scales); --scales 256,384
     layer: str = "pool5"
     augment: int = 0  # K augmented views of each training image (augment.py)
     augment_seed: int = 0
@@ -167,24 +294,21 @@ class ExtractConfig:
         "batch_size": Interval(int, 0, 65536),
         "workers": Interval(int, -1, 256),
         "shard": Optional(Satisfies(lambda s: _shard_part(s) is not None, "I/N with 0 <= I < N, e.g. 0/4")),
-        "views": OneOf(VIEWS),
+        "flip": OneOf((False, True)),
         "layer": OneOf(LAYERS),
         "augment": Interval(int, 0, 64),
         "augment_seed": Interval(int, 0, 2**32 - 1),
-        "scales": Satisfies(lambda s: parse_scales(s) is not None, "sizes from 32 to 2048 without repeats, e.g. 256,384,512"),
+        "scales": Satisfies(_scale_sizes, SCALES_EXPECTED),
     }
+    OPTIONS = {"flip": "--views"}
 
     def __post_init__(self):
         validate(self)
-        if self.pool == "map" and (self.views != "none" or self.scale_sizes):
+        if pools.get(self.pool).keeps_map and (self.flip or self.scales):
             raise UserError("--pool map keeps one centre-crop view: --views and --scales need a pooled --pool "
                             f"({', '.join(pools.HEAD_POOLS)})")
-        if self.augment and self.scale_sizes:
+        if self.augment and self.scales:
             raise UserError("--augment caches crops at --image-size, and --scales whole images: use one of them")
-
-    @property
-    def scale_sizes(self) -> tuple[int, ...]:
-        return parse_scales(self.scales)
 
     @property
     def shard_part(self) -> tuple[int, int] | None:
@@ -217,7 +341,7 @@ class HeadConfig:
     weight_decay: float | None = None
     epochs: int | None = None  # None: the head's own default (HeadSpec.defaults)
     batch_size: int | None = None
-    n_iter_no_change: int | None = None
+    patience: int | None = None
     freeze_convs: int = 0  # block5: how many of conv5_1..conv5_3 stay frozen
     weights: str | None = None  # block5: the weights file, when the cache's has moved (checked by its hash)
     validation_fraction: float = 0.1
@@ -229,12 +353,12 @@ class HeadConfig:
         "norm": Optional(OneOf(NORMS + ("auto",))), "hidden": Interval(int, 0, 1 << 16),
         "dropout": Interval(float, 0, 1, open_high=True), "lr": Optional(POSITIVE),
         "weight_decay": Optional(Interval(float, 0, None)), "epochs": Optional(Interval(int, 1, 100_000)),
-        "batch_size": Optional(Interval(int, 1, 1 << 20)), "n_iter_no_change": Optional(Interval(int, 1, 100_000)),
+        "batch_size": Optional(Interval(int, 1, 1 << 20)), "patience": Optional(Interval(int, 1, 100_000)),
         "freeze_convs": Interval(int, 0, 3),
         "validation_fraction": Interval(float, 0, 1, open_low=True, open_high=True),
         "seed": Interval(int, 0, 2**32 - 1), "device": OneOf(DEVICES),
     }
-    OPTIONS = {"kind": "--head", "n_iter_no_change": "--patience", "validation_fraction": "--early-stop-fraction"}
+    OPTIONS = {"kind": "--head", "validation_fraction": "--early-stop-fraction"}
     SWEPT = ("C", "k", "lr", "weight_decay")  # each belongs to the heads whose grid has it
 
     def __post_init__(self):
@@ -393,6 +517,11 @@ def sha256_file(path: Path, block: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def weights_is_file(weights: str) -> bool:
+    """A --weights spec that names a state-dict file (not imagenet or none)."""
+    return weights not in ("imagenet", "none")
+
+
 def weights_identity(weights: str) -> str:
     """Name the weights so that two caches compare equal only when they were made with the same numbers."""
     if weights == "imagenet":
@@ -412,14 +541,21 @@ def _weights_sha256(path: str, size: int, mtime_ns: int) -> str:
     return sha256_file(Path(path))
 
 
-def feature_config(weights: str, pool: str, image_size: int, dtype: str, views: str = "none",
+def feature_config(weights: str, pool: str, image_size: int, dtype: str, flip: bool = False,
                    scales: tuple[int, ...] = (), layer: str = "pool5", augment: int = 0,
                    augment_seed: int = 0) -> FeatureConfig:
-    """The feature definition for these options; resize keeps torchvision's 256/224 ratio at any crop size."""
+    """The feature definition for these options (`weights` the user's spec); resize keeps torchvision's 256/224
+    ratio at any crop size."""
     resize = round(image_size * IMAGENET_RESIZE / IMAGENET_CROP)
-    return FeatureConfig(weights=weights_identity(weights), pool=pool, image_size=image_size, resize_size=resize,
-                         dtype=dtype, views=views, scales=tuple(scales), layer=layer, augment=augment,
+    return FeatureConfig(weights_id=weights_identity(weights), pool=pool, image_size=image_size, resize_size=resize,
+                         dtype=dtype, flip=flip, scales=tuple(scales), layer=layer, augment=augment,
                          augment_seed=augment_seed if augment else 0, augment_recipe=RECIPE if augment else "")
+
+
+def extract_feature_config(cfg: "ExtractConfig") -> FeatureConfig:
+    """The features an extraction with these options makes."""
+    return feature_config(cfg.weights, cfg.pool, cfg.image_size, cfg.dtype, cfg.flip, cfg.scales, cfg.layer,
+                          cfg.augment, cfg.augment_seed)
 
 
 def weights_spec(identity: str, weights_file: str | None, override: str | None = None) -> str:

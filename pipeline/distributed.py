@@ -23,6 +23,7 @@ import logging
 import os
 import signal
 from dataclasses import dataclass
+from enum import Enum
 
 from pipeline.errors import UserError
 
@@ -33,33 +34,62 @@ log = logging.getLogger(__name__)
 BARRIER_TIMEOUT_S = float(os.environ.get("VGGCACHE_BARRIER_TIMEOUT_S", str(6 * 3600)))
 
 
+class WorkerKind(Enum):
+    SINGLE = "single"  # a plain extract: the whole job in one process
+    RANK = "rank"  # a rank of a torchrun job (a process group)
+    PART = "part"  # a part of a job array (--shard I/N): no process group
+
+
 @dataclass(frozen=True)
 class Worker:
-    kind: str  # "single" | "rank" | "part"
+    kind: WorkerKind
     index: int = 0  # rank, or part number
     count: int = 1  # world size, or number of parts
     local_rank: int = 0
     local_count: int = 1
 
     @property
+    def single(self) -> bool:
+        return self.kind is WorkerKind.SINGLE
+
+    @property
+    def rank(self) -> bool:
+        return self.kind is WorkerKind.RANK
+
+    @property
+    def part(self) -> bool:
+        return self.kind is WorkerKind.PART
+
+    @property
+    def follower(self) -> bool:
+        """A torchrun rank other than 0: it embeds its share, and rank 0 writes the cache."""
+        return self.rank and self.index > 0
+
+    @property
     def name(self) -> str:
         """Journal shards and locks are named after their writer, so workers never write the same file."""
-        return {"single": "main", "rank": f"rank{self.index}", "part": f"part{self.index}of{self.count}"}[self.kind]
+        return {WorkerKind.SINGLE: "main", WorkerKind.RANK: f"rank{self.index}",
+                WorkerKind.PART: f"part{self.index}of{self.count}"}[self.kind]
 
     @property
     def describe(self) -> str:
-        return {"single": "single process", "rank": f"rank {self.index} of {self.count}",
-                "part": f"part {self.index}/{self.count}"}[self.kind]
+        return {WorkerKind.SINGLE: "single process", WorkerKind.RANK: f"rank {self.index} of {self.count}",
+                WorkerKind.PART: f"part {self.index}/{self.count}"}[self.kind]
+
+    @property
+    def who(self) -> str:
+        """The prefix of a line this worker prints: nothing for a single process."""
+        return "" if self.single else f"{self.describe}: "
 
     @property
     def leader(self) -> bool:
         """Rank 0 and a single process speak for the job (logs, the summary, the cache); parts each speak for
         themselves."""
-        return self.index == 0 or self.kind == "part"
+        return self.index == 0 or self.part
 
     def in_my_array(self, writer: str) -> bool:
         """A part of this worker's job array, itself included (shards named part<J>of<N>)."""
-        return self.kind == "part" and writer.startswith("part") and writer.endswith(f"of{self.count}")
+        return self.part and writer.startswith("part") and writer.endswith(f"of{self.count}")
 
     def take(self, items: list, batch_size: int) -> list:
         """This worker's share of `items`: every `count`-th batch of `batch_size`, starting at batch `index`."""
@@ -73,11 +103,11 @@ def worker_from(shard: tuple[int, int] | None) -> Worker:
     if shard is not None:
         if world > 1:
             raise UserError("--shard splits a job array; under torchrun every rank already takes its part (drop --shard)")
-        return Worker("part", shard[0], shard[1])
+        return Worker(WorkerKind.PART, shard[0], shard[1])
     if world > 1:
-        return Worker("rank", int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")),
+        return Worker(WorkerKind.RANK, int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")),
                       int(os.environ.get("LOCAL_WORLD_SIZE", str(world))))
-    return Worker("single")
+    return Worker(WorkerKind.SINGLE)
 
 
 class Group:
@@ -99,7 +129,7 @@ class Group:
     def start(self, device: str) -> None:
         """NCCL on CUDA, gloo on the CPU; barriers and the plan check always go through gloo (it can name the
         ranks that miss a barrier, and keeps a GPU from spinning while it waits)."""
-        if self.worker.kind != "rank":
+        if not self.worker.rank:
             return
         import torch
         import torch.distributed as dist
@@ -150,7 +180,7 @@ class Group:
 
 def quiet_unless_leader(worker: Worker) -> None:
     """Ranks other than 0 print their progress line and their warnings, nothing else: rank 0 speaks for the job."""
-    if worker.kind == "rank" and worker.index > 0:
+    if worker.follower:
         logging.getLogger("pipeline").setLevel(logging.WARNING)
         logging.getLogger("pipeline.progress").setLevel(logging.INFO)
 
@@ -164,7 +194,7 @@ def plan_digest(paths: list[str], batch_size: int) -> str:
 def stopped_by_sigterm(worker: Worker):
     """torchrun (and SLURM) stop a job's other ranks with SIGTERM when one fails: turn it into Ctrl-C, so the
     rank commits what it has and says how to continue, instead of dying with uncommitted batches."""
-    if worker.kind == "single":
+    if worker.single:
         yield
         return
 

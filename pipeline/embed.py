@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import files, store
-from pipeline.config import ExtractConfig, FeatureConfig
+from pipeline.config import ExtractConfig, FeatureConfig, weights_is_file
 from pipeline.distributed import Worker
 from pipeline.errors import Interrupted, UserError
 from pipeline.journal import Journal
@@ -30,7 +30,7 @@ COMMIT_EVERY_S = float(os.environ.get("VGGCACHE_COMMIT_EVERY_S", "2.0"))
 
 
 def run_model(cfg: ExtractConfig, fcfg: FeatureConfig, root: Path, todo: list[Record], journal: Journal,
-              worker: Worker, keep: set[str]) -> dict:
+              worker: Worker, keep: set[str]) -> store.Extraction:
     """Embed this worker's share of `todo` (the images of it in `keep`) in batches, committing to the journal as it
     goes; says how it ran."""
     import torch
@@ -43,7 +43,7 @@ def run_model(cfg: ExtractConfig, fcfg: FeatureConfig, root: Path, todo: list[Re
     if cfg.decode == "gpu" and not on_cuda:
         raise UserError(f"--decode gpu needs a CUDA device, and this run is on {extractor.device} (use --decode cpu)")
     batch_size = cfg.batch_size or default_batch_size(on_cuda, multi_scale=bool(fcfg.scales))
-    if worker.kind == "part":
+    if worker.part:
         journal.agree_on_batch_size(batch_size)  # parts on other kinds of node must cut the same batches
     workers = cfg.workers if cfg.workers >= 0 else default_workers(on_cuda, worker.local_count)
     # whole batches, as a single process cuts them: the same values, whatever the number of workers
@@ -54,10 +54,11 @@ def run_model(cfg: ExtractConfig, fcfg: FeatureConfig, root: Path, todo: list[Re
     start = time.perf_counter()
     _embed_all(extractor, batches, mine, journal, fcfg, worker)
     seconds = time.perf_counter() - start
-    return {"device": str(extractor.device), "precision": extractor.precision, "decode": cfg.decode,
-            "batch_size": batch_size, "workers": workers, "torch_threads": torch.get_num_threads(),
-            "processes": worker.count, "weights_file": None if cfg.weights in ("imagenet", "none") else str(Path(cfg.weights).resolve()),
-            "images": len(mine), "seconds": round(seconds, 3), "images_per_s": round(len(mine) / max(seconds, 1e-9), 2)}
+    return store.Extraction(
+        device=str(extractor.device), precision=extractor.precision, decode=cfg.decode, batch_size=batch_size,
+        workers=workers, torch_threads=torch.get_num_threads(), processes=worker.count,
+        weights_file=str(Path(cfg.weights).resolve()) if weights_is_file(cfg.weights) else None,
+        images=len(mine), seconds=round(seconds, 3), images_per_s=round(len(mine) / max(seconds, 1e-9), 2))
 
 
 def batch_size_for(cfg: ExtractConfig, worker: Worker) -> int:
@@ -68,12 +69,12 @@ def batch_size_for(cfg: ExtractConfig, worker: Worker) -> int:
 
     device = _device(cfg.device, worker)
     on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    return default_batch_size(on_cuda, multi_scale=bool(cfg.scale_sizes))
+    return default_batch_size(on_cuda, multi_scale=bool(cfg.scales))
 
 
 def _device(asked: str, worker: Worker) -> str:
     """Each rank of a torchrun job on GPUs takes the GPU of its local rank."""
-    if worker.kind != "rank" or asked not in ("auto", "cuda"):
+    if not worker.rank or asked not in ("auto", "cuda"):
         return asked
     import torch
 
@@ -128,7 +129,7 @@ def _embed_all(extractor, loader, todo: list[Record], journal: Journal, fcfg: Fe
         pending_records, pending_features, last_commit = [], [], time.perf_counter()
 
     try:
-        with Progress(len(todo), "extract" if worker.kind == "single" else f"extract ({worker.describe})") as progress:
+        with Progress(len(todo), "extract" if worker.single else f"extract ({worker.describe})") as progress:
             for batch in loader:
                 records, features = _embed_batch(extractor, batch, todo, fcfg)
                 pending_records += records
@@ -139,12 +140,16 @@ def _embed_all(extractor, loader, todo: list[Record], journal: Journal, fcfg: Fe
         commit()
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM in a distributed job (see distributed.stopped_by_sigterm)
         commit()
-        who = "" if worker.kind == "single" else f"{worker.describe}: "
-        raise Interrupted(f"{who}interrupted: {len(journal.entries)} images are saved in {journal.directory}; "
-                          "rerun the same command to resume") from None
+        raise interruption(worker, journal) from None
     except files.DiskFull as e:
         raise files.DiskFull(f"{e}: {len(journal.entries)} images are saved in {journal.directory}; "
                              "free some space and rerun the same command to resume") from None
+
+
+def interruption(worker: Worker, journal: Journal) -> Interrupted:
+    """The one way an extraction stopped by the user ends: what is saved, and how to go on."""
+    return Interrupted(f"{worker.who}interrupted: {len(journal.entries)} images are saved in {journal.directory}; "
+                       "rerun the same command to resume")
 
 
 def _embed_batch(extractor, batch: dict, todo: list[Record], fcfg: FeatureConfig) -> tuple[list[Record], np.ndarray]:

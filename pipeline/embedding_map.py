@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import files, gallery, store
-from pipeline.audit import all_rows
 from pipeline.config import MapConfig
 from pipeline.errors import UserError
 from pipeline.files import printable
@@ -28,8 +27,8 @@ SPLIT_MARKERS = {"train": "o", "val": "^", "test": "s"}
 
 def _rows(cache: store.Cache, pool: str | None, limit: int, seed: int):
     """(features, labels, split per row, paths) of every split, a seeded sample of `limit` rows when there are more."""
-    X, y, splits, paths = all_rows(cache, pool or "avg")
-    paths = np.array(paths, dtype=object)
+    rows = cache.all_rows(pool or "avg")
+    X, y, splits, paths = rows.features, rows.labels, rows.splits, np.array(rows.paths, dtype=object)
     if len(X) > limit:
         keep = np.sort(np.random.default_rng(seed).choice(len(X), limit, replace=False))
         log.info("drawing %d of %d rows (seed %d)", limit, len(X), seed)
@@ -57,9 +56,8 @@ def draw(cfg: MapConfig) -> Path:
     files.ensure_writable_file(cfg.png_path, "--out", inputs=(cfg.features,) + ((cfg.run,) if cfg.run else ()))
     run, pool, wrong = _run_parts(cfg)
     with store.open_cache(cfg.features) as cache:
-        if run is not None and run.fingerprint != cache.header.fingerprint:
-            raise UserError(f"--run {cfg.run} was trained on features {run.fingerprint}, and {cfg.features} holds "
-                            f"{cache.header.fingerprint}: map the cache the run was trained on")
+        if run is not None:
+            run.check_features(cache.header, cfg.features)
         limit = MAX_TSNE_POINTS if cfg.method == "tsne" else MAX_PCA_POINTS
         X, y, splits, paths = _rows(cache, pool, limit, cfg.seed)
         names = cache.header.class_names

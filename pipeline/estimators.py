@@ -179,7 +179,16 @@ def _fit_inputs(head, X, y) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(X, np.float32), y
 
 
-class LogRegHead(ClassifierMixin, BaseEstimator):
+class Head(ClassifierMixin, BaseEstimator):
+    """What every head shares: scikit-learn's classifier contract, `predict` the class of highest probability.
+    A head defines `fit`, `predict_proba` and its learned state as arrays (`to_arrays`, `set_arrays`)."""
+
+    def predict(self, X) -> np.ndarray:
+        best = self.predict_proba(X).argmax(1)  # checks that the head is fitted before classes_ is read
+        return self.classes_[best]
+
+
+class LogRegHead(Head):
     """Multinomial logistic regression on normalised features."""
 
     def __init__(self, C: float = 1.0, norm: str = "standard", max_iter: int = 2000, tol: float = 1e-4):
@@ -235,10 +244,6 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
             return np.stack([1 - p, p], axis=1)
         return _softmax(z)
 
-    def predict(self, X) -> np.ndarray:
-        best = self.predict_proba(X).argmax(1)  # checks that the head is fitted before classes_ is read
-        return self.classes_[best]
-
     def to_arrays(self) -> dict[str, np.ndarray]:
         return {"mean": self.mean_, "scale": self.scale_, "coef": self.coef_, "intercept": self.intercept_,
                 "n_iter": np.array(self.n_iter_), "converged": np.array(self.converged_)}
@@ -269,20 +274,20 @@ def _row_space(X: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     return U[:, keep] * S, (U[:, keep] / S).T @ X
 
 
-class LinearHead(ClassifierMixin, BaseEstimator):
+class LinearHead(Head):
     """A torch `nn.Linear` (or Linear-ReLU-Dropout-Linear with `hidden`) on features standardised with train stats.
 
     Early stopping holds out a stratified `validation_fraction` of the training rows and keeps the weights of the
-    epoch with the lowest loss on them, stopping after `n_iter_no_change` epochs without a better one
-    (`n_iter_no_change=None`: no hold-out, all `epochs` on every row).
+    epoch with the lowest loss on them, stopping after `patience` epochs without a better one
+    (`patience=None`: no hold-out, all `epochs` on every row).
     """
 
     def __init__(self, hidden: int = 0, dropout: float = 0.5, lr: float = 1e-3, weight_decay: float = 1e-2,
-                 norm: str = "standard", epochs: int = 200, batch_size: int = 256, n_iter_no_change: int | None = 15,
+                 norm: str = "standard", epochs: int = 200, batch_size: int = 256, patience: int | None = 15,
                  validation_fraction: float = 0.1, seed: int = 0, device: str = "auto"):
         self.hidden, self.dropout, self.lr, self.weight_decay, self.norm = hidden, dropout, lr, weight_decay, norm
         self.epochs, self.batch_size, self.seed, self.device = epochs, batch_size, seed, device
-        self.n_iter_no_change, self.validation_fraction = n_iter_no_change, validation_fraction
+        self.patience, self.validation_fraction = patience, validation_fraction
 
     def fit(self, X, y, views=None) -> "LinearHead":
         import torch
@@ -304,7 +309,7 @@ class LinearHead(ClassifierMixin, BaseEstimator):
         self.classes_, self.n_features_in_ = np.unique(y), rows.dim
         if len(self.classes_) < 2:
             raise ValueError(f"{type(self).__name__} needs samples of at least 2 classes, got one class")
-        fraction = None if self.n_iter_no_change is None else self.validation_fraction
+        fraction = None if self.patience is None else self.validation_fraction
         train, held = streamed_hold_out(y, rows.dim, fraction, self.seed)
         self.mean_, self.scale_ = self._statistics(lambda: rows.moments(train), rows.dim)
         device, tensor, labels = self._converters()
@@ -342,7 +347,7 @@ class LinearHead(ClassifierMixin, BaseEstimator):
         return self
 
     def _hold_out(self, X, y, views):
-        if self.n_iter_no_change is None:
+        if self.patience is None:
             X, y = with_views(X, y, views)
             return X, None, y, None
         return hold_out(X, y, self.validation_fraction, self.seed, views)
@@ -358,10 +363,6 @@ class LinearHead(ClassifierMixin, BaseEstimator):
 
     def predict_proba(self, X) -> np.ndarray:
         return _softmax(self._logits(X))
-
-    def predict(self, X) -> np.ndarray:
-        best = self.predict_proba(X).argmax(1)  # checks that the head is fitted before classes_ is read
-        return self.classes_[best]
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         out = {"mean": self.mean_, "scale": self.scale_, "n_iter": np.array(self.n_iter_),
@@ -380,7 +381,7 @@ class LinearHead(ClassifierMixin, BaseEstimator):
                         for i, (n_in, n_out) in enumerate(zip(widths, widths[1:]))]
 
 
-class KnnHead(ClassifierMixin, BaseEstimator):
+class KnnHead(Head):
     """Cosine k-nearest neighbours: the `k` most similar training rows vote, each with weight exp(similarity / T).
 
     No training and nothing to tune but k, a baseline that shows what the features hold by themselves (the DINO
@@ -418,10 +419,6 @@ class KnnHead(ClassifierMixin, BaseEstimator):
             np.add.at(block, (np.arange(len(sims))[:, None], self.train_labels_[top]), weights)
         return proba / proba.sum(1, keepdims=True)
 
-    def predict(self, X) -> np.ndarray:
-        best = self.predict_proba(X).argmax(1)  # checks that the head is fitted before classes_ is read
-        return self.classes_[best]
-
     def to_arrays(self) -> dict[str, np.ndarray]:
         return {"mean": self.mean_, "scale": self.scale_, "train": self.train_.astype(np.float32),
                 "train_labels": self.train_labels_}
@@ -449,7 +446,7 @@ def _real(arrays: dict, name: str, shape: tuple, positive: bool = False, finite:
         raise ValueError(f"{name!r} is {a.dtype} {a.shape}, expected numbers of shape {shape}")
     if (finite and not np.isfinite(a).all()) or (positive and not (a > 0).all()):
         raise ValueError(f"{name!r} holds {'non-positive' if positive else 'non-finite'} values")
-    return a.astype(np.float64) if a.dtype.kind == "f" else a
+    return a.astype(np.float64) if np.issubdtype(a.dtype, np.floating) else a
 
 
 def _module(n_in: int, hidden: int, dropout: float, n_out: int):
@@ -467,4 +464,4 @@ def _train(head: LinearHead, module, n_rows: int, batches, held_out) -> tuple[in
     opt = torch.optim.AdamW(module.parameters(), lr=head.lr, weight_decay=head.weight_decay)
     steps_per_epoch = -(-n_rows // head.batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=head.epochs * steps_per_epoch)
-    return run_epochs(module, opt, sched, batches, held_out, head.epochs, head.n_iter_no_change)
+    return run_epochs(module, opt, sched, batches, held_out, head.epochs, head.patience)

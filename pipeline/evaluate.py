@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,20 +28,12 @@ def evaluate_run(cfg: EvaluateConfig) -> Evaluation:
     head = run.load_head()
     features = Path(cfg.features) if cfg.features else Path(run.record.features.path)
     with store.open_cache(features) as cache:
-        check_same_extractor(run, cache.header, features)
+        run.check_features(cache.header, features)
         split = cfg.split or next((s for s in ("test", "val") if s in cache.splits), cache.splits[0] if cache.splits else "")
-        rows = SplitRows(cache, split, transform=run.head_pooling())  # block by block: any split size, bounded memory
+        rows = SplitRows(cache, split, pool=run.record.pool)  # block by block: any split size, bounded memory
         y = _relabel(rows.labels, cache.header.class_names, run.class_names, features)
         proba = full_proba(head, rows, len(run.class_names))
     return Evaluation(classification_metrics(y, proba, run.class_names), split, features)
-
-
-def check_same_extractor(run: runs.Run, header: store.Header, features: Path) -> None:
-    """A head refuses features of any other extractor config: the fingerprints must be equal."""
-    if header.fingerprint != run.fingerprint:
-        raise UserError(f"{features} was made by extractor config {header.fingerprint} {json.dumps(header.config, sort_keys=True)}, "
-                        f"but run {run.folder.name} was trained on {run.fingerprint} "
-                        f"{json.dumps(run.record.features.config, sort_keys=True)}; extract with the run's config")
 
 
 def _relabel(labels: np.ndarray, file_names: list[str], run_names: list[str], features: Path) -> np.ndarray:

@@ -8,7 +8,6 @@ torch is imported only when images must go through the model: an up-to-date reru
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 from collections import defaultdict
@@ -20,11 +19,11 @@ import numpy as np
 
 from pipeline import distributed, embed, files, store
 from pipeline.augment import AUGMENTED_SPLITS, augments
-from pipeline.config import LATER_FIELD_DEFAULTS, ExtractConfig, FeatureConfig, feature_config, library_versions
+from pipeline.config import ExtractConfig, FeatureConfig, extract_feature_config, library_versions
 from pipeline.data import Dataset, discover
 from pipeline.errors import Interrupted, UserError
 from pipeline.journal import Journal
-from pipeline.plan import Plan, make_plan, unchanged
+from pipeline.plan import FROM_CACHE, FROM_JOURNAL, Plan, make_plan, unchanged
 from pipeline.store import Record
 
 log = logging.getLogger(__name__)
@@ -73,7 +72,7 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
     of processes (a torchrun job, or the parts of a job array)."""
     start = time.perf_counter()
     worker = distributed.worker_from(cfg.shard_part)
-    if cfg.force and worker.kind == "part":
+    if cfg.force and worker.part:
         raise UserError("--force with --shard would discard the other parts' work: run a plain extract --force, "
                         "or delete the cache and its .partial folder, then start the parts")
     dataset = discover(cfg.data)
@@ -81,8 +80,7 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
         # not refused: a test set extracted with a training cache's config (views and all) serves its runs
         log.warning("--augment makes views of the training split (%s), and %s has %s: no views are made (name the "
                     "training split train)", " or ".join(AUGMENTED_SPLITS), cfg.data, ", ".join(dataset.splits))
-    fcfg = feature_config(cfg.weights, cfg.pool, cfg.image_size, cfg.dtype, cfg.views, cfg.scale_sizes, cfg.layer,
-                          cfg.augment, cfg.augment_seed)
+    fcfg = extract_feature_config(cfg)
     job = _Job(cfg, dataset, fcfg, Path(cfg.out) if cfg.out else default_output(cfg.features_dir, dataset.name, fcfg), worker)
     files.ensure_writable_file(job.out, "--out")
     distributed.quiet_unless_leader(worker)
@@ -91,16 +89,16 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
         journal = _open_journal(job, group, stack)
         stack.enter_context(_saying_what_is_saved(job, journal))
         plan, shared, up_to_date = _first_plan(job, journal, group)
-        if up_to_date and worker.kind == "single":
+        if up_to_date and worker.single:
             journal.remove()
             log.info("%s is up to date (%d images)", job.out, sum(r.ok and not r.view for r in plan.records))
             return _summary(job, plan, 0, time.perf_counter() - start, up_to_date=True)
-        extraction = _extract_share(job, plan, shared, journal) if plan.todo else {}
-        if worker.kind == "rank" and worker.index > 0:
+        extraction = _extract_share(job, plan, shared, journal) if plan.todo else None
+        if worker.follower:
             journal.release()  # done writing: rank 0 may remove the folder once the cache is written
         group.barrier()
-        if worker.kind == "rank" and worker.index > 0:
-            return _summary(job, plan, extraction.get("images", 0), time.perf_counter() - start, wrote_cache=False)
+        if worker.follower:
+            return _summary(job, plan, extraction.images if extraction else 0, time.perf_counter() - start, wrote_cache=False)
         return _finish(job, journal, extraction, len(plan.todo), start)
 
 
@@ -111,15 +109,13 @@ def _saying_what_is_saved(job: _Job, journal: Journal):
     try:
         yield
     except KeyboardInterrupt:
-        who = "" if job.worker.kind == "single" else f"{job.worker.describe}: "
-        raise Interrupted(f"{who}interrupted: {len(journal.entries)} images are saved in {journal.directory}; "
-                          "rerun the same command to resume") from None
+        raise embed.interruption(job.worker, journal) from None
 
 
 def _open_journal(job: _Job, group: distributed.Group, stack: contextlib.ExitStack) -> Journal:
     """This worker's view of the journal, its lock held. Of a torchrun job, rank 0 opens it first and prepares it
     (only it may discard shards: --force, another config's); the other ranks open it after a barrier."""
-    prepares = job.worker.kind != "rank" or job.worker.index == 0
+    prepares = not job.worker.follower
     journal = Journal(partial_dir(job.out), job.fcfg.fingerprint(), job.worker.name)
     if prepares:
         stack.enter_context(journal)
@@ -145,40 +141,41 @@ def _first_plan(job: _Job, journal: Journal, group: distributed.Group) -> tuple[
         old_records, header = (old.records(), old.header) if old else ([], None)
     plan = make_plan(job.dataset, old_records, journal.entries, job.cfg.verify, job.fcfg.augment)
     shared = plan.todo
-    if job.worker.kind == "part":
+    if job.worker.part:
         before = {p: e for p, e in journal.entries.items() if not job.worker.in_my_array(journal.writer_of(e))}
         shared = make_plan(job.dataset, old_records, before, job.cfg.verify, job.fcfg.augment).todo
-    if job.worker.kind == "rank":  # the shares depend on the batch size too: a CPU node and a GPU node differ
+    if job.worker.rank:  # the shares depend on the batch size too: a CPU node and a GPU node differ
         batch = embed.batch_size_for(job.cfg, job.worker)
         group.check_same("images to extract and batch size", distributed.plan_digest([r.path for r in plan.todo], batch))
     return plan, shared, header is not None and unchanged(plan, header, old_records, job.dataset)
 
 
-def _extract_share(job: _Job, plan: Plan, shared: list[Record], journal: Journal) -> dict:
+def _extract_share(job: _Job, plan: Plan, shared: list[Record], journal: Journal) -> store.Extraction:
     """This worker's batches of `shared`, less the images already done (`plan.todo` holds those still to do)."""
     files.ensure_free_space(job.out.parent, _bytes_needed(plan, job.fcfg), f"extracting {len(plan.todo)} images")
     still_to_do = {r.path for r in plan.todo}
     return embed.run_model(job.cfg, job.fcfg, job.dataset.root, shared, journal, job.worker, keep=still_to_do)
 
 
-def _finish(job: _Job, journal: Journal, extraction: dict, job_todo: int, start: float) -> ExtractSummary:
+def _finish(job: _Job, journal: Journal, extraction: store.Extraction | None, job_todo: int,
+            start: float) -> ExtractSummary:
     """Write the cache from the journal and the previous cache, under the final lock (one writer at a time)."""
     with journal.final_lock(), _previous_cache(job.out, job.fcfg, job.cfg.force) as old:
         journal.reload()  # every worker's shards, committed before the barrier (or by the other parts)
         old_records = old.records() if old else []
         plan = make_plan(job.dataset, old_records, journal.entries, verify=False, augment=job.fcfg.augment)
-        extracted = extraction.get("images", 0) if job.worker.kind == "part" else job_todo
+        extracted = (extraction.images if extraction else 0) if job.worker.part else job_todo
         seconds = time.perf_counter() - start
         if old is not None and unchanged(plan, old.header, old_records, job.dataset):
             journal.remove()
             return _summary(job, plan, extracted, seconds, up_to_date=not extracted)
-        if plan.todo and job.worker.kind == "part":  # other parts are still at work: the last one writes
+        if plan.todo and job.worker.part:  # other parts are still at work: the last one writes
             return _summary(job, plan, extracted, seconds, wrote_cache=False, remaining=len(plan.todo))
         if plan.todo:  # files changed while we read them: their new content is not in the journal
             raise UserError(f"{len(plan.todo)} files changed during extraction (e.g. {plan.todo[0].path}); "
                             "rerun the same command to extract them (nothing done so far is lost)")
         header = _header(job.fcfg, job.dataset, old.header if old else None,
-                         extraction or (old.header.extraction if old else {}))
+                         extraction or (old.header.extraction if old else None))
         _write(job.out, header, plan, old, old_records, journal, job.fcfg.dtype)
         journal.remove()
     return _summary(job, plan, extracted, time.perf_counter() - start)
@@ -196,21 +193,11 @@ def _previous_cache(out: Path, fcfg: FeatureConfig, force: bool):
         raise UserError(f"{e}; refusing to overwrite it (use --force to replace it, or another --out)") from None
     with cache:
         if cache.header.fingerprint != fcfg.fingerprint():
-            changed = config_changes(cache.header.config, fcfg)
+            changed = fcfg.changes_from(cache.header.config_dict)
             diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
             raise UserError(f"{out} holds features of extractor config {cache.header.fingerprint}, this run's is "
                             f"{fcfg.fingerprint()} ({diff}); use another --out, or --force to replace it")
         yield cache
-
-
-def config_changes(theirs: dict, fcfg: FeatureConfig) -> dict:
-    """What differs between a cache's config and `fcfg`: name -> (theirs, ours), a field left out of either at its
-    default shown as that default; values as JSON holds them (tuples are lists)."""
-    defaults = json.loads(json.dumps(LATER_FIELD_DEFAULTS))
-    ours = json.loads(json.dumps(fcfg.to_dict()))
-    names = sorted(set(ours) | set(theirs), key=lambda k: (k not in ours, k))
-    values = {k: (theirs.get(k, defaults.get(k)), ours.get(k, defaults.get(k))) for k in names}
-    return {k: (a, b) for k, (a, b) in values.items() if a != b}
 
 
 def _bytes_needed(plan: Plan, fcfg: FeatureConfig) -> int:
@@ -219,10 +206,11 @@ def _bytes_needed(plan: Plan, fcfg: FeatureConfig) -> int:
     return journal + store.estimated_bytes(len(plan.records), fcfg.feature_dim, fcfg.dtype)
 
 
-def _header(fcfg: FeatureConfig, dataset: Dataset, old: store.Header | None, extraction: dict) -> store.Header:
+def _header(fcfg: FeatureConfig, dataset: Dataset, old: store.Header | None,
+            extraction: store.Extraction | None) -> store.Header:
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    source = {"root": str(dataset.root.resolve()), "kind": dataset.kind, "name": dataset.name}
-    return store.Header(fingerprint=fcfg.fingerprint(), config=fcfg.to_dict(), class_names=list(dataset.class_names),
+    source = store.Source(root=str(dataset.root.resolve()), kind=dataset.kind, name=dataset.name)
+    return store.Header(fingerprint=fcfg.fingerprint(), config=fcfg, class_names=list(dataset.class_names),
                         feature_dim=fcfg.feature_dim, source=source, extraction=extraction,
                         versions=library_versions(), created=old.created if old else now, updated=now)
 
@@ -235,15 +223,15 @@ def _write(out: Path, header: store.Header, plan: Plan, old: store.Cache | None,
     def fetch(rows: list[Record]) -> np.ndarray:
         groups = defaultdict(list)
         for i, r in enumerate(rows):
-            if plan.sources[r.path] == "cache":
+            if plan.sources[r.path] == FROM_CACHE:
                 split, row = positions[r.path]
-                groups["cache", split, "views" if r.view else "features"].append((i, row))
+                groups[True, split, "views" if r.view else "features"].append((i, row))
             else:
-                groups["journal", journal.entries[r.path][1], ""].append((i, journal.entries[r.path][2]))
+                groups[False, journal.entries[r.path][1], ""].append((i, journal.entries[r.path][2]))
         block = np.empty((len(rows), header.feature_dim), dtype)
-        for (kind, where, dataset), pairs in groups.items():
+        for (in_cache, where, dataset), pairs in groups.items():
             index, pos = (np.array(column) for column in zip(*pairs))
-            block[index] = old.rows(where, pos, dataset) if kind == "cache" else journal.rows(where, pos)
+            block[index] = old.rows(where, pos, dataset) if in_cache else journal.rows(where, pos)
         return block
 
     saved = f"{len(journal.entries)} images are saved in {journal.directory}" if journal.entries else "nothing was lost"
@@ -263,8 +251,8 @@ def _summary(job: _Job, plan: Plan, extracted: int, seconds: float, up_to_date: 
     sources = list(plan.sources.values())
     size = job.out.stat().st_size if job.out.exists() else 0
     return ExtractSummary(out=job.out, fingerprint=job.fcfg.fingerprint(), up_to_date=up_to_date, rows=dict(rows),
-                          extracted=extracted, reused=sources.count("cache"),
-                          resumed=max(0, sources.count("journal") - extracted), failed=[r for r in plan.records if not r.ok and not r.view],
+                          extracted=extracted, reused=sources.count(FROM_CACHE),
+                          resumed=max(0, sources.count(FROM_JOURNAL) - extracted), failed=[r for r in plan.records if not r.ok and not r.view],
                           feature_dim=job.fcfg.feature_dim, file_bytes=size, seconds=seconds,
                           images_per_s=extracted / seconds if extracted and seconds else 0.0,
                           worker=job.worker.describe, wrote_cache=wrote_cache, remaining=remaining,

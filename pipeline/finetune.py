@@ -17,10 +17,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from pipeline.estimators import _fit_inputs, _real, _softmax, hold_out, run_epochs, streamed_hold_out, with_views
+from pipeline.estimators import Head, _fit_inputs, _real, _softmax, hold_out, run_epochs, streamed_hold_out, with_views
 from pipeline.config import VGG16_CHANNELS
 
 HEAD_LR_FACTOR = 10  # the new classifier learns from scratch: 10x the pretrained convolutions' learning rate
@@ -29,19 +28,20 @@ PREDICT_ROWS = 64
 
 def block5(weights: str):
     """VGG16's block 5 (conv5_1, relu, conv5_2, relu, conv5_3, relu, pool5) with the weights `weights` names."""
-    from pipeline.backbone import POOL4_END, vgg16_features
+    from pipeline.backbone import vgg16_features
+    from pipeline.pools import BLOCK5_INPUT
 
-    return vgg16_features(weights)[POOL4_END:]
+    return vgg16_features(weights)[BLOCK5_INPUT.end:]
 
 
-class Block5Head(ClassifierMixin, BaseEstimator):
+class Block5Head(Head):
     """Block 5 + global average pooling + a linear layer, trained on pool4 rows (flattened (512, s, s) maps)."""
 
     def __init__(self, weights: str = "none", lr: float = 1e-4, weight_decay: float = 1e-4, epochs: int = 30,
-                 batch_size: int = 32, n_iter_no_change: int | None = 5, validation_fraction: float = 0.1,
+                 batch_size: int = 32, patience: int | None = 5, validation_fraction: float = 0.1,
                  freeze_convs: int = 0, seed: int = 0, device: str = "auto"):
         self.weights, self.lr, self.weight_decay, self.epochs, self.batch_size = weights, lr, weight_decay, epochs, batch_size
-        self.n_iter_no_change, self.validation_fraction, self.freeze_convs = n_iter_no_change, validation_fraction, freeze_convs
+        self.patience, self.validation_fraction, self.freeze_convs = patience, validation_fraction, freeze_convs
         self.seed, self.device = seed, device
 
     def fit(self, X, y, views=None) -> "Block5Head":
@@ -51,7 +51,7 @@ class Block5Head(ClassifierMixin, BaseEstimator):
         X, y = _fit_inputs(self, X, y)
         side = _side(X.shape[1])
         held = None
-        if self.n_iter_no_change is not None:
+        if self.patience is not None:
             X, Xv, y, yv = hold_out(X, y, self.validation_fraction, self.seed, views)
             held = (Xv, yv)
         else:
@@ -80,7 +80,7 @@ class Block5Head(ClassifierMixin, BaseEstimator):
         if len(self.classes_) < 2:
             raise ValueError(f"{type(self).__name__} needs samples of at least 2 classes, got one class")
         side, labels = _side(rows.dim), np.searchsorted(self.classes_, y)
-        fraction = None if self.n_iter_no_change is None else self.validation_fraction
+        fraction = None if self.patience is None else self.validation_fraction
         train, held = streamed_hold_out(y, rows.dim, fraction, self.seed)
         device, precision, module = self._module(side)
         rng = np.random.default_rng(self.seed)
@@ -125,10 +125,6 @@ class Block5Head(ClassifierMixin, BaseEstimator):
                 x = F.max_pool2d(x, 2).mean((2, 3))
                 out.append((x @ w[6].T + w[7]).double().numpy())
         return np.concatenate(out) if out else np.empty((0, len(self.classes_)))
-
-    def predict(self, X) -> np.ndarray:
-        best = self.predict_proba(X).argmax(1)  # checks that the head is fitted before classes_ is read
-        return self.classes_[best]
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         names = ("conv5_1", "conv5_2", "conv5_3", "fc")
@@ -183,5 +179,5 @@ def _train(head: Block5Head, module, n_rows: int, batches, held_out, device, pre
     schedule = lambda step: (step + 1) / warmup if step < warmup else \
         0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    return run_epochs(module, opt, sched, batches, held_out, head.epochs, head.n_iter_no_change,
+    return run_epochs(module, opt, sched, batches, held_out, head.epochs, head.patience,
                       lambda: autocast(device, precision))

@@ -48,8 +48,8 @@ class HeadSpec:
         return getattr(importlib.import_module(module), name)
 
 
-_LINEAR_FIXED = ("hidden", "dropout", "epochs", "batch_size", "n_iter_no_change", "validation_fraction", "seed", "device")
-_TRAINING = {"epochs": 200, "batch_size": 256, "n_iter_no_change": 15}
+_LINEAR_FIXED = ("hidden", "dropout", "epochs", "batch_size", "patience", "validation_fraction", "seed", "device")
+_TRAINING = {"epochs": 200, "batch_size": 256, "patience": 15}
 HEADS: dict[str, HeadSpec] = {h.name: h for h in (
     HeadSpec("logreg", "pipeline.estimators:LogRegHead", {"C": LOGREG_C}, (), "standard",
              "scikit-learn logistic regression, C swept over 45 values 1e-6..1e5 along a warm-started path",
@@ -64,11 +64,11 @@ HEADS: dict[str, HeadSpec] = {h.name: h for h in (
              "cosine k-nearest neighbours, weighted votes (no training; keeps the training rows)", streams=False,
              memory_copies=4.0),  # its float64 copy of the training rows, then the split as read
     HeadSpec("block5", "pipeline.finetune:Block5Head", {"lr": (1e-4,)},
-             ("weights", "weight_decay", "epochs", "batch_size", "n_iter_no_change", "validation_fraction",
+             ("weights", "weight_decay", "epochs", "batch_size", "patience", "validation_fraction",
               "freeze_convs", "seed", "device"), None,
              "fine-tune VGG16's block 5 + a linear layer on a pool4 cache (extract --layer pool4 --pool map)",
              streams=True, memory_copies=3.0, takes_map=True,
-             defaults={"epochs": 30, "batch_size": 32, "n_iter_no_change": 5, "weight_decay": 1e-4}),
+             defaults={"epochs": 30, "batch_size": 32, "patience": 5, "weight_decay": 1e-4}),
 )}
 
 

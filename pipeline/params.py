@@ -89,9 +89,26 @@ class Optional:
         return self.inner.expected()
 
 
+def is_json_of(kind: type, value) -> bool:
+    """A value read from JSON is of `kind` (int, float, str, bool, list, dict): an int is a float, a bool is no
+    number."""
+    if kind in (int, float):
+        return isinstance(value, int if kind is int else (int, float)) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
 def option_name(field_name: str) -> str:
     """The CLI option of a config field: `top_k` -> `--top-k`."""
     return "--" + field_name.replace("_", "-")
+
+
+def parse_option(option: str, text: str, parse: Callable[[str], object], expected: str):
+    """The value of an option given as text (`parse` returns None for text it does not accept); one UserError line,
+    worded as `validate`'s, for anything else."""
+    value = parse(text) if isinstance(text, str) else None
+    if value is None:
+        raise UserError(f"{option} {text!r} is not valid (expected {expected})")
+    return value
 
 
 def validate(config) -> None:

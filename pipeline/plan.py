@@ -17,12 +17,15 @@ from pipeline.data import Dataset
 from pipeline.store import Record
 
 
+FROM_CACHE, FROM_JOURNAL = "cache", "journal"  # where a done row of a plan comes from (Plan.sources)
+
+
 @dataclass
 class Plan:
     """Every image with the record the cache will hold; `sources` says where done rows come from."""
 
     records: list[Record] = field(default_factory=list)
-    sources: dict[str, str] = field(default_factory=dict)  # path -> "cache" | "journal"
+    sources: dict[str, str] = field(default_factory=dict)  # path -> FROM_CACHE | FROM_JOURNAL
     todo: list[Record] = field(default_factory=list)
 
 
@@ -94,7 +97,7 @@ def make_plan(dataset: Dataset, cached: list[Record], journal: dict, verify: boo
 def _plan_one(plan: Plan, journal: dict, old: dict, split: str, label: int, stamp, path: Path, verify: bool,
               digest, key: str) -> Record:
     """The record of `key` (an image's path, or one of its views' keys), done before or added to `plan.todo`."""
-    for source, prev in (("journal", journal.get(key, (None,))[0]), ("cache", old.get(key))):
+    for source, prev in ((FROM_JOURNAL, journal.get(key, (None,))[0]), (FROM_CACHE, old.get(key))):
         done = _done_before(prev, stamp, path, verify, digest)
         if done is not None:
             plan.records.append(replace(done, split=split, label=label if done.ok else -1))

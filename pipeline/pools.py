@@ -18,9 +18,25 @@ import numpy as np
 
 FLATTEN_GRID = 7  # torchvision's VGG avgpool: AdaptiveAvgPool2d((7, 7)), the input of the original classifier
 SPP_LEVELS = (1, 2, 4)  # spatial pyramid: average over the whole map, a 2x2 and a 4x4 grid (1 + 4 + 16 cells)
-# the layers a cache can hold, and their stride: after five 2x2 max-pools a crop of side s gives a pool5 map of side
-# s // 32; pool4 (after four) is the input of block 5
-LAYER_STRIDES = {"pool5": 32, "pool4": 16}
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A layer of VGG16's body a cache can hold: where it is taken and what it feeds."""
+
+    name: str
+    stride: int  # after n 2x2 max-pools a crop of side s gives a map of side s // 2**n
+    end: int | None  # its output is that of torchvision's vgg16().features[:end] (None: the whole body)
+    feeds_block5: bool  # the input of block 5: a map of it is what the block5 head fine-tunes on
+    description: str
+
+
+LAYERS: dict[str, Layer] = {l.name: l for l in (
+    Layer("pool5", 32, None, False, "the body's output"),
+    # torchvision's vgg16().features: blocks 1-4 end with the max-pool at index 23; block 5 is 24..30
+    Layer("pool4", 16, 24, True, "the input of block 5 (512 x 14 x 14 at 224)"),
+)}
+BLOCK5_INPUT = next(layer for layer in LAYERS.values() if layer.feeds_block5)
 
 
 @dataclass(frozen=True)
@@ -30,6 +46,7 @@ class Pool:
     description: str
     torch_apply: Callable  # (B, C, h, w) tensor -> (B, cells * C) tensor
     numpy_apply: Callable | None  # the same on a float32 array; None: not computable from a cached map
+    keeps_map: bool = False  # the map itself, pooled later (at head time) by any entry that is `at_head`
 
     def dim(self, channels: int, side: int = FLATTEN_GRID) -> int:
         return self.cells(side) * channels
@@ -42,7 +59,7 @@ class Pool:
 
 def map_side(image_size: int, layer: str = "pool5") -> int:
     """Side of the layer's map for a square crop (floor-halvings: floor(s / 32) at pool5, floor(s / 16) at pool4)."""
-    return image_size // LAYER_STRIDES[layer]
+    return image_size // LAYERS[layer].stride
 
 
 def _bins(length: int, n: int) -> list[tuple[int, int]]:
@@ -123,7 +140,7 @@ POOLS: dict[str, Pool] = {p.name: p for p in (
     Pool("spp", lambda s: sum(n * n for n in SPP_LEVELS), "spatial pyramid: averages over 1x1, 2x2 and 4x4 grids",
          _spp, _np_spp),
     Pool("map", lambda s: s * s, "the pool5 map itself (C x h x w, h = w = crop / 32): pool at head time",
-         _map, None),
+         _map, None, keeps_map=True),
 )}
 HEAD_POOLS = tuple(name for name, p in POOLS.items() if p.at_head)  # what a map cache can be pooled to
 

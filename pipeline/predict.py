@@ -39,7 +39,7 @@ def collect_images(paths: tuple[Path, ...]) -> list[str]:
 
 def weights_for(run: Run, override: str | None) -> str:
     """The --weights spec that rebuilds the run's extractor; build_body then checks it is the very same."""
-    return weights_spec(run.record.features.config.get("weights", ""), run.record.features.weights_file, override)
+    return weights_spec(run.feature_config.weights_id, run.record.features.weights_file, override)
 
 
 def precision_for(run: Run, asked: str) -> str:

@@ -19,10 +19,11 @@ hash too): a run from someone else can give wrong predictions, but it cannot run
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import typing
-from dataclasses import MISSING, asdict, dataclass, fields, is_dataclass
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from pipeline.config import FeatureConfig, HeadConfig, library_versions, sha256_
 from pipeline.errors import UserError
 from pipeline.heads import HEAD_FILE, HEADS, load_head, save_head
 from pipeline.metrics import format_metrics
+from pipeline.params import is_json_of
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +83,35 @@ class Timings:
 
 @dataclass(frozen=True)
 class LoadingRecord:
+    """The loading plan (loading.LoadPlan) as it was decided, with the reason of each decision."""
+
     mode: str  # "memory" | "stream": the features were loaded, or read from the file as the head trained
     budget_bytes: int
     needed_bytes: int  # what loading them would take
+    pools: list = field(default_factory=list)  # the head-time poolings swept ([None]: the rows as stored)
+    views_per_image: int = 0
+    refit: bool = False
+    reasons: dict = field(default_factory=dict)  # pools, mode, views, refit -> why
+
+    @classmethod
+    def of(cls, plan) -> "LoadingRecord":
+        return cls(mode=plan.mode, budget_bytes=plan.budget_bytes, needed_bytes=plan.needed_bytes,
+                   pools=list(plan.pools), views_per_image=plan.views_per_image, refit=plan.refit,
+                   reasons=dict(plan.reasons))
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    """What train-head knows of a run when it saves it: every RunRecord field but those `save_run` adds."""
+
+    head: HeadRecord
+    sweep: list
+    splits: SplitsRecord
+    timings: Timings
+    features: FeatureSource
+    loading: LoadingRecord
+    pool: typing.Optional[str]
+    refit: bool
 
 
 @dataclass(frozen=True)
@@ -118,13 +146,38 @@ class RunRecord:
             version = data.get("schema_version") if isinstance(data, dict) else None
             hint = ": it was made by an older vggcache, retrain it" if version == 1 else ""
             raise UserError(f"{where} is not a vggcache run of schema {RUN_SCHEMA_VERSION} (schema_version {version!r}){hint}")
+        _legacy_names(data)
         record = _build(cls, data, "run.json", where)
         if record.head.kind not in HEADS:
             raise UserError(f"{where}: head kind {record.head.kind!r} is not one of {', '.join(HEADS)}")
-        if record.pool is not None and (record.pool not in pools.HEAD_POOLS or record.features.config.get("pool") != "map"):
+        if record.pool is not None and (record.pool not in pools.HEAD_POOLS or not _parsed(record, where).is_map):
             raise UserError(f"{where} is damaged: pool {record.pool!r} is not one of {', '.join(pools.HEAD_POOLS)} "
                             "applied to a map cache")
         return record
+
+
+# Names a run.json written by an earlier vggcache uses for what is now named otherwise: read as the new name.
+LEGACY_HEAD_NAMES = {"n_iter_no_change": "patience"}
+
+
+def _legacy_names(data) -> None:
+    """Rename, in place, the head parameters an earlier vggcache wrote under another name (LEGACY_HEAD_NAMES)."""
+    head = data.get("head") if isinstance(data, dict) else None
+    for part in ("config", "params"):
+        values = head.get(part) if isinstance(head, dict) else None
+        if isinstance(values, dict):
+            for old, new in LEGACY_HEAD_NAMES.items():
+                if old in values and new not in values:
+                    values[new] = values.pop(old)
+
+
+def _parsed(record: RunRecord, where: Path) -> FeatureConfig:
+    """The extractor config of a run, checked against its recorded fingerprint: an edited config is refused."""
+    fcfg = FeatureConfig.parse(record.features.config, f"{where} is damaged: features.config")
+    if fcfg.fingerprint() != record.features.fingerprint:
+        raise UserError(f"{where} is damaged: features.config hashes to {fcfg.fingerprint()}, "
+                        f"not to the recorded fingerprint {record.features.fingerprint}")
+    return fcfg
 
 
 def _build(cls, data, name: str, where: Path):
@@ -134,7 +187,7 @@ def _build(cls, data, name: str, where: Path):
     hints, values = typing.get_type_hints(cls), {}
     for f in fields(cls):
         if f.name not in data:
-            if f.default is not MISSING:
+            if f.default is not MISSING or f.default_factory is not MISSING:
                 continue
             raise UserError(f"{where} is damaged: {name}.{f.name} is missing")
         values[f.name] = _typed(hints[f.name], data[f.name], f"{name}.{f.name}", where)
@@ -148,9 +201,7 @@ def _typed(kind, value, name: str, where: Path):
     expected = next(t for t in options if t is not type(None))
     if is_dataclass(expected):
         return _build(expected, value, name, where)
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) if expected is float else \
-        isinstance(value, int) and not isinstance(value, bool) if expected is int else isinstance(value, expected)
-    if not ok:
+    if not is_json_of(expected, value):
         raise UserError(f"{where} is damaged: {name} is {json.dumps(value)[:40]}, expected {expected.__name__}")
     return value
 
@@ -171,14 +222,19 @@ class Run:
     def fingerprint(self) -> str:
         return self.record.features.fingerprint
 
-    @property
+    @functools.cached_property
     def feature_config(self) -> FeatureConfig:
-        """The extractor config, checked against the recorded fingerprint: an edited config is refused."""
-        fcfg = FeatureConfig.parse(self.record.features.config, f"{self.folder / RUN_FILE} is damaged: features.config")
-        if fcfg.fingerprint() != self.fingerprint:
-            raise UserError(f"{self.folder / RUN_FILE} is damaged: features.config hashes to {fcfg.fingerprint()}, "
-                            f"not to the recorded fingerprint {self.fingerprint}")
-        return fcfg
+        """The extractor config (parsed once), checked against the recorded fingerprint: an edited one is refused."""
+        return _parsed(self.record, self.folder / RUN_FILE)
+
+    def check_features(self, header, path: Path) -> None:
+        """The one check that a cache holds this run's features: the fingerprints must be equal (a head refuses
+        features of any other extractor config)."""
+        if header.fingerprint != self.fingerprint:
+            raise UserError(f"{path} was made by extractor config {header.fingerprint} "
+                            f"{json.dumps(header.config_dict, sort_keys=True)}, but run {self.folder.name} was trained "
+                            f"on {self.fingerprint} {json.dumps(self.record.features.config, sort_keys=True)}: it "
+                            "was trained on features of another extractor config; use its cache, or extract with its config")
 
     def head_pooling(self):
         """What turns the cache's rows into the head's inputs: the run's pooling of a map cache, else None."""
@@ -207,8 +263,7 @@ class Run:
 
     def _check_shape(self, head) -> None:
         """Inputs of the size the features give (pooled as the run says), outputs of the run's classes."""
-        config = self.record.features.config
-        if config.get("pool") == "map" and self.record.pool is None and not HEADS[self.record.head.kind].takes_map:
+        if self.feature_config.is_map and self.record.pool is None and not HEADS[self.record.head.kind].takes_map:
             raise UserError(f"{self.folder / RUN_FILE} is damaged: the run was trained on a map cache but names no pool")
         dim = self.feature_config.pooled_dim(self.record.pool) if self.record.pool else None
         if dim is not None and head.n_features_in_ != dim:
@@ -246,13 +301,13 @@ def ensure_free(folder: Path) -> None:
     files.ensure_writable_dir(folder if folder.exists() else folder.parent, "--out")
 
 
-def save_run(folder: Path, head, record: dict, metrics: dict, errors: tuple | None = None,
+def save_run(folder: Path, head, trained: TrainedRun, metrics: dict, errors: tuple | None = None,
              reference: dict | None = None) -> Run:
     """Write the head, metrics.json, report.txt, the confusion matrix and (given `errors`: the mistakes and the
     dataset root their paths are relative to) errors.csv and errors.png, the drift reference (drift.py) when
     given, then run.json last.
 
-    `record` holds the RunRecord fields known to the caller; the name, time, versions and head file are added here.
+    `trained` holds the RunRecord fields known to the caller; the name, time, versions and head file are added here.
     """
     folder = Path(folder)
     ensure_free(folder)
@@ -260,15 +315,15 @@ def save_run(folder: Path, head, record: dict, metrics: dict, errors: tuple | No
     try:
         head_path = save_head(head, folder)
         (folder / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
-        write_reports(folder, metrics, record["features"].class_names)
-        _plot_sweep(folder, record["head"], record["sweep"])
+        write_reports(folder, metrics, trained.features.class_names)
+        _plot_sweep(folder, trained.head, trained.sweep)
         if errors is not None:
             gallery.write_errors(folder, errors[0], errors[1], f"{folder.name} ({' + '.join(metrics)})")
         if reference is not None:
             drift.save(folder, reference)
         full = RunRecord(name=folder.name, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                          versions=library_versions(), head_file=head_path.name, head_sha256=sha256_file(head_path),
-                         **record)
+                         **{f.name: getattr(trained, f.name) for f in fields(TrainedRun)})
         (folder / RUN_FILE).write_text(full.to_json())
     except BaseException as e:
         for name in RUN_FILES:  # no half-written run left behind

@@ -21,7 +21,8 @@ import contextlib
 import errno
 import json
 import os
-from dataclasses import dataclass, field, replace
+import typing
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -29,7 +30,9 @@ import h5py
 import numpy as np
 
 from pipeline import files
+from pipeline.config import FeatureConfig
 from pipeline.errors import UserError
+from pipeline.params import is_json_of
 
 SCHEMA_VERSION = 2
 VIEWS_SCHEMA = 2  # the first schema with /<split>/views
@@ -93,25 +96,113 @@ def unreadable_reason(e: Exception) -> str:
     return f"{UNREADABLE} ({type(e).__name__}: {detail})"[:300]
 
 
-@dataclass
+@dataclass(frozen=True)
+class Extraction:
+    """How the rows were last extracted (the root attribute `extraction`): recorded beside the config, not in it,
+    since none of it changes the features beyond float rounding. Every field may be absent from an older file."""
+
+    device: str | None = None
+    precision: str | None = None  # fp32 | bf16 | fp16: predict embeds new images the same way by default
+    decode: str | None = None
+    batch_size: int | None = None
+    workers: int | None = None
+    torch_threads: int | None = None
+    processes: int | None = None
+    weights_file: str | None = None  # the state-dict file the weights came from (None: imagenet or random)
+    images: int | None = None  # went through the model in that run
+    seconds: float | None = None
+    images_per_s: float | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Extraction | None":
+        """The attribute as read; None for an empty one. Unknown names are ignored (a later vggcache's); a value of
+        the wrong type is refused (`Damaged`)."""
+        if not d:
+            return None
+        hints, values = typing.get_type_hints(cls), {}
+        for f in fields(cls):
+            value, kind = d.get(f.name), typing.get_args(hints[f.name])[0]  # X of `X | None`
+            if value is not None and not is_json_of(kind, value):
+                raise Damaged(f"is damaged: extraction.{f.name} is {json.dumps(value)[:40]}, expected {kind.__name__}")
+            values[f.name] = value
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Source:
+    """The dataset the rows came from (the root attribute `source`)."""
+
+    root: str | None = None  # its folder, resolved; a manifest's paths are relative to it
+    kind: str | None = None  # data.Dataset.kind
+    name: str | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Source":
+        values = {f.name: d.get(f.name) for f in fields(cls)}
+        bad = next((k for k, v in values.items() if v is not None and not isinstance(v, str)), None)
+        if bad:
+            raise Damaged(f"is damaged: source.{bad} is {json.dumps(values[bad])[:40]}, expected text")
+        return cls(**values)
+
+
+@dataclass(frozen=True)
 class Header:
-    """The root attributes: what a reader needs to trust and reuse the features."""
+    """The root attributes: what a reader needs to trust and reuse the features.
+
+    `config` is parsed and validated once, when the file is opened; a config this vggcache cannot read (a later
+    version's, or an edited one) is None and `config_problem` says why, so that `info` still shows the file.
+    """
 
     fingerprint: str
-    config: dict
+    config: FeatureConfig | None
     class_names: list[str]
     feature_dim: int
-    source: dict = field(default_factory=dict)
-    extraction: dict = field(default_factory=dict)
+    source: Source = field(default_factory=Source)
+    extraction: Extraction | None = None
     versions: dict = field(default_factory=dict)
     created: str = ""
     updated: str = ""
+    config_problem: str = ""
+    stored_config: dict | None = field(default=None, compare=False, repr=False)  # as the file holds it
+
+    def feature_config(self, path: Path) -> FeatureConfig:
+        """The config, or one UserError saying why this vggcache cannot use the cache at `path`."""
+        if self.config is None:
+            raise UserError(f"{path} holds features of an extractor config this vggcache cannot use ({self.config_problem})")
+        return self.config
+
+    @property
+    def weights_file(self) -> str | None:
+        """The state-dict file the features were made from, as the last extraction recorded it."""
+        return self.extraction.weights_file if self.extraction else None
+
+    @property
+    def precision(self) -> str | None:
+        """The autocast precision of the last extraction (fp32, bf16, fp16)."""
+        return self.extraction.precision if self.extraction else None
+
+    @property
+    def config_dict(self) -> dict:
+        """The config as the file holds it (what `info` shows, readable or not)."""
+        if self.stored_config is not None:
+            return self.stored_config
+        return self.config.to_dict() if self.config is not None else {}
 
 
 @dataclass
 class SplitFeatures:
     features: np.ndarray
     labels: np.ndarray
+    paths: list[str]
+
+
+@dataclass
+class AllRows:
+    """Every split's rows together (`Cache.all_rows`): what the audit and the map look at."""
+
+    features: np.ndarray  # float32
+    labels: np.ndarray
+    splits: np.ndarray  # the split of each row
     paths: list[str]
 
 
@@ -141,8 +232,7 @@ class Cache:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self._file = _open_validated(self.path)
-        self.header = _header_of(self._file)
+        self._file, self.header = _open_validated(self.path)
         self.splits = sorted(self._file.keys())
 
     def __enter__(self) -> "Cache":
@@ -159,14 +249,23 @@ class Cache:
             raise UserError(f"{self.path} has no split {split!r} (splits: {', '.join(self.splits) or 'none'})")
         return self._file[split]
 
-    def read_split(self, split: str, transform: Callable[[np.ndarray], np.ndarray] | None = None) -> "SplitFeatures":
+    def pooling(self, pool: str | None) -> Callable[[np.ndarray], np.ndarray] | None:
+        """What turns this cache's rows into rows pooled by `pool` at head time (a pools.HEAD_POOLS name, only for a
+        map cache); None for `pool=None`: the rows as they are."""
+        return None if pool is None else self.header.feature_config(self.path).head_pooling(pool)
+
+    def pooled_dim(self, pool: str | None) -> int:
+        """The size of this cache's rows once pooled by `pool` at head time (None: as stored)."""
+        return self.header.feature_dim if pool is None else self.header.feature_config(self.path).pooled_dim(pool)
+
+    def read_split(self, split: str, pool: str | None = None) -> "SplitFeatures":
         """Features, labels and paths of one split, read in one contiguous slice each; non-finite features (a
         damaged file: extraction never writes them) are refused.
 
-        `transform` (pooling a map cache at head time): applied to the rows a few storage chunks at a time, so that
-        memory holds the transformed split and one block of raw rows, never the whole raw split.
+        `pool` (a map cache pooled at head time): applied to the rows a few storage chunks at a time, so that memory
+        holds the pooled split and one block of raw rows, never the whole raw split.
         """
-        g = self._group(split)
+        g, transform = self._group(split), self.pooling(pool)
         with self._reading(split):
             labels, paths = g["labels"][:], list(g["paths"].asstr(errors="surrogateescape")[:])
             features = g["features"][:] if transform is None else self._transformed(split, transform)
@@ -175,6 +274,18 @@ class Cache:
             raise Damaged(f"{self.path} is damaged: {bad} rows of {split}/features are not finite (NaN or inf); "
                           "rebuild it with extract --force")
         return SplitFeatures(features, labels, paths)
+
+    def all_rows(self, pool: str = "avg") -> "AllRows":
+        """Every split's rows as float32, in file order, with their split; a map cache's rows pooled by `pool` (any
+        other cache's as they are, one whose config this version cannot read included)."""
+        config = self.header.config
+        pool = pool if config is not None and config.is_map else None
+        parts = [(split, self.read_split(split, pool)) for split in self.splits]
+        if not parts:
+            return AllRows(np.zeros((0, self.pooled_dim(pool)), np.float32), np.zeros(0, np.int64), np.array([]), [])
+        return AllRows(np.concatenate([np.asarray(d.features, np.float32) for _, d in parts]),
+                       np.concatenate([d.labels for _, d in parts]),
+                       np.array([split for split, d in parts for _ in d.paths]), [p for _, d in parts for p in d.paths])
 
     def _transformed(self, split: str, transform, dataset: str = "features") -> np.ndarray:
         ds = self._file[split][dataset]
@@ -190,10 +301,10 @@ class Cache:
         n = g["features"].shape[0]
         return g["views"].shape[0] // n if "views" in g and n else 0
 
-    def read_views(self, split: str, transform: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
-        """The augmented views of a split, (rows x K, D): rows i*K .. i*K+K-1 are row i's; `transform` as in
+    def read_views(self, split: str, pool: str | None = None) -> np.ndarray:
+        """The augmented views of a split, (rows x K, D): rows i*K .. i*K+K-1 are row i's; `pool` as in
         `read_split`. Empty (0, D) for a split without views."""
-        g = self._group(split)
+        g, transform = self._group(split), self.pooling(pool)
         if "views" not in g:
             raise ValueError(f"split {split!r} holds no views")
         with self._reading(split):
@@ -268,7 +379,7 @@ def open_cache(path: Path) -> Cache:
     return Cache(path)
 
 
-def _open_validated(path: Path) -> h5py.File:
+def _open_validated(path: Path) -> tuple[h5py.File, Header]:
     if not Path(path).is_file():
         raise UserError(f"feature file not found: {path}")
     try:
@@ -276,7 +387,7 @@ def _open_validated(path: Path) -> h5py.File:
     except OSError as e:
         raise UserError(f"{path} is not a readable HDF5 file ({e})") from None
     try:
-        _validate(f)
+        header = _validate(f)
     except Damaged as e:
         f.close()
         raise Damaged(f"{path} {e}") from None
@@ -287,10 +398,10 @@ def _open_validated(path: Path) -> h5py.File:
     except BaseException:
         f.close()
         raise
-    return f
+    return f, header
 
 
-def _validate(f: h5py.File) -> None:
+def _validate(f: h5py.File) -> Header:
     """The whole schema, checked once on opening; every problem is one `Damaged` line naming what is wrong."""
     if "schema_version" not in f.attrs:
         raise Damaged("is not a vggcache feature file (no schema_version attribute)")
@@ -299,11 +410,12 @@ def _validate(f: h5py.File) -> None:
         raise Damaged(f"is damaged: schema_version is {_show(version)}, expected a positive integer")
     if int(version) > SCHEMA_VERSION:
         raise Damaged(f"has schema_version {int(version)}; this vggcache reads up to {SCHEMA_VERSION}: upgrade it")
-    header = _checked_attrs(f.attrs)
+    header = _header_of(_checked_attrs(f.attrs))
     for name, member in f.items():
         if not isinstance(member, h5py.Group):
             raise Damaged(f"is damaged: unexpected dataset /{name} at the root (splits are groups)")
-        _check_split(name, member, header["feature_dim"], len(header["class_names"]))
+        _check_split(name, member, header.feature_dim, len(header.class_names))
+    return header
 
 
 def _show(value) -> str:
@@ -322,6 +434,8 @@ def _checked_attrs(attrs) -> dict:
     if not isinstance(dim, (int, np.integer)) or isinstance(dim, (bool, np.bool_)) or dim < 1:
         raise Damaged(f"is damaged: feature_dim is {_show(dim)}, expected a positive integer")
     found["feature_dim"] = int(dim)
+    for key in _TEXT_ATTRS:
+        found[key] = _decode_path(attrs[key])
     for key, kind in _JSON_ATTRS.items():
         try:
             found[key] = json.loads(attrs[key])
@@ -381,11 +495,19 @@ def read_records(path: Path) -> tuple[Header, list[Record]]:
         return cache.header, cache.records()
 
 
-def _header_of(f: h5py.File) -> Header:
-    a = f.attrs
-    values = {k: json.loads(a[k]) for k in _JSON_ATTRS}
-    return Header(fingerprint=_decode_path(a["fingerprint"]), feature_dim=int(a["feature_dim"]),
-                  created=_decode_path(a["created"]), updated=_decode_path(a["updated"]), **values)
+def _header_of(attrs: dict) -> Header:
+    """The typed header of checked root attributes: the config parsed (or None, and why), the rest typed."""
+    try:
+        config, problem = FeatureConfig.from_dict(attrs["config"]), ""
+    except KeyError as e:
+        config, problem = None, f"its config has no {e}"
+    except (TypeError, ValueError, UserError) as e:
+        config, problem = None, f"its config: {e}"
+    return Header(fingerprint=attrs["fingerprint"], config=config, class_names=attrs["class_names"],
+                  feature_dim=attrs["feature_dim"], source=Source.from_dict(attrs["source"]),
+                  extraction=Extraction.from_dict(attrs["extraction"]), versions=attrs["versions"],
+                  created=attrs["created"], updated=attrs["updated"], config_problem=problem,
+                  stored_config=attrs["config"])
 
 
 def read_split(path: Path, split: str) -> SplitFeatures:
@@ -522,13 +644,25 @@ def write_atomic(path: Path, header: Header, records: list[Record],
     raise UserError(f"cannot write {tmp} ({out.error.strerror or out.error})")
 
 
+def _stored(record: Source | Extraction | None) -> dict:
+    """A typed attribute as the file holds it: its set fields, in key order ({} for None)."""
+    if record is None:
+        return {}
+    values = asdict(record)
+    if isinstance(record, Source):
+        values = {k: v for k, v in values.items() if v is not None}
+    return dict(sorted(values.items()))
+
+
 def _write_header(f: h5py.File, header: Header, schema_version: int) -> None:
     f.attrs["schema_version"] = schema_version
     f.attrs["fingerprint"] = header.fingerprint
     f.attrs["feature_dim"] = header.feature_dim
     f.attrs["created"], f.attrs["updated"] = header.created, header.updated
+    values = {"config": header.config_dict, "class_names": header.class_names, "versions": header.versions,
+              "source": _stored(header.source), "extraction": _stored(header.extraction)}
     for key in _JSON_ATTRS:
-        f.attrs[key] = json.dumps(getattr(header, key), sort_keys=True)
+        f.attrs[key] = json.dumps(values[key], sort_keys=True)
 
 
 def _write_split(g: h5py.Group, records: list[Record], dim: int, fetch, dtype: str, out: _GuardedFile) -> None:
@@ -574,33 +708,53 @@ def _views_in_row_order(rows: list[Record], views: list[Record]) -> list[Record]
     return ordered
 
 
-def _map_shape(header: Header) -> list[int] | None:
-    """(C, h, w) of each row of a map cache (`extract --pool map`), None for a pooled cache."""
-    from pipeline.config import FeatureConfig
-
-    try:
-        shape = FeatureConfig.from_dict(header.config).map_shape
-    except (TypeError, KeyError, ValueError):  # a config this version does not know: no shape to tell
-        return None
-    return list(shape) if shape else None
+@dataclass(frozen=True)
+class SplitSummary:
+    rows: int = 0
+    views: int = 0  # augmented views (`extract --augment`)
+    per_class: dict[str, int] = field(default_factory=dict)
+    failed: list[Record] = field(default_factory=list)
 
 
-def describe(path: Path) -> dict:
-    """A JSON-able summary of a cache: header, rows per split and class, and every failed file."""
+@dataclass(frozen=True)
+class Summary:
+    """What `info` shows of a cache: its header, rows per split and class, every failed file."""
+
+    path: Path
+    file_bytes: int
+    header: Header
+    splits: dict[str, SplitSummary]
+
+    @property
+    def map_shape(self) -> tuple[int, int, int] | None:
+        """(C, h, w) of each row of a map cache; None for a pooled cache, or a config this version cannot read."""
+        return self.header.config.map_shape if self.header.config is not None else None
+
+    def to_json(self) -> dict:
+        h = self.header
+        splits = {name: {"rows": s.rows, "views": s.views, "per_class": s.per_class,
+                         "failed": [{"path": r.path, "reason": r.reason} for r in s.failed]}
+                  for name, s in self.splits.items()}
+        return {"path": str(self.path), "file_bytes": self.file_bytes, "fingerprint": h.fingerprint,
+                "feature_dim": h.feature_dim, "map_shape": list(self.map_shape) if self.map_shape else None,
+                "class_names": h.class_names, "config": h.config_dict,
+                "source": _stored(h.source), "extraction": _stored(h.extraction), "versions": h.versions,
+                "created": h.created, "updated": h.updated, "splits": splits}
+
+
+def describe(path: Path) -> Summary:
+    """A summary of a cache: header, rows per split and class, and every failed file."""
     with open_cache(path) as cache:
         header, records, names = cache.header, cache.records(), cache.splits
-    splits = {split: {"rows": 0, "views": 0, "per_class": {name: 0 for name in header.class_names}, "failed": []}
-              for split in names}
+    splits = {split: SplitSummary(per_class={name: 0 for name in header.class_names}) for split in names}
+    counts = {split: [0, 0] for split in names}
     for r in records:
-        s = splits[r.split]
         if r.view:
-            s["views"] += 1
+            counts[r.split][1] += 1
         elif r.ok:
-            s["rows"] += 1
-            s["per_class"][header.class_names[r.label]] += 1
+            counts[r.split][0] += 1
+            splits[r.split].per_class[header.class_names[r.label]] += 1
         else:
-            s["failed"].append({"path": r.path, "reason": r.reason})
-    return {"path": str(path), "file_bytes": Path(path).stat().st_size, "fingerprint": header.fingerprint,
-            "feature_dim": header.feature_dim, "map_shape": _map_shape(header), "class_names": header.class_names, "config": header.config,
-            "source": header.source, "extraction": header.extraction, "versions": header.versions,
-            "created": header.created, "updated": header.updated, "splits": splits}
+            splits[r.split].failed.append(r)
+    splits = {split: replace(s, rows=counts[split][0], views=counts[split][1]) for split, s in splits.items()}
+    return Summary(Path(path), Path(path).stat().st_size, header, splits)

@@ -12,13 +12,11 @@ half of the memory available when the command starts).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 
 from pipeline import store
-from pipeline.files import human_bytes
 
 # Rows read, shuffled and handed out together: the peak memory of a streamed head (tests lower it to see that).
 BLOCK_BYTES = int(os.environ.get("VGGCACHE_BLOCK_BYTES", str(64 << 20)))
@@ -57,32 +55,19 @@ def views_bytes(cache: store.Cache, split: str, copies: float, dim: int | None =
     return int(n * cache.views_per_row(split) * (dim or file_dim) * 4 * copies)
 
 
-@dataclass(frozen=True)
-class Loading:
-    """How a run read its data: recorded in run.json."""
-
-    mode: str  # "memory" | "stream"
-    budget_bytes: int
-    needed_bytes: int
-    views: bool = True  # the augmented views of a cache that has them fit beside the rows (only in memory)
-
-    def describe(self) -> str:
-        return f"{self.mode} ({human_bytes(self.needed_bytes)} of rows, budget {human_bytes(self.budget_bytes)})"
-
-
 class SplitRows:
     """The rows of one split (or of a subset of its rows), read on demand.
 
     Rows are numbered locally, 0..len-1 in file order; `labels` holds theirs. `blocks()` reads them in order,
-    `shuffled()` in minibatches; both yield (features, local row numbers). `transform` (pooling a map cache at head
+    `shuffled()` in minibatches; both yield (features, local row numbers). `pool` (a map cache pooled at head
     time) is applied to the rows as they are read; `dim` is then its output size.
     """
 
     def __init__(self, cache: store.Cache, split: str, subset: np.ndarray | None = None,
-                 block_bytes: int | None = None, transform=None):
-        self.cache, self.split, self.transform = cache, split, transform
+                 block_bytes: int | None = None, pool: str | None = None):
+        self.cache, self.split, self.pool, self.transform = cache, split, pool, cache.pooling(pool)
         self.n_file_rows, self.file_dim, self.chunk_rows = cache.split_shape(split)
-        self.dim = self.file_dim if transform is None else int(transform(np.zeros((1, self.file_dim), np.float32)).shape[1])
+        self.dim = self.file_dim if self.transform is None else int(self.transform(np.zeros((1, self.file_dim), np.float32)).shape[1])
         self.index = np.arange(self.n_file_rows) if subset is None else np.sort(np.asarray(subset, dtype=np.int64))
         self.labels = cache.read_labels(split)[self.index]
         self.chunks_per_block = max(1, (block_bytes or BLOCK_BYTES) // max(1, self._chunk_bytes()))
@@ -93,7 +78,7 @@ class SplitRows:
     def subset(self, rows: np.ndarray) -> "SplitRows":
         """These local rows as a SplitRows of their own (a held-out part of a split)."""
         return SplitRows(self.cache, self.split, self.index[np.asarray(rows)], self.chunks_per_block * self._chunk_bytes(),
-                         self.transform)
+                         self.pool)
 
     def _chunk_bytes(self) -> int:
         return self.chunk_rows * self.file_dim * 4

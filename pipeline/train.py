@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from pipeline import drift, gallery, pools, runs, store, stream
-from pipeline.config import FeatureConfig, HeadConfig, TrainConfig, weights_spec
+from pipeline import drift, gallery, runs, store
+from pipeline.config import HeadConfig, TrainConfig, weights_spec
 from pipeline.errors import UserError
-from pipeline.files import human_bytes
 from pipeline.heads import HEADS, full_proba, make_head
-from pipeline.stream import Loading, SplitRows
+from pipeline.loading import LoadPlan, plan_loading
+from pipeline.stream import SplitRows
 from pipeline.metrics import classification_metrics
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Data:
-    """What a run trains and scores on: arrays in memory, or `SplitRows` read from the cache as needed."""
+    """What a run trains and scores on: arrays in memory, or (`plan.streamed`) `SplitRows` read from the cache as
+    needed."""
 
     X_train: np.ndarray | SplitRows
     y_train: np.ndarray
@@ -33,112 +34,33 @@ class Data:
     y_val: np.ndarray
     X_test: np.ndarray | SplitRows | None
     y_test: np.ndarray | None
-    val_source: str
-    loading: Loading
+    val_source: str  # the validation split's name, or how it was held out of train
+    plan: LoadPlan
     V_train: np.ndarray | None = None  # augmented views of X_train's rows, (rows, K, D): trained on, never scored
     val_held: np.ndarray | None = None  # validation held out of train: its rows' positions there (None: a split)
 
-
-def pools_to_try(cfg: TrainConfig, header: store.Header) -> list[str | None]:
-    """The head-time poolings to sweep: every one of a map cache for --pool auto, the one asked for, or [None] for
-    a pooled cache (its rows are used as they are; --pool may only name what it holds)."""
-    held = header.config.get("pool")
-    if HEADS[cfg.head.kind].takes_map:
-        layer = header.config.get("layer", "pool5")
-        if held != "map" or layer != "pool4":
-            raise UserError(f"--head {cfg.head.kind} trains VGG16's block 5 on pool4 maps, and {cfg.features} holds "
-                            f"{layer} {held} features: extract --layer pool4 --pool map")
-        if cfg.pool not in ("auto",):
-            raise UserError(f"--head {cfg.head.kind} takes the pool4 map as it is: leave --pool out")
-        return [None]
-    if held == "map":
-        return list(pools.HEAD_POOLS) if cfg.pool == "auto" else [cfg.pool]
-    if cfg.pool not in ("auto", held):
-        raise UserError(f"{cfg.features} holds {held}-pooled features, so --pool {cfg.pool} cannot be computed from it: "
-                        f"use --pool {held} (or auto), or extract a map cache (extract --pool map) to choose at head time")
-    return [None]
+    @property
+    def streamed(self) -> bool:
+        return self.plan.streamed
 
 
-def _map_config(header: store.Header) -> FeatureConfig:
-    """The config of a map cache (only a map cache's rows are pooled here, so only its config is parsed)."""
-    return FeatureConfig.parse(header.config, "the cache's config")
-
-
-def _pooled_dim(header: store.Header, pool: str | None) -> int:
-    return header.feature_dim if pool is None else _map_config(header).pooled_dim(pool)
-
-
-def _transform(header: store.Header, pool: str | None):
-    return None if pool is None else _map_config(header).head_pooling(pool)
-
-
-def plan_loading(cfg: TrainConfig, cache: store.Cache, tried: list[str | None]) -> Loading:
-    """In memory when the splits fit the budget; streamed from the file otherwise, or when asked (--stream)."""
-    cache.split_shape(cfg.train_split)  # a missing train split is the first thing to say
-    splits = [s for s in (cfg.train_split, cfg.val_split, cfg.test_split) if s in cache.splits]
-    dim = max(_pooled_dim(cache.header, p) for p in tried)
-    copies = HEADS[cfg.head.kind].memory_copies
-    needed = stream.in_memory_bytes(cache, splits, copies, dim)
-    budget = cfg.budget_bytes or stream.default_budget()
-    loading = stream.Loading("stream" if cfg.stream or needed > budget else "memory", budget, needed)
-    if loading.mode == "stream" and not HEADS[cfg.head.kind].streams:
-        pool4_map = cache.header.config.get("layer") == "pool4" and cache.header.config.get("pool") == "map"
-        streaming = " or ".join(h.name for h in HEADS.values() if h.streams and (pool4_map or not h.takes_map))
-        why = "--stream was asked for" if cfg.stream else f"the splits need {human_bytes(needed)} in memory, over " \
-              f"the {human_bytes(budget)} budget (--memory-budget)"
-        other = "" if cfg.stream else ", or raise --memory-budget" + (" or choose one --pool" if len(tried) > 1 else "")
-        raise UserError(f"--head {cfg.head.kind} needs its data in memory and {why}: use --head {streaming}, which "
-                        f"streams from the file{other}")
-    if loading.mode == "stream" and cfg.refit:
-        raise UserError("--refit needs the splits in memory, and they are streamed from the file: use --no-refit, "
-                        "or raise --memory-budget")
-    views = stream.views_bytes(cache, cfg.train_split, copies, dim) if cfg.views is not False else 0
-    if views and loading.mode == "memory" and needed + views > budget:  # the views go first: rows matter more
-        return _without_views(cfg, cache, loading, f"{human_bytes(needed + views)} with the views, over the "
-                              f"{human_bytes(budget)} --memory-budget", "raise --memory-budget")
-    if views and loading.mode == "stream":
-        return _without_views(cfg, cache, loading, "--stream was asked for" if cfg.stream else "the rows are streamed "
-                              f"from the file (over the {human_bytes(budget)} --memory-budget)",
-                              "leave out --stream" if cfg.stream else "raise --memory-budget")
-    if views:
-        return replace(loading, needed_bytes=needed + views)
-    return loading
-
-
-def _without_views(cfg: TrainConfig, cache: store.Cache, loading: Loading, why: str, fix: str) -> Loading:
-    """Views are trained on in memory only: refused when asked for (--views), else left out with a warning."""
-    if cfg.views:
-        raise UserError(f"--views trains on the augmented views in memory, and {why}: use --no-views, or {fix}")
-    log.warning("%s holds augmented views, left out of training: %s", cache.path, why)
-    return replace(loading, views=False)
-
-
-def views_per_image(cfg: TrainConfig, cache: store.Cache, loading: Loading) -> int:
-    """K, the augmented views of each training image the head trains on: the cache's, unless --no-views or they
-    do not fit memory (plan_loading); --views on a cache without views is refused."""
-    k = cache.views_per_row(cfg.train_split)
-    if cfg.views and not k:
-        raise UserError(f"--views: {cfg.features} holds no augmented views of {cfg.train_split!r} "
-                        "(extract --augment K makes them)")
-    return k if cfg.views is not False and loading.views else 0
-
-
-def load_data(cfg: TrainConfig, cache: store.Cache, loading: Loading, transform=None) -> Data:
-    """Train and validation rows (validation held out of train when the file has none), test when present;
-    `transform` pools a map cache's rows as they are read."""
-    read = _split if loading.mode == "memory" else _rows
-    split = lambda name, need_classes=True: read(cache, name, need_classes, transform)
-    train, k = split(cfg.train_split), views_per_image(cfg, cache, loading)
-    views = cache.read_views(cfg.train_split, transform).reshape(len(train[1]), k, -1) if k else None
+def load_data(cfg: TrainConfig, cache: store.Cache, plan: LoadPlan, pool: str | None = None) -> Data:
+    """Train and validation rows (validation held out of train when the file has none), test when present, as
+    `plan` says; `pool` pools a map cache's rows as they are read."""
+    read = _rows if plan.streamed else _split
+    split = lambda name, need_classes=True: read(cache, name, need_classes, pool)
+    (X, y), k = split(cfg.train_split), plan.views_per_image
+    views = cache.read_views(cfg.train_split, pool).reshape(len(y), k, -1) if k else None
     held = None
     if cfg.val_split in cache.splits:
-        val, source = split(cfg.val_split), cfg.val_split
+        (X_val, y_val), source = split(cfg.val_split), cfg.val_split
     else:
-        train, val, views, held = _hold_out(cfg, train, views)
+        X, y, X_val, y_val, views, held = _hold_out(cfg, X, y, views)
         source = f"{cfg.val_fraction:g} of {cfg.train_split!r}, stratified, seed {cfg.head.seed}"
         log.info("no %r split: validating on %s", cfg.val_split, source)
-    test = split(cfg.test_split, need_classes=False) if cfg.test_split in cache.splits else None
-    return Data(*train, *val, *(test or (None, None)), source, loading, views, held)
+    X_test, y_test = split(cfg.test_split, need_classes=False) if cfg.test_split in cache.splits else (None, None)
+    return Data(X_train=X, y_train=y, X_val=X_val, y_val=y_val, X_test=X_test, y_test=y_test, val_source=source,
+                plan=plan, V_train=views, val_held=held)
 
 
 def val_paths(cfg: TrainConfig, cache: store.Cache, data: Data) -> list[str]:
@@ -149,19 +71,18 @@ def val_paths(cfg: TrainConfig, cache: store.Cache, data: Data) -> list[str]:
     return [train_paths[i] for i in data.val_held]
 
 
-def _hold_out(cfg: TrainConfig, train: tuple, views: np.ndarray | None):
-    """(train, validation, the views of train, the held-out rows' positions): validation held out of train by
-    image, so an image's views go with it and none of a validation image is trained on."""
-    X, y = train
+def _hold_out(cfg: TrainConfig, X, y: np.ndarray, views: np.ndarray | None):
+    """(X, y of train, X, y of validation, the views of train, the held-out rows' positions): validation held out
+    of train by image, so an image's views go with it and none of a validation image is trained on."""
     try:
         fit, held = train_test_split(np.arange(len(y)), test_size=cfg.val_fraction, stratify=y,
                                      random_state=cfg.head.seed)
     except ValueError as e:
         raise UserError(f"cannot hold out a stratified validation set from {cfg.train_split!r}: {e}") from None
-    if isinstance(X, SplitRows):
+    if isinstance(X, SplitRows):  # streamed: rows stay in file order
         fit, held = np.sort(fit), np.sort(held)
-        return (X.subset(fit), y[fit]), (X.subset(held), y[held]), None, held
-    return (X[fit], y[fit]), (X[held], y[held]), None if views is None else views[fit], held
+        return X.subset(fit), y[fit], X.subset(held), y[held], None, held
+    return X[fit], y[fit], X[held], y[held], None if views is None else views[fit], held
 
 
 def _check_rows(cache: store.Cache, name: str, labels: np.ndarray, need_classes: bool) -> None:
@@ -172,20 +93,20 @@ def _check_rows(cache: store.Cache, name: str, labels: np.ndarray, need_classes:
         raise UserError(f"split {name!r} of {cache.path} has one class only ({only!r}): a classifier needs at least two")
 
 
-def _split(cache: store.Cache, name: str, need_classes: bool, transform) -> tuple[np.ndarray, np.ndarray]:
-    data = cache.read_split(name, transform)
+def _split(cache: store.Cache, name: str, need_classes: bool, pool: str | None) -> tuple[np.ndarray, np.ndarray]:
+    data = cache.read_split(name, pool)
     _check_rows(cache, name, data.labels, need_classes)
     return data.features, data.labels
 
 
-def _rows(cache: store.Cache, name: str, need_classes: bool, transform) -> tuple[SplitRows, np.ndarray]:
-    rows = SplitRows(cache, name, transform=transform)
+def _rows(cache: store.Cache, name: str, need_classes: bool, pool: str | None) -> tuple[SplitRows, np.ndarray]:
+    rows = SplitRows(cache, name, pool=pool)
     _check_rows(cache, name, rows.labels, need_classes)
     return rows, rows.labels
 
 
-def _fit(head, X, y, views=None):
-    return head.fit_rows(X) if isinstance(X, SplitRows) else head.fit(X, y, views=views)
+def _fit(head, data: Data):
+    return head.fit_rows(data.X_train) if data.streamed else head.fit(data.X_train, data.y_train, views=data.V_train)
 
 
 @dataclass
@@ -199,20 +120,20 @@ class Choice:
     table: list[dict]
 
 
-def sweep(cfg: TrainConfig, cache: store.Cache, loading: Loading, tried: list[str | None]) -> Choice:
+def sweep(cfg: TrainConfig, cache: store.Cache, plan: LoadPlan) -> Choice:
     """Fit every pooling x candidate on train, keep the best validation accuracy (ties: lower log loss)."""
-    spec = HEADS[cfg.head.kind]
+    spec, config = HEADS[cfg.head.kind], cache.header.feature_config(cfg.features)
     table, best = [], None
-    for pool in tried:
-        data = load_data(cfg, cache, loading, _transform(cache.header, pool))
-        name = pool or cache.header.config.get("pool")
+    for pool in plan.pools:
+        data = load_data(cfg, cache, plan, pool)
+        name = config.pooled_name(pool)
         for score, head in sweep_candidates(cfg.head, data):
             table.append({"pool": name} | score)
             key = (score["val_accuracy"], -score["val_log_loss"])
             if best is None or key > best[0]:
                 best = (key, Choice(head, score["params"], pool, data, table))
     choice = best[1]
-    chosen = chosen_values(spec, choice.params, choice.pool or cache.header.config.get("pool"))
+    chosen = chosen_values(spec, choice.params, config.pooled_name(choice.pool))
     log.info("chose %s on validation from %d candidates", runs.describe_chosen(chosen), len(table))
     return choice
 
@@ -223,14 +144,13 @@ def sweep_candidates(cfg: HeadConfig, data: Data):
     spec = HEADS[cfg.kind]
     n_classes = int(max(data.y_train.max(), data.y_val.max())) + 1
     for group in _path_groups(cfg.candidates(), spec.path):
-        if spec.path and len(group) > 1 and not isinstance(data.X_train, SplitRows):
+        if spec.path and len(group) > 1 and not data.streamed:
             first = make_head(cfg.kind, **group[0])
             by_value = {p[spec.path]: p for p in group}
             heads = first.iter_path(data.X_train, data.y_train, list(by_value), views=data.V_train)  # increasing
             fitted = ((by_value[getattr(h, spec.path)], h) for h in heads)
         else:
-            fitted = ((params, _fit(make_head(cfg.kind, **params), data.X_train, data.y_train, data.V_train))
-                      for params in group)
+            fitted = ((params, _fit(make_head(cfg.kind, **params), data)) for params in group)
         start = time.perf_counter()
         for params, head in fitted:  # each head is scored, then dropped unless it is the best so far
             seconds = time.perf_counter() - start
@@ -269,7 +189,7 @@ def refit(cfg: TrainConfig, choice: Choice):
 def train_head(cfg: TrainConfig) -> runs.Run:
     """Fit, choose, score and save one head on a feature cache (opened once); returns the saved run."""
     out = Path(cfg.out) if cfg.out else None
-    if cfg.head.kind == "linear":
+    if "device" in HEADS[cfg.head.kind].fixed:
         from pipeline.device import resolve_device  # a one-off ~3 s torch import: not part of the fit time we report
 
         resolve_device(cfg.head.device)  # an absent --device is refused now, not after loading the data
@@ -277,29 +197,32 @@ def train_head(cfg: TrainConfig) -> runs.Run:
     with store.open_cache(cfg.features) as cache:  # open to the end: a streamed split reads from it
         out = out or cfg.models_dir / _default_name(cfg.features, cfg.head.kind)
         runs.ensure_free(out)  # before the fit, not after it
-        tried = pools_to_try(cfg, cache.header)
-        if "weights" in HEADS[cfg.head.kind].fixed:  # block5 starts from the weights the cache was made with
-            spec = weights_spec(cache.header.config.get("weights", ""), cache.header.extraction.get("weights_file"),
-                                cfg.head.weights)
-            cfg = replace(cfg, head=replace(cfg.head, weights=spec))
-        loading = plan_loading(cfg, cache, tried)
+        cfg = _with_weights(cfg, cache.header)
+        plan = plan_loading(cfg, cache)
         loaded = time.perf_counter()
-        choice = sweep(cfg, cache, loading, tried)
+        choice = sweep(cfg, cache, plan)
         d, names = choice.data, cache.header.class_names
         proba_val = full_proba(choice.head, d.X_val, len(names))
         metrics = {"val": classification_metrics(d.y_val, proba_val, names)}
         wrong = gallery.mistakes("val", val_paths(cfg, cache, d), d.y_val, proba_val, names)
-        refitted = cfg.refit if cfg.refit is not None else (d.X_test is not None and loading.mode == "memory")
-        head = refit(cfg, choice) if refitted else choice.head
+        head = refit(cfg, choice) if plan.refit else choice.head
         fitted = time.perf_counter()
         if d.X_test is not None:
             proba_test = full_proba(head, d.X_test, len(names))
             metrics["test"] = classification_metrics(d.y_test, proba_test, names)
             wrong += gallery.mistakes("test", cache.read_paths(cfg.test_split), d.y_test, proba_test, names)
-        record = _record(cfg, cache.header, choice, head, refitted, (start, loaded, fitted))
+        trained = _trained(cfg, cache.header, choice, head, (start, loaded, fitted))
         _warn_of_copies_across_splits(cfg, cache)
         reference = drift.reference(d.X_train, d.y_train, d.X_val, proba_val.max(1), len(names))
-    return runs.save_run(out, head, record, metrics, errors=(wrong, cache.header.source.get("root")), reference=reference)
+    return runs.save_run(out, head, trained, metrics, errors=(wrong, cache.header.source.root), reference=reference)
+
+
+def _with_weights(cfg: TrainConfig, header: store.Header) -> TrainConfig:
+    """A head that starts from the body's weights (block5) gets the weights the cache was made with."""
+    if "weights" not in HEADS[cfg.head.kind].fixed:
+        return cfg
+    spec = weights_spec(header.feature_config(cfg.features).weights_id, header.weights_file, cfg.head.weights)
+    return replace(cfg, head=replace(cfg.head, weights=spec))
 
 
 def _warn_of_copies_across_splits(cfg: TrainConfig, cache: store.Cache) -> None:
@@ -315,29 +238,27 @@ def _warn_of_copies_across_splits(cfg: TrainConfig, cache: store.Cache) -> None:
                         b if a == cfg.train_split else a, cfg.train_split, cfg.features)
 
 
-def _record(cfg: TrainConfig, header: store.Header, choice: Choice, head, refitted: bool, times) -> dict:
-    spec, d = HEADS[cfg.head.kind], choice.data
-    chosen = chosen_values(spec, choice.params, choice.pool or header.config.get("pool"))
+def _trained(cfg: TrainConfig, header: store.Header, choice: Choice, head, times) -> runs.TrainedRun:
+    spec, d, config = HEADS[cfg.head.kind], choice.data, header.feature_config(cfg.features)
     start, loaded, fitted = times
-    return {
-        "head": runs.HeadRecord(kind=cfg.head.kind, config=asdict(cfg.head), params=choice.params, chosen=chosen,
-                                converged=bool(getattr(head, "converged_", True))),
-        "sweep": choice.table,
-        "splits": runs.SplitsRecord(train=cfg.train_split, val=d.val_source,
-                                    test=cfg.test_split if d.X_test is not None else None,
-                                    n_train=int(len(d.y_train)), n_val=int(len(d.y_val)),
-                                    views_per_image=0 if d.V_train is None else int(d.V_train.shape[1])),
+    return runs.TrainedRun(
+        head=runs.HeadRecord(kind=cfg.head.kind, config=asdict(cfg.head), params=choice.params,
+                             chosen=chosen_values(spec, choice.params, config.pooled_name(choice.pool)),
+                             converged=bool(getattr(head, "converged_", True))),
+        sweep=choice.table,
+        splits=runs.SplitsRecord(train=cfg.train_split, val=d.val_source,
+                                 test=cfg.test_split if d.X_test is not None else None,
+                                 n_train=int(len(d.y_train)), n_val=int(len(d.y_val)),
+                                 views_per_image=0 if d.V_train is None else int(d.V_train.shape[1])),
         # load: opening and planning; the splits are read inside the sweep, once per pooling tried
-        "timings": runs.Timings(load_seconds=round(loaded - start, 3), fit_seconds=round(fitted - loaded, 3)),
-        "loading": runs.LoadingRecord(mode=d.loading.mode, budget_bytes=d.loading.budget_bytes,
-                                      needed_bytes=d.loading.needed_bytes),
-        "features": runs.FeatureSource(path=str(Path(cfg.features).resolve()), fingerprint=header.fingerprint,
-                                       config=header.config, class_names=header.class_names,
-                                       weights_file=header.extraction.get("weights_file"),
-                                       precision=header.extraction.get("precision")),
-        "pool": choice.pool,
-        "refit": refitted,
-    }
+        timings=runs.Timings(load_seconds=round(loaded - start, 3), fit_seconds=round(fitted - loaded, 3)),
+        loading=runs.LoadingRecord.of(d.plan),
+        features=runs.FeatureSource(path=str(Path(cfg.features).resolve()), fingerprint=header.fingerprint,
+                                    config=config.to_dict(), class_names=header.class_names,
+                                    weights_file=header.weights_file, precision=header.precision),
+        pool=choice.pool,
+        refit=d.plan.refit,
+    )
 
 
 def _default_name(features: Path, kind: str) -> str:

@@ -15,6 +15,7 @@ from pipeline import audit, store, train
 from pipeline.config import AuditConfig, HeadConfig, TrainConfig
 from pipeline.extract import extract
 from pipeline.store import Header, Record
+from pipeline.synthetic import rows_config
 
 CLI = [sys.executable, "-m", "pipeline"]
 
@@ -23,7 +24,7 @@ def write_cache(path, rows: list[tuple[str, str, int, str]], X: np.ndarray, name
     """A cache of hand-made rows (split, path, label, sha256) and features."""
     records = [Record(split, p, label, 1, 1, sha) for split, p, label, sha in rows]
     value = {p: X[i] for i, (_, p, _, _) in enumerate(rows)}
-    header = Header(fingerprint="f", config={"pool": "avg"}, class_names=list(names), feature_dim=X.shape[1])
+    header = Header(fingerprint=rows_config().fingerprint(), config=rows_config(), class_names=list(names), feature_dim=X.shape[1])
     store.write_atomic(path, header, records, lambda rs: np.stack([value[r.path] for r in rs]), "float32")
     return path
 

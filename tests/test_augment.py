@@ -23,6 +23,7 @@ from pipeline.estimators import hold_out
 from pipeline.extract import extract
 from pipeline.reader import open_image
 from pipeline.synthetic import make_image_folder
+from pipeline.loading import plan_loading
 
 CLI = [sys.executable, "-m", "pipeline"]
 
@@ -59,8 +60,8 @@ def test_views_are_cached_for_the_training_split_only(augmented):
     with store.open_cache(out) as cache:
         assert cache.views_per_row("train") == 2 and cache.views_per_row("val") == 0
         assert cache.read_views("train").shape == (24, 512)
-        assert cache.header.config["augment"] == 2 and cache.header.config["augment_seed"] == 7
-        assert cache.header.config["augment_recipe"] == augment.RECIPE
+        assert cache.header.config.augment == 2 and cache.header.config.augment_seed == 7
+        assert cache.header.config.augment_recipe == augment.RECIPE
 
 
 def test_each_view_equals_a_direct_forward_of_its_crop(augmented, weights_file):
@@ -153,7 +154,7 @@ def test_a_flat_dataset_validates_on_images_whose_views_are_not_trained_on(tmp_p
     cfg = TrainConfig(features=out, train_split="all", head=HeadConfig("logreg"))
     with store.open_cache(out) as cache:
         rows, views = cache.read_split("all").features, cache.read_views("all").reshape(-1, 2, 512)
-        data = train.load_data(cfg, cache, train.plan_loading(cfg, cache, [None]))
+        data = train.load_data(cfg, cache, plan_loading(cfg, cache))
     index = {row.tobytes(): i for i, row in enumerate(rows)}
     fit = [index[r.tobytes()] for r in data.X_train]
     held = [index[r.tobytes()] for r in data.X_val]
@@ -180,7 +181,7 @@ def test_views_asked_of_a_cache_without_them_are_refused(image_folder, tmp_path)
 def test_views_that_do_not_fit_the_budget_are_left_out_or_refused(augmented, tmp_path, caplog):
     _, out, _ = augmented
     with store.open_cache(out) as cache:
-        rows_only = train.plan_loading(TrainConfig(features=out, views=False), cache, [None]).needed_bytes
+        rows_only = plan_loading(TrainConfig(features=out, views=False), cache).needed_bytes
     budget = str(rows_only + 1000)
     run = train.train_head(TrainConfig(features=out, out=tmp_path / "run", memory_budget=budget))
     assert run.record.splits.views_per_image == 0 and "left out of training" in caplog.text
@@ -191,7 +192,7 @@ def test_views_that_do_not_fit_the_budget_are_left_out_or_refused(augmented, tmp
 def test_augment_without_a_training_split_says_so_and_makes_no_views(tmp_path, caplog):
     data = make_image_folder(tmp_path / "data", {"training": 2, "val": 1}, size=(40, 36))
     s = extract(extract_config(data, tmp_path / "f.h5", augment=2))  # a test set for a run trained with views
-    assert s.views == 0 and store.read_header(s.out).config["augment"] == 2
+    assert s.views == 0 and store.read_header(s.out).config.augment == 2
     assert "--augment makes views of the training split (train or all)" in caplog.text and "training, val" in caplog.text
 
 

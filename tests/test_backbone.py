@@ -19,7 +19,7 @@ def test_imagenet_preprocessing_constants_match_torchvision():
     backbone._check_imagenet_transforms(VGG16_Weights.IMAGENET1K_V1)  # raises when they drift
     fcfg = feature_config("imagenet", "avg", 224, "float16")
     assert (fcfg.resize_size, fcfg.image_size) == (256, 224)
-    assert fcfg.weights == "torchvision:VGG16_Weights.IMAGENET1K_V1"
+    assert fcfg.weights_id == "torchvision:VGG16_Weights.IMAGENET1K_V1"
 
 
 @pytest.mark.parametrize("pool, dim", [("avg", 512), ("max", 512), ("avgmax", 1024), ("flatten", 25088)])

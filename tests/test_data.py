@@ -35,7 +35,7 @@ def test_flat_layout_is_split_all(tmp_path):
 def test_manifest_with_header_and_splits(tmp_path):
     (tmp_path / "m.csv").write_text("path,label,split\nimg/1.jpg,cat,train\nimg/2.jpg,dog,train\nimg/3.jpg,cat,test\n")
     ds = discover(tmp_path / "m.csv")
-    assert ds.kind == "csv" and ds.root == tmp_path and ds.name == "m"
+    assert (ds.kind, ds.root, ds.name) == ("csv", tmp_path, "m")
     assert ds.class_names == ("cat", "dog")
     assert [(i.split, i.path) for i in ds.items] == [("test", "img/3.jpg"), ("train", "img/1.jpg"), ("train", "img/2.jpg")]
 

@@ -119,7 +119,7 @@ def test_other_config_never_writes_into_an_existing_cache(image_folder, tmp_path
     s = extract(extract_config(image_folder, None, pool="max", features_dir=tmp_path))
     assert s.out.name.startswith("data-") and s.out != out and s.feature_dim == 512
     s = extract(extract_config(image_folder, out, pool="avgmax", force=True))
-    assert store.read_header(out).config["pool"] == "avgmax" and s.extracted == 18
+    assert store.read_header(out).config.pool == "avgmax" and s.extracted == 18
 
 
 def test_default_name_carries_the_fingerprint(image_folder, tmp_path):

@@ -36,9 +36,9 @@ def pool4(folder, weights_file, tmp_path_factory) -> Path:
 
 def test_pool4_cache_holds_the_map_and_says_so(pool4):
     header = store.read_header(pool4)
-    fcfg = FeatureConfig.from_dict(header.config)
-    assert header.config["layer"] == "pool4" and fcfg.map_shape == (512, 4, 4) and header.feature_dim == 512 * 16
-    assert "layer" not in FeatureConfig(weights="w", pool="avg", image_size=224, resize_size=256).to_dict()
+    fcfg = header.config
+    assert header.config.layer == "pool4" and fcfg.map_shape == (512, 4, 4) and header.feature_dim == 512 * 16
+    assert "layer" not in FeatureConfig(weights_id="random:w", pool="avg", image_size=224, resize_size=256).to_dict()
 
 
 def test_block5_from_the_caches_weights_gives_the_pool5_of_a_direct_forward(folder, pool4, weights_file, tmp_path):

@@ -79,11 +79,11 @@ def test_a_pickle_in_place_of_the_head_is_never_unpickled(tmp_path):
 
 def test_linear_head_is_seeded_and_stops_early_on_a_held_out_fraction():
     X, y = blobs()
-    a = LinearHead(epochs=300, n_iter_no_change=5, device="cpu").fit(X, y)
-    b = LinearHead(epochs=300, n_iter_no_change=5, device="cpu").fit(X, y)
+    a = LinearHead(epochs=300, patience=5, device="cpu").fit(X, y)
+    b = LinearHead(epochs=300, patience=5, device="cpu").fit(X, y)
     assert np.array_equal(a.predict_proba(X), b.predict_proba(X))
     assert a.n_iter_ < 300 and a.best_epoch_ <= a.n_iter_
-    full = LinearHead(epochs=7, n_iter_no_change=None, device="cpu").fit(X, y)
+    full = LinearHead(epochs=7, patience=None, device="cpu").fit(X, y)
     assert full.n_iter_ == 7 and full.best_epoch_ == 7  # no early stopping: every epoch, every row
 
 
@@ -91,5 +91,5 @@ def test_linear_head_with_a_hidden_layer_learns_xor():
     rng = np.random.default_rng(0)
     X = rng.uniform(-1, 1, (800, 2)).astype(np.float32)
     y = (X[:, 0] * X[:, 1] > 0).astype(int)
-    head = LinearHead(hidden=64, dropout=0.1, lr=1e-2, epochs=300, n_iter_no_change=30, device="cpu").fit(X[:600], y[:600])
+    head = LinearHead(hidden=64, dropout=0.1, lr=1e-2, epochs=300, patience=30, device="cpu").fit(X[:600], y[:600])
     assert head.score(X[600:], y[600:]) > 0.9

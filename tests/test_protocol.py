@@ -20,6 +20,8 @@ from pipeline.extract import extract
 from pipeline.heads import LOGREG_C, full_proba
 from pipeline.store import Header, Record
 from pipeline.train import train_head
+from pipeline.config import scales_option
+from pipeline.synthetic import rows_config
 
 MAP_SIZE = 64  # a 2x2 pool5 map: every pooling differs from the others, flatten upsamples to 7x7 as torchvision does
 
@@ -59,10 +61,10 @@ def test_numpy_pooling_equals_torch_pooling(pool, side):
 @pytest.mark.parametrize("pool", pools.HEAD_POOLS)
 def test_map_cache_pooled_at_head_time_equals_an_extraction_with_that_pool(pool, folder, map_cache, tmp_path):
     direct = extract(extract_config(folder, tmp_path / "f.h5", pool=pool, image_size=MAP_SIZE, dtype="float32")).out
-    fcfg = FeatureConfig.from_dict(store.read_header(map_cache).config)
+    fcfg = store.read_header(map_cache).config
     assert fcfg.map_shape == (512, 2, 2) and store.read_header(map_cache).feature_dim == 512 * 4
     with store.open_cache(map_cache) as cache:
-        pooled = {s: cache.read_split(s, fcfg.head_pooling(pool)).features for s in cache.splits}
+        pooled = {s: cache.read_split(s, pool).features for s in cache.splits}
     for split, rows in _rows(direct).items():
         np.testing.assert_allclose(pooled[split], rows, rtol=1e-5, atol=1e-5 * np.abs(rows).max())
 
@@ -70,9 +72,8 @@ def test_map_cache_pooled_at_head_time_equals_an_extraction_with_that_pool(pool,
 def test_float16_map_pools_to_the_float16_rows_within_their_rounding(folder, tmp_path):
     half_map = extract(extract_config(folder, tmp_path / "m.h5", pool="map", image_size=MAP_SIZE)).out
     direct = extract(extract_config(folder, tmp_path / "a.h5", pool="avgmax", image_size=MAP_SIZE)).out
-    fcfg = FeatureConfig.from_dict(store.read_header(half_map).config)
     with store.open_cache(half_map) as cache:
-        pooled = cache.read_split("train", fcfg.head_pooling("avgmax")).features
+        pooled = cache.read_split("train", "avgmax").features
     rows = _rows(direct)["train"].astype(np.float32)
     np.testing.assert_allclose(pooled, rows, rtol=2e-3, atol=1e-3 * np.abs(rows).max())  # float16: 11-bit mantissa
 
@@ -120,7 +121,7 @@ def _blob_cache(path: Path, n: int = 240, dim: int = 16, std: float = 6.0, split
     X, y = make_blobs(n_samples=n, centers=3, n_features=dim, cluster_std=std, random_state=0)
     records = [Record(splits[i % len(splits)], f"{i:04d}.jpg", int(label), 1, 1, "0" * 64) for i, label in enumerate(y)]
     rows = {r.path: x for r, x in zip(records, X)}
-    header = Header(fingerprint="f" * 12, config={"pool": "avg", "weights": "random:x"}, class_names=["a", "b", "c"],
+    header = Header(fingerprint=rows_config().fingerprint(), config=rows_config(), class_names=["a", "b", "c"],
                     feature_dim=dim)
     store.write_atomic(path, header, records, lambda rs: np.stack([rows[r.path] for r in rs]), "float32")
     return path
@@ -211,7 +212,7 @@ def test_knn_votes_are_weighted_by_similarity():
 @pytest.fixture(scope="module")
 def view_caches(folder, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("views")
-    specs = {"plain": {}, "flip": {"views": "flip"}, "scales": {"scales": "48,64"}}
+    specs = {"plain": {}, "flip": {"flip": True}, "scales": {"scales": (48, 64)}}
     return {name: extract(extract_config(folder, root / f"{name}.h5", dtype="float32", **kw)).out
             for name, kw in specs.items()}
 
@@ -219,15 +220,15 @@ def view_caches(folder, tmp_path_factory) -> dict[str, Path]:
 def test_views_and_scales_change_the_fingerprint_and_the_rows(view_caches):
     headers = {name: store.read_header(p) for name, p in view_caches.items()}
     assert len({h.fingerprint for h in headers.values()}) == 3
-    assert headers["flip"].config["views"] == "flip" and headers["scales"].config["scales"] == [48, 64]
-    assert "views" not in headers["plain"].config and "scales" not in headers["plain"].config  # old fingerprints hold
+    assert headers["flip"].config.flip and headers["scales"].config.scales == (48, 64)
+    assert "views" not in headers["plain"].config_dict and "scales" not in headers["plain"].config_dict  # old fingerprints hold
     rows = {name: _rows(p)["train"] for name, p in view_caches.items()}
     assert all(r.shape == rows["plain"].shape for r in rows.values())
     assert not np.allclose(rows["plain"], rows["flip"]) and not np.allclose(rows["plain"], rows["scales"])
 
 
 def test_default_fingerprint_is_what_it_was_before_views_and_scales():
-    fcfg = FeatureConfig(weights="sha256:" + "ab" * 32, pool="flatten", image_size=64, resize_size=73, dtype="float32")
+    fcfg = FeatureConfig(weights_id="sha256:" + "ab" * 32, pool="flatten", image_size=64, resize_size=73, dtype="float32")
     assert fcfg.fingerprint() == "b5c4ab485172"  # computed by the version before views and scales existed
 
 
@@ -239,7 +240,7 @@ def test_flip_rows_are_the_mean_of_the_image_and_its_mirror():
 
     images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     plain = build_body(feature_config("none", "avg", 32, "float32"), "none")
-    flip = build_body(feature_config("none", "avg", 32, "float32", views="flip"), "none")
+    flip = build_body(feature_config("none", "avg", 32, "float32", flip=True), "none")
     with torch.inference_mode():
         expected = (plain(images) + plain(images.flip(-1))) / 2
         np.testing.assert_allclose(flip(images).numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
@@ -303,8 +304,8 @@ def test_an_edited_run_json_is_refused_in_one_line(edit, message, map_run, tmp_p
 def test_scales_are_canonical_in_any_order():
     from pipeline.config import ExtractConfig
 
-    a = ExtractConfig(data=Path("d"), scales="384, 256").scale_sizes
-    assert a == ExtractConfig(data=Path("d"), scales="256,384").scale_sizes == (256, 384)
+    a = ExtractConfig(data=Path("d"), scales=scales_option("384, 256")).scales
+    assert a == ExtractConfig(data=Path("d"), scales=scales_option("256,384")).scales == (256, 384)
 
 
 def test_a_long_strip_is_capped_at_four_times_the_scale(tmp_path):

@@ -10,13 +10,14 @@ import pytest
 from pipeline import store
 from pipeline.errors import UserError
 from pipeline.store import Header, Record
+from pipeline.synthetic import rows_config
 
 
-def write_example(path, dim=4):
+def write_example(path, dim=4, config=rows_config()):
     records = [Record("train", "b.jpg", 1, 10, 100, "f" * 64), Record("train", "a.jpg", 0, 11, 101, "e" * 64),
                Record("train", "bad.jpg", -1, 3, 102, "", "empty file (0 bytes)"), Record("val", "c.jpg", 1, 12, 103, "d" * 64)]
     values = {"a.jpg": 1.0, "b.jpg": 2.0, "c.jpg": 3.0}
-    header = Header(fingerprint="abc", config={"pool": "avg"}, class_names=["ant", "bee"], feature_dim=dim,
+    header = Header(fingerprint=config.fingerprint(), config=config, class_names=["ant", "bee"], feature_dim=dim,
                     created="t0", updated="t1")
     store.write_atomic(path, header, records, lambda rows: np.array([[values[r.path]] * dim for r in rows]), "float16")
     return header, records
@@ -52,9 +53,9 @@ def test_plain_h5py_sees_the_documented_schema(tmp_path):
         assert f["val"]["failed"].shape == (0,)
 
 
-def write_with_views(path, k=2, dim=3):
+def write_with_views(path, k=2, dim=3, config=rows_config()):
     """train rows a, b with k views each (value: 10 * row value + view index), val row c without views."""
-    header, records = write_example(path, dim)
+    header, records = write_example(path, dim, config)
     rows = [r for r in records if r.ok and r.split == "train"]
     views = [Record(r.split, store.view_key(r.path, j), r.label, r.size, r.mtime_ns, r.sha256) for r in rows for j in range(k)]
     value = {"a.jpg": 1.0, "b.jpg": 2.0, "c.jpg": 3.0} | {v.path: 10 * {"a.jpg": 1, "b.jpg": 2}[v.view[0]] + v.view[1] for v in views}
@@ -64,7 +65,7 @@ def write_with_views(path, k=2, dim=3):
 
 def test_views_are_stored_after_their_row_in_row_order(tmp_path):
     path = tmp_path / "c.h5"
-    records = write_with_views(path)
+    records = write_with_views(path, dim=512, config=rows_config(pool="map", image_size=32))  # 1 x 1 pool5 maps
     with h5py.File(path) as f:
         assert f.attrs["schema_version"] == store.VIEWS_SCHEMA
         assert f["train"]["views"][:, 0].tolist() == [10, 11, 20, 21]  # rows a, b (sorted); views 0, 1 of each
@@ -72,11 +73,11 @@ def test_views_are_stored_after_their_row_in_row_order(tmp_path):
     with store.open_cache(path) as cache:
         assert set(cache.records()) == set(records)
         assert cache.views_per_row("train") == 2 and cache.views_per_row("val") == 0
-        assert cache.read_views("train", lambda x: x[:, :1] * 2).ravel().tolist() == [20, 22, 40, 42]
+        assert cache.read_views("train", "max")[:, 0].tolist() == [10, 11, 20, 21]  # pooled at head time
         positions = store.row_positions(cache.records())
         assert positions[store.view_key("b.jpg", 1)] == ("train", 3)
         assert cache.rows("train", np.array([3, 0]), "views")[:, 0].tolist() == [21, 10]
-    assert store.describe(path)["splits"]["train"]["views"] == 4
+    assert store.describe(path).splits["train"].views == 4
 
 
 def test_a_row_without_all_its_views_is_refused_at_writing(tmp_path):
@@ -98,7 +99,7 @@ def test_views_of_the_wrong_shape_are_damage(tmp_path, shape):
 
 
 def test_a_split_whose_every_image_failed_is_written_and_read_back_empty(tmp_path):
-    header = Header(fingerprint="f", config={}, class_names=["a", "b"], feature_dim=4)
+    header = Header(fingerprint=rows_config().fingerprint(), config=rows_config(), class_names=["a", "b"], feature_dim=4)
     records = [Record("train", "x.jpg", -1, 5, 1, "", "not a decodable image (5 bytes)")]
     store.write_atomic(tmp_path / "c.h5", header, records, lambda rs: np.zeros((len(rs), 4)), "float16")
     with store.open_cache(tmp_path / "c.h5") as cache:
@@ -108,7 +109,7 @@ def test_a_split_whose_every_image_failed_is_written_and_read_back_empty(tmp_pat
 
 def test_describe_counts_rows_per_class_and_failures(tmp_path):
     write_example(tmp_path / "c.h5")
-    d = store.describe(tmp_path / "c.h5")
+    d = store.describe(tmp_path / "c.h5").to_json()
     assert d["splits"]["train"]["per_class"] == {"ant": 1, "bee": 1}
     assert d["splits"]["train"]["failed"] == [{"path": "bad.jpg", "reason": "empty file (0 bytes)"}]
     assert d["splits"]["val"]["rows"] == 1
@@ -123,7 +124,7 @@ def test_rows_are_gathered_by_position(tmp_path):
 def test_a_name_that_is_not_utf8_round_trips_as_its_bytes(tmp_path):
     name = b"train/a/\xff\xfe.jpg".decode("utf-8", "surrogateescape")  # as os.listdir returns it
     records = [Record("train", name, 0, 1, 2, "a" * 64), Record("train", name + "2", -1, 3, 4, "", "cannot read (x)")]
-    header = Header(fingerprint="abc", config={}, class_names=["a"], feature_dim=2)
+    header = Header(fingerprint=rows_config().fingerprint(), config=rows_config(), class_names=["a"], feature_dim=2)
     store.write_atomic(tmp_path / "c.h5", header, records, lambda rows: np.ones((len(rows), 2)), "float16")
     assert set(store.read_records(tmp_path / "c.h5")[1]) == set(records)
     assert store.read_split(tmp_path / "c.h5", "train").paths == [name]

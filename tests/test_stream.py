@@ -14,6 +14,7 @@ from pipeline import store, stream
 from pipeline.cli import app
 from pipeline.config import HeadConfig, TrainConfig
 from pipeline.store import Header, Record
+from pipeline.synthetic import rows_config
 from pipeline.train import train_head
 
 runner = CliRunner()
@@ -28,7 +29,7 @@ def hard_cache(path, n=3000, dim=48, seed=0, splits=("train", "val")):
         split = splits[i % len(splits)]
         records.append(Record(split, f"{split}/{i:07d}.jpg", int(label), 1, 1, "0" * 64))
         rows[records[-1].path] = x
-    header = Header(fingerprint="f" * 12, config={}, class_names=list("abcd"), feature_dim=dim)
+    header = Header(fingerprint=rows_config().fingerprint(), config=rows_config(), class_names=list("abcd"), feature_dim=dim)
     store.write_atomic(path, header, records, lambda rs: np.stack([rows[r.path] for r in rs]), "float16")
     return path
 
@@ -54,7 +55,9 @@ def test_over_the_budget_the_linear_head_streams_and_the_logreg_head_says_to_use
                                  "--weight-decay", "0.01", "--out", str(tmp_path / "run")])
     assert result.exit_code == 0 and "data streamed from the file" in result.output, result.output
     loading = json.loads((tmp_path / "run" / "run.json").read_text())["loading"]
-    assert loading == {"mode": "stream", "budget_bytes": 102400, "needed_bytes": 2 * 500 * (48 * 4 * 2.5 + 8)}
+    assert {k: loading[k] for k in ("mode", "budget_bytes", "needed_bytes")} == \
+        {"mode": "stream", "budget_bytes": 102400, "needed_bytes": 2 * 500 * (48 * 4 * 2.5 + 8)}
+    assert loading["reasons"]["mode"] == "the splits need 476.6 KB in memory, over the 100.0 KB budget (--memory-budget)"
     result = runner.invoke(app, ["train-head", str(f), "--memory-budget", "100K"])
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
     assert ("--head logreg needs its data in memory and the splits need 1.1 MB in memory, over the 100.0 KB budget "
@@ -73,6 +76,7 @@ PEAK = """
 import resource, sys
 from pipeline.config import HeadConfig, TrainConfig
 from pipeline.train import train_head
+from pipeline.synthetic import rows_config
 train_head(TrainConfig(features=sys.argv[1], out=sys.argv[2], stream=sys.argv[3] == "stream",
                        head=HeadConfig(kind="linear", weight_decay=1e-3, lr=1e-3, epochs=2, device="cpu")))
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)

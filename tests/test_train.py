@@ -18,11 +18,15 @@ from pipeline.evaluate import evaluate_run
 from pipeline.runs import load_run
 from pipeline.store import Header, Record
 from pipeline.train import train_head
+from pipeline.synthetic import rows_config
 
 runner = CliRunner()
 
 
-def feature_file(path, splits=("train", "val", "test"), fingerprint="f" * 12, n=90, classes=("a", "b", "c"), seed=0):
+FINGERPRINT = rows_config().fingerprint()
+
+
+def feature_file(path, splits=("train", "val", "test"), config=rows_config(), n=90, classes=("a", "b", "c"), seed=0):
     """A cache of separable blobs, written through the real schema."""
     X, y = make_blobs(n_samples=n * len(splits), centers=len(classes), n_features=16, cluster_std=1.5, random_state=seed)
     records, rows = [], {}
@@ -30,7 +34,7 @@ def feature_file(path, splits=("train", "val", "test"), fingerprint="f" * 12, n=
         split = splits[i % len(splits)]
         records.append(Record(split, f"{split}/{i:04d}.jpg", int(label), 1, 1, "0" * 64))
         rows[records[-1].path] = x
-    header = Header(fingerprint=fingerprint, config={"pool": "avg", "weights": "random:x"}, class_names=list(classes),
+    header = Header(fingerprint=config.fingerprint(), config=config, class_names=list(classes),
                     feature_dim=16)
     store.write_atomic(path, header, records, lambda rs: np.stack([rows[r.path] for r in rs]), "float32")
     return path
@@ -44,10 +48,10 @@ def test_train_head_chooses_on_val_scores_test_and_saves_everything(tmp_path, ki
                                                       "head.npz", "sweep.png", "errors.csv", "errors.png", "reference.npz"}
     assert run.metrics["val"]["accuracy"] > 0.95 and run.metrics["test"]["accuracy"] > 0.95
     info = json.loads((run.folder / "run.json").read_text())
-    assert len(info["sweep"]) == (45 if kind == "logreg" else 8)  # the protocol's C grid; 4 weight decays x 2 lr
+    assert len(info["sweep"]) == {"logreg": 45, "linear": 8}[kind]  # the protocol's C grid; 4 weight decays x 2 lr
     best = max(info["sweep"], key=lambda s: (s["val_accuracy"], -s["val_log_loss"]))
     assert info["head"]["params"] == best["params"]
-    assert info["features"]["fingerprint"] == "f" * 12 and info["features"]["class_names"] == ["a", "b", "c"]
+    assert info["features"]["fingerprint"] == FINGERPRINT and info["features"]["class_names"] == ["a", "b", "c"]
     assert set(run.metrics["test"]) >= {"accuracy", "balanced_accuracy", "macro_f1", "log_loss", "per_class", "confusion_matrix"}
     assert "macro-F1" in (run.folder / "report.txt").read_text()
     reloaded = load_run(run.folder).load_head()
@@ -71,8 +75,9 @@ def test_top5_reported_beyond_five_classes(tmp_path):
 
 def test_evaluate_refuses_features_of_another_extractor(tmp_path):
     run = train_head(TrainConfig(features=feature_file(tmp_path / "f.h5"), out=tmp_path / "run"))
-    other = feature_file(tmp_path / "other.h5", fingerprint="0" * 12)
-    with pytest.raises(UserError, match=r"made by extractor config 000000000000 .* trained on ffffffffffff"):
+    other = feature_file(tmp_path / "other.h5", config=rows_config(image_size=64))
+    with pytest.raises(UserError, match=rf"made by extractor config {rows_config(image_size=64).fingerprint()} .* "
+                                        rf"trained on {FINGERPRINT}"):
         evaluate_run(EvaluateConfig(run.folder, other, "test"))
     e = evaluate_run(EvaluateConfig(run.folder))
     assert e.split == "test" and e.metrics["accuracy"] == run.metrics["test"]["accuracy"]
