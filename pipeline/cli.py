@@ -199,7 +199,8 @@ def train_head(
     weights: Optional[str] = typer.Option(None, help="block5: the weights file the cache was made with, if it has moved (checked by sha256)."),
     early_stop_fraction: float = typer.Option(H("validation_fraction"), help="linear: fraction of train held out for early stopping."),
     seed: int = typer.Option(H("seed"), help="Seed of the held-out splits and of the linear head."),
-    device: str = typer.Option(H("device"), help="linear: auto, cpu, cuda or mps."),
+    device: str = typer.Option(H("device"), help="logreg, linear, block5: auto (CUDA when there is one), cpu, cuda or mps."),
+    solver: Optional[str] = typer.Option(None, help="logreg: torch (default: float32 L-BFGS along the C path, on --device) or sklearn (scikit-learn's lbfgs in float64 on the CPU: the reference, ~10x slower)."),
     memory_budget: Optional[str] = typer.Option(None, help="Most memory the features may take, e.g. 8G (default: half the memory available); over it, the linear head streams them from the file."),
     stream: bool = typer.Option(False, "--stream", help="Stream the features from the file whatever their size (linear head)."),
 ):
@@ -209,7 +210,7 @@ def train_head(
 
     head_cfg = HeadConfig(kind=head, C=C, k=k, norm=norm, hidden=hidden, dropout=dropout, lr=lr, weight_decay=weight_decay, epochs=epochs,
                           batch_size=batch_size, patience=patience, validation_fraction=early_stop_fraction,
-                          freeze_convs=freeze_convs, weights=weights,
+                          freeze_convs=freeze_convs, weights=weights, solver=solver,
                           seed=seed, device=device)
     run = run_train(TrainConfig(features=features, out=out, train_split=train_split, val_split=val_split,
                                 test_split=test_split, val_fraction=val_fraction, memory_budget=memory_budget,

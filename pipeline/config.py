@@ -343,6 +343,7 @@ class HeadConfig:
     batch_size: int | None = None
     patience: int | None = None
     freeze_convs: int = 0  # block5: how many of conv5_1..conv5_3 stay frozen
+    solver: str | None = None  # logreg: torch (default) or sklearn (the reference solver)
     weights: str | None = None  # block5: the weights file, when the cache's has moved (checked by its hash)
     validation_fraction: float = 0.1
     seed: int = 0
@@ -354,17 +355,17 @@ class HeadConfig:
         "dropout": Interval(float, 0, 1, open_high=True), "lr": Optional(POSITIVE),
         "weight_decay": Optional(Interval(float, 0, None)), "epochs": Optional(Interval(int, 1, 100_000)),
         "batch_size": Optional(Interval(int, 1, 1 << 20)), "patience": Optional(Interval(int, 1, 100_000)),
-        "freeze_convs": Interval(int, 0, 3),
+        "freeze_convs": Interval(int, 0, 3), "solver": Optional(OneOf(("torch", "sklearn"))),
         "validation_fraction": Interval(float, 0, 1, open_low=True, open_high=True),
         "seed": Interval(int, 0, 2**32 - 1), "device": OneOf(DEVICES),
     }
     OPTIONS = {"kind": "--head", "validation_fraction": "--early-stop-fraction"}
-    SWEPT = ("C", "k", "lr", "weight_decay")  # each belongs to the heads whose grid has it
+    SPECIFIC = ("C", "k", "lr", "weight_decay", "solver")  # each belongs to the heads whose grid or fixed has it
 
     def __post_init__(self):
         validate(self)
         spec = HEADS[self.kind]
-        foreign = [name for name in self.SWEPT
+        foreign = [name for name in self.SPECIFIC
                    if getattr(self, name) is not None and name not in spec.grid and name not in spec.fixed]
         if self.norm is not None and spec.default_norm is None:
             raise UserError(f"--norm does not apply to --head {self.kind}, which takes the maps as they are")

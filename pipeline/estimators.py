@@ -21,7 +21,7 @@ import logging
 import os
 import warnings
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import train_test_split
 from sklearn.utils.multiclass import check_classification_targets
@@ -189,10 +189,16 @@ class Head(ClassifierMixin, BaseEstimator):
 
 
 class LogRegHead(Head):
-    """Multinomial logistic regression on normalised features."""
+    """Multinomial logistic regression on normalised features.
 
-    def __init__(self, C: float = 1.0, norm: str = "standard", max_iter: int = 2000, tol: float = 1e-4):
-        self.C, self.norm, self.max_iter, self.tol = C, norm, max_iter, tol
+    `solver="torch"` (solvers.py) fits the C path in float32 with torch, on `device`; `solver="sklearn"` is the
+    reference it is tested against: scikit-learn's lbfgs (Newton steps in row-space coordinates when their Hessian
+    is small), in float64 on the CPU.
+    """
+
+    def __init__(self, C: float = 1.0, norm: str = "standard", max_iter: int = 2000, tol: float = 1e-4,
+                 solver: str = "torch", device: str = "auto"):
+        self.C, self.norm, self.max_iter, self.tol, self.solver, self.device = C, norm, max_iter, tol, solver, device
 
     def fit(self, X, y, views=None) -> "LogRegHead":
         return self.fit_path(X, y, [self.C], views)[0]
@@ -202,15 +208,60 @@ class LogRegHead(Head):
         fitted = {head.C: head for head in self.iter_path(X, y, Cs, views)}
         return [fitted[float(c)] for c in Cs]
 
+    def fit_many(self, X, y, settings: list[dict], views=None):
+        """(settings, fitted head) for each of `settings` (each a C: what a sweep varies), along the path."""
+        by_c = {float(s["C"]): s for s in settings}
+        for head in self.iter_path(X, y, list(by_c), views):
+            yield by_c[head.C], head
+
     def iter_path(self, X, y, Cs, views=None):
         """Heads fitted in increasing C, each warm-started from the previous solution: the solutions of neighbouring
         C are close, so the 45-value protocol grid costs a few plain fits. A generator, so that a sweep can score
         each head and drop it (45 coefficient matrices of a wide, many-class problem would not fit in memory).
         The head fitted at `self.C` is `self`; the others are copies."""
-        from sklearn.linear_model import LogisticRegression
-
         X, y = _fit_inputs(self, *with_views(X, y, views))
         self.mean_, self.scale_ = _statistics(row_normalised(X, self.norm), self.norm)
+        if self.solver == "sklearn":
+            yield from self._sklearn_path(X, y, Cs)
+            return
+        from pipeline import solvers
+
+        rows = _standardised32(row_normalised(X, self.norm), self.mean_, self.scale_)
+        labels = np.searchsorted(self.classes_, y)
+        solutions = solvers.fit_path(rows, labels, len(self.classes_), Cs, self.tol, self.max_iter, _solver_device(self))
+        yield from (self._with(s) for s in solutions)
+
+    def fit_rows_many(self, rows, settings: list[dict]):
+        """`fit_many` for a split read from the cache as it trains (`stream.SplitRows`): standardisation statistics
+        from one streaming pass, then every L-BFGS iteration two passes (the direction's logits, the gradient); memory
+        holds one block and n x classes logits, whatever the number of rows."""
+        from pipeline import solvers
+
+        y = rows.labels
+        check_classification_targets(y)
+        self.classes_, self.n_features_in_ = np.unique(y), rows.dim
+        if len(self.classes_) < 2:
+            raise ValueError(f"{type(self).__name__} needs samples of at least 2 classes, got one class")
+        streamed = solvers.Streamed(rows, self.norm, _solver_device(self))
+        self.mean_, self.scale_ = streamed.mean, streamed.scale
+        by_c = {float(s["C"]): s for s in settings}
+        labels = np.searchsorted(self.classes_, y)
+        for solution in solvers.path_on(streamed, labels, len(self.classes_), list(by_c), self.tol, self.max_iter):
+            head = self._with(solution)
+            yield by_c[head.C], head
+
+    def fit_rows(self, rows) -> "LogRegHead":
+        return next(self.fit_rows_many(rows, [{"C": self.C}]))[1]
+
+    def _with(self, solution) -> "LogRegHead":
+        head = copy.copy(self) if solution.C != self.C else self
+        head.C, head.coef_, head.intercept_ = solution.C, solution.coef, solution.intercept
+        head.n_iter_, head.converged_ = solution.n_iter, solution.converged
+        return head
+
+    def _sklearn_path(self, X, y, Cs):
+        from sklearn.linear_model import LogisticRegression
+
         Xn, basis = _row_space(_prepared(X, self.mean_, self.scale_, self.norm))
         # in row-space coordinates the problem is small but badly conditioned: Newton steps do not mind that, where
         # lbfgs takes hundreds of iterations; but their Hessian is (r k)^2 floats, so only while that stays small
@@ -256,6 +307,14 @@ class LogRegHead(Head):
         self.n_iter_, self.converged_ = int(_real(a, "n_iter", ())), bool(_real(a, "converged", ()))
 
 
+def _solver_device(head) -> str:
+    """The torch device of a head's solver: its `device` resolved (MPS has no float64: the CPU there)."""
+    from pipeline.device import resolve_device
+
+    device = resolve_device(head.device)
+    return "cpu" if device.type == "mps" else str(device)
+
+
 def _row_space(X: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """With more features than rows (a flattened or pyramid-pooled map on a small set), the rows in coordinates of
     their own span, and that basis (rows of V^T); else the rows as they are and None.
@@ -290,33 +349,56 @@ class LinearHead(Head):
         self.patience, self.validation_fraction = patience, validation_fraction
 
     def fit(self, X, y, views=None) -> "LinearHead":
+        self._fit_together([self], X, y, views)
+        return self
+
+    def fit_many(self, X, y, settings: list[dict], views=None):
+        """(settings, fitted head) for each of `settings` (learning rate, weight decay: what a sweep varies), the
+        heads trained together as one wide module (wide.py): one matrix product of each batch serves them all."""
+        heads = [clone(self).set_params(**params) for params in settings]
+        self._fit_together(heads, X, y, views)
+        yield from zip(settings, heads)
+
+    def fit_rows(self, rows) -> "LinearHead":
+        next(self.fit_rows_many(rows, [{}]))
+        return self
+
+    def fit_rows_many(self, rows, settings: list[dict]):
+        """`fit_many` for a split read from the cache as it trains (`stream.SplitRows`): memory stays one block, the
+        held-out set (for early stopping) is at most `MAX_HELD_OUT_BYTES`, statistics take one streaming pass; every
+        configuration trains on each block as it is read."""
+        heads = [self] if settings == [{}] else [clone(self).set_params(**params) for params in settings]
+        y = rows.labels
+        check_classification_targets(y)
+        classes = np.unique(y)
+        if len(classes) < 2:
+            raise ValueError(f"{type(self).__name__} needs samples of at least 2 classes, got one class")
+        fraction = None if self.patience is None else self.validation_fraction
+        train, held = streamed_hold_out(y, rows.dim, fraction, self.seed)
+        mean, scale = self._statistics(lambda: rows.moments(train), rows.dim)
+        for head in heads:
+            head.classes_, head.n_features_in_, head.mean_, head.scale_ = classes, rows.dim, mean, scale
+        device, tensor, labels = self._converters(mean, scale, classes)
+        rng = np.random.default_rng(self.seed)
+        batches = lambda: ((tensor(X), labels(y[i])) for X, i in rows.shuffled(train, self.batch_size, rng))
+        held_out = None if held is None else (tensor(rows.take(held)), labels(y[held]))
+        _train_together(heads, len(train), batches, held_out, device)
+        yield from zip(settings, heads)
+
+    def _fit_together(self, heads: list["LinearHead"], X, y, views) -> None:
+        """Fit `heads` (this head's settings but for learning rate and weight decay) on the same rows."""
         import torch
 
         X, y = _fit_inputs(self, X, y)
         X, Xv, y, yv = self._hold_out(X, y, views)
-        self.mean_, self.scale_ = self._statistics(lambda: _moments(row_normalised(X, self.norm)), X.shape[1])
-        device, tensor, labels = self._converters()
+        mean, scale = self._statistics(lambda: _moments(row_normalised(X, self.norm)), X.shape[1])
+        for head in heads:
+            head.classes_, head.n_features_in_, head.mean_, head.scale_ = self.classes_, X.shape[1], mean, scale
+        device, tensor, labels = self._converters(mean, scale, self.classes_)
         Xt, yt = tensor(X), labels(y)  # the whole split on the device, standardised once
         gen = torch.Generator().manual_seed(self.seed)
         batches = lambda: ((Xt[i], yt[i]) for i in torch.randperm(len(Xt), generator=gen).to(device).split(self.batch_size))
-        return self._fit_batches(len(X), batches, (tensor(Xv), labels(yv)) if Xv is not None else None, device)
-
-    def fit_rows(self, rows) -> "LinearHead":
-        """`fit` for a split read from the cache as it trains (`stream.SplitRows`): memory stays one block, the
-        held-out set (for early stopping) is at most `MAX_HELD_OUT_BYTES`, statistics take one streaming pass."""
-        y = rows.labels
-        check_classification_targets(y)
-        self.classes_, self.n_features_in_ = np.unique(y), rows.dim
-        if len(self.classes_) < 2:
-            raise ValueError(f"{type(self).__name__} needs samples of at least 2 classes, got one class")
-        fraction = None if self.patience is None else self.validation_fraction
-        train, held = streamed_hold_out(y, rows.dim, fraction, self.seed)
-        self.mean_, self.scale_ = self._statistics(lambda: rows.moments(train), rows.dim)
-        device, tensor, labels = self._converters()
-        rng = np.random.default_rng(self.seed)
-        batches = lambda: ((tensor(X), labels(y[i])) for X, i in rows.shuffled(train, self.batch_size, rng))
-        held_out = None if held is None else (tensor(rows.take(held)), labels(y[held]))
-        return self._fit_batches(len(train), batches, held_out, device)
+        _train_together(heads, len(X), batches, (tensor(Xv), labels(yv)) if Xv is not None else None, device)
 
     def _statistics(self, moments, dim: int) -> tuple[np.ndarray, np.ndarray]:
         """(mean, scale) after the row-wise normalisation: `moments()` of the training rows for `standard`."""
@@ -326,25 +408,15 @@ class LinearHead(Head):
         mean, std = moments()
         return mean, std + 1e-6
 
-    def _converters(self):
+    def _converters(self, mean, scale, classes):
         import torch
 
         from pipeline.device import resolve_device
 
         device = resolve_device(self.device)
-        tensor = lambda a: torch.from_numpy(_standardised32(row_normalised(a, self.norm), self.mean_, self.scale_)).to(device)
-        labels = lambda a: torch.from_numpy(np.searchsorted(self.classes_, a)).long().to(device)
+        tensor = lambda a: torch.from_numpy(_standardised32(row_normalised(a, self.norm), mean, scale)).to(device)
+        labels = lambda a: torch.from_numpy(np.searchsorted(classes, a)).long().to(device)
         return device, tensor, labels
-
-    def _fit_batches(self, n_rows: int, batches, held_out, device) -> "LinearHead":
-        import torch
-
-        torch.manual_seed(self.seed)
-        module = _module(self.n_features_in_, self.hidden, self.dropout, len(self.classes_)).to(device)
-        self.n_iter_, self.best_epoch_, self.best_val_loss_ = _train(self, module, n_rows, batches, held_out)
-        self.layers_ = [(m.weight.detach().cpu().double().numpy(), m.bias.detach().cpu().double().numpy())
-                        for m in module.modules() if isinstance(m, torch.nn.Linear)]
-        return self
 
     def _hold_out(self, X, y, views):
         if self.patience is None:
@@ -457,11 +529,19 @@ def _module(n_in: int, hidden: int, dropout: float, n_out: int):
     return nn.Sequential(nn.Linear(n_in, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, n_out))
 
 
-def _train(head: LinearHead, module, n_rows: int, batches, held_out) -> tuple[int, int, float]:
-    """AdamW + cosine decay over `batches()` each epoch, early stopping on the held-out set (`run_epochs`)."""
+def _train_together(heads: list[LinearHead], n_rows: int, batches, held_out, device) -> None:
+    """Train `heads` (the same but for lr and weight decay) as one wide module (wide.py): AdamW + cosine decay over
+    `batches()` each epoch, early stopping per head on the held-out set; sets each head's layers_ and counters."""
     import torch
 
-    opt = torch.optim.AdamW(module.parameters(), lr=head.lr, weight_decay=head.weight_decay)
-    steps_per_epoch = -(-n_rows // head.batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=head.epochs * steps_per_epoch)
-    return run_epochs(module, opt, sched, batches, held_out, head.epochs, head.patience)
+    from pipeline import wide
+
+    first = heads[0]
+    torch.manual_seed(first.seed)
+    template = _module(first.n_features_in_, first.hidden, first.dropout, len(first.classes_))  # every head's start
+    model = wide.WideModel(template.to(device), len(heads), first.dropout)
+    total = first.epochs * -(-n_rows // first.batch_size)
+    opt = wide.WideAdamW(model.params, np.array([h.lr for h in heads]), np.array([h.weight_decay for h in heads]), total)
+    results = wide.train(model, opt, batches, held_out, first.epochs, first.patience)
+    for head, (layers, ran, best_epoch, best_loss) in zip(heads, results):
+        head.layers_, head.n_iter_, head.best_epoch_, head.best_val_loss_ = layers, ran, best_epoch, best_loss

@@ -34,7 +34,9 @@ class HeadSpec:
     description: str
     streams: bool  # can train on a split read from the file as it goes (stream.SplitRows): caches over memory
     memory_copies: float  # float32 copies of its rows it holds at its peak when fitting in memory (measured, rounded up)
-    path: str | None = None  # a hyperparameter the estimator fits along a path in one call (`fit_path`)
+    # hyperparameters whose values the estimator fits together in one call (`fit_many`, `fit_rows_many`): logreg's C
+    # along a warm-started path, linear's learning rates and weight decays as one wide module
+    together: tuple[str, ...] = ()
     defaults: dict = field(default_factory=dict)  # its own defaults of HeadConfig fields left unset (None)
     takes_map: bool = False  # trains on a pool4 map cache's rows as they are (no head-time pooling)
 
@@ -51,15 +53,16 @@ class HeadSpec:
 _LINEAR_FIXED = ("hidden", "dropout", "epochs", "batch_size", "patience", "validation_fraction", "seed", "device")
 _TRAINING = {"epochs": 200, "batch_size": 256, "patience": 15}
 HEADS: dict[str, HeadSpec] = {h.name: h for h in (
-    HeadSpec("logreg", "pipeline.estimators:LogRegHead", {"C": LOGREG_C}, (), "standard",
-             "scikit-learn logistic regression, C swept over 45 values 1e-6..1e5 along a warm-started path",
-             streams=False, memory_copies=6.0,  # measured 5.2-6: the split, float32 and float64 normalised copies
-             path="C"),
+    HeadSpec("logreg", "pipeline.estimators:LogRegHead", {"C": LOGREG_C}, ("solver", "device"), "standard",
+             "multinomial logistic regression, C swept over 45 values 1e-6..1e5 along a warm-started path (torch "
+             "L-BFGS, on the GPU when there is one; --solver sklearn: scikit-learn's, the reference)",
+             streams=True, memory_copies=6.0,  # measured 5.2-6: the split, float32 and float64 normalised copies
+             together=("C",), defaults={"solver": "torch"}),
     HeadSpec("linear", "pipeline.estimators:LinearHead", {"weight_decay": (1e-6, 1e-4, 1e-2, 1.0), "lr": (1e-3, 1e-2)},
              _LINEAR_FIXED, "standard",
-             "torch linear layer (optionally one hidden layer), AdamW, early stopping", streams=True,
-             memory_copies=2.5,  # measured 2.0: the split as read, then standardised in float32
-             defaults=_TRAINING),
+             "torch linear layer (optionally one hidden layer), AdamW, early stopping; its 8 settings trained together",
+             streams=True, memory_copies=2.5,  # measured 2.0: the split as read, then standardised in float32
+             together=("weight_decay", "lr"), defaults=_TRAINING),
     HeadSpec("knn", "pipeline.estimators:KnnHead", {"k": (1, 3, 5, 10, 20, 50)}, (), "l2",
              "cosine k-nearest neighbours, weighted votes (no training; keeps the training rows)", streams=False,
              memory_copies=4.0),  # its float64 copy of the training rows, then the split as read

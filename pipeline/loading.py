@@ -91,10 +91,10 @@ def _mode(cfg: TrainConfig, spec: HeadSpec, config: FeatureConfig, needed: int, 
           f"{'over' if over else 'within'} the {human_bytes(budget)} budget (--memory-budget)"
     streamed = cfg.stream or over
     if streamed and not spec.streams:
-        heads = " or ".join(h.name for h in HEADS.values() if h.streams and (config.feeds_block5 or not h.takes_map))
+        heads = [h.name for h in HEADS.values() if h.streams and (config.feeds_block5 or not h.takes_map)]
         other = "" if cfg.stream else ", or raise --memory-budget" + (" or choose one --pool" if n_pools > 1 else "")
-        raise UserError(f"--head {cfg.head.kind} needs its data in memory and {why}: use --head {heads}, which "
-                        f"streams from the file{other}")
+        raise UserError(f"--head {cfg.head.kind} needs its data in memory and {why}: use --head {' or '.join(heads)}, "
+                        f"which stream{'s' if len(heads) == 1 else ''} from the file{other}")
     return streamed, why
 
 

@@ -122,16 +122,21 @@ class Choice:
 
 def sweep(cfg: TrainConfig, cache: store.Cache, plan: LoadPlan) -> Choice:
     """Fit every pooling x candidate on train, keep the best validation accuracy (ties: lower log loss)."""
+    from pipeline.progress import Progress
+
     spec, config = HEADS[cfg.head.kind], cache.header.feature_config(cfg.features)
     table, best = [], None
-    for pool in plan.pools:
-        data = load_data(cfg, cache, plan, pool)
-        name = config.pooled_name(pool)
-        for score, head in sweep_candidates(cfg.head, data):
-            table.append({"pool": name} | score)
-            key = (score["val_accuracy"], -score["val_log_loss"])
-            if best is None or key > best[0]:
-                best = (key, Choice(head, score["params"], pool, data, table))
+    total = len(plan.pools) * len(cfg.head.candidates())
+    with Progress(total, f"train-head {cfg.head.kind}", unit="candidates") as progress:
+        for pool in plan.pools:
+            data = load_data(cfg, cache, plan, pool)
+            name = config.pooled_name(pool)
+            for score, head in sweep_candidates(cfg.head, data):
+                table.append({"pool": name} | score)
+                key = (score["val_accuracy"], -score["val_log_loss"])
+                if best is None or key > best[0]:
+                    best = (key, Choice(head, score["params"], pool, data, table))
+                progress.advance(1)
     choice = best[1]
     chosen = chosen_values(spec, choice.params, config.pooled_name(choice.pool))
     log.info("chose %s on validation from %d candidates", runs.describe_chosen(chosen), len(table))
@@ -139,16 +144,16 @@ def sweep(cfg: TrainConfig, cache: store.Cache, plan: LoadPlan) -> Choice:
 
 
 def sweep_candidates(cfg: HeadConfig, data: Data):
-    """(score, fitted head) for each candidate; a head with a path hyperparameter (logreg's C) fits each group of
-    candidates that differ only in it along the path, in one call."""
+    """(score, fitted head) for each candidate; the candidates that differ only in hyperparameters the head fits
+    together (`HeadSpec.together`: logreg's C along its path, linear's settings as one wide module) in one call."""
     spec = HEADS[cfg.kind]
     n_classes = int(max(data.y_train.max(), data.y_val.max())) + 1
-    for group in _path_groups(cfg.candidates(), spec.path):
-        if spec.path and len(group) > 1 and not data.streamed:
-            first = make_head(cfg.kind, **group[0])
-            by_value = {p[spec.path]: p for p in group}
-            heads = first.iter_path(data.X_train, data.y_train, list(by_value), views=data.V_train)  # increasing
-            fitted = ((by_value[getattr(h, spec.path)], h) for h in heads)
+    for group in _groups(cfg.candidates(), spec.together):
+        first = make_head(cfg.kind, **group[0])
+        if spec.together and data.streamed:
+            fitted = first.fit_rows_many(data.X_train, group)
+        elif spec.together:
+            fitted = first.fit_many(data.X_train, data.y_train, group, views=data.V_train)
         else:
             fitted = ((params, _fit(make_head(cfg.kind, **params), data)) for params in group)
         start = time.perf_counter()
@@ -158,11 +163,11 @@ def sweep_candidates(cfg: HeadConfig, data: Data):
             start = time.perf_counter()
 
 
-def _path_groups(candidates: list[dict], path: str | None) -> list[list[dict]]:
-    """Candidates grouped by everything but the path hyperparameter, in order."""
+def _groups(candidates: list[dict], together: tuple[str, ...]) -> list[list[dict]]:
+    """Candidates grouped by everything but the hyperparameters fitted together, in order."""
     groups: dict[tuple, list[dict]] = {}
     for params in candidates:
-        groups.setdefault(tuple((k, v) for k, v in params.items() if k != path), []).append(params)
+        groups.setdefault(tuple((k, v) for k, v in params.items() if k not in together), []).append(params)
     return list(groups.values())
 
 

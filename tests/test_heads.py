@@ -36,17 +36,30 @@ def test_accuracy_on_separable_clusters(head):
     assert head.score(X[400:], y[400:]) > 0.95 and head.n_features_in_ == 32
 
 
-def test_logreg_probabilities_equal_scikit_learns_own():
+@pytest.mark.parametrize("n_classes", [2, 4])
+def test_logreg_reference_probabilities_equal_scikit_learns_own(n_classes):
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    for n_classes in (2, 4):
-        X, y = make_blobs(n_samples=300, centers=n_classes, n_features=8, cluster_std=4.0, random_state=1)
-        ours = LogRegHead(C=0.5).fit(X, y)
-        theirs = make_pipeline(StandardScaler(), LogisticRegression(C=0.5, max_iter=2000, tol=1e-4)).fit(X, y)
-        # equal to float32 rounding: the head fits on float32 features, as the cache stores them
-        np.testing.assert_allclose(ours.predict_proba(X), theirs.predict_proba(X), atol=1e-5)
+    X, y = make_blobs(n_samples=300, centers=n_classes, n_features=8, cluster_std=4.0, random_state=1)
+    ours = LogRegHead(C=0.5, solver="sklearn").fit(X, y)
+    theirs = make_pipeline(StandardScaler(), LogisticRegression(C=0.5, max_iter=2000, tol=1e-4)).fit(X, y)
+    # equal to float32 rounding: the head fits on float32 features, as the cache stores them
+    np.testing.assert_allclose(ours.predict_proba(X), theirs.predict_proba(X), atol=1e-5)
+
+
+@pytest.mark.parametrize("n_classes", [2, 4])
+@pytest.mark.parametrize("features", [8, 600], ids=["primal", "gram-factor"])
+def test_logreg_torch_solver_converges_to_the_reference_solution(n_classes, features):
+    """Run to a tight tolerance, both solvers reach the one optimum (the problem is strictly convex): the torch
+    solver's probabilities equal scikit-learn's to float32 rounding, with more features than rows too."""
+    X, y = make_blobs(n_samples=300, centers=n_classes, n_features=features, cluster_std=4.0 * features ** 0.5 / 3,
+                      random_state=1)
+    ours = LogRegHead(C=0.5, tol=1e-5, device="cpu").fit(X, y)
+    reference = LogRegHead(C=0.5, tol=1e-10, solver="sklearn").fit(X, y)
+    assert ours.converged_ and ours.coef_.shape == reference.coef_.shape
+    np.testing.assert_allclose(ours.predict_proba(X), reference.predict_proba(X), atol=2e-4)
 
 
 @pytest.mark.parametrize("kind, params", [("logreg", {"C": 0.1}), ("linear", {**FAST_LINEAR, "hidden": 8}),
