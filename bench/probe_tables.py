@@ -11,8 +11,6 @@ Prints markdown tables. Not a test and not part of `make bench`: it takes tens o
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import sys
 import tempfile
 import time
@@ -28,9 +26,9 @@ from pipeline.config import ExtractConfig, HeadConfig, TrainConfig  # noqa: E402
 from pipeline.extract import extract  # noqa: E402
 from pipeline.runs import describe_chosen  # noqa: E402
 from pipeline.loading import plan_loading  # noqa: E402
-from pipeline.train import Data, load_data, sweep_candidates, train_head  # noqa: E402
+from pipeline.train import load_data, sweep_candidates, train_head  # noqa: E402
 
-KINDS = {"avg": {}, "map": {"pool": "map"}, "flip": {"views": "flip"}, "scales": {"scales": "256,384,512"}}
+KINDS = {"avg": {}, "map": {"pool": "map"}, "flip": {"flip": True}, "scales": {"scales": (256, 384, 512)}}
 
 
 def make_caches(data: Path, weights: str, out: Path) -> None:

@@ -63,8 +63,9 @@ import json, sys, time
 from pipeline.config import HeadConfig, TrainConfig
 from pipeline.train import train_head
 start = time.perf_counter()
-run = train_head(TrainConfig(features=sys.argv[1], out=sys.argv[2], memory_budget=sys.argv[3],
-                             head=HeadConfig(kind="linear", weight_decay=1e-3, lr=1e-3, epochs=5, patience=100)))
+heads = {"linear": HeadConfig(kind="linear", weight_decay=1e-3, lr=1e-3, epochs=5, patience=100),
+         "logreg": HeadConfig(kind="logreg", C=1.0)}
+run = train_head(TrainConfig(features=sys.argv[1], out=sys.argv[2], memory_budget=sys.argv[3], head=heads[sys.argv[4]]))
 hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
 print(json.dumps({"fit_seconds": run.record.timings.fit_seconds, "mode": run.record.loading.mode,
                   "val_accuracy": run.metrics["val"]["accuracy"], "peak_mb": hwm / 1024}))
@@ -81,7 +82,7 @@ def synthetic_cache(path: Path, rows: int, dim: int = 512, classes: int = 10) ->
     labels = rng.integers(0, classes, rows)
     records = [store.Record("train" if i % 5 else "val", f"{i:08d}.jpg", int(labels[i]), 1, 1, "0" * 64)
                for i in range(rows)]
-    header = store.Header(fingerprint="bench", config=rows_config(), class_names=[str(c) for c in range(classes)], feature_dim=dim)
+    header = store.Header(fingerprint=rows_config().fingerprint(), config=rows_config(), class_names=[str(c) for c in range(classes)], feature_dim=dim)
 
     def fetch(batch):
         index = np.array([int(r.path[:8]) for r in batch])
@@ -92,15 +93,17 @@ def synthetic_cache(path: Path, rows: int, dim: int = 512, classes: int = 10) ->
     return path
 
 
-def bench_streaming(tmp: Path, budget_mb: int = 32, multiples=(4, 16)) -> dict:
-    """The linear head in memory and streamed, on caches `multiples` times the budget (float32 rows)."""
-    out = {"budget_mb": budget_mb}
+def bench_streaming(tmp: Path, budget_mb: int = 32, multiples=(4, 16), head: str = "linear") -> dict:
+    """A head in memory and streamed, on caches `multiples` times the budget (float32 rows): the linear head (5
+    epochs), or logreg (one C: a streamed path costs two passes over the file an iteration)."""
+    out = {"budget_mb": budget_mb, "head": head}
     for k in multiples:
         rows = k * budget_mb * (1 << 20) // (512 * 4 + 8)
         path = synthetic_cache(tmp / f"stream{k}.h5", rows)
         row = {"rows": rows}
         for mode, budget in (("memory", "1T"), ("stream", f"{budget_mb}M")):
-            done = subprocess.run([sys.executable, "-c", STREAM_PROBE, str(path), str(tmp / f"run-{k}-{mode}"), budget],
+            done = subprocess.run([sys.executable, "-c", STREAM_PROBE, str(path), str(tmp / f"run-{k}-{mode}-{head}"),
+                                   budget, head],
                                   cwd=ROOT, capture_output=True, text=True)
             if done.returncode != 0:
                 raise RuntimeError(f"streaming row failed: {done.stderr[-2000:]}")

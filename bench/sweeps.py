@@ -12,6 +12,7 @@ batched torch one, in the same run; row 14: logistic regression streamed from a 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -69,27 +70,31 @@ def synthetic_map_cache(path: Path, train_rows: int, classes: int = 6, seed: int
 def _cli(args: list[str], env: dict | None = None) -> tuple[float, dict]:
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", RSS_PROBE, "-q", *args], cwd=ROOT, capture_output=True, text=True,
-                          env=env)
+                          env=None if env is None else os.environ | env)
     seconds = time.perf_counter() - start
     if done.returncode:
         sys.exit(f"bench: pipeline {' '.join(args)} failed: {done.stderr.strip()[-800:]}")
     return seconds, json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def sweep(cache: Path, out: Path, head: str, solver: str | None = None, extra: tuple[str, ...] = ()) -> dict:
-    """One `train-head` sweep as a whole command: seconds, fit seconds, the choice and validation accuracy."""
-    args = ["train-head", str(cache), "--head", head, "--pool", "auto", "--out", str(out), *extra]
+def sweep(cache: Path, out: Path, head: str, env: dict | None = None) -> dict:
+    """One `train-head` sweep as a whole command (`env`: PYTHONPATH of today's code): seconds, fit seconds, the
+    choice, validation accuracy and every candidate's."""
+    args = ["train-head", str(cache), "--head", head, "--pool", "auto", "--out", str(out)]
     if head == "logreg":
         args += ["--norm", "auto"]
-    if solver:
-        args += ["--solver", solver]
-    seconds, rss = _cli(args)
+    seconds, rss = _cli(args, env)
     record = json.loads((out / "run.json").read_text())
     return {"seconds": seconds, "fit_seconds": record["timings"]["fit_seconds"], "peak_rss_mb": rss["peak_rss_mb"],
             "chosen": record["head"]["chosen"], "candidates": len(record["sweep"]),
             "val_accuracy": json.loads((out / "metrics.json").read_text())["val"]["accuracy"],
-            "table": {json.dumps([row["pool"], row["params"]], sort_keys=True): row["val_accuracy"]
-                      for row in record["sweep"]}}
+            "table": {_key(row): row["val_accuracy"] for row in record["sweep"]}}
+
+
+def _key(row: dict) -> str:
+    """A candidate as both versions name it: pooling, normalisation and swept values (not every parameter)."""
+    swept = {k: v for k, v in row["params"].items() if k in ("C", "lr", "weight_decay", "norm")}
+    return json.dumps([row["pool"], swept], sort_keys=True)
 
 
 def compare(reference: dict, new: dict) -> dict:
@@ -99,29 +104,101 @@ def compare(reference: dict, new: dict) -> dict:
             "same_choice": reference["chosen"] == new["chosen"]}
 
 
+BASELINE = "61a4ff1"  # the last commit before the torch solvers: "today's code" of row 13
+SIZES = (1000, 4000, 16000)
+
+
+def baseline_tree(tmp: Path) -> Path | None:
+    """A checkout of BASELINE beside the working tree (git worktree), to run today's code in the same run; None
+    when git cannot make one (a copy without history)."""
+    target = tmp / "baseline"
+    done = subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(target), BASELINE],
+                          capture_output=True, text=True)
+    return target if done.returncode == 0 else None
+
+
+def remove_tree(tree: Path | None) -> None:
+    if tree is not None:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], capture_output=True)
+
+
+def bench_sweeps(tmp: Path, real: Path | None = None, sizes=SIZES, reference_rows: int = 1000) -> dict:
+    """Row 13: the logreg and linear auto sweeps, new code on every cache, today's (BASELINE) on the synthetic cache
+    of `reference_rows` and on the real one, in the same run."""
+    tree = baseline_tree(tmp)
+    out = {"baseline": BASELINE if tree else None, "caches": {}}
+    caches = {f"synthetic {n:,}": (n, synthetic_map_cache(tmp / f"sweep{n}.h5", n)) for n in sizes}
+    if real is not None and real.is_file():
+        caches["real"] = (None, real)
+    try:
+        for name, (n, cache) in caches.items():
+            row = out["caches"][name] = {"train_rows": _train_rows(cache)}
+            for head in ("logreg", "linear"):
+                row[head] = sweep(cache, tmp / f"run-{name}-{head}".replace(" ", "-"), head)
+                if tree is not None and (n is None or n <= reference_rows):
+                    row[f"{head}_today"] = sweep(cache, tmp / f"run-{name}-{head}-today".replace(" ", "-"), head,
+                                                 env={"PYTHONPATH": str(tree)})
+                    row[f"{head}_compare"] = compare(row[f"{head}_today"], row[head])
+                print(f"  {name}: {head} {row[head]['seconds']:.1f} s" + (
+                    f", today {row[head + '_today']['seconds']:.1f} s ({row[head + '_compare']['speedup']:.1f}x, "
+                    f"largest gap {row[head + '_compare']['max_gap_points']:.2f} points, same choice: "
+                    f"{row[head + '_compare']['same_choice']})" if head + "_today" in row else ""), flush=True)
+    finally:
+        remove_tree(tree)
+    return out
+
+
+def _train_rows(cache: Path) -> int:
+    from pipeline import store
+
+    with store.open_cache(cache) as c:
+        return c.split_shape("train")[0] * (1 + c.views_per_row("train"))
+
+
+def markdown_rows(r: dict, images_per_s: float) -> list[str]:
+    lines = []
+    for name, row in r["caches"].items():
+        n = row["train_rows"]
+        for head in ("logreg", "linear"):
+            new, today = row[head], row.get(f"{head}_today")
+            what = "--pool auto --norm auto" if head == "logreg" else "--pool auto"
+            figure = f"{new['seconds']:.1f} s ({new['candidates']} fits), val acc {new['val_accuracy']:.3f}"
+            if today:
+                c = row[f"{head}_compare"]
+                figure += (f"; today {today['seconds']:.1f} s: {c['speedup']:.1f}x faster, largest gap "
+                           f"{c['max_gap_points']:.2f} points, same choice: {'yes' if c['same_choice'] else 'NO'}")
+            lines.append(f"| 13 | `{head}` {what}, {name} ({n:,} training rows; extracting them: "
+                         f"{n / images_per_s:.0f} s) | {figure} |")
+    return lines
+
+
+def targets(r: dict, images_per_s: float) -> list[tuple[str, str, str, bool | None]]:
+    rows = []
+    for name, row in r["caches"].items():
+        n, logreg = row["train_rows"], row["logreg"]
+        if n >= 3000:
+            budget = n / images_per_s / 10
+            rows.append((f"logreg auto sweep, {name} ({n:,} rows) / extracting as many images",
+                         f"1/{n / images_per_s / logreg['seconds']:.1f}", "<= 1/10", logreg["seconds"] <= budget))
+        for head in ("logreg", "linear"):
+            c = row.get(f"{head}_compare")
+            if c and n >= 3000:
+                rows.append((f"{head} auto sweep, {name}: today / new", f"{c['speedup']:.1f}x", ">= 10x", c["speedup"] >= 10))
+    return rows
+
+
 if __name__ == "__main__":
     import argparse
     import tempfile
 
-    p = argparse.ArgumentParser(description="row 13 alone: the sweeps on synthetic map caches")
-    p.add_argument("--rows", type=int, nargs="+", default=[1000])
-    p.add_argument("--heads", nargs="+", default=["logreg"])
-    p.add_argument("--solvers", nargs="+", default=["sklearn", "torch"])
-    p.add_argument("--keep", type=Path, default=None, help="keep the caches in this folder")
+    p = argparse.ArgumentParser(description="rows 13 alone: the sweeps on synthetic map caches (and a real one)")
+    p.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
+    p.add_argument("--real", type=Path, default=None, help="a real map cache (extract --pool map [--augment K])")
+    p.add_argument("--reference-rows", type=int, default=1000, help="run today's code up to this many rows")
+    p.add_argument("--images-per-s", type=float, default=4.0, help="this machine's extraction speed (bench row 3)")
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        folder = a.keep or Path(tmp)
-        folder.mkdir(parents=True, exist_ok=True)
-        for rows in a.rows:
-            cache = folder / f"map{rows}.h5"
-            if not cache.exists():
-                synthetic_map_cache(cache, rows)
-            for head in a.heads:
-                results = {}
-                for solver in a.solvers if head == "logreg" else [None]:
-                    results[solver] = sweep(cache, Path(tmp) / f"run-{rows}-{head}-{solver}", head, solver)
-                    r = results[solver]
-                    print(f"{rows} rows {head} {solver}: {r['seconds']:.1f} s (fit {r['fit_seconds']:.1f} s), "
-                          f"chose {r['chosen']}, val {r['val_accuracy']:.3f}, peak {r['peak_rss_mb']:.0f} MB", flush=True)
-                if len(results) == 2:
-                    print("  ", compare(*results.values()), flush=True)
+        result = bench_sweeps(Path(tmp), a.real, a.sizes, a.reference_rows)
+    print("\n".join(markdown_rows(result, a.images_per_s)))
+    for row in targets(result, a.images_per_s):
+        print(row)

@@ -18,10 +18,6 @@ from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
 
-# torchvision's vgg16().features: blocks 1-4 end with the max-pool at index 23 (pool4); block 5 is 24..30:
-# conv5_1, relu, conv5_2, relu, conv5_3, relu, pool5
-POOL4_END = pools.BLOCK5_INPUT.end
-BLOCK5_CONVS = (24, 26, 28)
 
 
 class VGG16Body(nn.Module):

@@ -8,7 +8,7 @@ import hashlib
 import itertools
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 from typing import Callable
@@ -22,6 +22,8 @@ from pipeline.params import Interval, OneOf, Optional, Satisfies, parse_option, 
 POOLS = tuple(pools.POOLS)
 DTYPES = ("float16", "float32")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+BOOLEAN = Satisfies(lambda v: isinstance(v, bool), "true or false")
+SCALES_EXPECTED = "sizes from 32 to 2048 without repeats, e.g. 256,384,512"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DECODERS = ("cpu", "gpu")
 VGG16_CHANNELS = 512
@@ -33,6 +35,17 @@ IMAGENET_WEIGHTS = "VGG16_Weights.IMAGENET1K_V1"
 IMAGENET_RESIZE, IMAGENET_CROP = 256, 224
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _three_numbers(values, positive: bool = False) -> bool:
+    return isinstance(values, tuple) and len(values) == 3 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and (v > 0 if positive else True) for v in values)
+
+
+def _scale_sizes(sizes) -> bool:
+    """A tuple of shorter sides: 32..2048, sorted, no repeats (what parse_scales makes; () for one centre crop)."""
+    return isinstance(sizes, tuple) and all(isinstance(s, int) and not isinstance(s, bool) and 32 <= s <= 2048
+                                            for s in sizes) and list(sizes) == sorted(set(sizes))
 
 
 @dataclass(frozen=True)
@@ -66,10 +79,11 @@ class FeatureConfig:
         "weights_id": Satisfies(lambda w: isinstance(w, str) and w.split(":")[0] in ("torchvision", "sha256", "random"),
                                 "torchvision:..., sha256:... or random:..."),
         "pool": OneOf(tuple(pools.POOLS)), "image_size": Interval(int, 32, 1024), "resize_size": Interval(int, 32, 4096),
-        "mean": Satisfies(lambda m: _three_numbers(m), "three numbers"), "std": Satisfies(lambda m: _three_numbers(m, positive=True), "three positive numbers"),
-        "interpolation": Satisfies(lambda t: isinstance(t, str), "a text"), "antialias": OneOf((False, True)),
+        "mean": Satisfies(_three_numbers, "three numbers"),
+        "std": Satisfies(lambda m: _three_numbers(m, positive=True), "three positive numbers"),
+        "interpolation": Satisfies(lambda t: isinstance(t, str), "a text"), "antialias": BOOLEAN,
         "dtype": OneOf(DTYPES), "backbone": Satisfies(lambda t: isinstance(t, str), "a text"),
-        "flip": OneOf((False, True)), "scales": Satisfies(lambda s: _scale_sizes(s), "sizes from 32 to 2048, sorted, without repeats"),
+        "flip": BOOLEAN, "scales": Satisfies(_scale_sizes, SCALES_EXPECTED),
         "layer": OneOf(tuple(pools.LAYERS)), "augment": Interval(int, 0, 64), "augment_seed": Interval(int, 0, 2**32 - 1),
         "augment_recipe": Satisfies(lambda t: isinstance(t, str), "a text"),
     }
@@ -223,20 +237,6 @@ FeatureConfig.OPTIONS = {c.attribute: c.name for c in CANONICAL}  # a bad value 
 LAYERS = tuple(pools.LAYERS)
 
 
-def _three_numbers(values, positive: bool = False) -> bool:
-    return isinstance(values, tuple) and len(values) == 3 and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and (v > 0 if positive else True) for v in values)
-
-
-def _scale_sizes(sizes) -> bool:
-    """A tuple of shorter sides: 32..2048, sorted, no repeats (what parse_scales makes; () for one centre crop)."""
-    return isinstance(sizes, tuple) and all(isinstance(s, int) and not isinstance(s, bool) and 32 <= s <= 2048
-                                            for s in sizes) and list(sizes) == sorted(set(sizes))
-
-
-SCALES_EXPECTED = "sizes from 32 to 2048 without repeats, e.g. 256,384,512"
-
-
 def flip_option(text: str) -> bool:
     """`extract --views none|flip` -> ExtractConfig.flip; one UserError line for anything else."""
     return parse_option("--views", text, lambda t: {"none": False, "flip": True}.get(t), f"one of {', '.join(VIEWS)}")
@@ -294,7 +294,7 @@ class ExtractConfig:
         "batch_size": Interval(int, 0, 65536),
         "workers": Interval(int, -1, 256),
         "shard": Optional(Satisfies(lambda s: _shard_part(s) is not None, "I/N with 0 <= I < N, e.g. 0/4")),
-        "flip": OneOf((False, True)),
+        "flip": BOOLEAN,
         "layer": OneOf(LAYERS),
         "augment": Interval(int, 0, 64),
         "augment_seed": Interval(int, 0, 2**32 - 1),

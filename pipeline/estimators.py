@@ -220,15 +220,15 @@ class LogRegHead(Head):
         each head and drop it (45 coefficient matrices of a wide, many-class problem would not fit in memory).
         The head fitted at `self.C` is `self`; the others are copies."""
         X, y = _fit_inputs(self, *with_views(X, y, views))
-        self.mean_, self.scale_ = _statistics(row_normalised(X, self.norm), self.norm)
         if self.solver == "sklearn":
+            self.mean_, self.scale_ = _statistics(row_normalised(X, self.norm), self.norm)
             yield from self._sklearn_path(X, y, Cs)
             return
         from pipeline import solvers
 
-        rows = _standardised32(row_normalised(X, self.norm), self.mean_, self.scale_)
+        rows, self.mean_, self.scale_ = solvers.normalised(X, self.norm, _solver_device(self))
         labels = np.searchsorted(self.classes_, y)
-        solutions = solvers.fit_path(rows, labels, len(self.classes_), Cs, self.tol, self.max_iter, _solver_device(self))
+        solutions = solvers.fit_path(rows, labels, len(self.classes_), Cs, self.tol, self.max_iter, rows.device)
         yield from (self._with(s) for s in solutions)
 
     def fit_rows_many(self, rows, settings: list[dict]):

@@ -21,7 +21,7 @@ from pipeline import distributed, embed, files, store
 from pipeline.augment import AUGMENTED_SPLITS, augments
 from pipeline.config import ExtractConfig, FeatureConfig, extract_feature_config, library_versions
 from pipeline.data import Dataset, discover
-from pipeline.errors import Interrupted, UserError
+from pipeline.errors import UserError
 from pipeline.journal import Journal
 from pipeline.plan import FROM_CACHE, FROM_JOURNAL, Plan, make_plan, unchanged
 from pipeline.store import Record
@@ -174,8 +174,7 @@ def _finish(job: _Job, journal: Journal, extraction: store.Extraction | None, jo
         if plan.todo:  # files changed while we read them: their new content is not in the journal
             raise UserError(f"{len(plan.todo)} files changed during extraction (e.g. {plan.todo[0].path}); "
                             "rerun the same command to extract them (nothing done so far is lost)")
-        header = _header(job.fcfg, job.dataset, old.header if old else None,
-                         extraction or (old.header.extraction if old else None))
+        header = _header(job.fcfg, job.dataset, old.header if old else None, extraction)
         _write(job.out, header, plan, old, old_records, journal, job.fcfg.dtype)
         journal.remove()
     return _summary(job, plan, extracted, time.perf_counter() - start)
@@ -208,11 +207,14 @@ def _bytes_needed(plan: Plan, fcfg: FeatureConfig) -> int:
 
 def _header(fcfg: FeatureConfig, dataset: Dataset, old: store.Header | None,
             extraction: store.Extraction | None) -> store.Header:
+    """The new cache's header; without an extraction in this run (only removals), the previous one's, as it was."""
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     source = store.Source(root=str(dataset.root.resolve()), kind=dataset.kind, name=dataset.name)
+    kept = extraction is None and old is not None
     return store.Header(fingerprint=fcfg.fingerprint(), config=fcfg, class_names=list(dataset.class_names),
-                        feature_dim=fcfg.feature_dim, source=source, extraction=extraction,
-                        versions=library_versions(), created=old.created if old else now, updated=now)
+                        feature_dim=fcfg.feature_dim, source=source, extraction=old.extraction if kept else extraction,
+                        versions=library_versions(), created=old.created if old else now, updated=now,
+                        stored={"extraction": old.attribute("extraction")} if kept else None)
 
 
 def _write(out: Path, header: store.Header, plan: Plan, old: store.Cache | None, old_records: list[Record],

@@ -40,9 +40,6 @@ class LoadPlan:
     def streamed(self) -> bool:
         return self.mode == STREAM
 
-    def describe(self) -> str:
-        return f"{self.mode} ({human_bytes(self.needed_bytes)} of rows, budget {human_bytes(self.budget_bytes)})"
-
 
 def plan_loading(cfg: TrainConfig, cache: store.Cache) -> LoadPlan:
     """The loading plan of `cfg` on an open cache; refuses what cannot work (a head that needs memory when the

@@ -93,6 +93,18 @@ class LoadingRecord:
     refit: bool = False
     reasons: dict = field(default_factory=dict)  # pools, mode, views, refit -> why
 
+    def problem(self) -> str | None:
+        """What is wrong with a record read from a file, or None."""
+        if self.mode not in ("memory", "stream"):
+            return f"loading.mode is {self.mode!r}, expected memory or stream"
+        if min(self.budget_bytes, self.needed_bytes, self.views_per_image) < 0:
+            return "loading holds a negative size"
+        if not all(p is None or p in pools.HEAD_POOLS for p in self.pools):
+            return f"loading.pools are not head-time poolings ({', '.join(pools.HEAD_POOLS)})"
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.reasons.items()):
+            return "loading.reasons is not an object of texts"
+        return None
+
     @classmethod
     def of(cls, plan) -> "LoadingRecord":
         return cls(mode=plan.mode, budget_bytes=plan.budget_bytes, needed_bytes=plan.needed_bytes,
@@ -134,7 +146,9 @@ class RunRecord:
     schema_version: int = RUN_SCHEMA_VERSION
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
+        data = asdict(self)
+        _rename_head_params(data, CODE_TO_FILE)
+        return json.dumps(data, indent=2)
 
     @classmethod
     def from_json(cls, text: str, where: Path) -> "RunRecord":
@@ -146,29 +160,43 @@ class RunRecord:
             version = data.get("schema_version") if isinstance(data, dict) else None
             hint = ": it was made by an older vggcache, retrain it" if version == 1 else ""
             raise UserError(f"{where} is not a vggcache run of schema {RUN_SCHEMA_VERSION} (schema_version {version!r}){hint}")
-        _legacy_names(data)
+        _rename_head_params(data, FILE_TO_CODE, where)
         record = _build(cls, data, "run.json", where)
         if record.head.kind not in HEADS:
             raise UserError(f"{where}: head kind {record.head.kind!r} is not one of {', '.join(HEADS)}")
+        problem = record.loading.problem() if record.loading else None
+        if problem:
+            raise UserError(f"{where} is damaged: {problem}")
         if record.pool is not None and (record.pool not in pools.HEAD_POOLS or not _parsed(record, where).is_map):
             raise UserError(f"{where} is damaged: pool {record.pool!r} is not one of {', '.join(pools.HEAD_POOLS)} "
                             "applied to a map cache")
         return record
 
 
-# Names a run.json written by an earlier vggcache uses for what is now named otherwise: read as the new name.
-LEGACY_HEAD_NAMES = {"n_iter_no_change": "patience"}
+# Head parameters whose name in run.json is not their name in code: run.json keeps the name it always had, so that
+# every vggcache reads every run (the option and the code say --patience / patience).
+CODE_TO_FILE = {"patience": "n_iter_no_change"}
+FILE_TO_CODE = {v: k for k, v in CODE_TO_FILE.items()}
 
 
-def _legacy_names(data) -> None:
-    """Rename, in place, the head parameters an earlier vggcache wrote under another name (LEGACY_HEAD_NAMES)."""
+def _rename_head_params(data, names: dict, where: Path | None = None) -> None:
+    """Rename, in place, the head parameters of a run.json object (head.config, head.params, every sweep row's
+    params) by `names`; reading (`where` given), a file holding both names of one parameter is damaged."""
     head = data.get("head") if isinstance(data, dict) else None
-    for part in ("config", "params"):
-        values = head.get(part) if isinstance(head, dict) else None
-        if isinstance(values, dict):
-            for old, new in LEGACY_HEAD_NAMES.items():
-                if old in values and new not in values:
-                    values[new] = values.pop(old)
+    sweep = data.get("sweep") if isinstance(data, dict) else None
+    parts = [head.get(part) for part in ("config", "params")] if isinstance(head, dict) else []
+    parts += [row.get("params") for row in sweep if isinstance(row, dict)] if isinstance(sweep, list) else []
+    for values in (p for p in parts if isinstance(p, dict)):
+        for old, new in names.items():
+            if old in values and new in values and where is not None:
+                raise UserError(f"{where} is damaged: head parameters hold both {old!r} and {new!r}")
+            if old in values:
+                values[new] = values.pop(old)
+
+
+def file_params(params: dict) -> dict:
+    """Head parameters under the names run.json gives them (what `runs --json` shows)."""
+    return {CODE_TO_FILE.get(k, k): v for k, v in params.items()}
 
 
 def _parsed(record: RunRecord, where: Path) -> FeatureConfig:
@@ -394,7 +422,7 @@ def list_runs(models_dir: Path) -> list[dict]:
 def _row(run: Run) -> dict:
     val, test = run.metrics.get("val", {}), run.metrics.get("test", {})
     r = run.record
-    return {"name": r.name, "head": r.head.kind, "chosen": r.head.chosen, "params": r.head.params,
+    return {"name": r.name, "head": r.head.kind, "chosen": r.head.chosen, "params": file_params(r.head.params),
             "features": Path(r.features.path).name, "fingerprint": run.fingerprint,
             "val_accuracy": val.get("accuracy", float("nan")), "val_macro_f1": val.get("macro_f1", float("nan")),
             "test_accuracy": test.get("accuracy"), "test_macro_f1": test.get("macro_f1"),

@@ -29,7 +29,7 @@ from typing import Callable, Iterable
 import h5py
 import numpy as np
 
-from pipeline import files
+from pipeline import files, pools
 from pipeline.config import FeatureConfig
 from pipeline.errors import UserError
 from pipeline.params import is_json_of
@@ -115,17 +115,9 @@ class Extraction:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Extraction | None":
-        """The attribute as read; None for an empty one. Unknown names are ignored (a later vggcache's); a value of
-        the wrong type is refused (`Damaged`)."""
-        if not d:
-            return None
-        hints, values = typing.get_type_hints(cls), {}
-        for f in fields(cls):
-            value, kind = d.get(f.name), typing.get_args(hints[f.name])[0]  # X of `X | None`
-            if value is not None and not is_json_of(kind, value):
-                raise Damaged(f"is damaged: extraction.{f.name} is {json.dumps(value)[:40]}, expected {kind.__name__}")
-            values[f.name] = value
-        return cls(**values)
+        """The attribute as read (None for an empty one): informational, so read leniently, a value of the wrong
+        type as absent; the file's own dict is kept beside it (`Header.stored`) and written back as it was."""
+        return _lenient(cls, d) if d else None
 
 
 @dataclass(frozen=True)
@@ -138,11 +130,14 @@ class Source:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Source":
-        values = {f.name: d.get(f.name) for f in fields(cls)}
-        bad = next((k for k, v in values.items() if v is not None and not isinstance(v, str)), None)
-        if bad:
-            raise Damaged(f"is damaged: source.{bad} is {json.dumps(values[bad])[:40]}, expected text")
-        return cls(**values)
+        return _lenient(cls, d)
+
+
+def _lenient(cls, d: dict):
+    """A dataclass of optional fields from a JSON object: unknown names ignored, a value of the wrong type None."""
+    hints = typing.get_type_hints(cls)
+    kinds = {f.name: typing.get_args(hints[f.name])[0] for f in fields(cls)}  # X of `X | None`
+    return cls(**{name: d[name] if is_json_of(kind, d.get(name)) else None for name, kind in kinds.items()})
 
 
 @dataclass(frozen=True)
@@ -163,7 +158,9 @@ class Header:
     created: str = ""
     updated: str = ""
     config_problem: str = ""
-    stored_config: dict | None = field(default=None, compare=False, repr=False)  # as the file holds it
+    # the JSON attributes config, source and extraction as the file holds them (None: a header made in memory):
+    # shown by info and written back unchanged when a cache is rewritten
+    stored: dict | None = field(default=None, compare=False, repr=False)
 
     def feature_config(self, path: Path) -> FeatureConfig:
         """The config, or one UserError saying why this vggcache cannot use the cache at `path`."""
@@ -184,9 +181,17 @@ class Header:
     @property
     def config_dict(self) -> dict:
         """The config as the file holds it (what `info` shows, readable or not)."""
-        if self.stored_config is not None:
-            return self.stored_config
-        return self.config.to_dict() if self.config is not None else {}
+        return self.attribute("config")
+
+    def attribute(self, name: str) -> dict:
+        """A JSON attribute as the file holds it, or as this header's typed value writes it."""
+        if self.stored is not None and name in self.stored:
+            return self.stored[name]
+        value = getattr(self, name)
+        if name == "config":
+            return value.to_dict() if value is not None else {}
+        values = asdict(value) if value is not None else {}
+        return dict(sorted((k, v) for k, v in values.items() if v is not None or name == "extraction"))
 
 
 @dataclass
@@ -279,6 +284,9 @@ class Cache:
         """Every split's rows as float32, in file order, with their split; a map cache's rows pooled by `pool` (any
         other cache's as they are, one whose config this version cannot read included)."""
         config = self.header.config
+        stored_pool = self.header.config_dict.get("pool")
+        if config is None and stored_pool in pools.POOLS and pools.POOLS[stored_pool].keeps_map:
+            self.header.feature_config(self.path)  # a map it cannot read: it cannot pool it either (refused)
         pool = pool if config is not None and config.is_map else None
         parts = [(split, self.read_split(split, pool)) for split in self.splits]
         if not parts:
@@ -503,11 +511,13 @@ def _header_of(attrs: dict) -> Header:
         config, problem = None, f"its config has no {e}"
     except (TypeError, ValueError, UserError) as e:
         config, problem = None, f"its config: {e}"
+    if config is not None and config.fingerprint() != attrs["fingerprint"]:  # an edited config, or fingerprint
+        config, problem = None, f"its config hashes to {config.fingerprint()}, not to its fingerprint {attrs['fingerprint']}"
     return Header(fingerprint=attrs["fingerprint"], config=config, class_names=attrs["class_names"],
                   feature_dim=attrs["feature_dim"], source=Source.from_dict(attrs["source"]),
                   extraction=Extraction.from_dict(attrs["extraction"]), versions=attrs["versions"],
                   created=attrs["created"], updated=attrs["updated"], config_problem=problem,
-                  stored_config=attrs["config"])
+                  stored={name: attrs[name] for name in ("config", "source", "extraction")})
 
 
 def read_split(path: Path, split: str) -> SplitFeatures:
@@ -644,23 +654,13 @@ def write_atomic(path: Path, header: Header, records: list[Record],
     raise UserError(f"cannot write {tmp} ({out.error.strerror or out.error})")
 
 
-def _stored(record: Source | Extraction | None) -> dict:
-    """A typed attribute as the file holds it: its set fields, in key order ({} for None)."""
-    if record is None:
-        return {}
-    values = asdict(record)
-    if isinstance(record, Source):
-        values = {k: v for k, v in values.items() if v is not None}
-    return dict(sorted(values.items()))
-
-
 def _write_header(f: h5py.File, header: Header, schema_version: int) -> None:
     f.attrs["schema_version"] = schema_version
     f.attrs["fingerprint"] = header.fingerprint
     f.attrs["feature_dim"] = header.feature_dim
     f.attrs["created"], f.attrs["updated"] = header.created, header.updated
     values = {"config": header.config_dict, "class_names": header.class_names, "versions": header.versions,
-              "source": _stored(header.source), "extraction": _stored(header.extraction)}
+              "source": header.attribute("source"), "extraction": header.attribute("extraction")}
     for key in _JSON_ATTRS:
         f.attrs[key] = json.dumps(values[key], sort_keys=True)
 
@@ -738,7 +738,7 @@ class Summary:
         return {"path": str(self.path), "file_bytes": self.file_bytes, "fingerprint": h.fingerprint,
                 "feature_dim": h.feature_dim, "map_shape": list(self.map_shape) if self.map_shape else None,
                 "class_names": h.class_names, "config": h.config_dict,
-                "source": _stored(h.source), "extraction": _stored(h.extraction), "versions": h.versions,
+                "source": h.attribute("source"), "extraction": h.attribute("extraction"), "versions": h.versions,
                 "created": h.created, "updated": h.updated, "splits": splits}
 
 

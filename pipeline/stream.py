@@ -67,7 +67,7 @@ class SplitRows:
                  block_bytes: int | None = None, pool: str | None = None):
         self.cache, self.split, self.pool, self.transform = cache, split, pool, cache.pooling(pool)
         self.n_file_rows, self.file_dim, self.chunk_rows = cache.split_shape(split)
-        self.dim = self.file_dim if self.transform is None else int(self.transform(np.zeros((1, self.file_dim), np.float32)).shape[1])
+        self.dim = cache.pooled_dim(pool)
         self.index = np.arange(self.n_file_rows) if subset is None else np.sort(np.asarray(subset, dtype=np.int64))
         self.labels = cache.read_labels(split)[self.index]
         self.chunks_per_block = max(1, (block_bytes or BLOCK_BYTES) // max(1, self._chunk_bytes()))

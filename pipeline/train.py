@@ -194,16 +194,16 @@ def refit(cfg: TrainConfig, choice: Choice):
 def train_head(cfg: TrainConfig) -> runs.Run:
     """Fit, choose, score and save one head on a feature cache (opened once); returns the saved run."""
     out = Path(cfg.out) if cfg.out else None
-    if "device" in HEADS[cfg.head.kind].fixed:
-        from pipeline.device import resolve_device  # a one-off ~3 s torch import: not part of the fit time we report
-
-        resolve_device(cfg.head.device)  # an absent --device is refused now, not after loading the data
     start = time.perf_counter()
     with store.open_cache(cfg.features) as cache:  # open to the end: a streamed split reads from it
         out = out or cfg.models_dir / _default_name(cfg.features, cfg.head.kind)
         runs.ensure_free(out)  # before the fit, not after it
-        cfg = _with_weights(cfg, cache.header)
         plan = plan_loading(cfg, cache)
+        cfg = _with_weights(cfg, cache.header)
+        if "device" in HEADS[cfg.head.kind].fixed:
+            from pipeline.device import resolve_device  # a one-off ~3 s torch import: not in the fit time we report
+
+            resolve_device(cfg.head.device)  # an absent --device is refused now, not after loading the data
         loaded = time.perf_counter()
         choice = sweep(cfg, cache, plan)
         d, names = choice.data, cache.header.class_names

@@ -1,5 +1,6 @@
 """Heads: scikit-learn's estimator contract (parametrize_with_checks), accuracy, and save/load as plain arrays."""
 
+import json
 import pickle
 
 import numpy as np
@@ -56,7 +57,7 @@ def test_logreg_torch_solver_converges_to_the_reference_solution(n_classes, feat
     solver's probabilities equal scikit-learn's to float32 rounding, with more features than rows too."""
     X, y = make_blobs(n_samples=300, centers=n_classes, n_features=features, cluster_std=4.0 * features ** 0.5 / 3,
                       random_state=1)
-    ours = LogRegHead(C=0.5, tol=1e-5, device="cpu").fit(X, y)
+    ours = LogRegHead(C=0.5, tol=1e-7, device="cpu").fit(X, y)
     reference = LogRegHead(C=0.5, tol=1e-10, solver="sklearn").fit(X, y)
     assert ours.converged_ and ours.coef_.shape == reference.coef_.shape
     np.testing.assert_allclose(ours.predict_proba(X), reference.predict_proba(X), atol=2e-4)
@@ -106,3 +107,44 @@ def test_linear_head_with_a_hidden_layer_learns_xor():
     y = (X[:, 0] * X[:, 1] > 0).astype(int)
     head = LinearHead(hidden=64, dropout=0.1, lr=1e-2, epochs=300, patience=30, device="cpu").fit(X[:600], y[:600])
     assert head.score(X[600:], y[600:]) > 0.9
+
+
+SWEEP_SETTINGS = [{"weight_decay": wd, "lr": lr} for wd in (1e-6, 1e-2, 1.0) for lr in (1e-3, 3e-2)]
+
+
+def torch_reference_fit(X, y, hidden: int, **settings):
+    """A LinearHead's training done with torch's own nn.Linear, AdamW and CosineAnnealingLR, one setting at a time
+    (as LinearHead trained before its sweep was one wide module): the held-out loss of each epoch and the epochs."""
+    import torch
+
+    from pipeline.estimators import _module, _moments, row_normalised, run_epochs
+
+    head = LinearHead(hidden=hidden, dropout=0.0, epochs=40, patience=3, device="cpu", **settings)
+    X, y = np.asarray(X, np.float32), np.asarray(y)
+    head.classes_ = np.unique(y)
+    X, Xv, y, yv = head._hold_out(X, y, None)
+    mean, scale = head._statistics(lambda: _moments(row_normalised(X, head.norm)), X.shape[1])
+    device, tensor, labels = head._converters(mean, scale, head.classes_)
+    Xt, yt = tensor(X), labels(y)
+    gen = torch.Generator().manual_seed(head.seed)
+    batches = lambda: ((Xt[i], yt[i]) for i in torch.randperm(len(Xt), generator=gen).split(head.batch_size))
+    torch.manual_seed(head.seed)
+    module = _module(X.shape[1], hidden, 0.0, len(head.classes_))
+    opt = torch.optim.AdamW(module.parameters(), lr=head.lr, weight_decay=head.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=head.epochs * -(-len(X) // head.batch_size))
+    ran, best_epoch, best_loss = run_epochs(module, opt, sched, batches, (tensor(Xv), labels(yv)), head.epochs, 3)
+    return ran, best_epoch, best_loss
+
+
+@pytest.mark.parametrize("hidden", [0, 8], ids=["linear", "hidden"])
+@pytest.mark.parametrize("position", range(len(SWEEP_SETTINGS)))
+def test_a_wide_sweep_trains_each_setting_as_torch_trains_it_alone(hidden, position):
+    """The linear sweep's settings trained together (one wide module, AdamW and early stopping per setting) end where
+    torch's own optimiser ends each one alone: the same epochs, the same best held-out loss (dropout 0)."""
+    X, y = blobs()
+    base = LinearHead(hidden=hidden, dropout=0.0, epochs=40, patience=3, device="cpu")
+    together = {json.dumps(s, sort_keys=True): h for s, h in base.fit_many(X, y, SWEEP_SETTINGS)}
+    wide = together[json.dumps(SWEEP_SETTINGS[position], sort_keys=True)]
+    ran, best_epoch, best_loss = torch_reference_fit(X, y, hidden, **SWEEP_SETTINGS[position])
+    assert (wide.n_iter_, wide.best_epoch_) == (ran, best_epoch)
+    assert wide.best_val_loss_ == pytest.approx(best_loss, rel=1e-4)

@@ -142,11 +142,12 @@ def test_the_sweep_records_its_45_value_curve_and_draws_it(tmp_path):
 PATH_CS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 
 
+@pytest.mark.parametrize("solver", ["torch", "sklearn"])
 @pytest.mark.parametrize("position", range(len(PATH_CS)))
-def test_a_warm_started_path_gives_the_fits_of_independent_heads(position):
+def test_a_warm_started_path_gives_the_fits_of_independent_heads(position, solver):
     X, y = make_blobs(n_samples=200, centers=3, n_features=8, cluster_std=4.0, random_state=0)
-    path = LogRegHead(tol=1e-7).fit_path(X, y, list(PATH_CS))
-    alone = LogRegHead(C=PATH_CS[position], tol=1e-7).fit(X, y)
+    path = LogRegHead(tol=1e-7, solver=solver).fit_path(X, y, list(PATH_CS))
+    alone = LogRegHead(C=PATH_CS[position], tol=1e-7, solver=solver).fit(X, y)
     assert path[position].C == PATH_CS[position] and path[position].converged_
     np.testing.assert_allclose(path[position].predict_proba(X), alone.predict_proba(X), atol=1e-4)
 

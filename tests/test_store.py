@@ -186,6 +186,42 @@ def test_a_damaged_cache_is_one_line_naming_what_is_wrong(tmp_path, damage, mess
         store.read_header(tmp_path / "c.h5")
 
 
+def _edit_config(**changes):
+    def damage(f):
+        f.attrs["config"] = json.dumps(json.loads(f.attrs["config"]) | changes)
+    return damage
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (_edit_config(future_field=3), "its config: unknown field 'future_field'"),
+    (_edit_config(antialias=1), "its config: antialias 1 is not valid (expected true or false)"),
+    (_edit_config(mean=[0.5, 0.5]), "its config: mean (0.5, 0.5) is not valid (expected three numbers)"),
+    (_edit_config(pool="map", layer="pool9"), "its config: layer 'pool9' is not valid (expected one of pool5, pool4)"),
+    (_edit_config(image_size=64), "its config hashes to"),
+], ids=["unknown-field", "int-for-bool", "two-means", "unknown-layer", "edited"])
+def test_a_config_this_version_cannot_use_leaves_the_file_readable_and_says_why(tmp_path, damage, problem):
+    write_example(tmp_path / "c.h5")
+    with h5py.File(tmp_path / "c.h5", "a") as f:
+        damage(f)
+    header = store.read_header(tmp_path / "c.h5")  # info still shows the file
+    assert header.config is None and header.config_problem.startswith(problem)
+    with pytest.raises(UserError, match=re.escape(f"cannot use ({problem}")):
+        header.feature_config(tmp_path / "c.h5")
+
+
+@pytest.mark.parametrize("key, value", [("extraction", {"device": 3, "batch_size": True, "future": 1}),
+                                        ("source", {"root": 5, "kind": "folder"})], ids=["extraction", "source"])
+def test_informational_attributes_of_the_wrong_type_are_read_as_absent_and_kept_as_they_were(tmp_path, key, value):
+    write_example(tmp_path / "c.h5")
+    with h5py.File(tmp_path / "c.h5", "a") as f:
+        f.attrs[key] = json.dumps(value)
+    header = store.read_header(tmp_path / "c.h5")
+    assert header.config is not None and header.attribute(key) == value
+    typed = header.extraction if key == "extraction" else header.source
+    assert {k: v for k, v in vars(typed).items() if v is not None} == ({} if key == "extraction" else {"kind": "folder"})
+    assert store.describe(tmp_path / "c.h5").to_json()[key] == value
+
+
 def test_foreign_corrupt_missing_and_newer_files_are_refused(tmp_path):
     with pytest.raises(UserError, match="feature file not found"):
         store.read_header(tmp_path / "none.h5")

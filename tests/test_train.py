@@ -230,12 +230,26 @@ def test_a_symlinked_head_file_is_refused(tmp_path):
     (lambda info: info["features"].pop("fingerprint"), "features.fingerprint is missing"),
     (lambda info: info["splits"].update(n_val="12"), 'splits.n_val is "12", expected int'),
     (lambda info: info.update(head="logreg"), "head is not an object"),
-], ids=["old-schema", "unknown-head", "no-fingerprint", "text-for-int", "not-an-object"])
+    (lambda info: info["head"]["params"].update(patience=3, n_iter_no_change=3), "hold both 'n_iter_no_change' and 'patience'"),
+    (lambda info: info["loading"].update(mode="teleport"), "loading.mode is 'teleport', expected memory or stream"),
+    (lambda info: info["loading"].update(pools=[5]), "loading.pools are not head-time poolings"),
+], ids=["old-schema", "unknown-head", "no-fingerprint", "text-for-int", "not-an-object", "both-names", "loading-mode",
+        "loading-pools"])
 def test_a_damaged_run_record_is_one_line(tmp_path, edit, message):
     run = train_head(TrainConfig(features=feature_file(tmp_path / "f.h5"), out=tmp_path / "run", head=HeadConfig(C=1.0)))
     tamper(run.folder, edit)
     result = invoke("evaluate", run.folder)
     assert result.exit_code == 2 and message in result.output and len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_run_json_keeps_the_names_every_vggcache_reads(tmp_path):
+    """`patience` in code and on the command line, `n_iter_no_change` in run.json (as ever): a run reads back."""
+    run = train_head(TrainConfig(features=feature_file(tmp_path / "f.h5"), out=tmp_path / "run",
+                                 head=HeadConfig(kind="linear", epochs=2, patience=3, lr=1e-2, weight_decay=1e-2, device="cpu")))
+    info = json.loads((run.folder / "run.json").read_text())
+    assert info["head"]["params"]["n_iter_no_change"] == 3 and "patience" not in info["head"]["params"]
+    assert info["head"]["config"]["n_iter_no_change"] == 3 and "patience" not in info["sweep"][0]["params"]
+    assert load_run(run.folder).record.head.params["patience"] == 3
 
 
 def test_train_head_opens_the_cache_once(tmp_path, monkeypatch):
