@@ -318,3 +318,16 @@ def test_edited_head_arrays_are_refused_in_one_line(tmp_path, change, message):
     _rewrite_head(run.folder, change)
     result = invoke("evaluate", run.folder)
     assert result.exit_code == 2 and message in result.output and len(result.output.strip().splitlines()) == 1, result.output
+
+
+@pytest.mark.parametrize("kind, chosen", [("logreg", {"C", "norm", "pool"}), ("linear", {"weight_decay", "lr", "norm", "pool"})])
+def test_the_choice_record_keeps_its_form(tmp_path, kind, chosen):
+    """run.json's choice and sweep rows have the keys they had before the sweeps were batched (readers of run.json,
+    `runs` and the plots rely on them)."""
+    head = HeadConfig(kind=kind, device="cpu", **({"epochs": 2} if kind == "linear" else {}))
+    run = train_head(TrainConfig(features=feature_file(tmp_path / "f.h5"), out=tmp_path / "run", head=head))
+    info = json.loads((run.folder / "run.json").read_text())
+    assert set(info["head"]["chosen"]) == chosen and info["head"]["chosen"]["pool"] == "avg"
+    assert all(set(row) == {"pool", "val_accuracy", "val_log_loss", "params", "fit_seconds"} for row in info["sweep"])
+    assert info["head"]["params"] in [row["params"] for row in info["sweep"]]
+    assert set(info["head"]["chosen"]) - {"pool"} <= set(info["head"]["params"])
