@@ -67,23 +67,26 @@ def synthetic_map_cache(path: Path, train_rows: int, classes: int = 6, seed: int
     return path
 
 
-def _cli(args: list[str], env: dict | None = None) -> tuple[float, dict]:
+def _cli(args: list[str], tree: Path | None = None) -> tuple[float, dict]:
+    """A whole `pipeline` command and its peak RSS; `tree`: run another checkout's code (from inside it, since
+    `python -c` puts the current folder first on the path)."""
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", RSS_PROBE, "-q", *args], cwd=ROOT, capture_output=True, text=True,
-                          env=None if env is None else os.environ | env)
+    env = None if tree is None else os.environ | {"PYTHONPATH": str(tree)}
+    done = subprocess.run([sys.executable, "-c", RSS_PROBE, "-q", *args], cwd=tree or ROOT, capture_output=True,
+                          text=True, env=env)
     seconds = time.perf_counter() - start
     if done.returncode:
         sys.exit(f"bench: pipeline {' '.join(args)} failed: {done.stderr.strip()[-800:]}")
     return seconds, json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def sweep(cache: Path, out: Path, head: str, env: dict | None = None) -> dict:
-    """One `train-head` sweep as a whole command (`env`: PYTHONPATH of today's code): seconds, fit seconds, the
-    choice, validation accuracy and every candidate's."""
+def sweep(cache: Path, out: Path, head: str, tree: Path | None = None) -> dict:
+    """One `train-head` sweep as a whole command (`tree`: today's code): seconds, fit seconds, the choice,
+    validation accuracy and every candidate's."""
     args = ["train-head", str(cache), "--head", head, "--pool", "auto", "--out", str(out)]
     if head == "logreg":
         args += ["--norm", "auto"]
-    seconds, rss = _cli(args, env)
+    seconds, rss = _cli(args, tree)
     record = json.loads((out / "run.json").read_text())
     return {"seconds": seconds, "fit_seconds": record["timings"]["fit_seconds"], "peak_rss_mb": rss["peak_rss_mb"],
             "chosen": record["head"]["chosen"], "candidates": len(record["sweep"]),
@@ -136,8 +139,7 @@ def bench_sweeps(tmp: Path, real: Path | None = None, sizes=SIZES, reference_row
             for head in ("logreg", "linear"):
                 row[head] = sweep(cache, tmp / f"run-{name}-{head}".replace(" ", "-"), head)
                 if tree is not None and (n is None or n <= reference_rows):
-                    row[f"{head}_today"] = sweep(cache, tmp / f"run-{name}-{head}-today".replace(" ", "-"), head,
-                                                 env={"PYTHONPATH": str(tree)})
+                    row[f"{head}_today"] = sweep(cache, tmp / f"run-{name}-{head}-today".replace(" ", "-"), head, tree)
                     row[f"{head}_compare"] = compare(row[f"{head}_today"], row[head])
                 print(f"  {name}: {head} {row[head]['seconds']:.1f} s" + (
                     f", today {row[head + '_today']['seconds']:.1f} s ({row[head + '_compare']['speedup']:.1f}x, "

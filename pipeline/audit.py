@@ -301,7 +301,8 @@ def likely_mislabelled(entries: list[Item], labels: np.ndarray, idx: np.ndarray,
 
 def audit(cfg: AuditConfig) -> AuditReport:
     """Every check on the cache `cfg.features`; the findings are also written to `cfg.csv_path`."""
-    files.ensure_writable_file(cfg.csv_path, "--out", inputs=(cfg.features,))  # before the work, not after
+    files.ensure_writable_file(cfg.csv_path, "--out", inputs=(cfg.features,),  # before the work, not after
+                               output=files.csv_output("audit CSV", CSV_HEADER), force=cfg.force)
     start = time.perf_counter()
     with store.open_cache(cfg.features) as cache:
         records, names = cache.records(), cache.header.class_names

@@ -87,7 +87,7 @@ def _load_state_dict(layers: nn.Sequential, path: Path) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"--weights {path}: not a loadable torch state dict ({_load_failure(e)})") from None
+        raise UserError(f"--weights {path}: not a loadable torch state dict ({_load_failure(e, path)})") from None
     if not isinstance(state, dict):
         raise UserError(f"--weights {path}: expected a state dict, found a {type(state).__name__}")
     body = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")} or state
@@ -98,8 +98,12 @@ def _load_state_dict(layers: nn.Sequential, path: Path) -> None:
         raise UserError(f"--weights {path}: not VGG16 convolution weights ({first})") from None
 
 
-def _load_failure(e: Exception) -> str:
+def _load_failure(e: Exception, path: Path) -> str:
     """One line on why torch.load refused a file; never torch's advice to retry with weights_only=False."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save writes a zip archive (a pickle before torch 1.6)
+        return "it is not a torch file (torch.save writes a zip archive)" if head else "the file is empty"
     if "Weights only load failed" in str(e):
         return ("it is not a plain state dict of tensors: a file holding other pickled Python objects is never "
                 "loaded, as they could run code")

@@ -72,7 +72,7 @@ def _user_errors(command):
             raise typer.Exit(2) from None
         except Interrupted as e:
             _echo(str(e), err=True)
-            raise typer.Exit(130) from None
+            raise typer.Exit(e.exit_code) from None
 
     return wrapper
 
@@ -253,13 +253,14 @@ def predict(run: Path = typer.Argument(..., help="A run folder made by train-hea
             workers: int = typer.Option(P("workers"), help="DataLoader decode workers."),
             device: str = typer.Option(P("device"), help="auto, cpu, cuda or mps."),
             precision: str = typer.Option(P("precision"), help="auto (as the run's features were extracted), fp32, bf16 or fp16."),
-            report: bool = typer.Option(False, "--report", help="Say whether the images look like the run's training data (one line, and a PNG beside --out or drift.png).")):
+            report: bool = typer.Option(False, "--report", help="Say whether the images look like the run's training data (one line, and a PNG beside --out: p.csv -> p.drift.png)."),
+            force: bool = typer.Option(False, "--force", help="Replace --out even if it is not a predictions CSV (never needed for one predict wrote).")):
     """Predict classes of new images with a saved run: same extractor as its features, then its head."""
     from pipeline.predict import predict as run_predict
 
     rows = run_predict(PredictConfig(run=run, images=tuple(images), out=out, top_k=top_k, weights=weights,
                                      batch_size=batch_size, workers=workers, device=device, precision=precision,
-                                     report=report))
+                                     report=report, force=force))
     if out:
         failed = sum(bool(r["error"]) for r in rows)
         _echo(f"wrote {out}: {len(rows)} images, {failed} unreadable")
@@ -292,12 +293,13 @@ def runs(models: Path = typer.Argument(Path("models"), help="Folder of run folde
 def audit(features: Path = typer.Argument(..., help="A feature cache made by `extract`."),
           threshold: float = typer.Option(AuditConfig.threshold, help="Centred cosine similarity from which two images are near-duplicates."),
           neighbours: int = typer.Option(AuditConfig.neighbours, help="List an image whose this many nearest neighbours all carry another label."),
-          out: Optional[Path] = typer.Option(None, help="CSV of every finding (default: FEATURES.audit.csv).")):
+          out: Optional[Path] = typer.Option(None, help="CSV of every finding (default: FEATURES.audit.csv)."),
+          force: bool = typer.Option(False, "--force", help="Replace --out even if it is not an audit CSV.")):
     """Find exact duplicates (sha256), near-duplicates (cached features) and likely mislabelled images, within and
     across splits: leakage between train and test makes a score optimistic."""
     from pipeline.audit import audit as run_audit, summary
 
-    cfg = AuditConfig(features=features, threshold=threshold, neighbours=neighbours, out=out)
+    cfg = AuditConfig(features=features, threshold=threshold, neighbours=neighbours, out=out, force=force)
     report = run_audit(cfg)
     for line in summary(report):
         _echo(line)
@@ -310,11 +312,12 @@ def map_(features: Path = typer.Argument(..., help="A feature cache made by `ext
          run: Optional[Path] = typer.Option(None, help="A run trained on it: its mistakes are ringed."),
          method: str = typer.Option(MapConfig.method, help="pca (any size: a sample of 20,000) or tsne (a sample of 3,000)."),
          out: Optional[Path] = typer.Option(None, help="PNG to write (default: FEATURES.map.png)."),
-         seed: int = typer.Option(MapConfig.seed, help="Seed of the sample and of t-SNE.")):
+         seed: int = typer.Option(MapConfig.seed, help="Seed of the sample and of t-SNE."),
+         force: bool = typer.Option(False, "--force", help="Replace --out even if it is not a picture.")):
     """Draw the cache's images in two dimensions, coloured by class, one marker per split."""
     from pipeline.embedding_map import draw
 
-    _echo(f"wrote {draw(MapConfig(features=features, run=run, method=method, out=out, seed=seed))}")
+    _echo(f"wrote {draw(MapConfig(features=features, run=run, method=method, out=out, seed=seed, force=force))}")
 
 
 @app.command("make-demo-data")

@@ -317,7 +317,7 @@ class ExtractConfig:
 
 def _shard_part(text: str) -> tuple[int, int] | None:
     """'I/N' -> (I, N) when 0 <= I < N; None for anything else."""
-    match = re.fullmatch(r"(\d{1,6})/(\d{1,6})", text.strip())
+    match = re.fullmatch(r"(\d{1,6})/(\d{1,6})", text)  # exactly I/N: no spaces, here or there
     if not match or not int(match[1]) < int(match[2]):
         return None
     return int(match[1]), int(match[2])
@@ -430,6 +430,7 @@ class AuditConfig:
     threshold: float = 0.92  # centred cosine from which two images are near-duplicates (README: bench/near_duplicates.py)
     neighbours: int = 5  # an image whose k nearest neighbours all carry another label is listed
     out: Path | None = None  # the CSV of findings; None: beside the cache, <cache>.audit.csv
+    force: bool = False  # replace --out even when it is not an audit CSV
 
     PARAMS = {"threshold": Interval(float, -1, 1), "neighbours": Interval(int, 1, 1000)}
 
@@ -450,6 +451,7 @@ class MapConfig:
     method: str = "pca"
     out: Path | None = None  # None: beside the cache, <cache>.map.png
     seed: int = 0
+    force: bool = False  # replace --out even when it is not a picture
 
     PARAMS = {"method": OneOf(("pca", "tsne")), "seed": Interval(int, 0, 2**32 - 1),
               "out": Optional(Satisfies(lambda p: Path(p).suffix.lower() in (".png", ".svg", ".pdf"),
@@ -483,6 +485,7 @@ class PredictConfig:
     device: str = "auto"
     precision: str = "auto"  # auto: as the run's features were extracted (fp32 or bf16), else the device's default
     report: bool = False  # compare the new images with the run's training data (drift.py): one line and a PNG
+    force: bool = False  # replace --out (and the report's picture) even when they are not what predict writes
 
     PARAMS = {"top_k": Interval(int, 1, 1 << 20), "batch_size": Interval(int, 1, 65536), "workers": Interval(int, 0, 256),
               "device": OneOf(DEVICES), "precision": OneOf(PRECISIONS)}

@@ -144,6 +144,9 @@ def _scan_folder(root: Path) -> list[Item]:
         walk = _Walk(root, [root, *(Path(e.path) for e in top)])
         items = _scan_split(walk, root, FLAT_SPLIT, prefix="")
     else:
+        bad = next((e.name for e in top if split_problem(e.name)), None)
+        if bad is not None:
+            raise UserError(f"split folder {root / bad} {split_problem(bad)}: rename it (train, val, test)")
         classes = [Path(c.path) for e in top for c in _visible_entries(Path(e.path)) if c.is_dir()]
         walk = _Walk(root, [root, *(Path(e.path) for e in top), *classes])
         items = [item for split in top for item in _scan_split(walk, Path(split.path), split.name, prefix=f"{split.name}/")]
@@ -197,7 +200,24 @@ def _manifest_item(csv_path: Path, line: int, row: list[str]) -> Item:
     path = Path(cells[0])
     if path.is_absolute() or ".." in path.parts:
         raise UserError(f"manifest {csv_path} line {line}: path {cells[0]!r} must be relative to the CSV's folder")
-    return Item(cells[2] if len(cells) == 3 else FLAT_SPLIT, path.as_posix(), cells[1])
+    split = cells[2] if len(cells) == 3 else FLAT_SPLIT
+    if split_problem(split):
+        raise UserError(f"manifest {csv_path} line {line}: split {split!r} {split_problem(split)} (a split is a group "
+                        "of the cache: a name such as train, val or test)")
+    return Item(split, path.as_posix(), cells[1])
+
+
+def split_problem(name: str) -> str | None:
+    """Why `name` cannot name a split (an HDF5 group at the cache's root), or None."""
+    if name in (".", ".."):
+        return "is not a name"
+    if "/" in name:
+        return "contains '/'"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "contains a control character"
+    if len(name.encode("utf-8", "surrogateescape")) > 255:
+        return "is longer than 255 bytes"
+    return None
 
 
 def _class_names(items: list[Item], source: Path) -> tuple[str, ...]:

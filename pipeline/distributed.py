@@ -25,7 +25,7 @@ import signal
 from dataclasses import dataclass
 from enum import Enum
 
-from pipeline.errors import UserError
+from pipeline.errors import Terminated, UserError
 
 log = logging.getLogger(__name__)
 
@@ -192,14 +192,12 @@ def plan_digest(paths: list[str], batch_size: int) -> str:
 
 @contextlib.contextmanager
 def stopped_by_sigterm(worker: Worker):
-    """torchrun (and SLURM) stop a job's other ranks with SIGTERM when one fails: turn it into Ctrl-C, so the
-    rank commits what it has and says how to continue, instead of dying with uncommitted batches."""
-    if worker.single:
-        yield
-        return
+    """SIGTERM (what schedulers and `docker stop` send, and torchrun and SLURM send a job's other ranks when one
+    fails) ends an extraction as Ctrl-C does: the worker commits what it has and says how to continue, instead of
+    dying with uncommitted batches; it exits 143, not 130. (Decode workers ignore SIGTERM: reader.make_loader.)"""
 
     def interrupt(signum, frame):
-        raise KeyboardInterrupt
+        raise Terminated
 
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:

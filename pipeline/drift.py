@@ -79,6 +79,8 @@ def save(folder: Path, arrays: dict) -> None:
 def load(folder: Path) -> dict | None:
     """The run's reference, or None when it keeps none (wide inputs, or a run older than this check)."""
     path = Path(folder) / REFERENCE_FILE
+    if path.is_symlink():  # as head.npz: a run's files are its own, never links to elsewhere
+        raise UserError(f"{path} is a symbolic link; a run's reference is a plain file in its folder: retrain the run")
     if not path.is_file():
         return None
     try:
@@ -91,9 +93,16 @@ def load(folder: Path) -> dict | None:
         if bad or not np.isfinite(ref["centroids"]).all():
             raise ValueError(f"{', '.join(bad) or 'centroids'} not as written")
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-        raise UserError(f"{path} is damaged ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__}); "
-                        "retrain the run") from None
+        raise UserError(f"{path} is damaged ({_why(e)}); retrain the run") from None
     return ref
+
+
+def _why(e: Exception) -> str:
+    """One short reason, never numpy's advice to load a file with allow_pickle (a run's file holds no objects)."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if "pickle" in text:
+        return "it is not a numpy archive of plain arrays"
+    return text if len(text) <= 120 else text[:text.rfind(" ", 0, 120)] + " ..."
 
 
 def _ks(reference_hist: np.ndarray, values: np.ndarray, bins: np.ndarray) -> float:
@@ -110,7 +119,12 @@ def verdict(ref: dict, d_new: np.ndarray, confidence_new: np.ndarray) -> tuple[b
     n_val, n_new = int(ref["distance_hist"].sum()), len(d_new)
     if not n_new:
         return False, "no new image could be read: nothing to compare"
-    limit = max(MIN_SHIFT, KS_CRITICAL * np.sqrt((n_val + n_new) / max(n_val * n_new, 1)))
+    needed = fewest_images(n_val)
+    if needed is None:
+        return False, f"the run's {n_val} validation images are too few to tell"
+    if n_new < needed:  # the critical value is above the largest KS distance (1): the verdict would be fixed
+        return False, f"too few images to tell ({n_new}; need at least {needed} against {n_val} validation images)"
+    limit = _limit(n_val, n_new)
     d_dist = _ks(ref["distance_hist"], d_new, DISTANCE_BINS)
     d_conf = _ks(ref["confidence_hist"], confidence_new, CONFIDENCE_BINS)
     drifted = max(d_dist, d_conf) > limit
@@ -120,6 +134,16 @@ def verdict(ref: dict, d_new: np.ndarray, confidence_new: np.ndarray) -> tuple[b
                      f"nearest class centroid differs by KS D = {d_dist:.2f}, the head's confidence by D = {d_conf:.2f} "
                      f"(drift above {limit:.2f}); {beyond:.0%} lie beyond 95% of validation's distances; median "
                      f"confidence {float(np.median(confidence_new)):.2f} (validation {float(ref['confidence_median']):.2f})")
+
+
+def _limit(n_val: int, n_new: int) -> float:
+    return max(MIN_SHIFT, KS_CRITICAL * np.sqrt((n_val + n_new) / max(n_val * n_new, 1)))
+
+
+def fewest_images(n_val: int) -> int | None:
+    """The fewest new images on which the test can say "drift": its critical value must be under 1, the largest
+    Kolmogorov-Smirnov distance (3 against 153 validation images); None when no number would do (n_val <= 2)."""
+    return next((m for m in range(1, 10_000) if _limit(n_val, m) < 1), None)
 
 
 def plot(ref: dict, d_new: np.ndarray, confidence_new: np.ndarray, path: Path, title: str) -> Path:

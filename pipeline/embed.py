@@ -6,8 +6,10 @@ it knows nothing of the cache, and is what each worker of a distributed extracti
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -17,7 +19,7 @@ import numpy as np
 from pipeline import files, store
 from pipeline.config import ExtractConfig, FeatureConfig, weights_is_file
 from pipeline.distributed import Worker
-from pipeline.errors import Interrupted, UserError
+from pipeline.errors import EXIT_CTRL_C, EXIT_SIGTERM, EXIT_WORKER_DIED, Interrupted, Terminated, UserError
 from pipeline.journal import Journal
 from pipeline.progress import Progress
 from pipeline.store import Record
@@ -91,17 +93,17 @@ def image_batches(decode: str, root: Path, paths: list[str], fcfg: FeatureConfig
         if decode != "cpu":
             raise UserError("--scales decodes with Pillow: use --decode cpu")
         files = reader.ScaledImageFiles(root, paths, fcfg.scales)
-        return reader.make_loader(files, batch_size, workers, pin_memory=False, yield_to_model=device.type == "cpu",
-                                  collate_fn=reader.collate_scaled)
+        return reader.batches_of(reader.make_loader(files, batch_size, workers, pin_memory=False,
+                                                    yield_to_model=device.type == "cpu", collate_fn=reader.collate_scaled))
     if fcfg.augment and decode != "cpu":
         raise UserError("--augment crops its views with Pillow: use --decode cpu")
     if decode == "cpu":
         files = reader.AugmentedImageFiles(root, paths, fcfg.resize_size, fcfg.image_size, fcfg.augment_seed) \
             if fcfg.augment else reader.ImageFiles(root, paths, fcfg.resize_size, fcfg.image_size)
-        return reader.make_loader(files, batch_size, workers, pin_memory=device.type == "cuda",
-                                  yield_to_model=device.type == "cpu")
+        return reader.batches_of(reader.make_loader(files, batch_size, workers, pin_memory=device.type == "cuda",
+                                                    yield_to_model=device.type == "cpu"))
     files = reader.EncodedFiles(root, paths, fcfg.resize_size, fcfg.image_size)
-    loader = reader.make_encoded_loader(files, batch_size, workers)
+    loader = reader.batches_of(reader.make_encoded_loader(files, batch_size, workers))
     return (reader.decode_on_device(items, fcfg.resize_size, fcfg.image_size, device) for items in loader)
 
 
@@ -129,7 +131,8 @@ def _embed_all(extractor, loader, todo: list[Record], journal: Journal, fcfg: Fe
         pending_records, pending_features, last_commit = [], [], time.perf_counter()
 
     try:
-        with Progress(len(todo), "extract" if worker.single else f"extract ({worker.describe})") as progress:
+        with Progress(len(todo), "extract" if worker.single else f"extract ({worker.describe})") as progress, \
+                contextlib.closing(loader):  # the decode workers are shut down here, however the loop ends
             for batch in loader:
                 records, features = _embed_batch(extractor, batch, todo, fcfg)
                 pending_records += records
@@ -138,18 +141,56 @@ def _embed_all(extractor, loader, todo: list[Record], journal: Journal, fcfg: Fe
                     commit()
                 progress.advance(len(records))
         commit()
-    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM in a distributed job (see distributed.stopped_by_sigterm)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (distributed.stopped_by_sigterm)
         commit()
-        raise interruption(worker, journal) from None
+        raise interruption(worker, journal, e) from None
+    except (RuntimeError, ConnectionError, EOFError) as e:
+        if not worker_died(e):
+            raise
+        commit()  # the batches the model already embedded are kept; the dead worker's are extracted on the rerun
+        raise interruption(worker, journal, e) from None
     except files.DiskFull as e:
         raise files.DiskFull(f"{e}: {len(journal.entries)} images are saved in {journal.directory}; "
                              "free some space and rerun the same command to resume") from None
 
 
-def interruption(worker: Worker, journal: Journal) -> Interrupted:
-    """The one way an extraction stopped by the user ends: what is saved, and how to go on."""
-    return Interrupted(f"{worker.who}interrupted: {len(journal.entries)} images are saved in {journal.directory}; "
-                       "rerun the same command to resume")
+def interruption(worker: Worker, journal: Journal, cause: BaseException | None = None) -> Interrupted:
+    """The one way an extraction stopped before its end ends: what stopped it, what is saved, and how to go on;
+    the exit code says what stopped it (errors.Interrupted)."""
+    saved = f"{len(journal.entries)} images are saved in {journal.directory}; rerun the same command to resume"
+    if cause is not None and worker_died(cause):
+        detail = _first_line(cause) if isinstance(cause, RuntimeError) else "its connection broke mid-batch"
+        return Interrupted(f"{worker.who}interrupted: a decode worker died ({detail}; the OOM killer? fewer --workers "
+                           f"or a smaller --batch-size need less memory): {saved}", EXIT_WORKER_DIED)
+    if isinstance(cause, Terminated):
+        return Interrupted(f"{worker.who}interrupted by SIGTERM: {saved}", EXIT_SIGTERM)
+    return Interrupted(f"{worker.who}interrupted: {saved}", EXIT_CTRL_C)
+
+
+@contextlib.contextmanager
+def quiet_about_dead_workers():
+    """A decode worker stopped while it hands a batch over leaves multiprocessing's resource-sharer thread with a
+    broken connection, which it prints as a traceback; the interruption line already says what happened."""
+    from pipeline.reader import quiet_resource_sharer
+
+    previous = threading.excepthook
+    threading.excepthook = quiet_resource_sharer(previous)
+    try:
+        yield
+    finally:
+        threading.excepthook = previous
+
+
+def worker_died(e: BaseException) -> bool:
+    """torch's DataLoader reports a worker killed by a signal (or gone without a word) with a RuntimeError; one
+    killed while it hands a batch over breaks the connection the batch comes through."""
+    return (isinstance(e, RuntimeError) and str(e).startswith("DataLoader worker")) or isinstance(e, (ConnectionError,
+                                                                                                      EOFError))
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text.rstrip(". ")[:160]
 
 
 def _embed_batch(extractor, batch: dict, todo: list[Record], fcfg: FeatureConfig) -> tuple[list[Record], np.ndarray]:

@@ -53,7 +53,8 @@ def project(X: np.ndarray, method: str, seed: int) -> np.ndarray:
 
 def draw(cfg: MapConfig) -> Path:
     """Write the map of `cfg.features` (and `cfg.run`'s mistakes) to `cfg.png_path`."""
-    files.ensure_writable_file(cfg.png_path, "--out", inputs=(cfg.features,) + ((cfg.run,) if cfg.run else ()))
+    files.ensure_writable_file(cfg.png_path, "--out", inputs=(cfg.features,) + ((cfg.run,) if cfg.run else ()),
+                               output=files.IMAGE, force=cfg.force)
     run, pool, wrong = _run_parts(cfg)
     with store.open_cache(cfg.features) as cache:
         if run is not None:

@@ -6,4 +6,17 @@ class UserError(Exception):
 
 
 class Interrupted(Exception):
-    """The user stopped a run (Ctrl-C); the message says how to resume. The CLI exits 130."""
+    """A run stopped before its end, its work saved; the message says what is saved and how to resume. The CLI
+    exits with `exit_code`: 130 for Ctrl-C (SIGINT), 143 for SIGTERM (a scheduler, `docker stop`, torchrun stopping
+    a job's other ranks), 75 when a decode worker died (the OOM killer, kill -9): a temporary failure, rerun."""
+
+    def __init__(self, message: str, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C would be (extract turns both into an `Interrupted`)."""
+
+
+EXIT_CTRL_C, EXIT_SIGTERM, EXIT_WORKER_DIED = 130, 143, 75

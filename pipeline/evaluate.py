@@ -29,6 +29,7 @@ def evaluate_run(cfg: EvaluateConfig) -> Evaluation:
     features = Path(cfg.features) if cfg.features else Path(run.record.features.path)
     with store.open_cache(features) as cache:
         run.check_features(cache.header, features)
+        cache.header.feature_config(features)  # an edited cache (its config does not hash to its fingerprint)
         split = cfg.split or next((s for s in ("test", "val") if s in cache.splits), cache.splits[0] if cache.splits else "")
         rows = SplitRows(cache, split, pool=run.record.pool)  # block by block: any split size, bounded memory
         y = _relabel(rows.labels, cache.header.class_names, run.class_names, features)

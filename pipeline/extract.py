@@ -85,10 +85,11 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
     files.ensure_writable_file(job.out, "--out")
     distributed.quiet_unless_leader(worker)
     group = distributed.Group(worker)
-    with distributed.stopped_by_sigterm(worker), group.started(cfg.device), contextlib.ExitStack() as stack:
+    with distributed.stopped_by_sigterm(worker), embed.quiet_about_dead_workers(), group.started(cfg.device), \
+            contextlib.ExitStack() as stack:
         journal = _open_journal(job, group, stack)
         stack.enter_context(_saying_what_is_saved(job, journal))
-        plan, shared, up_to_date = _first_plan(job, journal, group)
+        plan, shared, up_to_date, repairing = _first_plan(job, journal, group)
         if up_to_date and worker.single:
             journal.remove()
             log.info("%s is up to date (%d images)", job.out, sum(r.ok and not r.view for r in plan.records))
@@ -99,7 +100,7 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
         group.barrier()
         if worker.follower:
             return _summary(job, plan, extraction.images if extraction else 0, time.perf_counter() - start, wrote_cache=False)
-        return _finish(job, journal, extraction, len(plan.todo), start)
+        return _finish(job, journal, extraction, len(plan.todo), start, repairing)
 
 
 @contextlib.contextmanager
@@ -108,8 +109,12 @@ def _saying_what_is_saved(job: _Job, journal: Journal):
     inside it: one line that says what is saved."""
     try:
         yield
-    except KeyboardInterrupt:
-        raise embed.interruption(job.worker, journal) from None
+    except KeyboardInterrupt as e:
+        raise embed.interruption(job.worker, journal, e) from None
+    except (RuntimeError, ConnectionError, EOFError) as e:  # a decode worker's death is reported asynchronously
+        if not embed.worker_died(e):
+            raise
+        raise embed.interruption(job.worker, journal, e) from None
 
 
 def _open_journal(job: _Job, group: distributed.Group, stack: contextlib.ExitStack) -> Journal:
@@ -130,8 +135,9 @@ def _open_journal(job: _Job, group: distributed.Group, stack: contextlib.ExitSta
     return journal
 
 
-def _first_plan(job: _Job, journal: Journal, group: distributed.Group) -> tuple[Plan, list[Record], bool]:
-    """Every worker's plan of the work, and the list it cuts into shares.
+def _first_plan(job: _Job, journal: Journal, group: distributed.Group) -> tuple[Plan, list[Record], bool, bool]:
+    """Every worker's plan of the work, the list it cuts into shares, whether the cache is up to date, and whether
+    rows of it are extracted again because they are not finite (`--verify` reads every row).
 
     The parts of a job array start (and restart) at different times, so each cuts the list as if no part of the
     array had run yet (the rows the parts committed are left out of that list's planning): every part then takes
@@ -139,6 +145,10 @@ def _first_plan(job: _Job, journal: Journal, group: distributed.Group) -> tuple[
     """
     with _previous_cache(job.out, job.fcfg, job.cfg.force) as old:
         old_records, header = (old.records(), old.header) if old else ([], None)
+        broken = old.nonfinite_keys() if old is not None and job.cfg.verify else set()
+    if broken:
+        log.warning("%d rows of %s are not finite (NaN or inf): extracting them again", len(broken), job.out)
+        old_records = [r for r in old_records if r.path not in broken]
     plan = make_plan(job.dataset, old_records, journal.entries, job.cfg.verify, job.fcfg.augment)
     shared = plan.todo
     if job.worker.part:
@@ -147,7 +157,8 @@ def _first_plan(job: _Job, journal: Journal, group: distributed.Group) -> tuple[
     if job.worker.rank:  # the shares depend on the batch size too: a CPU node and a GPU node differ
         batch = embed.batch_size_for(job.cfg, job.worker)
         group.check_same("images to extract and batch size", distributed.plan_digest([r.path for r in plan.todo], batch))
-    return plan, shared, header is not None and unchanged(plan, header, old_records, job.dataset)
+    up_to_date = header is not None and not broken and unchanged(plan, header, old_records, job.dataset)
+    return plan, shared, up_to_date, bool(broken)
 
 
 def _extract_share(job: _Job, plan: Plan, shared: list[Record], journal: Journal) -> store.Extraction:
@@ -158,7 +169,7 @@ def _extract_share(job: _Job, plan: Plan, shared: list[Record], journal: Journal
 
 
 def _finish(job: _Job, journal: Journal, extraction: store.Extraction | None, job_todo: int,
-            start: float) -> ExtractSummary:
+            start: float, repairing: bool = False) -> ExtractSummary:
     """Write the cache from the journal and the previous cache, under the final lock (one writer at a time)."""
     with journal.final_lock(), _previous_cache(job.out, job.fcfg, job.cfg.force) as old:
         journal.reload()  # every worker's shards, committed before the barrier (or by the other parts)
@@ -166,7 +177,7 @@ def _finish(job: _Job, journal: Journal, extraction: store.Extraction | None, jo
         plan = make_plan(job.dataset, old_records, journal.entries, verify=False, augment=job.fcfg.augment)
         extracted = (extraction.images if extraction else 0) if job.worker.part else job_todo
         seconds = time.perf_counter() - start
-        if old is not None and unchanged(plan, old.header, old_records, job.dataset):
+        if old is not None and not repairing and unchanged(plan, old.header, old_records, job.dataset):
             journal.remove()
             return _summary(job, plan, extracted, seconds, up_to_date=not extracted)
         if plan.todo and job.worker.part:  # other parts are still at work: the last one writes
@@ -191,9 +202,14 @@ def _previous_cache(out: Path, fcfg: FeatureConfig, force: bool):
     except UserError as e:
         raise UserError(f"{e}; refusing to overwrite it (use --force to replace it, or another --out)") from None
     with cache:
+        if cache.header.fingerprint == fcfg.fingerprint() and cache.header.config is None:
+            raise UserError(f"{out} holds features of an extractor config this vggcache cannot use "
+                            f"({cache.header.config_problem}); refusing to overwrite it (use --force to replace it, "
+                            "or another --out)")
         if cache.header.fingerprint != fcfg.fingerprint():
             changed = fcfg.changes_from(cache.header.config_dict)
-            diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()) or \
+                "the same config under another fingerprint: the file was edited"
             raise UserError(f"{out} holds features of extractor config {cache.header.fingerprint}, this run's is "
                             f"{fcfg.fingerprint()} ({diff}); use another --out, or --force to replace it")
         yield cache

@@ -9,7 +9,9 @@ from __future__ import annotations
 import errno
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from pipeline.errors import UserError
 
@@ -32,21 +34,67 @@ def ensure_writable_dir(folder: Path, option: str) -> None:
         raise UserError(f"{option}: cannot write in {folder} ({e.strerror or type(e).__name__})") from None
 
 
-def ensure_writable_file(path: Path, option: str, inputs: tuple = ()) -> None:
-    """`path` can be created or replaced: its folder is writable, it is not a folder itself, and it is none of the
-    command's `inputs` (files, or folders whose files must not be replaced: a run folder)."""
+@dataclass(frozen=True)
+class Output:
+    """What a command writes with --out: its kind in words, and a test of an existing file's first bytes that says
+    whether it is such a file (one the command may replace without --force)."""
+
+    what: str
+    looks_like: Callable[[bytes], bool]
+
+
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"%PDF", b"<?xml", b"<svg")
+IMAGE = Output("PNG, SVG or PDF picture", lambda head: head.startswith(IMAGE_MAGIC))
+
+
+def csv_output(what: str, header: tuple[str, ...]) -> Output:
+    """A CSV this command writes: its first line is `header`."""
+    first = ",".join(header).encode()
+    return Output(what, lambda head: head.split(b"\n", 1)[0].rstrip(b"\r") == first)
+
+
+def ensure_writable_file(path: Path, option: str, inputs: tuple = (), output: Output | None = None,
+                         force: bool = False) -> None:
+    """`path` can be created or replaced: its folder is writable, it is not a folder itself, it is none of the
+    command's `inputs` (files, or folders whose files must not be replaced: a run folder). For a command's report
+    (`output`): its folder exists, and unless `force` an existing file there is what the command writes, never a
+    feature cache, a run's file, or a file of another kind."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{option} {path} is a folder, expected a file name")
     for given in map(Path, inputs):
         if path.resolve() == given.resolve() or (given.is_dir() and given.resolve() in path.resolve().parents):
             raise UserError(f"{option} {path} would overwrite {given}, which this command reads: choose another file")
+    if output is not None and not path.parent.is_dir():  # a report goes into a folder that exists (a cache's folder,
+        raise UserError(f"{option} {path}: the folder {path.parent} does not exist")  # features/, is made for it)
+    if output is not None and path.exists() and not force:
+        _ensure_replaceable(path, option, output)
     ensure_writable_dir(path.parent, option)
     if path.exists():
         try:
             open(path, "ab").close()  # opens for writing without changing a byte
         except OSError as e:
             raise UserError(f"{option}: cannot write {path} ({e.strerror or type(e).__name__})") from None
+
+
+def _ensure_replaceable(path: Path, option: str, output: Output) -> None:
+    """An existing file may be replaced only when it is what the command writes (else --force)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError as e:
+        raise UserError(f"{option}: cannot read {path} ({e.strerror or type(e).__name__})") from None
+    if head.startswith(HDF5_MAGIC):
+        found = "an HDF5 file (a feature cache?)"
+    elif (path.parent / "run.json").is_file():
+        found = "a file of a run folder"
+    elif not output.looks_like(head):
+        found = f"not a {output.what}"
+    else:
+        return
+    raise UserError(f"{option} {path} exists and is {found}: this command writes a {output.what}; choose another "
+                    "file, or pass --force to replace it")
 
 
 def ensure_free_space(folder: Path, need_bytes: int, what: str) -> None:

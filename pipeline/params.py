@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 from numbers import Integral, Real
+from pathlib import PurePath
 from typing import Callable
 
 from pipeline.errors import UserError
@@ -120,4 +121,5 @@ def validate(config) -> None:
         value = getattr(config, name)
         if not constraint.accepts(value):
             option = getattr(type(config), "OPTIONS", {}).get(name, option_name(name))
-            raise UserError(f"{option} {value!r} is not valid (expected {constraint.expected()})")
+            shown = repr(str(value)) if isinstance(value, PurePath) else repr(value)  # 'm.jpg', not PosixPath('m.jpg')
+            raise UserError(f"{option} {shown} is not valid (expected {constraint.expected()})")

@@ -60,7 +60,8 @@ def predict(cfg: PredictConfig) -> list[dict]:
     paths = collect_images(cfg.images)
     if cfg.out:
         # before the forward pass, not after it; never over the run or an image it reads
-        files.ensure_writable_file(cfg.out, "--out", inputs=(run.folder, *cfg.images))
+        files.ensure_writable_file(cfg.out, "--out", inputs=(run.folder, *cfg.images),
+                                   output=files.csv_output("predictions CSV", COLUMNS), force=cfg.force)
     reference = _reference(run, cfg)
     extractor = Extractor(build_body(fcfg, weights_for(run, cfg.weights)), cfg.device, precision_for(run, cfg.precision))
     loader = image_batches("cpu", Path(""), paths, fcfg, cfg.batch_size, cfg.workers, extractor.device)
@@ -92,7 +93,8 @@ def _reference(run: Run, cfg: PredictConfig) -> dict | None:
     if reference is None:
         raise UserError(f"--report: {run.folder} keeps no reference of its training data ({drift.REFERENCE_FILE}): "
                         f"its head takes inputs wider than {drift.MAX_DIM:,}, or an older vggcache trained it")
-    files.ensure_writable_file(cfg.report_path, "--report", inputs=(run.folder, *cfg.images))
+    files.ensure_writable_file(cfg.report_path, "--report", inputs=(run.folder, *cfg.images), output=files.IMAGE,
+                               force=cfg.force)
     return reference
 
 

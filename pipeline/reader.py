@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import signal
+import threading
+import traceback
 import warnings
 from pathlib import Path
 
@@ -163,6 +166,7 @@ def decoded_images(batch: dict) -> tuple[list[int], torch.Tensor | list]:
 
 
 def _lower_priority(worker_id: int) -> None:
+    _ignore_sigterm()
     os.nice(10)
 
 
@@ -175,7 +179,46 @@ def make_loader(dataset: ImageFiles, batch_size: int, workers: int, pin_memory: 
     """
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=pin_memory,
                       prefetch_factor=4 if workers else None, persistent_workers=False,
-                      worker_init_fn=_lower_priority if yield_to_model and workers else None, collate_fn=collate_fn)
+                      worker_init_fn=_lower_priority if yield_to_model and workers else _ignore_sigterm,
+                      collate_fn=collate_fn)
+
+
+def batches_of(loader: DataLoader):
+    """The loader's batches; its workers are shut down as soon as the iteration ends, however it ends (close() on
+    an interruption), not later by a garbage collector that would print a dead worker's error as "Exception
+    ignored" after the interruption line."""
+    iterator = iter(loader)
+    try:
+        yield from iterator
+    finally:
+        shutdown = getattr(iterator, "_shutdown_workers", None)  # torch's own clean-up of a multi-worker iterator
+        if shutdown is not None:
+            try:
+                shutdown()
+            except (RuntimeError, ConnectionError, EOFError):  # a worker already died: the caller says so
+                pass
+
+
+def _ignore_sigterm(worker_id: int = 0) -> None:
+    """A decode worker leaves SIGTERM to the main process, which commits its batches and shuts the workers down
+    itself (a SIGTERM to the whole process group would otherwise kill them first, and the main process would report
+    a dead worker, with a traceback, instead of the interruption); a batch it was handing over when the main
+    process stopped breaks a connection, without a traceback."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    threading.excepthook = quiet_resource_sharer(threading.excepthook)
+
+
+def quiet_resource_sharer(previous):
+    """A threading.excepthook that drops the broken connections of multiprocessing's resource-sharer thread (how
+    torch hands tensors between processes) when the other side stopped, and passes on anything else."""
+
+    def hook(args):
+        if issubclass(args.exc_type, (ConnectionError, EOFError)) and "resource_sharer" in "".join(
+                traceback.format_tb(args.exc_traceback)):
+            return
+        previous(args)
+
+    return hook
 
 
 # --- opt-in batched decoding on the GPU (`--decode gpu`): workers only read bytes and parse headers -------------
@@ -268,4 +311,4 @@ def _decode_one_by_one(items: list[dict], raw: list[int], device) -> dict:
 
 def make_encoded_loader(dataset: EncodedFiles, batch_size: int, workers: int) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=list,
-                      prefetch_factor=4 if workers else None)
+                      prefetch_factor=4 if workers else None, worker_init_fn=_ignore_sigterm)

@@ -277,7 +277,7 @@ class Cache:
         bad = int((~np.isfinite(features).all(1)).sum()) if features.size else 0
         if bad:
             raise Damaged(f"{self.path} is damaged: {bad} rows of {split}/features are not finite (NaN or inf); "
-                          "rebuild it with extract --force")
+                          "repair it with extract --verify")
         return SplitFeatures(features, labels, paths)
 
     def all_rows(self, pool: str = "avg") -> "AllRows":
@@ -318,9 +318,31 @@ class Cache:
         with self._reading(split):
             views = g["views"][:] if transform is None else self._transformed(split, transform, "views")
         if views.size and not np.isfinite(views).all():
-            raise Damaged(f"{self.path} is damaged: {split}/views are not finite (NaN or inf); rebuild it with "
-                          "extract --force")
+            raise Damaged(f"{self.path} is damaged: {split}/views are not finite (NaN or inf); repair it with "
+                          "extract --verify")
         return views
+
+    def nonfinite_keys(self) -> set[str]:
+        """The record keys (paths, or view keys) of rows holding NaN or inf, every row read a block at a time:
+        what `extract --verify` extracts again."""
+        keys = set()
+        for split in self.splits:
+            g, paths = self._file[split], None
+            for dataset in (d for d in ("features", "views") if d in g):
+                bad = self._nonfinite_rows(split, dataset)
+                if len(bad):
+                    paths = paths or self.read_paths(split)
+                    k = self.views_per_row(split)
+                    keys |= {paths[i] if dataset == "features" else view_key(paths[i // k], i % k) for i in bad}
+        return keys
+
+    def _nonfinite_rows(self, split: str, dataset: str) -> np.ndarray:
+        ds = self._file[split][dataset]
+        step = max(1, (64 << 20) // max(1, ds.shape[1] * ds.dtype.itemsize))
+        with self._reading(split):
+            bad = [start + np.flatnonzero(~np.isfinite(ds[start:start + step]).all(1))
+                   for start in range(0, ds.shape[0], step)]
+        return np.concatenate(bad) if bad else np.zeros(0, int)
 
     def split_shape(self, split: str) -> tuple[int, int, int]:
         """(rows, feature dim, rows per storage chunk) of a split: what a streaming reader aligns its reads to."""
@@ -342,7 +364,7 @@ class Cache:
             rows = self._group(split)["features"][start:stop]
         if not np.isfinite(rows).all():
             raise Damaged(f"{self.path} is damaged: rows {start}..{stop} of {split}/features are not finite "
-                          "(NaN or inf); rebuild it with extract --force")
+                          "(NaN or inf); repair it with extract --verify")
         return rows
 
     def records(self) -> list[Record]:
@@ -395,7 +417,7 @@ def _open_validated(path: Path) -> tuple[h5py.File, Header]:
     except OSError as e:
         raise UserError(f"{path} is not a readable HDF5 file ({e})") from None
     try:
-        header = _validate(f)
+        header = _validate(f, Path(path).stat().st_size)
     except Damaged as e:
         f.close()
         raise Damaged(f"{path} {e}") from None
@@ -409,8 +431,9 @@ def _open_validated(path: Path) -> tuple[h5py.File, Header]:
     return f, header
 
 
-def _validate(f: h5py.File) -> Header:
-    """The whole schema, checked once on opening; every problem is one `Damaged` line naming what is wrong."""
+def _validate(f: h5py.File, file_bytes: int) -> Header:
+    """The whole schema, checked once on opening; every problem is one `Damaged` line naming what is wrong.
+    Sizes are checked before anything is read: a crafted file cannot make a reader allocate what it declares."""
     if "schema_version" not in f.attrs:
         raise Damaged("is not a vggcache feature file (no schema_version attribute)")
     version = f.attrs["schema_version"]
@@ -419,11 +442,22 @@ def _validate(f: h5py.File) -> Header:
     if int(version) > SCHEMA_VERSION:
         raise Damaged(f"has schema_version {int(version)}; this vggcache reads up to {SCHEMA_VERSION}: upgrade it")
     header = _header_of(_checked_attrs(f.attrs))
-    for name, member in f.items():
+    members = list(f.items())
+    for name, member in members:
         if not isinstance(member, h5py.Group):
             raise Damaged(f"is damaged: unexpected dataset /{name} at the root (splits are groups)")
+    declared = sum(_declared_bytes(group) for _, group in members)
+    if declared > file_bytes:  # a cache is never compressed: every row it declares takes its bytes in the file
+        raise Damaged(f"is damaged: its splits declare {files.human_bytes(declared)} of data in a file of "
+                      f"{files.human_bytes(file_bytes)}")
+    for name, member in members:
         _check_split(name, member, header.feature_dim, len(header.class_names))
     return header
+
+
+def _declared_bytes(group: h5py.Group) -> int:
+    """What a split's datasets declare, uncompressed (a variable-length text counts its 8-byte reference only)."""
+    return sum(int(ds.size) * ds.dtype.itemsize for ds in group.values() if isinstance(ds, h5py.Dataset))
 
 
 def _show(value) -> str:
@@ -453,6 +487,8 @@ def _checked_attrs(attrs) -> dict:
             raise Damaged(f"is damaged: the root attribute {key!r} is not a JSON {'object' if kind is dict else 'list'}")
     if not found["class_names"] or not all(isinstance(c, str) for c in found["class_names"]):
         raise Damaged("is damaged: class_names is not a non-empty list of names")
+    if len(set(found["class_names"])) < len(found["class_names"]):
+        raise Damaged("is damaged: class_names names a class twice")
     return found
 
 
@@ -482,9 +518,39 @@ def _check_split(split: str, g: h5py.Group, dim: int, n_classes: int) -> None:
     labels = g["labels"][:]
     if labels.dtype.kind not in "iu" or (n and (labels.min() < 0 or labels.max() >= n_classes)):
         raise Damaged(f"is damaged: {split}/labels are not indices into the {n_classes} class names")
+    _check_digests(split, g["sha256"])
+    _check_paths(split, g["paths"])
     failed = g["failed"]
     if failed.ndim != 1 or failed.dtype.names is None or set(FAILED_DTYPE.names) - set(failed.dtype.names):
         raise Damaged(f"is damaged: {split}/failed is not a table of ({', '.join(FAILED_DTYPE.names)})")
+
+
+_HEX = np.zeros(256, bool)
+_HEX[np.frombuffer(b"0123456789abcdef", np.uint8)] = True
+
+
+def _check_digests(split: str, ds: h5py.Dataset) -> None:
+    """64 lowercase hex digits each: what the next extract compares a file's bytes with."""
+    if ds.dtype != np.dtype("S64"):
+        raise Damaged(f"is damaged: {split}/sha256 is {ds.dtype}, expected 64-byte ASCII digests")
+    digits = ds[:].view(np.uint8).reshape(-1, 64) if ds.shape[0] else np.zeros((0, 64), np.uint8)
+    bad = np.flatnonzero(~_HEX[digits].all(1))
+    if len(bad):
+        raise Damaged(f"is damaged: {split}/sha256 row {bad[0]} is not a hex digest")
+
+
+def _check_paths(split: str, ds: h5py.Dataset) -> None:
+    """Relative, without '..', sorted and distinct: rows are written in path order, one per image."""
+    paths = list(ds.asstr(errors="surrogateescape")[:])
+    for i, path in enumerate(paths):
+        if not path or path.startswith("/") or ".." in path.split("/"):
+            raise Damaged(f"is damaged: {split}/paths row {i} ({printable_path(path)}) is not relative to the dataset root")
+        if i and paths[i - 1] >= path:
+            raise Damaged(f"is damaged: {split}/paths are not sorted and distinct (row {i}: {printable_path(path)})")
+
+
+def printable_path(path: str) -> str:
+    return files.printable(repr(path))[:120]
 
 
 def read_header(path: Path) -> Header:

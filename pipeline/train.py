@@ -50,6 +50,7 @@ def load_data(cfg: TrainConfig, cache: store.Cache, plan: LoadPlan, pool: str | 
     read = _rows if plan.streamed else _split
     split = lambda name, need_classes=True: read(cache, name, need_classes, pool)
     (X, y), k = split(cfg.train_split), plan.views_per_image
+    _check_every_class_trains(cfg, cache, y)
     views = cache.read_views(cfg.train_split, pool).reshape(len(y), k, -1) if k else None
     held = None
     if cfg.val_split in cache.splits:
@@ -91,6 +92,21 @@ def _check_rows(cache: store.Cache, name: str, labels: np.ndarray, need_classes:
     if need_classes and len(np.unique(labels)) < 2:
         only = cache.header.class_names[int(labels[0])]
         raise UserError(f"split {name!r} of {cache.path} has one class only ({only!r}): a classifier needs at least two")
+
+
+def _check_every_class_trains(cfg: TrainConfig, cache: store.Cache, labels: np.ndarray) -> None:
+    """A class without a training row cannot be learned (and would be scored with recall 0): refused, naming its
+    failed training files, which are the usual cause (every image of a class folder unreadable)."""
+    names = cache.header.class_names
+    missing = [names[i] for i in sorted(set(range(len(names))) - set(np.unique(labels).tolist()))]
+    if not missing:
+        return
+    failed = [r for r in cache.records() if r.split == cfg.train_split and not r.ok and r.view is None]
+    shown = "; ".join(f"{store.shown(r.path)}: {r.reason}" for r in failed[:3]) + ("; ..." if len(failed) > 3 else "")
+    because = f" ({len(failed)} images of {cfg.train_split!r} failed: {shown})" if failed else ""
+    raise UserError(f"class {missing[0]!r} has no row in {cfg.train_split!r} of {cache.path}{because}: a head cannot "
+                    "learn it; fix or remove its images and extract again" + (
+                        f" (classes without rows: {', '.join(map(repr, missing))})" if len(missing) > 1 else ""))
 
 
 def _split(cache: store.Cache, name: str, need_classes: bool, pool: str | None) -> tuple[np.ndarray, np.ndarray]:

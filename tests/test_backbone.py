@@ -68,11 +68,13 @@ class NotATensor:
 
 
 @pytest.mark.parametrize("content, reason", [
-    (b"junk", "not a loadable torch state dict (error: unpack requires a buffer of 4 bytes)"),
-    (b"", "not a loadable torch state dict (EOFError: the file is empty or truncated)"),
+    (b"junk", "not a loadable torch state dict (it is not a torch file (torch.save writes a zip archive))"),
+    (b"hello, a text file\n", "not a loadable torch state dict (it is not a torch file (torch.save writes a zip archive))"),
+    (b"{\"a\": 1}", "not a loadable torch state dict (it is not a torch file (torch.save writes a zip archive))"),
+    (b"", "not a loadable torch state dict (the file is empty)"),
     ({"features.0.weight": np.zeros(3)}, "it is not a plain state dict of tensors: a file holding other pickled Python objects is never loaded"),
     ({"features.0.weight": NotATensor()}, "it is not a plain state dict of tensors: a file holding other pickled Python objects is never loaded"),
-], ids=["junk", "empty", "numpy-array", "custom-object"])
+], ids=["junk", "text", "json", "empty", "numpy-array", "custom-object"])
 def test_an_unloadable_weights_file_is_one_line_without_torchs_advice(tmp_path, content, reason):
     path = tmp_path / "w.pth"
     if isinstance(content, bytes):

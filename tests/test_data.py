@@ -53,7 +53,13 @@ def test_manifest_without_header_is_split_all(tmp_path):
     ("a.jpg,x\na.jpg,y\n", "a.jpg is already listed on line 1"),
     ("path,label\n", "lists no images"),
     ("a.jpg,x,train\nb.jpg,z,val\n", "class 'z' in split 'val' is not a class of 'train'"),
-])
+    ("a.jpg,x,train\nb.jpg,x,.\n", "line 2: split '.' is not a name"),
+    ("a.jpg,x,train\nb.jpg,x,..\n", "line 2: split '..' is not a name"),
+    ("a.jpg,x,a/b\n", "line 1: split 'a/b' contains '/'"),
+    ("a.jpg,x,../x\n", "line 1: split '../x' contains '/'"),
+    ("a.jpg,x,tr\x07ain\n", "contains a control character"),
+], ids=["short-row", "long-row", "empty-label", "absolute", "repeated", "header-only", "unknown-class", "split-dot",
+        "split-dotdot", "split-slash", "split-parent", "split-control"])
 def test_malformed_manifest_is_a_user_error(tmp_path, text, message):
     (tmp_path / "m.csv").write_text(text)
     with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")):

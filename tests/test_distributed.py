@@ -109,7 +109,8 @@ def test_kill_9_of_one_rank_then_resume_with_one_process_then_with_two(dataset, 
                          and rank_pid(proc.pid, 1))
     code, err = run_and_kill([*TORCHRUN, *args(data, out)], partial, busy)
     assert code != 0 and not out.exists() and list(partial.glob("rank*-0*.json"))  # the job stopped, work was kept
-    assert "rank 0 of 2: interrupted:" in err and "images are saved in" in err  # the survivor commits and says so
+    assert "rank 0 of 2: interrupted by SIGTERM:" in err and "images are saved in" in err  # the survivor commits
+    assert "Exception ignored" not in err and "[rank0]: Traceback" not in err  # ... and says so, in one line
     assert "rank      : 1 (local_rank: 1)" in err and "SIGKILL" in err  # torchrun names the rank that died
     done = single(data, out)
     assert done.returncode == 0, done.stderr

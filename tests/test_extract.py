@@ -382,3 +382,79 @@ def test_features_that_overflow_float16_are_recorded_as_failures_not_stored(imag
     s = extract(extract_config(image_folder, tmp_path / "f.h5", batch_size=6))
     assert [r.reason for r in s.failed] == ["features are not finite in float16 (over its range: try --dtype float32)"] * 3
     assert np.isfinite(store.read_split(tmp_path / "f.h5", "train").features).all()
+
+
+def test_verify_extracts_non_finite_rows_again(image_folder, tmp_path):
+    """A row holding NaN is refused by every reader ("repair it with extract --verify"); a plain extract trusts sizes
+    and mtimes and reads no feature, so --verify, which reads every row, finds it and extracts it again."""
+    out = extract(extract_config(image_folder, tmp_path / "f.h5")).out
+    clean = store.read_split(out, "train").features.copy()
+    with h5py.File(out, "a") as f:
+        f["train/features"][2, 0] = np.nan
+    with pytest.raises(UserError, match=r"1 rows of train/features are not finite \(NaN or inf\); repair it with "
+                                        r"extract --verify"):
+        store.read_split(out, "train")
+    s = extract(extract_config(image_folder, out, verify=True))
+    assert not s.up_to_date and s.extracted == 1
+    np.testing.assert_array_equal(store.read_split(out, "train").features, clean)
+    assert extract(extract_config(image_folder, out, verify=True)).up_to_date
+
+
+def test_a_cache_whose_fingerprint_was_edited_is_not_overwritten(image_folder, tmp_path):
+    out = extract(extract_config(image_folder, tmp_path / "f.h5")).out
+    with h5py.File(out, "a") as f:
+        f.attrs["fingerprint"] = "000000000000"
+    with pytest.raises(UserError, match=r"holds features of extractor config 000000000000, this run's is \w+ \(the "
+                                        r"same config under another fingerprint: the file was edited\); use another"):
+        extract(extract_config(image_folder, out))
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _extract_args(data, out, workers: int) -> list[str]:
+    return [str(data), "--out", str(out), "--weights", "none", "--image-size", "48", "--batch-size", "2",
+            "--workers", str(workers), "--precision", "fp32"]
+
+
+def test_sigterm_to_the_process_group_exits_143_saying_what_is_saved(tmp_path):
+    """What a scheduler or `docker stop` sends: the batches embedded so far are committed, one line, exit 143; the
+    decode workers ignore it and are shut down by the main process (no DataLoader traceback)."""
+    data = make_image_folder(tmp_path / "data", {"train": 24}, size=(48, 40))
+    out = tmp_path / "f.h5"
+    proc = subprocess.Popen(CLI + _extract_args(data, out, 1), env=dict(os.environ, VGGCACHE_COMMIT_EVERY_S="0"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 60
+    while proc.poll() is None and not list(Path(f"{out}.partial").glob("*-0*.json")) and time.time() < deadline:
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGTERM)
+    output = "".join(proc.communicate(timeout=60))
+    assert proc.returncode == 143, output
+    assert "interrupted by SIGTERM:" in output and "rerun the same command to resume" in output
+    assert "Traceback" not in output and "Exception ignored" not in output
+    assert extract(extract_config(data, out, image_size=48)).resumed > 0
+
+
+def test_a_decode_worker_killed_by_the_oom_killer_ends_like_an_interruption(tmp_path):
+    data = make_image_folder(tmp_path / "data", {"train": 60}, size=(48, 40))
+    out = tmp_path / "f.h5"
+    args = _extract_args(data, out, 1)
+    args[args.index("--batch-size") + 1] = "1"  # the worker runs 4 images ahead: alive until the end
+    proc = subprocess.Popen(CLI + args, env=dict(os.environ, VGGCACHE_COMMIT_EVERY_S="0"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
+    deadline = time.time() + 60
+    while proc.poll() is None and time.time() < deadline:
+        if list(Path(f"{out}.partial").glob("*-0*.json")) and _children(proc.pid):
+            os.kill(_children(proc.pid)[0], signal.SIGKILL)  # as the OOM killer does
+            break
+        time.sleep(0.005)
+    output = "".join(proc.communicate(timeout=60))
+    assert proc.returncode == 75, output
+    assert "interrupted: a decode worker died (" in output and "images are saved in" in output
+    assert "Traceback" not in output
+    s = extract(extract_config(data, out, image_size=48))
+    assert s.resumed > 0 and len(store.read_split(out, "train").paths) == 180

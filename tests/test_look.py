@@ -107,6 +107,23 @@ def test_drift_verdict_on_the_same_and_on_a_shifted_distribution():
     assert not same and moved and "do NOT look like the training data" in line
 
 
+@pytest.mark.parametrize("n_new, drifted, says", [
+    (1, False, "too few images to tell (1; need at least 3 against 300 validation images)"),
+    (2, False, "too few images to tell (2; need at least 3 against 300 validation images)"),
+    (3, True, "3 new images do NOT look like the training data"),
+], ids=["one", "two", "three"])
+def test_a_drift_verdict_needs_enough_images_to_decide(n_new, drifted, says):
+    """On one or two images the KS critical value is above 1, the largest distance: no verdict can be reached, so
+    none is given; from three images on, images far from everything are called drift."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((600, 16)) + np.repeat(np.eye(16)[:2] * 4, 300, axis=0)
+    y = np.repeat([0, 1], 300)
+    ref = drift.reference(X[::2], y[::2], X[1::2], np.full(300, 0.9), 2)
+    far = np.full((n_new, 16), 40.0)
+    verdict, line = drift.verdict(ref, drift.distances(far, ref["mean"], ref["centroids"]), np.full(n_new, 0.5))
+    assert verdict == drifted and says in line
+
+
 def test_predict_report_writes_one_line_and_a_png(trained, tmp_path, caplog):
     data, _, run = trained
     caplog.set_level(logging.INFO)

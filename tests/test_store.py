@@ -154,6 +154,18 @@ def _add_root_dataset(f):
     f["stray"] = [1, 2, 3]
 
 
+def _set_paths(*paths):
+    def damage(f):
+        f["train/paths"][...] = np.array([p.encode() for p in paths], dtype=object)
+    return damage
+
+
+def _set_digest(value):
+    def damage(f):
+        f["train/sha256"][0] = value
+    return damage
+
+
 def _short_labels(f):
     del f["train/labels"]
     f["train/labels"] = np.array([0], dtype="<i8")
@@ -176,8 +188,15 @@ def _label_out_of_range(f):
     (_add_root_dataset, "unexpected dataset /stray at the root"),
     (_short_labels, "train/labels has shape (1,), expected (2,)"),
     (_label_out_of_range, "train/labels are not indices into the 2 class names"),
+    (_set_attr("class_names", '["ant", "ant"]'), "class_names names a class twice"),
+    (_set_paths("/etc/a.jpg", "b.jpg"), "train/paths row 0 ('/etc/a.jpg') is not relative to the dataset root"),
+    (_set_paths("a.jpg", "x/../../b.jpg"), "train/paths row 1 ('x/../../b.jpg') is not relative to the dataset root"),
+    (_set_paths("b.jpg", "a.jpg"), "train/paths are not sorted and distinct (row 1: 'a.jpg')"),
+    (_set_paths("a.jpg", "a.jpg"), "train/paths are not sorted and distinct (row 1: 'a.jpg')"),
+    (_set_digest(b"z" * 64), "train/sha256 row 0 is not a hex digest"),
 ], ids=["no-paths", "no-failed", "no-features", "no-config", "no-fingerprint", "config-not-json", "no-classes",
-        "schema-version-text", "dim-mismatch", "root-dataset", "short-column", "label-range"])
+        "schema-version-text", "dim-mismatch", "root-dataset", "short-column", "label-range", "class-twice",
+        "absolute-path", "parent-path", "unsorted-paths", "repeated-path", "digest-not-hex"])
 def test_a_damaged_cache_is_one_line_naming_what_is_wrong(tmp_path, damage, message):
     write_example(tmp_path / "c.h5")
     with h5py.File(tmp_path / "c.h5", "a") as f:
@@ -222,6 +241,21 @@ def test_informational_attributes_of_the_wrong_type_are_read_as_absent_and_kept_
     assert store.describe(tmp_path / "c.h5").to_json()[key] == value
 
 
+@pytest.mark.parametrize("rows", [10**9, 10**10], ids=["1e9", "1e10"])
+def test_a_cache_declaring_more_rows_than_its_bytes_is_refused_before_anything_is_read(tmp_path, rows):
+    """Chunked datasets are allocated lazily: a small file can declare 10^10 consistent rows. Refused from the sizes
+    alone, before a label is read (reading them would allocate the declared array)."""
+    write_example(tmp_path / "c.h5")
+    with h5py.File(tmp_path / "c.h5", "a") as f:
+        g = f["train"]
+        for name in ("features", "labels", "paths", "sizes", "mtimes_ns", "sha256"):
+            dtype, shape = g[name].dtype, (rows,) + g[name].shape[1:]
+            del g[name]
+            g.create_dataset(name, shape, dtype=store.STR if name == "paths" else dtype, chunks=(1024,) + shape[1:])
+    with pytest.raises(store.Damaged, match=r"is damaged: its splits declare [0-9.]+ [GT]B of data in a file of [0-9.]+ KB"):
+        store.read_header(tmp_path / "c.h5")
+
+
 def test_foreign_corrupt_missing_and_newer_files_are_refused(tmp_path):
     with pytest.raises(UserError, match="feature file not found"):
         store.read_header(tmp_path / "none.h5")
@@ -251,7 +285,7 @@ def _nan_feature(f):
 
 
 @pytest.mark.parametrize("damage, read, message", [
-    (_hash_not_ascii, store.read_records, "split 'train' cannot be read ("),
+    (_hash_not_ascii, store.read_records, "train/sha256 row 0 is not a hex digest"),
     (_nan_feature, lambda p: store.read_split(p, "train"), "1 rows of train/features are not finite (NaN or inf)"),
 ], ids=["hash-bytes", "nan"])
 def test_damaged_values_are_one_line_when_read(tmp_path, damage, read, message):

@@ -331,3 +331,15 @@ def test_the_choice_record_keeps_its_form(tmp_path, kind, chosen):
     assert all(set(row) == {"pool", "val_accuracy", "val_log_loss", "params", "fit_seconds"} for row in info["sweep"])
     assert info["head"]["params"] in [row["params"] for row in info["sweep"]]
     assert set(info["head"]["chosen"]) - {"pool"} <= set(info["head"]["params"])
+
+
+def test_a_class_without_training_rows_is_refused_naming_its_failed_files(image_folder, tmp_path):
+    from conftest import extract_config
+    from pipeline.extract import extract
+
+    for image in (image_folder / "train" / "circle").iterdir():
+        image.write_bytes(b"not an image")
+    out = extract(extract_config(image_folder, tmp_path / "f.h5")).out
+    with pytest.raises(UserError, match=r"class 'circle' has no row in 'train' of .*\(4 images of 'train' failed: "
+                                        r"train/circle/\S+\.jpg: .*: a head cannot learn it"):
+        train_head(TrainConfig(features=out, out=tmp_path / "run"))
