@@ -90,11 +90,15 @@ def _ensure_replaceable(path: Path, option: str, output: Output) -> None:
     elif (path.parent / "run.json").is_file():
         found = "a file of a run folder"
     elif not output.looks_like(head):
-        found = f"not a {output.what}"
+        found = f"not {_a(output.what)}"
     else:
         return
-    raise UserError(f"{option} {path} exists and is {found}: this command writes a {output.what}; choose another "
+    raise UserError(f"{option} {path} exists and is {found}: this command writes {_a(output.what)}; choose another "
                     "file, or pass --force to replace it")
+
+
+def _a(what: str) -> str:
+    return f"{'an' if what[0].lower() in 'aeiou' else 'a'} {what}"
 
 
 def ensure_free_space(folder: Path, need_bytes: int, what: str) -> None:

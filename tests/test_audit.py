@@ -132,11 +132,15 @@ def test_info_and_train_head_say_when_copies_cross_splits(images_with_copies, tm
     (["--neighbours", "0"], "--neighbours 0 is not valid (expected an integer in [1, 1000])"),
     (["--out", "{tmp}"], "is a folder"),
     (["--out", "{tmp}/c.h5"], "would overwrite"),
-], ids=["threshold", "neighbours", "out-is-a-folder", "out-is-the-cache"])
+    (["--out", "{tmp}/nowhere/a.csv"], "the folder {tmp}/nowhere does not exist"),
+    (["--out", "{tmp}/notes.txt"], "exists and is not an audit CSV"),
+], ids=["threshold", "neighbours", "out-is-a-folder", "out-is-the-cache", "missing-folder", "another-file"])
 def test_bad_audit_options_are_one_line_and_exit_2(planted, tmp_path, args, message):
+    (tmp_path / "notes.txt").write_text("mine")
     args = [a.format(tmp=tmp_path) for a in args]
     r = subprocess.run(CLI + ["audit", str(planted), *args], capture_output=True, text=True)
-    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and message.format(tmp=tmp_path) in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "nowhere").exists() and (tmp_path / "notes.txt").read_text() == "mine"
 
 
 def test_a_name_with_a_newline_stays_on_one_line_and_neighbours_are_at_most_the_others(tmp_path):

@@ -138,7 +138,7 @@ def test_job_array_parts_then_a_plain_extract(dataset, tmp_path, monkeypatch):
     assert extract(extract_config(data, out, image_size=64, precision="fp32")).up_to_date
 
 
-@pytest.mark.parametrize("shard", ["3/2", "0/0", "2/2", "a/b", "1", "-1/2"])
+@pytest.mark.parametrize("shard", ["3/2", "0/0", "2/2", "a/b", "1", "-1/2", " 0/2", "0 /2"])
 def test_a_bad_shard_is_one_line(dataset, shard):
     from typer.testing import CliRunner
 

@@ -1,9 +1,11 @@
 """Pictures to look at: errors.png and errors.csv in every run, the embedding map, and predict --report (drift)."""
 
 import csv
+import shutil
 import logging
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -143,23 +145,58 @@ def test_predict_report_without_a_reference_is_refused_up_front(trained, tmp_pat
         (tmp_path / "kept.npz").rename(run.folder / drift.REFERENCE_FILE)
 
 
-@pytest.mark.parametrize("out, message", [("m.csv", "a file name ending in .png, .svg or .pdf"),
-                                          ("{run}/m.png", "would overwrite")], ids=["not-a-picture", "in-the-run"])
+@pytest.mark.parametrize("out, message", [
+    ("m.csv", "--out 'OUT' is not valid (expected a file name ending in .png, .svg or .pdf)"),
+    ("{run}/m.png", "would overwrite"),
+    ("nowhere/m.png", "--out OUT: the folder"),
+    ("cache.png", "exists and is an HDF5 file (a feature cache?): this command writes a PNG, SVG or PDF picture"),
+    ("notes.png", "exists and is not a PNG, SVG or PDF picture"),
+], ids=["not-a-picture", "in-the-run", "missing-folder", "a-cache", "another-file"])
 def test_map_refuses_an_out_it_cannot_or_must_not_write(trained, tmp_path, out, message):
     _, cache, run = trained
     target = out.format(run=run.folder) if "{" in out else str(tmp_path / out)
+    if out == "cache.png":
+        shutil.copy(cache, target)
+    if out == "notes.png":
+        Path(target).write_text("my notes")
     r = subprocess.run(CLI + ["map", str(cache), "--run", str(run.folder), "--out", target], capture_output=True, text=True)
-    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and message.replace("OUT", target) in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and (out != "notes.png" or Path(target).read_text() == "my notes")
 
 
-def test_a_damaged_reference_is_one_line(trained, tmp_path):
+def test_predict_never_writes_over_a_feature_cache(trained, tmp_path):
+    data, cache, run = trained
+    target = tmp_path / "copy.h5"
+    shutil.copy(cache, target)
+    with pytest.raises(UserError, match="exists and is an HDF5 file .*: this command writes a predictions CSV; choose "
+                                        "another file, or pass --force to replace it"):
+        predict(PredictConfig(run=run.folder, images=(data / "test",), out=target))
+    assert target.read_bytes() == Path(cache).read_bytes()
+    predict(PredictConfig(run=run.folder, images=(data / "test",), out=tmp_path / "p.csv"))
+    predict(PredictConfig(run=run.folder, images=(data / "test",), out=tmp_path / "p.csv"))  # its own CSV: replaced
+
+
+def _pickled(path: Path) -> None:
+    np.save(path, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    Path(f"{path}.npy").replace(path)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p, elsewhere: p.write_bytes(b"junk"), r"reference.npz is damaged \(.*\); retrain the run"),
+    (lambda p, elsewhere: _pickled(p), r"reference.npz is damaged \(it is not a numpy archive of plain arrays\); "
+                                       r"retrain the run"),
+    (lambda p, elsewhere: p.symlink_to(elsewhere), "reference.npz is a symbolic link"),
+], ids=["junk", "pickle", "symlink"])
+def test_a_damaged_reference_is_one_line(trained, tmp_path, damage, message):
     data, _, run = trained
     (run.folder / drift.REFERENCE_FILE).rename(tmp_path / "kept.npz")
     try:
-        (run.folder / drift.REFERENCE_FILE).write_bytes(b"junk")
-        with pytest.raises(UserError, match="reference.npz is damaged .*retrain the run"):
+        damage(run.folder / drift.REFERENCE_FILE, tmp_path / "kept.npz")
+        with pytest.raises(UserError, match=message) as caught:
             predict(PredictConfig(run=run.folder, images=(data / "test",), out=tmp_path / "p.csv", report=True))
+        assert "allow_pickle" not in str(caught.value)
     finally:
+        (run.folder / drift.REFERENCE_FILE).unlink(missing_ok=True)
         (tmp_path / "kept.npz").replace(run.folder / drift.REFERENCE_FILE)
 
 
