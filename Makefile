@@ -36,8 +36,8 @@ demo: $(STAMP)  ## Generate a small dataset and run the whole job on it (offline
 	$(PY) -m pipeline train-head features/demo.h5 --head logreg --out models/demo-logreg-$$(date +%Y%m%d-%H%M%S)
 	$(PY) -m pipeline evaluate $$(ls -d models/demo-logreg-* | tail -1) --split test
 
-test: $(STAMP)  ## Run the test suite
-	$(PY) -m pytest -q
+test: $(STAMP)  ## Run the test suite (two processes of one thread each: ~3 minutes on 2 cores)
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 extract: $(STAMP)  ## Extract features: make extract DATA=path [WEIGHTS=imagenet|none|file.pth] [OUT=file.h5] [GPUS=n] [ARGS=...]
 	@test -n "$(DATA)" || { echo "usage: make extract DATA=path [WEIGHTS=...] [OUT=...] [GPUS=n] [ARGS=...]" >&2; exit 2; }

@@ -66,7 +66,7 @@ def ensure_writable_file(path: Path, option: str, inputs: tuple = (), output: Ou
     for given in map(Path, inputs):
         if path.resolve() == given.resolve() or (given.is_dir() and given.resolve() in path.resolve().parents):
             raise UserError(f"{option} {path} would overwrite {given}, which this command reads: choose another file")
-    if output is not None and not path.parent.is_dir():  # a report goes into a folder that exists (a cache's folder,
+    if output is not None and not path.parent.exists():  # a report goes into a folder that exists (a cache's folder,
         raise UserError(f"{option} {path}: the folder {path.parent} does not exist")  # features/, is made for it)
     if output is not None and path.exists() and not force:
         _ensure_replaceable(path, option, output)

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+if "PYTEST_XDIST_WORKER" in os.environ:  # `make test` runs two test processes: one thread each, not two fighting
+    for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):  # over 2 cores (set before numpy
+        os.environ.setdefault(_name, "1")  # and torch load: their thread pools read these once)
+
 import signal
 from pathlib import Path
 
