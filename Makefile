@@ -16,7 +16,7 @@ FEATURES ?=
 HEAD ?= logreg
 GPUS ?=
 
-.PHONY: help install demo test extract info train-head evaluate predict runs bench clean
+.PHONY: help install demo test extract info train-head evaluate predict export serve runs bench clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
@@ -58,6 +58,14 @@ evaluate: $(STAMP)  ## Score a run: make evaluate RUN=models/NAME [ARGS="--featu
 predict: $(STAMP)  ## Predict images: make predict RUN=models/NAME IMAGES="a.jpg folder/" [ARGS="--out p.csv"]
 	@test -n "$(RUN)" -a -n "$(IMAGES)" || { echo "usage: make predict RUN=models/NAME IMAGES=... [ARGS=...]" >&2; exit 2; }
 	$(PY) -m pipeline predict "$(RUN)" $(IMAGES) $(ARGS)
+
+export: $(STAMP)  ## Export a run as one model file: make export RUN=models/NAME [ARGS="--format torchscript --out f.pt"]
+	@test -n "$(RUN)" || { echo "usage: make export RUN=models/NAME [ARGS=...]" >&2; exit 2; }
+	$(PY) -m pipeline export "$(RUN)" $(ARGS)
+
+serve: $(STAMP)  ## Serve a run over HTTP on 127.0.0.1:8000: make serve RUN=models/NAME [ARGS="--port 9000"]
+	@test -n "$(RUN)" || { echo "usage: make serve RUN=models/NAME [ARGS=...]" >&2; exit 2; }
+	$(PY) -m pipeline serve "$(RUN)" $(ARGS)
 
 runs: $(STAMP)  ## Compare every saved run under models/
 	$(PY) -m pipeline runs models $(ARGS)

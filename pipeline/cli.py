@@ -16,7 +16,7 @@ from typing import Optional
 import typer
 from typer.core import TyperGroup
 
-from pipeline.config import VGG16_CHANNELS, VIEWS, AuditConfig, EvaluateConfig, MapConfig, ExtractConfig, HeadConfig, PredictConfig, TrainConfig, flip_option, scales_option
+from pipeline.config import VGG16_CHANNELS, VIEWS, AuditConfig, EvaluateConfig, MapConfig, ExtractConfig, HeadConfig, PredictConfig, ServeConfig, TrainConfig
 from pipeline.errors import Interrupted, UserError
 from pipeline.files import human_bytes, printable
 from pipeline.heads import HEADS
@@ -110,11 +110,12 @@ def extract(
 
     Under torchrun (`torchrun --nproc-per-node G -m pipeline extract ...`) every rank takes its part and rank 0
     writes the cache."""
-    from pipeline.extract import extract as run_extract
+    from pipeline import api
 
-    s = run_extract(ExtractConfig(data=data, out=out, weights=weights, pool=pool, image_size=image_size, layer=layer, flip=flip_option(views),
-                                  scales=scales_option(scales), augment=augment, augment_seed=augment_seed, batch_size=batch_size, workers=workers, device=device, precision=precision,
-                                  dtype=dtype, decode=decode, force=force, verify=verify, shard=shard))
+    s = api.extract(data, out=out, weights=weights, pool=pool, image_size=image_size, layer=layer, views=views,
+                    scales=scales, augment=augment, augment_seed=augment_seed, batch_size=batch_size, workers=workers,
+                    device=device, precision=precision, dtype=dtype, decode=decode, force=force, verify=verify,
+                    shard=shard)
     if not s.wrote_cache:
         if s.remaining:  # a part of a job array; a rank other than 0 prints nothing but its progress
             _echo(f"{s.worker}: extracted {s.extracted} images; {s.remaining} images of other parts remain: the last "
@@ -205,16 +206,15 @@ def train_head(
     stream: bool = typer.Option(False, "--stream", help="Stream the features from the file whatever their size (linear head)."),
 ):
     """Train a head on cached features, choose its hyperparameters on validation, save and report it."""
+    from pipeline import api
     from pipeline.metrics import format_metrics
-    from pipeline.train import train_head as run_train
 
-    head_cfg = HeadConfig(kind=head, C=C, k=k, norm=norm, hidden=hidden, dropout=dropout, lr=lr, weight_decay=weight_decay, epochs=epochs,
-                          batch_size=batch_size, patience=patience, validation_fraction=early_stop_fraction,
-                          freeze_convs=freeze_convs, weights=weights, solver=solver,
-                          seed=seed, device=device)
-    run = run_train(TrainConfig(features=features, out=out, train_split=train_split, val_split=val_split,
-                                test_split=test_split, val_fraction=val_fraction, memory_budget=memory_budget,
-                                stream=stream, pool=pool, refit=refit, views=views, head=head_cfg))
+    run = api.train_head(features, out=out, train_split=train_split, val_split=val_split, test_split=test_split,
+                         val_fraction=val_fraction, memory_budget=memory_budget, stream=stream, pool=pool, refit=refit,
+                         views=views, head=head, C=C, k=k, norm=norm, hidden=hidden, dropout=dropout, lr=lr,
+                         weight_decay=weight_decay, epochs=epochs, batch_size=batch_size, patience=patience,
+                         early_stop_fraction=early_stop_fraction, freeze_convs=freeze_convs, weights=weights,
+                         solver=solver, seed=seed, device=device)
     for split, m in run.metrics.items():
         _echo(format_metrics(m, f"{run.folder.name} on {split}") + "\n")
     from pipeline.runs import describe_chosen
@@ -264,6 +264,38 @@ def predict(run: Path = typer.Argument(..., help="A run folder made by train-hea
     if out:
         failed = sum(bool(r["error"]) for r in rows)
         _echo(f"wrote {out}: {len(rows)} images, {failed} unreadable")
+
+
+@app.command()
+@_user_errors
+def export(run: Path = typer.Argument(..., help="A run folder made by train-head."),
+           format: str = typer.Option("onnx", "--format", help="onnx (run by onnxruntime) or torchscript (torch.jit.load)."),
+           out: Optional[Path] = typer.Option(None, help="File to write (default: beside the run folder, RUN.onnx or RUN.pt)."),
+           weights: Optional[str] = typer.Option(None, help="The weights file, if the run's has moved (checked by sha256)."),
+           force: bool = typer.Option(False, "--force", help="Replace --out even if it is not a model file of that format.")):
+    """Write a run as one self-contained model file: uint8 images (N, 3, S, S) in, class probabilities out."""
+    from pipeline.export import export as run_export
+
+    e = run_export(run, format, out, weights, force)
+    _echo(f"wrote {e.path}: {e.format}, {human_bytes(e.bytes)}; input uint8 RGB (N, 3, {e.crop_size}, {e.crop_size}) "
+          f"(resize and centre-crop as extract: pipeline.preprocess), output probabilities of {', '.join(e.classes)}")
+
+
+@app.command()
+@_user_errors
+def serve(run: Path = typer.Argument(..., help="A run folder made by train-head."),
+          host: str = typer.Option(ServeConfig.host, help="Address to bind (default: this machine only; no authentication, no TLS)."),
+          port: int = typer.Option(ServeConfig.port, help="Port."),
+          workers: int = typer.Option(ServeConfig.workers, help="Worker processes, each with the run loaded."),
+          max_request_mb: float = typer.Option(ServeConfig.max_request_mb, help="Largest request body accepted (413 above)."),
+          top_k: int = typer.Option(ServeConfig.top_k, help="Classes listed per image."),
+          weights: Optional[str] = typer.Option(None, help="The weights file, if the run's has moved (checked by sha256)."),
+          device: str = typer.Option(ServeConfig.device, help="auto, cpu, cuda or mps.")):
+    """Serve a run over HTTP: POST /predict (multipart image files) -> JSON; GET /health, GET /info."""
+    from pipeline.serve import serve as run_serve
+
+    run_serve(ServeConfig(run=str(run), host=host, port=port, workers=workers, max_request_mb=max_request_mb,
+                          top_k=top_k, weights=weights, device=device))
 
 
 @app.command()

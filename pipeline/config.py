@@ -502,6 +502,26 @@ class PredictConfig:
 
 
 @dataclass(frozen=True)
+class ServeConfig:
+    """What `pipeline serve` was asked to do (see serve.py)."""
+
+    run: str
+    host: str = "127.0.0.1"  # localhost only: no authentication, no TLS (put it behind a proxy for more)
+    port: int = 8000
+    workers: int = 1  # uvicorn worker processes, each with the run loaded
+    max_request_mb: float = 32.0
+    top_k: int = 3
+    weights: str | None = None  # the weights file, when the run's features came from one and it has moved
+    device: str = "auto"
+
+    PARAMS = {"port": Interval(int, 1, 65535), "workers": Interval(int, 1, 64), "top_k": Interval(int, 1, 1 << 20),
+              "max_request_mb": Interval(float, 0, 4096, open_low=True), "device": OneOf(DEVICES)}
+
+    def __post_init__(self):
+        validate(self)
+
+
+@dataclass(frozen=True)
 class EvaluateConfig:
     run: Path
     features: Path | None = None  # None: the cache the run was trained on

@@ -295,6 +295,12 @@ class LogRegHead(Head):
             return np.stack([1 - p, p], axis=1)
         return _softmax(z)
 
+    def as_module(self):
+        """predict_proba as a torch module (float32), for `pipeline export`."""
+        check_is_fitted(self)
+        weights = self.coef_ / self.scale_
+        return _TorchHead("logreg", self.norm, [(weights, self.intercept_ - weights @ self.mean_)])
+
     def to_arrays(self) -> dict[str, np.ndarray]:
         return {"mean": self.mean_, "scale": self.scale_, "coef": self.coef_, "intercept": self.intercept_,
                 "n_iter": np.array(self.n_iter_), "converged": np.array(self.converged_)}
@@ -436,6 +442,13 @@ class LinearHead(Head):
     def predict_proba(self, X) -> np.ndarray:
         return _softmax(self._logits(X))
 
+    def as_module(self):
+        """predict_proba as a torch module (float32), for `pipeline export`."""
+        check_is_fitted(self)
+        first_w, first_b = self.layers_[0]  # the standardisation folded into the first layer
+        folded = [(first_w / self.scale_, first_b - (first_w / self.scale_) @ self.mean_), *self.layers_[1:]]
+        return _TorchHead("linear", self.norm, folded)
+
     def to_arrays(self) -> dict[str, np.ndarray]:
         out = {"mean": self.mean_, "scale": self.scale_, "n_iter": np.array(self.n_iter_),
                "best_epoch": np.array(self.best_epoch_), "best_val_loss": np.array(self.best_val_loss_)}
@@ -491,6 +504,12 @@ class KnnHead(Head):
             np.add.at(block, (np.arange(len(sims))[:, None], self.train_labels_[top]), weights)
         return proba / proba.sum(1, keepdims=True)
 
+    def as_module(self):
+        """predict_proba as a torch module, for `pipeline export`: it carries the training rows (float64, as here)."""
+        check_is_fitted(self)
+        return _TorchKnn(self.norm, self.mean_, self.scale_, self.train_, self.train_labels_, len(self.classes_),
+                         min(int(self.k), len(self.train_)), self.temperature)
+
     def to_arrays(self) -> dict[str, np.ndarray]:
         return {"mean": self.mean_, "scale": self.scale_, "train": self.train_.astype(np.float32),
                 "train_labels": self.train_labels_}
@@ -507,6 +526,67 @@ class KnnHead(Head):
         if n < 1 or labels.dtype.kind not in "iu" or labels.min() < 0 or labels.max() >= k:
             raise ValueError(f"'train_labels' are not {n} indices into the {k} classes")
         self.train_labels_ = labels.astype(np.int64)
+
+
+def _torch_row_normalised(x, norm: str):
+    """row_normalised in torch (the exported model's)."""
+    import torch
+
+    if norm == "power":
+        x = torch.sign(x) * torch.sqrt(torch.abs(x))
+    if norm in ("l2", "power"):
+        x = x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp(min=1e-12)
+    return x
+
+
+def _TorchHead(kind: str, norm: str, layers):
+    """A logreg or linear head as a torch module: affine layers (ReLU between them), softmax (a sigmoid for
+    logreg's one-row binary weights)."""
+    import torch
+
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            for k, (w, b) in enumerate(layers):
+                self.register_buffer(f"w{k}", torch.as_tensor(np.asarray(w, np.float32)))
+                self.register_buffer(f"b{k}", torch.as_tensor(np.asarray(b, np.float32)))
+            self.n = len(layers)
+
+        def forward(self, x):
+            x = _torch_row_normalised(x, norm)
+            for k in range(self.n):
+                x = x @ getattr(self, f"w{k}").T + getattr(self, f"b{k}")
+                if k < self.n - 1:
+                    x = torch.relu(x)
+            if x.shape[1] == 1:  # scikit-learn's binary logistic regression: one row, for the second class
+                p = torch.sigmoid(x)
+                return torch.cat([1 - p, p], dim=1)
+            return torch.softmax(x, dim=1)
+
+    return Head()
+
+
+def _TorchKnn(norm: str, mean, scale, train, train_labels, n_classes: int, k: int, temperature: float):
+    """KnnHead.predict_proba as a torch module, in float64 as there (a neighbour's rank must not change)."""
+    import torch
+
+    class Knn(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("mean", torch.as_tensor(np.asarray(mean, np.float64)))
+            self.register_buffer("scale", torch.as_tensor(np.asarray(scale, np.float64)))
+            self.register_buffer("train", torch.as_tensor(np.asarray(train, np.float64)))
+            self.register_buffer("votes", torch.eye(n_classes, dtype=torch.float64)[torch.as_tensor(train_labels)])
+
+        def forward(self, x):
+            z = (_torch_row_normalised(x, norm).double() - self.mean) / self.scale
+            q = (z / torch.linalg.vector_norm(z, dim=1, keepdim=True).clamp(min=1e-12)).float().double()
+            sims, top = torch.topk(q @ self.train.T, k, dim=1)
+            weights = torch.exp((sims - 1) / temperature)  # (n, k)
+            proba = (weights.unsqueeze(2) * self.votes[top]).sum(1)
+            return (proba / proba.sum(1, keepdim=True)).float()
+
+    return Knn()
 
 
 def _real(arrays: dict, name: str, shape: tuple, positive: bool = False, finite: bool = True) -> np.ndarray:

@@ -126,6 +126,30 @@ class Block5Head(Head):
                 out.append((x @ w[6].T + w[7]).double().numpy())
         return np.concatenate(out) if out else np.empty((0, len(self.classes_)))
 
+    def as_module(self):
+        """predict_proba as a torch module on flattened pool4 rows (block 5, pooling, the classifier), for export."""
+        import torch
+        import torch.nn.functional as F
+
+        check_is_fitted(self)
+        layers, side = self.layers_, _side(self.n_features_in_)
+
+        class Block5(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                for k, (w, b) in enumerate(layers):
+                    self.register_buffer(f"w{k}", torch.as_tensor(np.asarray(w, np.float32)))
+                    self.register_buffer(f"b{k}", torch.as_tensor(np.asarray(b, np.float32)))
+
+            def forward(self, rows):
+                x = rows.reshape(-1, VGG16_CHANNELS, side, side)
+                for k in range(3):
+                    x = F.relu(F.conv2d(x, getattr(self, f"w{k}"), getattr(self, f"b{k}"), padding=1))
+                x = F.max_pool2d(x, 2).mean((2, 3))
+                return torch.softmax(x @ self.w3.T + self.b3, dim=1)
+
+        return Block5()
+
     def to_arrays(self) -> dict[str, np.ndarray]:
         names = ("conv5_1", "conv5_2", "conv5_3", "fc")
         out = {"n_iter": np.array(self.n_iter_), "best_epoch": np.array(self.best_epoch_),

@@ -48,38 +48,65 @@ def precision_for(run: Run, asked: str) -> str:
     return recorded if asked == "auto" and recorded in ("fp32", "bf16") else asked
 
 
-def predict(cfg: PredictConfig) -> list[dict]:
-    """One row per image (predicted class, its probability, the top-k, or the error), written as CSV to cfg.out."""
-    from pipeline.backbone import Extractor, build_body
-    from pipeline.embed import image_batches
-    from pipeline.reader import decoded_images
+class Predictor:
+    """A run ready to predict: its extractor rebuilt (same weights, checked by hash), its head loaded; loaded once
+    by `predict`, the server and the Python API."""
 
+    def __init__(self, run: Run | Path, weights: str | None = None, device: str = "auto", precision: str = "auto"):
+        from pipeline.backbone import Extractor, build_body
+
+        self.run = run if isinstance(run, Run) else load_run(run)
+        self.head, self.fcfg = self.run.load_head(), self.run.feature_config
+        self.extractor = Extractor(build_body(self.fcfg, weights_for(self.run, weights)), device,
+                                   precision_for(self.run, precision))
+        self.pooled = self.run.head_pooling()  # a head trained on a map cache pools the map as it did
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.run.class_names
+
+    def features(self, images) -> np.ndarray:
+        """uint8 images (B, 3, S, S) -> the head's input rows, rounded through the cache's storage dtype (the head
+        was trained on exactly such values) and pooled as the run's head pools a map."""
+        rows = self.extractor(images).astype(self.fcfg.dtype).astype(np.float32)
+        return self.pooled(rows) if self.pooled else rows
+
+    def proba(self, rows: np.ndarray) -> np.ndarray:
+        """Probabilities over every class of the run (0 for a class the head never saw), from its input rows."""
+        return full_proba(self.head, rows, len(self.class_names))
+
+    def batches(self, paths: list[str], batch_size: int = 32, workers: int = 0):
+        """(batch, features) for image files, decoded and preprocessed as extract does."""
+        from pipeline.embed import image_batches
+        from pipeline.reader import decoded_images
+
+        for batch in image_batches("cpu", Path(""), paths, self.fcfg, batch_size, workers, self.extractor.device):
+            ok, images = decoded_images(batch)
+            yield batch, ok, (self.features(images) if ok else None)
+
+
+def predict(cfg: PredictConfig, quiet: bool = False) -> list[dict]:
+    """One row per image (predicted class, its probability, the top-k, or the error), written as CSV to cfg.out
+    (without --out: to standard output, unless `quiet`, as the Python API asks)."""
     run = load_run(cfg.run)
-    head = run.load_head()
-    fcfg = run.feature_config
     paths = collect_images(cfg.images)
     if cfg.out:
         # before the forward pass, not after it; never over the run or an image it reads
         files.ensure_writable_file(cfg.out, "--out", inputs=(run.folder, *cfg.images),
                                    output=files.csv_output("predictions CSV", COLUMNS), force=cfg.force)
     reference = _reference(run, cfg)
-    extractor = Extractor(build_body(fcfg, weights_for(run, cfg.weights)), cfg.device, precision_for(run, cfg.precision))
-    loader = image_batches("cpu", Path(""), paths, fcfg, cfg.batch_size, cfg.workers, extractor.device)
-    pooled = run.head_pooling()  # a head trained on a map cache pools the map as it did
+    predictor = Predictor(run, cfg.weights, cfg.device, cfg.precision)
     rows, d_new = [], []
-    for batch in loader:
-        ok, images = decoded_images(batch)
+    for batch, ok, features in predictor.batches(paths, cfg.batch_size, cfg.workers):
         by_k = {}
         if ok:
-            # round through the cache's storage dtype: the head was trained on exactly such values
-            features = extractor(images).astype(fcfg.dtype).astype(np.float32)
-            features = pooled(features) if pooled else features
-            by_k = dict(zip(ok, full_proba(head, features, len(run.class_names))))
+            by_k = dict(zip(ok, predictor.proba(features)))
             if reference is not None:
                 d_new.append(drift.distances(features, reference["mean"], reference["centroids"]))
         rows += [_row(paths[i], by_k.get(k), batch["error"][k], run.class_names, cfg.top_k)
                  for k, i in enumerate(batch["index"].tolist())]
-    write_csv(rows, cfg.out)
+    if cfg.out or not quiet:
+        write_csv(rows, cfg.out)
     if reference is not None:
         _report(reference, np.concatenate(d_new or [np.zeros(0)]), rows, cfg, run)
     return rows

@@ -33,7 +33,7 @@ from pipeline import drift, files, gallery, plots, pools
 from pipeline.files import printable
 from pipeline.config import FeatureConfig, HeadConfig, library_versions, sha256_file
 from pipeline.errors import UserError
-from pipeline.heads import HEAD_FILE, HEADS, load_head, save_head
+from pipeline.heads import HEAD_FILE, HEADS, full_proba, load_head, save_head
 from pipeline.metrics import format_metrics
 from pipeline.params import is_json_of
 
@@ -267,6 +267,22 @@ class Run:
     def head_pooling(self):
         """What turns the cache's rows into the head's inputs: the run's pooling of a map cache, else None."""
         return None if self.record.pool is None else self.feature_config.head_pooling(self.record.pool)
+
+    def predict_features(self, rows: np.ndarray) -> np.ndarray:
+        """Probabilities over the run's classes of rows as its cache stores them (pooled here as the head pools a
+        map), one row per image."""
+        pooling = self.head_pooling()
+        rows = np.asarray(rows, np.float32)
+        return full_proba(self.load_head(), pooling(rows) if pooling else rows, len(self.class_names))
+
+    def predict_images(self, paths, top_k: int = 3, **options) -> list[dict]:
+        """`predict` on image files or folders (options: weights, batch_size, workers, device, precision): one row
+        per image, as the CSV has them (`proba` holds every class's probability)."""
+        from pipeline.config import PredictConfig
+        from pipeline.predict import predict
+
+        return predict(PredictConfig(run=self.folder, images=tuple(map(Path, paths)), top_k=top_k, **options),
+                       quiet=True)
 
     def load_head(self):
         """The head, from a plain file inside the folder whose sha256 matches run.json."""

@@ -200,6 +200,9 @@ class SplitFeatures:
     labels: np.ndarray
     paths: list[str]
 
+    def __iter__(self):  # X, y, paths = cache.load("train")
+        return iter((self.features, self.labels, self.paths))
+
 
 @dataclass
 class AllRows:
@@ -253,6 +256,19 @@ class Cache:
         if split not in self.splits:
             raise UserError(f"{self.path} has no split {split!r} (splits: {', '.join(self.splits) or 'none'})")
         return self._file[split]
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.header.class_names
+
+    @property
+    def config(self):
+        """The FeatureConfig (None for a config this version cannot read: header.config_problem says why)."""
+        return self.header.config
+
+    def load(self, split: str, pool: str | None = None) -> "SplitFeatures":
+        """Features (as stored, or pooled by `pool` for a map cache), labels and paths of a split: `read_split`."""
+        return self.read_split(split, pool)
 
     def pooling(self, pool: str | None) -> Callable[[np.ndarray], np.ndarray] | None:
         """What turns this cache's rows into rows pooled by `pool` at head time (a pools.HEAD_POOLS name, only for a

@@ -1,0 +1,81 @@
+"""The Python API: what the CLI does, as functions a notebook or a batch job calls; the CLI calls these too.
+
+    import pipeline
+    cache = pipeline.open_cache("features/flowers-8986e056ce97.h5")
+    X, y, paths = cache.load("train", pool="avg")          # numpy; a map cache pooled at head time
+    run = pipeline.train_head(cache.path, head="logreg")   # the options of `train-head`, by their CLI names
+    run.predict_images(["a.jpg", "b.jpg"])                  # rows as `predict` writes them
+    run.predict_features(X[:5])                             # probabilities from cached rows
+
+Importing `pipeline` imports none of this (nor torch): each name is loaded on first use, and torch only when
+images go through the model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline import store
+from pipeline.config import (ExtractConfig, HeadConfig, TrainConfig, flip_option, scales_option)
+from pipeline.runs import Run
+
+HEAD_OPTIONS = {"head": "kind", "patience": "patience", "early_stop_fraction": "validation_fraction"}
+TRAIN_OPTIONS = ("out", "train_split", "val_split", "test_split", "val_fraction", "memory_budget", "stream", "pool",
+                 "refit", "views", "models_dir")
+
+
+def open_cache(path) -> store.Cache:
+    """A feature cache, opened and validated: `class_names`, `config`, `splits`, `load(split, pool=None)`.
+    Use it in a `with` block, or close() it."""
+    return store.open_cache(Path(path))
+
+
+def load_run(path) -> Run:
+    """A run folder: `metrics`, `record`, `class_names`, `predict_images(paths)`, `predict_features(X)`."""
+    from pipeline.runs import load_run as load
+
+    return load(Path(path))
+
+
+def extract(data, **options):
+    """`pipeline extract DATA [options]`: the options by their CLI names (`views="flip"`, `scales="256,384"`,
+    `weights="imagenet"`...); returns the summary the CLI prints (an ExtractSummary)."""
+    from pipeline.extract import extract as run_extract
+
+    return run_extract(extract_config(data, **options))
+
+
+def extract_config(data, views: str = "none", scales: str = "", **options) -> ExtractConfig:
+    """The ExtractConfig of CLI-named options (`views`, `scales` as the CLI spells them)."""
+    return ExtractConfig(data=Path(data), flip=flip_option(views), scales=scales_option(scales), **options)
+
+
+def train_head(features, **options) -> Run:
+    """`pipeline train-head FEATURES [options]`: the options by their CLI names (`head="linear"`, `C=1.0`,
+    `patience=5`, `pool="auto"`...); returns the saved run (its metrics are what the CLI prints)."""
+    from pipeline.train import train_head as run_train
+
+    return run_train(train_config(features, **options))
+
+
+def train_config(features, **options) -> TrainConfig:
+    """The TrainConfig of CLI-named options: those of the head go to its HeadConfig."""
+    train = {name: options.pop(name) for name in TRAIN_OPTIONS if name in options}
+    head = HeadConfig(**{HEAD_OPTIONS.get(name, name): value for name, value in options.items()})
+    return TrainConfig(features=Path(features), head=head, **train)
+
+
+def preprocess(image, run: Run | str | Path):
+    """An image (a path, bytes or a PIL image) as the run's model takes it: decoded, upright, RGB, resized and
+    centre-cropped exactly as `extract` does; a uint8 tensor (3, S, S) (what an exported model takes, batched)."""
+    from PIL import Image
+
+    from pipeline.reader import open_image, preprocess as crop, to_rgb
+
+    fcfg = (run if isinstance(run, Run) else load_run(run)).feature_config
+    if isinstance(image, Image.Image):
+        from PIL import ImageOps
+
+        return crop(to_rgb(ImageOps.exif_transpose(image)), fcfg.resize_size, fcfg.image_size)
+    data = image if isinstance(image, bytes) else Path(image).read_bytes()
+    return crop(open_image(data, fcfg.resize_size), fcfg.resize_size, fcfg.image_size)
