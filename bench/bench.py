@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import finetune  # noqa: E402
 import protocol  # noqa: E402
 import scale  # noqa: E402
+import serve_load  # noqa: E402
 import sweeps  # noqa: E402
 import tutorial  # noqa: E402
 
@@ -305,6 +306,7 @@ def ratios_and_targets(r: dict) -> list[tuple[str, str, str, bool | None]]:
     rows.append(("streamed logreg: peak RSS at 16x minus 4x the budget / the 4x run's", f"{grown:+.0f} MB / "
                  f"{small['stream']['peak_mb']:.0f} MB", "<= 10%", grown <= 0.1 * small["stream"]["peak_mb"]))
     rows.append(("streamed / in-memory logreg fit time, 16x the budget", f"{large['fit_ratio']:.2f}x", "reported", None))
+    rows += serve_load.targets(r["serve"])
     a = r["audit"]
     rows.append((f"audit, {a['rows']:,} x {a['dim']}: wall time / peak RSS", f"{a['seconds']:.1f} s / "
                  f"{a['peak_rss_mb']:,.0f} MB", "< 30 s / < 2 GB", a["seconds"] < 30 and a["peak_rss_mb"] < 2048))
@@ -371,6 +373,7 @@ def markdown(r: dict) -> str:
             v = ls[k][mode]
             lines.append(f"| 14 | `logreg` head (one C), {ls[k]['rows']:,} x 512 ({k}x a {ls['budget_mb']} MB budget), {mode} | "
                          f"fit {v['fit_seconds']:.1f} s, peak RSS {v['peak_mb']:.0f} MB, val acc {v['val_accuracy']:.3f} |")
+    lines += serve_load.markdown_rows(r["serve"])
     a = r["audit"]
     lines.append(f"| 12 | `audit`, {a['rows']:,} x {a['dim']} synthetic float16 rows (whole command) | "
                  f"{a['seconds']:.1f} s, peak RSS {a['peak_rss_mb']:,.0f} MB, {a['exact_found']} of 100 planted copies |")
@@ -462,6 +465,8 @@ def run(args, tmp: Path) -> dict:
     r["sweeps"] = sweeps.bench_sweeps(tmp, real_map(args, Path(data), tmp))
     print("14. logreg streamed", flush=True)
     r["logreg_streaming"] = scale.bench_streaming(tmp, budget_mb=64, head="logreg")
+    print("15. serve under load", flush=True)
+    r["serve"] = serve_load.bench_serve(tmp / "serve")
     r["targets"] = ratios_and_targets(r)
     return r
 

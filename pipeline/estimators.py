@@ -541,27 +541,28 @@ def _torch_row_normalised(x, norm: str):
 
 def _TorchHead(kind: str, norm: str, layers):
     """A logreg or linear head as a torch module: affine layers (ReLU between them), softmax (a sigmoid for
-    logreg's one-row binary weights)."""
+    logreg's one-row binary weights); in float64 after the row normalisation, as predict_proba computes it (the
+    folded standardisation makes large weights, whose float32 products would be off by 1e-4)."""
     import torch
 
     class Head(torch.nn.Module):
         def __init__(self):
             super().__init__()
             for k, (w, b) in enumerate(layers):
-                self.register_buffer(f"w{k}", torch.as_tensor(np.asarray(w, np.float32)))
-                self.register_buffer(f"b{k}", torch.as_tensor(np.asarray(b, np.float32)))
+                self.register_buffer(f"w{k}", torch.as_tensor(np.asarray(w, np.float64)))
+                self.register_buffer(f"b{k}", torch.as_tensor(np.asarray(b, np.float64)))
             self.n = len(layers)
 
         def forward(self, x):
-            x = _torch_row_normalised(x, norm)
+            x = _torch_row_normalised(x, norm).double()
             for k in range(self.n):
                 x = x @ getattr(self, f"w{k}").T + getattr(self, f"b{k}")
                 if k < self.n - 1:
                     x = torch.relu(x)
             if x.shape[1] == 1:  # scikit-learn's binary logistic regression: one row, for the second class
                 p = torch.sigmoid(x)
-                return torch.cat([1 - p, p], dim=1)
-            return torch.softmax(x, dim=1)
+                return torch.cat([1 - p, p], dim=1).float()
+            return torch.softmax(x, dim=1).float()
 
     return Head()
 
@@ -575,13 +576,13 @@ def _TorchKnn(norm: str, mean, scale, train, train_labels, n_classes: int, k: in
             super().__init__()
             self.register_buffer("mean", torch.as_tensor(np.asarray(mean, np.float64)))
             self.register_buffer("scale", torch.as_tensor(np.asarray(scale, np.float64)))
-            self.register_buffer("train", torch.as_tensor(np.asarray(train, np.float64)))
+            self.register_buffer("rows", torch.as_tensor(np.asarray(train, np.float64)))
             self.register_buffer("votes", torch.eye(n_classes, dtype=torch.float64)[torch.as_tensor(train_labels)])
 
         def forward(self, x):
             z = (_torch_row_normalised(x, norm).double() - self.mean) / self.scale
             q = (z / torch.linalg.vector_norm(z, dim=1, keepdim=True).clamp(min=1e-12)).float().double()
-            sims, top = torch.topk(q @ self.train.T, k, dim=1)
+            sims, top = torch.topk(q @ self.rows.T, k, dim=1)
             weights = torch.exp((sims - 1) / temperature)  # (n, k)
             proba = (weights.unsqueeze(2) * self.votes[top]).sum(1)
             return (proba / proba.sum(1, keepdim=True)).float()

@@ -63,10 +63,11 @@ def model(run: Run, weights: str | None = None):
     body = VGG16Body(vgg16_features(weights_spec(fcfg.weights_id, run.record.features.weights_file, weights))
                      [:pools.LAYERS[fcfg.layer].end], fcfg.pool, fcfg.mean, fcfg.std, flip=fcfg.flip)
     head = run.load_head()
+    body.pool = _Exportable(fcfg.pool)  # the extraction's pooling, written so that ONNX can take it
     storage = torch.float16 if fcfg.dtype == "float16" else torch.float32
     to_all_classes = torch.zeros(len(head.classes_), len(run.class_names))
     to_all_classes[torch.arange(len(head.classes_)), torch.as_tensor(head.classes_)] = 1
-    pool = pools.get(run.record.pool) if run.record.pool else None
+    pool = _Exportable(run.record.pool) if run.record.pool else None
 
     class RunModel(torch.nn.Module):
         def __init__(self):
@@ -75,12 +76,24 @@ def model(run: Run, weights: str | None = None):
             self.register_buffer("to_all_classes", to_all_classes)
 
         def forward(self, images):
+            # channels-last, as extract and predict run the body (the same convolution kernels, so the same rounding)
+            images = images.contiguous(memory_format=torch.channels_last)
             rows = self.body(images).to(storage).float()  # as the cache stores rows, as predict rounds them
             if pool is not None:  # the run's head-time pooling of a map
                 rows = pool.torch_apply(rows.reshape(rows.shape[0], VGG16_CHANNELS, fcfg.map_side, fcfg.map_side))
             return self.head(rows) @ self.to_all_classes  # 0 for a class the head never saw
 
-    return RunModel().eval().requires_grad_(False)
+    return RunModel().to(memory_format=torch.channels_last).eval().requires_grad_(False)
+
+
+@dataclass(frozen=True)
+class _Exportable:
+    """A pooling of the registry, as VGG16Body and the head-time pooling call it (`torch_apply`), exportable."""
+
+    name: str
+
+    def torch_apply(self, fmap):
+        return pools.exportable(self.name)(fmap)
 
 
 def export(run_folder: Path, fmt: str = "onnx", out: Path | None = None, weights: str | None = None,

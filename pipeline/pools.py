@@ -154,6 +154,24 @@ POOLS: dict[str, Pool] = {p.name: p for p in (
 HEAD_POOLS = tuple(name for name, p in POOLS.items() if p.at_head)  # what a map cache can be pooled to
 
 
+def exportable(name: str) -> Callable:
+    """`name`'s torch computation with every adaptive average written as two products with bin-averaging matrices
+    (as the numpy one): the same values, and exportable to ONNX, whose AveragePool needs bins that divide the map."""
+    import torch
+
+    def adaptive(fmap, n: int):
+        h, w = fmap.shape[2:]
+        if (h, w) == (n, n):
+            return fmap
+        rows, cols = (torch.from_numpy(_averaging(length, n)).to(fmap.dtype) for length in (h, w))
+        return rows @ (fmap @ cols.T)
+
+    grids = {"flatten": (FLATTEN_GRID,), "spp": SPP_LEVELS}
+    if name not in grids:
+        return POOLS[name].torch_apply
+    return lambda fmap: torch.cat([adaptive(fmap, n).flatten(1) for n in grids[name]], dim=1)
+
+
 def get(name: str) -> Pool:
     return POOLS[name]
 

@@ -31,7 +31,8 @@ from pipeline.config import ServeConfig
 
 log = logging.getLogger(__name__)
 
-MAX_BATCH = 64  # images per forward of the batcher
+# images per forward of the batcher (1: no batching across requests; bench/serve_load.py compares the two)
+MAX_BATCH = int(os.environ.get("VGGCACHE_SERVE_MAX_BATCH", "64"))
 CONFIG_ENV = "VGGCACHE_SERVE"  # the server's config, as JSON, for uvicorn's worker processes (--workers N)
 
 

@@ -1,0 +1,231 @@
+"""From a run folder to production: the exported model file equals `predict` (every head kind, both formats), the
+server answers concurrent requests with predict's values and every bad input with a 4xx JSON error, and the Python
+API gives what the CLI gives."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from conftest import SIZE, extract_config
+from pipeline import api
+from pipeline.cli import app
+from pipeline.config import HeadConfig, TrainConfig
+from pipeline.extract import extract
+from pipeline.predict import Predictor
+from pipeline.synthetic import make_image_folder
+from pipeline.train import train_head
+
+FAST = {"linear": dict(epochs=3, lr=1e-2, weight_decay=1e-4, device="cpu"), "logreg": dict(C=1.0, device="cpu"),
+        "knn": dict(k=3), "block5": dict(epochs=1, device="cpu")}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A small image set, its caches (avg; a pool5 map; a pool4 map) and a run of every head kind."""
+    root = tmp_path_factory.mktemp("deploy")
+    data = make_image_folder(root / "data", {"train": 6, "val": 3, "test": 3}, size=(48, 40))
+    avg = extract(extract_config(data, root / "avg.h5")).out
+    pool5 = extract(extract_config(data, root / "map.h5", pool="map", image_size=64)).out
+    pool4 = extract(extract_config(data, root / "pool4.h5", pool="map", layer="pool4")).out
+    made = {kind: train_head(TrainConfig(features=avg, out=root / kind, head=HeadConfig(kind=kind, **FAST[kind])))
+            for kind in ("logreg", "linear", "knn")}
+    made["block5"] = train_head(TrainConfig(features=pool4, out=root / "block5",
+                                            head=HeadConfig(kind="block5", **FAST["block5"])))
+    made["logreg-spp"] = train_head(TrainConfig(features=pool5, out=root / "logreg-spp", pool="spp",
+                                                head=HeadConfig(**FAST["logreg"])))
+    return data, made
+
+
+def _images(data: Path, run) -> tuple[list[Path], torch.Tensor]:
+    paths = sorted((data / "test").rglob("*.jpg"))
+    return paths, torch.stack([api.preprocess(p, run) for p in paths])
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+@pytest.mark.parametrize("kind", ["logreg", "linear", "knn", "block5", "logreg-spp"])
+def test_an_exported_model_gives_predicts_probabilities(runs, tmp_path, kind, fmt):
+    data, made = runs
+    run = made[kind]
+    out = tmp_path / f"model.{fmt}"
+    result = CliRunner().invoke(app, ["export", str(run.folder), "--format", fmt, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    paths, images = _images(data, run)
+    expected = np.stack([row["proba"] for row in run.predict_images(paths, precision="fp32")])
+    if fmt == "onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        got = session.run(None, {"images": images.numpy()})[0]
+        meta = session.get_modelmeta().custom_metadata_map
+    else:
+        extra = {"vggcache.json": ""}
+        module = torch.jit.load(str(out), _extra_files=extra)
+        got = module(images).numpy()
+        meta = json.loads(extra["vggcache.json"])
+    assert got.shape == (len(paths), 3) and np.abs(got - expected).max() <= 1e-4
+    assert json.loads(meta["vggcache.class_names"]) == run.class_names and meta["vggcache.fingerprint"] == run.fingerprint
+
+
+def test_export_refuses_to_write_over_what_it_did_not_make(runs, tmp_path):
+    _, made = runs
+    notes = tmp_path / "notes.onnx"
+    notes.write_text("mine")
+    result = CliRunner().invoke(app, ["export", str(made["logreg"].folder), "--out", str(notes)])
+    assert result.exit_code == 2 and "exists and is not an onnx model file" in result.output
+    assert notes.read_text() == "mine"
+
+
+# --- the server -----------------------------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(runs):
+    """`pipeline serve` on a free port of 127.0.0.1, a 1 MB request limit; stopped at the end."""
+    _, made = runs
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", str(made["logreg"].folder), "--port", str(port),
+                             "--max-request-mb", "1", "--device", "cpu"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=1)
+            break
+        except OSError:
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.2)
+    yield url, made["logreg"]
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def _multipart(files: list[tuple[str, bytes]]) -> tuple[bytes, str]:
+    boundary = "vggcache-test-boundary"
+    parts = [f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{name}\"\r\n"
+             f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n" for name, data in files]
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def _post(url: str, files: list[tuple[str, bytes]] | None = None, body: bytes | None = None, path="/predict",
+          content_type: str | None = None, method: str = "POST") -> tuple[int, dict]:
+    if files is not None:
+        body, content_type = _multipart(files)
+    request = urllib.request.Request(url + path, data=body, method=method,
+                                     headers={"Content-Type": content_type} if content_type else {})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_concurrent_requests_get_predicts_values(runs, server):
+    data, _ = runs
+    url, run = server
+    paths = sorted((data / "test").rglob("*.jpg"))
+    expected = {row["path"]: row for row in run.predict_images(paths)}
+    results, errors = {}, []
+
+    def client(i: int):
+        chosen = paths[i % len(paths):][:1 + i % 3]
+        status, body = _post(url, [(f"{i}-{p.name}", p.read_bytes()) for p in chosen])
+        if status != 200:
+            errors.append((status, body))
+            return
+        for p, result in zip(chosen, body["results"]):
+            results[(i, str(p))] = result
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors and len(results) == sum(len(paths[i % len(paths):][:1 + i % 3]) for i in range(12))
+    for (_, path), result in results.items():
+        row = expected[path]
+        assert result["predicted"] == row["predicted"] and abs(result["probability"] - float(row["probability"])) < 1e-4
+        assert [c["class"] for c in result["top_k"]] == [c.split(":")[0] for c in row["top_k"].split(";")]
+
+
+def _bomb() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("1", (10_000, 10_000)).save(buffer, "PNG")  # 100 Mpx: over Pillow's limit (89.5), a tiny file
+    return buffer.getvalue()
+
+
+def _truncated(data: Path) -> bytes:
+    return next((data / "test").rglob("*.jpg")).read_bytes()[:200]
+
+
+@pytest.mark.parametrize("request_of, status, says", [
+    (lambda d: {"files": [("a.txt", b"just text")]}, 422, "a.txt is not an image this server can read"),
+    (lambda d: {"files": [("t.jpg", _truncated(d))]}, 422, "t.jpg is not an image this server can read"),
+    (lambda d: {"files": [("zero.jpg", b"")]}, 422, "zero.jpg is not an image this server can read (empty file"),
+    (lambda d: {"files": [("bomb.png", _bomb())]}, 422, "over Pillow's decompression-bomb limit"),
+    (lambda d: {"files": [("big.jpg", b"x" * (2 << 20))]}, 413, "request larger than --max-request-mb (1 MB)"),
+    (lambda d: {"files": []}, 422, "no file"),
+    (lambda d: {"body": b"{}", "content_type": "application/json"}, 422, "no file"),
+    (lambda d: {"path": "/nope", "method": "GET"}, 404, "Not Found"),
+    (lambda d: {"path": "/predict", "method": "GET"}, 405, "Method Not Allowed"),
+], ids=["text", "truncated", "zero-bytes", "bomb", "too-large", "no-file", "not-multipart", "unknown-route",
+        "wrong-method"])
+def test_every_bad_input_is_a_4xx_json_error_and_the_server_goes_on(runs, server, request_of, status, says):
+    data, _ = runs
+    url, _ = server
+    got, body = _post(url, **request_of(data))
+    assert got == status and says in body["error"]
+    assert _post(url, path="/health", method="GET") == (200, {"status": "ok"})
+
+
+def test_info_names_the_run(server):
+    url, run = server
+    status, info = _post(url, path="/info", method="GET")
+    assert status == 200 and info["classes"] == run.class_names and info["fingerprint"] == run.fingerprint
+    assert info["run"] == run.record.name and info["crop_size"] == SIZE and "torch" in info["versions"]
+
+
+# --- the Python API -------------------------------------------------------------------------------------------------
+
+def test_importing_pipeline_imports_no_torch():
+    code = "import sys, pipeline; pipeline.open_cache; assert 'torch' not in sys.modules, 'torch imported'"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+
+
+def test_the_api_gives_what_the_cli_gives(tmp_path):
+    data = make_image_folder(tmp_path / "data", {"train": 4, "val": 2}, size=(40, 36))
+    options = ["--weights", "none", "--image-size", str(SIZE), "--precision", "fp32", "--workers", "0"]
+    assert CliRunner().invoke(app, ["extract", str(data), "--out", str(tmp_path / "cli.h5"), *options]).exit_code == 0
+    summary = api.extract(data, out=tmp_path / "api.h5", weights="none", image_size=SIZE, precision="fp32", workers=0)
+    with api.open_cache(tmp_path / "cli.h5") as cli, api.open_cache(summary.out) as ours:
+        X, y, paths = ours.load("train")
+        assert np.array_equal(X, cli.load("train").features) and paths == cli.load("train").paths
+        assert ours.config == cli.config and ours.class_names == cli.class_names
+    result = CliRunner().invoke(app, ["train-head", str(summary.out), "--head", "linear", "--epochs", "2", "--patience",
+                                      "1", "--device", "cpu", "--out", str(tmp_path / "cli-run")])
+    assert result.exit_code == 0, result.output
+    run = api.train_head(summary.out, head="linear", epochs=2, patience=1, device="cpu", out=tmp_path / "api-run")
+    cli_run = api.load_run(tmp_path / "cli-run")
+    assert run.metrics == cli_run.metrics and run.record.head == cli_run.record.head
+    np.testing.assert_array_equal(run.predict_features(X), cli_run.predict_features(X))
