@@ -121,8 +121,12 @@ def _example(run: Run):
 
 
 def _onnx(module, example, out: Path, meta: dict) -> None:
-    import onnx
     import torch
+
+    try:
+        import onnx
+    except ImportError:
+        raise UserError("--format onnx needs the onnx package: pip install -e '.[export]' (make install does)") from None
 
     tmp = Path(f"{out}.tmp")
     with warnings.catch_warnings():  # the TorchScript-based exporter announces its successor

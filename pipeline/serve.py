@@ -25,9 +25,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-from starlette.requests import Request  # at module level: FastAPI resolves the endpoints' annotations here
+try:  # at module level: FastAPI resolves the endpoints' annotations here
+    from starlette.requests import Request
+except ImportError:  # the serve extra is missing: serve() says so in one line
+    Request = None
 
 from pipeline.config import ServeConfig
+from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +215,11 @@ def app_from_environment():
 
 def serve(cfg: ServeConfig) -> None:
     """Load the run (refused in one line before binding if it cannot serve), then serve until stopped."""
-    import uvicorn
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError:
+        raise UserError("pipeline serve needs FastAPI and uvicorn: pip install -e '.[serve]' (make install does)") from None
 
     app = make_app(cfg)  # a run that cannot load is one line here, not a worker's traceback
     log.info("serving %s on http://%s:%d (no authentication, no TLS: put it behind your proxy beyond localhost)",

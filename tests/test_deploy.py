@@ -229,3 +229,27 @@ def test_the_api_gives_what_the_cli_gives(tmp_path):
     cli_run = api.load_run(tmp_path / "cli-run")
     assert run.metrics == cli_run.metrics and run.record.head == cli_run.record.head
     np.testing.assert_array_equal(run.predict_features(X), cli_run.predict_features(X))
+
+
+SCRIPT = Path(__file__).resolve().parent.parent / "docs" / "score_with_onnxruntime.py"
+
+
+def test_the_readmes_onnxruntime_example_scores_a_folder_as_predict_does(runs, tmp_path):
+    """docs/score_with_onnxruntime.py (shown in the README) needs onnxruntime, Pillow and numpy only."""
+    data, made = runs
+    run = made["logreg"]
+    readme = (SCRIPT.parent.parent / "README.md").read_text()
+    assert SCRIPT.read_text().split('"""\n', 2)[2] in readme  # the README shows the file as it is
+    out = tmp_path / "m.onnx"
+    assert CliRunner().invoke(app, ["export", str(run.folder), "--out", str(out)]).exit_code == 0
+    done = subprocess.run([sys.executable, "-S", "-c", f"import sys; sys.path = [p for p in sys.path if 'pipeline' not in p]; "
+                           f"import runpy; sys.argv = ['s', {str(out)!r}, {str(data / 'test')!r}]; "
+                           f"runpy.run_path({str(SCRIPT)!r}, run_name='__main__')"],
+                          capture_output=True, text=True, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+                              p for p in sys.path if p.endswith("site-packages"))))
+    assert done.returncode == 0, done.stderr
+    lines = [line.split(",") for line in done.stdout.strip().splitlines()]
+    expected = {row["path"]: row for row in run.predict_images(sorted((data / "test").rglob("*.jpg")))}
+    assert len(lines) == len(expected) == 9
+    for path, predicted, probability in lines:
+        assert predicted == expected[path]["predicted"] and abs(float(probability) - float(expected[path]["probability"])) < 1e-3
