@@ -343,16 +343,17 @@ def summary(report: AuditReport, shown: int = 10) -> list[str]:
     for title, pairs, sign in (("exact duplicates", report.exact, "=="), ("near duplicates", report.near, "~")):
         counts = ", ".join(f"{a}/{b} {n}" + (" (across splits: leakage)" if a != b else "")
                            for (a, b), n in report.counts(pairs).items())
-        lines.append(f"{title}: {len(pairs)} pairs" + (f" ({counts})" if pairs else ""))
+        lines.append(f"{title}: {len(pairs)} pair{'' if len(pairs) == 1 else 's'}" + (f" ({counts})" if pairs else ""))
         lines += [f"  {p.similarity:.3f}  {_where(p.a)} {sign} {_where(p.b)}"
                   + (f"  (labels differ: {p.a.label} / {p.b.label})" if p.a.label != p.b.label else "")
                   for p in pairs[:shown]]
         if len(pairs) > shown:
             lines.append(f"  ... {len(pairs) - shown} more in the CSV")
-    lines.append(f"likely mislabelled: {len(report.suspects)} images whose {report.neighbours} nearest neighbours all "
-                 "carry another label")
-    lines += [f"  {_where(s.entry)}: labelled {s.entry.label}, neighbours {s.suggested} ({s.similarity:.3f})"
-              for s in report.suspects[:shown]]
+    lines.append(f"likely mislabelled: {len(report.suspects)} image{'' if len(report.suspects) == 1 else 's'} whose "
+                 f"{report.neighbours} nearest neighbours all carry another label (each: its label, the neighbours' "
+                 "label, their mean similarity to it)")
+    lines += [f"  {_where(s.entry)}: labelled {s.entry.label}, neighbours {s.suggested} (mean similarity "
+              f"{s.similarity:.3f})" for s in report.suspects[:shown]]
     if len(report.suspects) > shown:
         lines.append(f"  ... {len(report.suspects) - shown} more in the CSV")
     return lines

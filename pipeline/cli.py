@@ -42,6 +42,7 @@ class _OneLineErrors(TyperGroup):
 
 
 app = typer.Typer(cls=_OneLineErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None,
                   help="Cache frozen VGG16 features of an image folder in HDF5, then train fast heads on them.")
 
 
@@ -217,7 +218,7 @@ def train_head(
                          solver=solver, seed=seed, device=device)
     for split, m in run.metrics.items():
         _echo(format_metrics(m, f"{run.folder.name} on {split}") + "\n")
-    from pipeline.runs import describe_chosen
+    from pipeline.runs import describe_chosen, selection_note
 
     r = run.record
     data = "streamed from the file" if r.loading and r.loading.mode == "stream" else "in memory"
@@ -225,7 +226,11 @@ def train_head(
     if r.splits.views_per_image:
         refit_note += f"; trained on {r.splits.views_per_image} augmented views of each training image too"
     _echo(f"chose {describe_chosen(r.head.chosen)} on {r.splits.val}{refit_note}; fit {r.timings.fit_seconds:.2f} s "
-          f"({len(r.sweep)} candidates, data {data}); saved {run.folder}")
+          f"({len(r.sweep)} candidates, data {data})")
+    note = selection_note(len(r.sweep), run.metrics)
+    if note:
+        _echo(note)
+    _echo(f"saved {run.folder}: {', '.join(sorted(p.name for p in run.folder.iterdir()))}")
 
 
 @app.command()
@@ -301,23 +306,44 @@ def serve(run: Path = typer.Argument(..., help="A run folder made by train-head.
 @app.command()
 @_user_errors
 def runs(models: Path = typer.Argument(Path("models"), help="Folder of run folders."),
+         features: Optional[str] = typer.Option(None, help="Only runs on caches whose file name contains this."),
+         head: Optional[str] = typer.Option(None, help="Only runs of this head kind."),
+         sort: str = typer.Option("test", help="test (best test accuracy first, then runs without one by validation), val, fit or name."),
          as_json: bool = typer.Option(False, "--json", help="Print the table as JSON.")):
-    """Compare every saved run: head, features, chosen hyperparameters, scores, fit time; best validation first."""
-    from pipeline.runs import list_runs
+    """Compare every saved run: head, features, chosen hyperparameters, scores, fit time."""
+    import shutil
 
-    from pipeline.runs import describe_chosen
+    from pipeline.runs import describe_chosen, list_runs
 
-    rows = list_runs(models)
+    rows = list_runs(models, features, head, sort)
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
     fmt = lambda v: "-" if v is None else f"{v:.4f}"
-    _echo(f"{'name':<40} {'head':<7} {'features':<32} {'params':<40} {'val acc':>8} {'val F1':>7} {'test acc':>8} "
-          f"{'test F1':>7} {'fit s':>6}")
-    for r in rows:
-        params = describe_chosen(r["chosen"]).replace(", ", ",")
-        _echo(f"{r['name']:<40} {r['head']:<7} {r['features']:<32} {params:<40} {fmt(r['val_accuracy']):>8} "
-              f"{fmt(r['val_macro_f1']):>7} {fmt(r['test_accuracy']):>8} {fmt(r['test_macro_f1']):>7} {r['fit_seconds']:>6.2f}")
+    table = [(r["name"], r["head"], r["features"], describe_chosen(r["chosen"]).replace(", ", ","),
+              fmt(r["test_accuracy"]), fmt(r["test_macro_f1"]), fmt(r["val_accuracy"]) + ("*" if r["selection_score"] else ""),
+              f"{r['fit_seconds']:.2f}") for r in rows]
+    header = ("name", "head", "features", "chosen", "test acc", "test F1", "val acc", "fit s")
+    for line in _fitted_columns(header, table, shutil.get_terminal_size((120, 24)).columns):
+        _echo(line)
+    if any(r["selection_score"] for r in rows):
+        _echo("* no test split: the validation score chose the run's settings among its candidates, so it is optimistic")
+
+
+def _fitted_columns(header: tuple, table: list[tuple], width: int) -> list[str]:
+    """Left-aligned text columns, numbers right-aligned; the widest text columns are shortened in the middle
+    (`abc...xyz`) until the table fits `width`."""
+    widths = [max(len(str(row[i])) for row in [header, *table]) for i in range(len(header))]
+    texts = [0, 2, 3]  # name, features, chosen: the columns that may be shortened
+    while sum(widths) + 2 * (len(widths) - 1) > width and max(widths[i] for i in texts) > 12:
+        widest = max(texts, key=lambda i: widths[i])
+        widths[widest] -= 1
+    cell = lambda value, i: _middle(str(value), widths[i]).ljust(widths[i]) if i < 4 else str(value).rjust(widths[i])
+    return ["  ".join(cell(value, i) for i, value in enumerate(row)).rstrip() for row in [header, *table]]
+
+
+def _middle(text: str, width: int) -> str:
+    return text if len(text) <= width else text[:(width - 3) // 2 + (width - 3) % 2] + "..." + text[len(text) - (width - 3) // 2:]
 
 
 @app.command()

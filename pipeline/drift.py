@@ -30,6 +30,7 @@ QUANTILE = 0.95
 KS_CRITICAL = 1.63  # two-sample Kolmogorov-Smirnov, 1% level: D > 1.63 sqrt((n + m) / (n m))
 MIN_SHIFT = 0.15  # and a shift a person would call one: D above this
 MAX_DIM = 32_768  # heads on wider inputs (block5 on pool4 maps, flatten) keep no reference
+UNUSUAL_PERCENTILE = 99.0  # an image farther from every class than 99% of validation's is flagged `unusual`
 
 
 def _blocks(X, step: int = 8192):
@@ -53,6 +54,14 @@ def distances(X, mean: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     for block, rows in _blocks(X):
         out[rows] = 1 - (_unit(block, mean) @ C.T).max(1)
     return out
+
+
+def percentiles(ref: dict, d_new: np.ndarray) -> np.ndarray:
+    """Each new image's distance to the nearest class centroid as a percentile of validation's (0-100, read off
+    the stored histogram, linear within a bin)."""
+    hist = ref["distance_hist"].astype(np.float64)
+    cdf = np.concatenate([[0.0], np.cumsum(hist) / max(hist.sum(), 1)])
+    return np.interp(np.clip(d_new, DISTANCE_BINS[0], DISTANCE_BINS[-1]), DISTANCE_BINS, cdf) * 100
 
 
 def reference(X_train, y_train: np.ndarray, X_val, confidence_val: np.ndarray, n_classes: int) -> dict | None:

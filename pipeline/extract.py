@@ -92,7 +92,6 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
         plan, shared, up_to_date, repairing = _first_plan(job, journal, group)
         if up_to_date and worker.single:
             journal.remove()
-            log.info("%s is up to date (%d images)", job.out, sum(r.ok and not r.view for r in plan.records))
             return _summary(job, plan, 0, time.perf_counter() - start, up_to_date=True)
         extraction = _extract_share(job, plan, shared, journal) if plan.todo else None
         if worker.follower:

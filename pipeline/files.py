@@ -48,10 +48,11 @@ IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"%PDF", b"<?xml", b"<svg")
 IMAGE = Output("PNG, SVG or PDF picture", lambda head: head.startswith(IMAGE_MAGIC))
 
 
-def csv_output(what: str, header: tuple[str, ...]) -> Output:
-    """A CSV this command writes: its first line is `header`."""
-    first = ",".join(header).encode()
-    return Output(what, lambda head: head.split(b"\n", 1)[0].rstrip(b"\r") == first)
+def csv_output(what: str, header: tuple[str, ...], columns: int = 4) -> Output:
+    """A CSV this command writes: its first line starts with the first `columns` names of `header` (so that one an
+    earlier version wrote, with fewer columns, is recognised too)."""
+    first = ",".join(header[:columns]).encode()
+    return Output(what, lambda head: head.split(b"\n", 1)[0].rstrip(b"\r").startswith(first))
 
 
 def ensure_writable_file(path: Path, option: str, inputs: tuple = (), output: Output | None = None,

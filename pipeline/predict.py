@@ -19,7 +19,9 @@ from pipeline.runs import Run, load_run
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("path", "predicted", "probability", "top_k", "error")
+# distance_percentile: the image's distance to the nearest class centroid as a percentile of the validation images'
+# (drift.py); unusual: "yes" beyond drift.UNUSUAL_PERCENTILE (empty when the run keeps no reference)
+COLUMNS = ("path", "predicted", "probability", "top_k", "distance_percentile", "unusual", "error")
 
 
 def collect_images(paths: tuple[Path, ...]) -> list[str]:
@@ -98,25 +100,31 @@ def predict(cfg: PredictConfig, quiet: bool = False) -> list[dict]:
     predictor = Predictor(run, cfg.weights, cfg.device, cfg.precision)
     rows, d_new = [], []
     for batch, ok, features in predictor.batches(paths, cfg.batch_size, cfg.workers):
-        by_k = {}
+        by_k, far = {}, {}
         if ok:
             by_k = dict(zip(ok, predictor.proba(features)))
             if reference is not None:
                 d_new.append(drift.distances(features, reference["mean"], reference["centroids"]))
-        rows += [_row(paths[i], by_k.get(k), batch["error"][k], run.class_names, cfg.top_k)
+                far = dict(zip(ok, drift.percentiles(reference, d_new[-1])))
+        rows += [_row(paths[i], by_k.get(k), batch["error"][k], run.class_names, cfg.top_k, far.get(k))
                  for k, i in enumerate(batch["index"].tolist())]
+    unusual = sum(r["unusual"] == "yes" for r in rows)
+    if unusual:
+        log.warning("%d of %d images are unusual: farther from every class than %g%% of the validation images "
+                    "(column unusual)", unusual, len(rows), drift.UNUSUAL_PERCENTILE)
     if cfg.out or not quiet:
         write_csv(rows, cfg.out)
-    if reference is not None:
+    if cfg.report:
         _report(reference, np.concatenate(d_new or [np.zeros(0)]), rows, cfg, run)
     return rows
 
 
 def _reference(run: Run, cfg: PredictConfig) -> dict | None:
-    """The run's drift reference when --report asks for one; refused up front when the run keeps none."""
-    if not cfg.report:
-        return None
+    """The run's drift reference (for the per-image columns, and --report); --report is refused up front when the
+    run keeps none."""
     reference = drift.load(run.folder)
+    if not cfg.report:
+        return reference
     if reference is None:
         raise UserError(f"--report: {run.folder} keeps no reference of its training data ({drift.REFERENCE_FILE}): "
                         f"its head takes inputs wider than {drift.MAX_DIM:,}, or an older vggcache trained it")
@@ -132,12 +140,14 @@ def _report(reference: dict, d_new: np.ndarray, rows: list[dict], cfg: PredictCo
     (log.warning if drifted else log.info)("%s (%s)", line, cfg.report_path)
 
 
-def _row(path: str, proba, error: str, names: list[str], k: int) -> dict:
+def _row(path: str, proba, error: str, names: list[str], k: int, percentile: float | None = None) -> dict:
+    far = {"distance_percentile": "" if percentile is None else f"{percentile:.1f}",
+           "unusual": "" if percentile is None else ("yes" if percentile > drift.UNUSUAL_PERCENTILE else "no")}
     if proba is None:
-        return {"path": path, "predicted": "", "probability": "", "top_k": "", "error": error, "proba": None}
+        return {"path": path, "predicted": "", "probability": "", "top_k": "", "error": error, "proba": None} | far
     order = np.argsort(-proba, kind="stable")[:k]
     return {"path": path, "predicted": names[order[0]], "probability": f"{proba[order[0]]:.6f}",
-            "top_k": ";".join(f"{names[j]}:{proba[j]:.4f}" for j in order), "error": "", "proba": proba}
+            "top_k": ";".join(f"{names[j]}:{proba[j]:.4f}" for j in order), "error": "", "proba": proba} | far
 
 
 def write_csv(rows: list[dict], out: Path | None) -> None:

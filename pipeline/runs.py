@@ -359,7 +359,7 @@ def save_run(folder: Path, head, trained: TrainedRun, metrics: dict, errors: tup
     try:
         head_path = save_head(head, folder)
         (folder / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
-        write_reports(folder, metrics, trained.features.class_names)
+        write_reports(folder, metrics, trained.features.class_names, selection_note(len(trained.sweep), metrics))
         _plot_sweep(folder, trained.head, trained.sweep)
         if errors is not None:
             gallery.write_errors(folder, errors[0], errors[1], f"{folder.name} ({' + '.join(metrics)})")
@@ -378,10 +378,12 @@ def save_run(folder: Path, head, trained: TrainedRun, metrics: dict, errors: tup
     return Run(folder, full, metrics)
 
 
-def write_reports(folder: Path, metrics: dict, class_names: list[str]) -> None:
-    """report.txt for every split scored, confusion_matrix.png for test (or val when there is no test)."""
+def write_reports(folder: Path, metrics: dict, class_names: list[str], note: str | None = None) -> None:
+    """report.txt for every split scored (and `note`, the selection caveat), confusion_matrix.png for test (or val
+    when there is no test)."""
     name = printable(folder.name)
     text = "\n\n".join(format_metrics(m, f"{name} on {split}") for split, m in metrics.items())
+    text += f"\n\n{note}" if note else ""
     (folder / REPORT_FILE).write_text(printable(text) + "\n", encoding="utf-8")
     shown = "test" if "test" in metrics else "val"
     plots.plot_confusion(metrics[shown]["confusion_matrix"], [printable(c) for c in class_names], folder / CONFUSION_FILE,
@@ -421,18 +423,42 @@ def load_run(folder: Path) -> Run:
     return Run(folder, record, metrics)
 
 
-def list_runs(models_dir: Path) -> list[dict]:
-    """One row per complete run under `models_dir`, best validation accuracy first."""
+def selection_note(n_candidates: int, metrics: dict) -> str | None:
+    """When no split was kept out of every choice (no test split), the reported score is the one the sweep chose
+    by, optimistic: a sentence saying so, and by about how much it could be; None when a test split scored the run.
+
+    The bound is the expected maximum of N noisy estimates of one accuracy p on n images: sqrt(p (1 - p) / n) times
+    sqrt(2 ln N), for N independent candidates (correlated candidates, the usual case, are less optimistic)."""
+    if "test" in metrics or not n_candidates or "val" not in metrics:
+        return None
+    n, p = metrics["val"].get("n", 0), metrics["val"].get("accuracy", 0.0)
+    bound = (p * (1 - p) / max(n, 1)) ** 0.5 * (2 * np.log(max(n_candidates, 2))) ** 0.5 * 100
+    return (f"no test split: the validation score is the selection score (the best of {n_candidates} candidates on "
+            f"{n} images), optimistic by up to ~{bound:.1f} points; keep a test split out of every choice for an "
+            "unbiased one")
+
+
+SORT_KEYS = {"test": lambda r: (r["test_accuracy"] is None, -(r["test_accuracy"] or 0), -r["val_accuracy"], r["name"]),
+             "val": lambda r: (-r["val_accuracy"], -r["val_macro_f1"], r["name"]),
+             "fit": lambda r: (r["fit_seconds"], r["name"]), "name": lambda r: r["name"]}
+
+
+def list_runs(models_dir: Path, features: str | None = None, head: str | None = None, sort: str = "test") -> list[dict]:
+    """One row per complete run under `models_dir` (of cache file name `features`, of head kind `head`): by
+    default the best test accuracy first (a score no choice saw), then runs without a test split by validation."""
     models_dir = Path(models_dir)
     if not models_dir.is_dir():
         raise UserError(f"models folder not found: {models_dir}")
+    if sort not in SORT_KEYS:
+        raise UserError(f"--sort {sort!r} is not valid (expected one of {', '.join(SORT_KEYS)})")
     rows = []
     for path in sorted(models_dir.glob(f"*/{RUN_FILE}")):
         try:
             rows.append(_row(load_run(path.parent)))
         except UserError as e:
             log.warning("skipping %s", e)
-    return sorted(rows, key=lambda r: (-r["val_accuracy"], -r["val_macro_f1"], r["name"]))
+    rows = [r for r in rows if (features is None or features in r["features"]) and (head is None or r["head"] == head)]
+    return sorted(rows, key=SORT_KEYS[sort])
 
 
 def _row(run: Run) -> dict:
@@ -442,4 +468,5 @@ def _row(run: Run) -> dict:
             "features": Path(r.features.path).name, "fingerprint": run.fingerprint,
             "val_accuracy": val.get("accuracy", float("nan")), "val_macro_f1": val.get("macro_f1", float("nan")),
             "test_accuracy": test.get("accuracy"), "test_macro_f1": test.get("macro_f1"),
-            "fit_seconds": r.timings.fit_seconds}
+            "fit_seconds": r.timings.fit_seconds, "candidates": len(r.sweep),
+            "selection_score": "test" not in run.metrics}
