@@ -273,6 +273,17 @@ def predict(run: Path = typer.Argument(..., help="A run folder made by train-hea
 
 @app.command()
 @_user_errors
+def report(run: Path = typer.Argument(..., help="A run folder made by train-head.")):
+    """Write the run's report.html again (one self-contained page: record, metrics, pictures, files)."""
+    from pipeline import report as run_report
+    from pipeline.runs import load_run, selection_note
+
+    loaded = load_run(run)
+    _echo(f"wrote {run_report.write(loaded, selection_note(len(loaded.record.sweep), loaded.metrics))}")
+
+
+@app.command()
+@_user_errors
 def export(run: Path = typer.Argument(..., help="A run folder made by train-head."),
            format: str = typer.Option("onnx", "--format", help="onnx (run by onnxruntime) or torchscript (torch.jit.load)."),
            out: Optional[Path] = typer.Option(None, help="File to write (default: beside the run folder, RUN.onnx or RUN.pt)."),

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import drift, files, gallery, plots, pools
+from pipeline import drift, files, gallery, plots, pools, report
 from pipeline.files import printable
 from pipeline.config import FeatureConfig, HeadConfig, library_versions, sha256_file
 from pipeline.errors import UserError
@@ -329,7 +329,7 @@ def _inside(folder: Path, name: str) -> Path:
 
 
 RUN_FILES = (HEAD_FILE, METRICS_FILE, REPORT_FILE, CONFUSION_FILE, SWEEP_FILE, gallery.ERRORS_CSV, gallery.ERRORS_PNG,
-             drift.REFERENCE_FILE, RUN_FILE)
+             drift.REFERENCE_FILE, report.REPORT_HTML, RUN_FILE)
 
 
 def ensure_free(folder: Path) -> None:
@@ -368,6 +368,7 @@ def save_run(folder: Path, head, trained: TrainedRun, metrics: dict, errors: tup
         full = RunRecord(name=folder.name, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                          versions=library_versions(), head_file=head_path.name, head_sha256=sha256_file(head_path),
                          **{f.name: getattr(trained, f.name) for f in fields(TrainedRun)})
+        report.write(Run(folder, full, metrics), selection_note(len(trained.sweep), metrics))
         (folder / RUN_FILE).write_text(full.to_json())
     except BaseException as e:
         for name in RUN_FILES:  # no half-written run left behind

@@ -45,7 +45,8 @@ def test_train_head_chooses_on_val_scores_test_and_saves_everything(tmp_path, ki
     f = feature_file(tmp_path / "f.h5")
     run = train_head(TrainConfig(features=f, out=tmp_path / "run", head=HeadConfig(kind=kind, device="cpu")))
     assert {p.name for p in run.folder.iterdir()} == {"run.json", "metrics.json", "report.txt", "confusion_matrix.png",
-                                                      "head.npz", "sweep.png", "errors.csv", "errors.png", "reference.npz"}
+                                                      "head.npz", "sweep.png", "errors.csv", "errors.png", "reference.npz",
+                                                      "report.html"}
     assert run.metrics["val"]["accuracy"] > 0.95 and run.metrics["test"]["accuracy"] > 0.95
     info = json.loads((run.folder / "run.json").read_text())
     assert len(info["sweep"]) == {"logreg": 45, "linear": 8}[kind]  # the protocol's C grid; 4 weight decays x 2 lr
