@@ -382,11 +382,13 @@ def map_(features: Path = typer.Argument(..., help="A feature cache made by `ext
          method: str = typer.Option(MapConfig.method, help="pca (any size: a sample of 20,000) or tsne (a sample of 3,000)."),
          out: Optional[Path] = typer.Option(None, help="PNG to write (default: FEATURES.map.png)."),
          seed: int = typer.Option(MapConfig.seed, help="Seed of the sample and of t-SNE."),
-         force: bool = typer.Option(False, "--force", help="Replace --out even if it is not a picture.")):
+         html: Optional[Path] = typer.Option(None, help="Also (or, without --out, only) write an interactive page: hover a point for its thumbnail, path, label and the run's prediction; filter by split and class."),
+         force: bool = typer.Option(False, "--force", help="Replace --out (or --html) even if it is not what map writes.")):
     """Draw the cache's images in two dimensions, coloured by class, one marker per split."""
     from pipeline.embedding_map import draw
 
-    _echo(f"wrote {draw(MapConfig(features=features, run=run, method=method, out=out, seed=seed, force=force))}")
+    for path in draw(MapConfig(features=features, run=run, method=method, out=out, seed=seed, force=force, html=html)):
+        _echo(f"wrote {path}")
 
 
 @app.command("make-demo-data")

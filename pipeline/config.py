@@ -452,17 +452,21 @@ class MapConfig:
     out: Path | None = None  # None: beside the cache, <cache>.map.png
     seed: int = 0
     force: bool = False  # replace --out even when it is not a picture
+    html: Path | None = None  # an interactive page (map_page.py); then the picture only when --out asks for it
 
     PARAMS = {"method": OneOf(("pca", "tsne")), "seed": Interval(int, 0, 2**32 - 1),
               "out": Optional(Satisfies(lambda p: Path(p).suffix.lower() in (".png", ".svg", ".pdf"),
-                                        "a file name ending in .png, .svg or .pdf"))}
+                                        "a file name ending in .png, .svg or .pdf")),
+              "html": Optional(Satisfies(lambda p: Path(p).suffix.lower() in (".html", ".htm"),
+                                         "a file name ending in .html"))}
 
     def __post_init__(self):
         validate(self)
 
     @property
-    def png_path(self) -> Path:
-        return Path(self.out) if self.out else Path(f"{self.features}.map.png")
+    def png_path(self) -> Path | None:
+        """The picture to draw: --out, else beside the cache unless only --html was asked for."""
+        return Path(self.out) if self.out else None if self.html else Path(f"{self.features}.map.png")
 
 
 def parse_bytes(text: str) -> int:

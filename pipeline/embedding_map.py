@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import files, gallery, store
+from pipeline import files, gallery, map_page, store
 from pipeline.config import MapConfig
 from pipeline.errors import UserError
 from pipeline.files import printable
@@ -51,34 +51,45 @@ def project(X: np.ndarray, method: str, seed: int) -> np.ndarray:
                 random_state=seed).fit_transform(Z)
 
 
-def draw(cfg: MapConfig) -> Path:
-    """Write the map of `cfg.features` (and `cfg.run`'s mistakes) to `cfg.png_path`."""
-    files.ensure_writable_file(cfg.png_path, "--out", inputs=(cfg.features,) + ((cfg.run,) if cfg.run else ()),
-                               output=files.IMAGE, force=cfg.force)
+def draw(cfg: MapConfig) -> list[Path]:
+    """Write the map of `cfg.features` (and `cfg.run`'s mistakes) to `cfg.png_path` and/or the page `cfg.html`."""
+    inputs = (cfg.features,) + ((cfg.run,) if cfg.run else ())
+    if cfg.png_path:
+        files.ensure_writable_file(cfg.png_path, "--out", inputs=inputs, output=files.IMAGE, force=cfg.force)
+    if cfg.html:
+        files.ensure_writable_file(cfg.html, "--html", inputs=inputs, output=files.HTML, force=cfg.force)
     run, pool, wrong = _run_parts(cfg)
     with store.open_cache(cfg.features) as cache:
         if run is not None:
             run.check_features(cache.header, cfg.features)
         limit = MAX_TSNE_POINTS if cfg.method == "tsne" else MAX_PCA_POINTS
-        X, y, splits, paths = _rows(cache, pool, limit, cfg.seed)
-        names = cache.header.class_names
+        X, y, splits, paths = _rows(cache, pool, min(limit, map_page.MAX_POINTS) if cfg.html else limit, cfg.seed)
+        names, root = cache.header.class_names, cache.header.source.root
     if len(X) < 3:
         raise UserError(f"{cfg.features} holds {len(X)} rows: a map needs 3 at least")
     xy = project(X, cfg.method, cfg.seed)
-    missed = np.array([p in wrong for p in paths], bool)
-    return _plot(xy, y, splits, missed, names, cfg)
+    written = []
+    if cfg.png_path:
+        written.append(_plot(xy, y, splits, np.array([p in wrong for p in paths], bool), names, cfg))
+    if cfg.html:
+        title = f"{Path(cfg.features).name}: {cfg.method.upper()} of {len(xy)} images"
+        page = map_page.page(xy, y, splits, paths, names, wrong, Path(root) if root else None, title)
+        Path(cfg.html).write_text(page, encoding="utf-8")
+        written.append(Path(cfg.html))
+    return written
 
 
 def _run_parts(cfg: MapConfig):
-    """The run, the pooling its head used, and the paths of its mistakes; (None, None, set()) without --run."""
+    """The run, the pooling its head used, and its mistakes (path -> the wrong prediction); (None, None, {})
+    without --run."""
     if cfg.run is None:
-        return None, None, set()
+        return None, None, {}
     from pipeline.runs import load_run
 
     run = load_run(cfg.run)
     if not (run.folder / gallery.ERRORS_CSV).is_file():
         log.warning("%s has no %s (an older vggcache trained it): no mistakes to ring", run.folder, gallery.ERRORS_CSV)
-    return run, run.record.pool, {m.path for m in gallery.read_errors(run.folder)}
+    return run, run.record.pool, {m.path: m.predicted for m in gallery.read_errors(run.folder)}
 
 
 def _plot(xy, y, splits, missed, names: list[str], cfg: MapConfig) -> Path:

@@ -46,6 +46,7 @@ class Output:
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"%PDF", b"<?xml", b"<svg")
 IMAGE = Output("PNG, SVG or PDF picture", lambda head: head.startswith(IMAGE_MAGIC))
+HTML = Output("HTML page", lambda head: head.lstrip().lower().startswith((b"<!doctype html", b"<html")))
 
 
 def csv_output(what: str, header: tuple[str, ...], columns: int = 4) -> Output:

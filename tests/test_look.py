@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from browser import needs_chromium, not_blank, render, rendered_without_errors
 from conftest import extract_config
 from pipeline import drift, gallery, store, train
 from pipeline.config import HeadConfig, MapConfig, PredictConfig, TrainConfig
@@ -87,7 +88,7 @@ def test_no_mistakes_is_still_a_sheet(tmp_path):
 @pytest.mark.parametrize("method", ["pca", "tsne"])
 def test_the_map_is_a_png_with_the_runs_mistakes(trained, tmp_path, method):
     _, cache, run = trained
-    out = draw(MapConfig(cache, run=run.folder, method=method, out=tmp_path / "m.png"))
+    out = draw(MapConfig(cache, run=run.folder, method=method, out=tmp_path / "m.png"))[0]
     assert png_size(out) == (880, 715)
 
 
@@ -205,3 +206,26 @@ def test_map_cli_writes_beside_the_cache(trained):
     r = subprocess.run(CLI + ["map", str(cache)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert png_size(f"{cache}.map.png") == (880, 715)
+
+
+@needs_chromium
+def test_the_report_page_renders_in_a_browser(trained, tmp_path):
+    _, _, run = trained
+    page = run.folder / "report.html"
+    dom, pixels = render(page, tmp_path)
+    assert rendered_without_errors(dom) and not_blank(pixels)
+    assert run.folder.name in dom and "accuracy" in dom and "data:image/png;base64," in dom
+
+
+@needs_chromium
+def test_the_interactive_map_renders_hovers_and_filters_in_a_browser(trained, tmp_path):
+    _, cache, run = trained
+    page = draw(MapConfig(cache, run=run.folder, html=tmp_path / "m.html"))[0]
+    assert page == tmp_path / "m.html"
+    with store.open_cache(cache) as c:
+        rows = sum(c.split_shape(s)[0] for s in c.splits)
+    selftest = tmp_path / "selftest.html"  # the same page, asked to hover a point and untick a class itself
+    selftest.write_text(page.read_text().replace('location.hash === "#selftest"', "true"))
+    dom, pixels = render(selftest, tmp_path)
+    assert rendered_without_errors(dom) and 'data-selftest="passed"' in dom and not_blank(pixels)
+    assert dom.count("<circle") + dom.count("<polygon") == rows and "data:image/jpeg;base64," in page.read_text()
