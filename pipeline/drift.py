@@ -155,14 +155,13 @@ def fewest_images(n_val: int) -> int | None:
     return next((m for m in range(1, 10_000) if _limit(n_val, m) < 1), None)
 
 
-def plot(ref: dict, d_new: np.ndarray, confidence_new: np.ndarray, path: Path, title: str) -> Path:
-    """Distance to the nearest centroid and confidence: validation against the new images, as densities."""
-    import matplotlib
+def figure(ref: dict, d_new: np.ndarray, confidence_new: np.ndarray, title: str):
+    """Distance to the nearest centroid and confidence: validation against the new images, as densities; the
+    verdict above, wrapped; each axis spans the values present."""
+    from pipeline.plots import _pyplot, wrapped
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), constrained_layout=True)
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.0), constrained_layout=True)
     panels = ((axes[0], DISTANCE_BINS, ref["distance_hist"], d_new, "cosine distance to the nearest class centroid"),
               (axes[1], CONFIDENCE_BINS, ref["confidence_hist"], confidence_new, "confidence (top probability)"))
     for ax, bins, val_hist, new, xlabel in panels:
@@ -170,12 +169,29 @@ def plot(ref: dict, d_new: np.ndarray, confidence_new: np.ndarray, path: Path, t
         ax.bar(bins[:-1], val_hist / max(val_hist.sum(), 1) / width, width, align="edge", alpha=0.5, label="validation")
         if len(new):  # every new image unreadable: validation alone
             ax.hist(new, bins, density=True, histtype="step", linewidth=2, color="crimson", label="new images")
+        ax.set_xlim(*_span(bins, val_hist, new))
         ax.set_xlabel(xlabel)
         ax.set_ylabel("density")
-        ax.legend(fontsize=8)
-    axes[0].axvline(float(ref["distance_q95"]), color="k", linestyle="--", linewidth=1)
-    axes[0].text(float(ref["distance_q95"]), axes[0].get_ylim()[1] * 0.9, " 95% of validation", fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+        ax.legend(fontsize=8, loc="upper right")
+    q95 = float(ref["distance_q95"])
+    axes[0].axvline(q95, color="k", linestyle="--", linewidth=1)
+    axes[0].annotate("95% of validation", (q95, 0.97), xycoords=("data", "axes fraction"), xytext=(-4, 0),
+                     textcoords="offset points", ha="right", va="top", fontsize=7,
+                     bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8})
+    fig.suptitle(wrapped(title, 9.6, 9), fontsize=9)
+    return fig
+
+
+def _span(bins: np.ndarray, hist: np.ndarray, new: np.ndarray) -> tuple[float, float]:
+    """The part of the axis where validation or the new images have values, a bin of margin each side."""
+    filled = np.flatnonzero(hist)
+    lo = min(bins[filled[0]] if len(filled) else bins[0], float(np.min(new)) if len(new) else bins[-1])
+    hi = max(bins[filled[-1] + 1] if len(filled) else bins[-1], float(np.max(new)) if len(new) else bins[0])
+    step = bins[1] - bins[0]
+    return max(bins[0], lo - step), min(bins[-1], hi + step)
+
+
+def plot(ref: dict, d_new: np.ndarray, confidence_new: np.ndarray, path: Path, title: str) -> Path:
+    from pipeline.plots import save
+
+    return save(figure(ref, d_new, confidence_new, title), path, 100)

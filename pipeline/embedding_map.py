@@ -93,14 +93,21 @@ def _run_parts(cfg: MapConfig):
 
 
 def _plot(xy, y, splits, missed, names: list[str], cfg: MapConfig) -> Path:
-    import matplotlib
+    from pipeline.plots import save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    title = f"{Path(cfg.features).name}: {cfg.method.upper()} of {len(xy)} images"
+    return save(map_figure(xy, y, splits, missed, names, title), cfg.png_path, 110)
 
+
+def map_figure(xy, y, splits, missed, names: list[str], title: str):
+    """The points coloured by class, one marker per split, mistakes ringed; the legend beside the plot."""
     from matplotlib.lines import Line2D
 
-    fig, ax = plt.subplots(figsize=(8, 6.5), constrained_layout=True)
+    from pipeline.plots import _pyplot, shortened
+
+    plt = _pyplot()
+
+    fig, ax = plt.subplots(figsize=(9.5, 6.5), constrained_layout=True)
     cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
     size = 30 if len(xy) <= 2000 else 8
     marker = lambda split: SPLIT_MARKERS.get(split, "D")
@@ -115,10 +122,11 @@ def _plot(xy, y, splits, missed, names: list[str], cfg: MapConfig) -> Path:
         ax.scatter(*xy[missed].T, s=size * 4, facecolors="none", edgecolors="red", linewidths=1.2)
         handles.append(Line2D([], [], marker="o", linestyle="", markerfacecolor="none", markeredgecolor="red",
                               markersize=9, label=f"misclassified by the run ({int(missed.sum())})"))
-    ax.set_title(printable(f"{Path(cfg.features).name}: {cfg.method.upper()} of {len(xy)} images"), fontsize=10)
+    ax.set_title(shortened(printable(title), 6.0, 10), fontsize=10)
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.legend(handles=handles, fontsize=7, loc="best", ncol=1 + len(handles) // 16)
-    fig.savefig(cfg.png_path, dpi=110)
-    plt.close(fig)
-    return Path(cfg.png_path)
+    for h in handles:
+        h.set_label(shortened(h.get_label(), 1.6, 7))
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0,
+              ncol=1 + len(handles) // 28)
+    return fig

@@ -82,11 +82,16 @@ def thumbnail(path: Path | None) -> np.ndarray | None:
 
 
 def contact_sheet(found: list[Mistake], image_root: Path | None, out: Path, title: str) -> Path:
-    import matplotlib
+    from pipeline.plots import save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    return save(sheet_figure(found, image_root, title), out, 100)
 
+
+def sheet_figure(found: list[Mistake], image_root: Path | None, title: str):
+    """The thumbnails of `found`, each titled with its split, file, true and predicted class; the title above."""
+    from pipeline.plots import _pyplot, shortened
+
+    plt = _pyplot()
     cols = max(1, min(COLUMNS, len(found)))
     rows = max(1, -(-len(found) // cols))
     fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 2.2 * rows + 0.4), squeeze=False)
@@ -100,12 +105,11 @@ def contact_sheet(found: list[Mistake], image_root: Path | None, out: Path, titl
         else:
             ax.imshow(image)
         name = printable(Path(m.path).name)
-        ax.set_title(f"{m.split}: {name[:18]}\ntrue {printable(m.true)[:12]}\npred {printable(m.predicted)[:12]} {m.probability:.2f}",
-                     fontsize=6.5, color="darkred")
+        ax.set_title(f"{m.split}: {shortened(name, 1.7, 6.5)}\ntrue {shortened(printable(m.true), 1.4, 6.5)}\n"
+                     f"pred {shortened(printable(m.predicted), 1.1, 6.5)} {m.probability:.2f}", fontsize=6.5,
+                     color="darkred")
     if not found:
         axes.flat[0].text(0.5, 0.5, "no mistakes", ha="center", va="center", fontsize=12)
-    fig.suptitle(printable(title), fontsize=9)
+    fig.suptitle(shortened(printable(title), 1.9 * cols - 0.2, 9), fontsize=9)
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return Path(out)
+    return fig
