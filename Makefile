@@ -21,12 +21,12 @@ GPUS ?=
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
 
-install: $(STAMP)  ## Make .venv and install the project (editable) with its test, export and serve extras
+install: $(STAMP)  ## Make .venv and install the project (editable) with its test, export, serve and track extras
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,export,serve]'
+	$(PY) -m pip install --quiet -e '.[test,export,serve,track]'
 	touch $@
 
 demo: $(STAMP)  ## Generate a small dataset and run the whole job on it (offline, ~1 minute on 2 cores)

@@ -21,7 +21,7 @@ from pipeline.runs import Run
 
 HEAD_OPTIONS = {"head": "kind", "patience": "patience", "early_stop_fraction": "validation_fraction"}
 TRAIN_OPTIONS = ("out", "train_split", "val_split", "test_split", "val_fraction", "memory_budget", "stream", "pool",
-                 "refit", "views", "models_dir")
+                 "refit", "views", "models_dir", "track")
 
 
 def open_cache(path) -> store.Cache:

@@ -205,6 +205,7 @@ def train_head(
     solver: Optional[str] = typer.Option(None, help="logreg: torch (default: float32 L-BFGS along the C path, on --device) or sklearn (scikit-learn's lbfgs in float64 on the CPU: the reference, ~10x slower)."),
     memory_budget: Optional[str] = typer.Option(None, help="Most memory the features may take, e.g. 8G (default: half the memory available); over it, the linear head streams them from the file."),
     stream: bool = typer.Option(False, "--stream", help="Stream the features from the file whatever their size (linear head)."),
+    track: Optional[str] = typer.Option(None, help="mlflow: log the saved run to MLflow (MLFLOW_TRACKING_URI, else ./mlruns); needs the track extra."),
 ):
     """Train a head on cached features, choose its hyperparameters on validation, save and report it."""
     from pipeline import api
@@ -215,7 +216,7 @@ def train_head(
                          views=views, head=head, C=C, k=k, norm=norm, hidden=hidden, dropout=dropout, lr=lr,
                          weight_decay=weight_decay, epochs=epochs, batch_size=batch_size, patience=patience,
                          early_stop_fraction=early_stop_fraction, freeze_convs=freeze_convs, weights=weights,
-                         solver=solver, seed=seed, device=device)
+                         solver=solver, seed=seed, device=device, track=track)
     for split, m in run.metrics.items():
         _echo(format_metrics(m, f"{run.folder.name} on {split}") + "\n")
     from pipeline.runs import describe_chosen, selection_note

@@ -409,8 +409,10 @@ class TrainConfig:
     pool: str = "auto"  # on a map cache: a pooling of pools.HEAD_POOLS, or auto (swept); on a pooled cache: its own
     refit: bool | None = None  # refit the choice on train+val before test; None: when there is a test split
     views: bool | None = None  # train on the cache's augmented views too; None: when it has them and they fit memory
+    track: str | None = None  # log the saved run to a tracker (tracking.py): mlflow
 
     PARAMS = {"val_fraction": Interval(float, 0, 1, open_low=True, open_high=True),
+              "track": Optional(OneOf(("mlflow",))),
               "pool": OneOf(("auto",) + pools.HEAD_POOLS),
               "memory_budget": Optional(Satisfies(lambda s: parse_bytes(s) > 0, "a size such as 8G, 512M or 1000000"))}
 

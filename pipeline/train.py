@@ -210,6 +210,10 @@ def refit(cfg: TrainConfig, choice: Choice):
 def train_head(cfg: TrainConfig) -> runs.Run:
     """Fit, choose, score and save one head on a feature cache (opened once); returns the saved run."""
     out = Path(cfg.out) if cfg.out else None
+    if cfg.track:
+        from pipeline import tracking
+
+        tracking._mlflow()  # a missing extra is said now, not after the fit
     start = time.perf_counter()
     with store.open_cache(cfg.features) as cache:  # open to the end: a streamed split reads from it
         out = out or cfg.models_dir / _default_name(cfg.features, cfg.head.kind)
@@ -235,7 +239,10 @@ def train_head(cfg: TrainConfig) -> runs.Run:
         trained = _trained(cfg, cache.header, choice, head, (start, loaded, fitted))
         _warn_of_copies_across_splits(cfg, cache)
         reference = drift.reference(d.X_train, d.y_train, d.X_val, proba_val.max(1), len(names))
-    return runs.save_run(out, head, trained, metrics, errors=(wrong, cache.header.source.root), reference=reference)
+    run = runs.save_run(out, head, trained, metrics, errors=(wrong, cache.header.source.root), reference=reference)
+    if cfg.track:
+        log.info("tracked in %s", tracking.track(cfg.track, run))
+    return run
 
 
 def _with_weights(cfg: TrainConfig, header: store.Header) -> TrainConfig:

@@ -344,3 +344,27 @@ def test_a_class_without_training_rows_is_refused_naming_its_failed_files(image_
     with pytest.raises(UserError, match=r"class 'circle' has no row in 'train' of .*\(4 images of 'train' failed: "
                                         r"train/circle/\S+\.jpg: .*: a head cannot learn it"):
         train_head(TrainConfig(features=out, out=tmp_path / "run"))
+
+
+def test_track_mlflow_logs_params_sweep_metrics_and_files_to_a_local_store(tmp_path, monkeypatch):
+    mlflow = pytest.importorskip("mlflow")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run = train_head(TrainConfig(features=feature_file(tmp_path / "f.h5"), out=tmp_path / "run", track="mlflow"))
+    client = mlflow.tracking.MlflowClient("file:./mlruns")
+    logged = client.search_runs([client.get_experiment_by_name("vggcache").experiment_id])[0]
+    assert logged.data.params["chosen.C"] == f"{run.record.head.chosen['C']:g}"
+    assert logged.data.metrics["val.accuracy"] == run.metrics["val"]["accuracy"]
+    assert logged.data.metrics["test.accuracy"] == run.metrics["test"]["accuracy"]
+    assert len(client.get_metric_history(logged.info.run_id, "sweep.val_accuracy")) == 45
+    assert {a.path for a in client.list_artifacts(logged.info.run_id, "run")} >= {"run/run.json", "run/head.npz"}
+    assert logged.data.tags["vggcache.fingerprint"] == run.fingerprint
+
+
+def test_track_without_the_extra_says_how_to_install_it_before_the_fit(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # as if the track extra were not installed
+    with pytest.raises(UserError, match=r"--track mlflow needs MLflow: pip install -e '\.\[track\]'"):
+        train_head(TrainConfig(features=feature_file(tmp_path / "f.h5"), out=tmp_path / "run", track="mlflow"))
+    assert not (tmp_path / "run").exists()
