@@ -94,7 +94,7 @@ body { font: 13px system-ui, sans-serif; margin: 16px; color: #222; } h1 { font-
 #side label { display: block; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; max-width: 260px; }
 #side h2 { font-size: 13px; margin: 12px 0 4px; } .dot { display: inline-block; width: 9px; height: 9px; border-radius: 50%; margin-right: 4px; }
 #tip { position: absolute; background: #fff; border: 1px solid #888; padding: 4px; max-width: 320px; word-break: break-all;
-       box-shadow: 0 1px 4px rgba(0,0,0,.3); pointer-events: none; } #tip img { display: block; margin-bottom: 3px; }
+       box-shadow: 0 1px 4px rgba(0,0,0,.3); pointer-events: none; } #tip img { display: block; margin-bottom: 3px; width: 80px; }
 """
 
 

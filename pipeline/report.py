@@ -72,7 +72,8 @@ def _metrics(split: str, m: dict) -> str:
 
 def _record(run) -> str:
     r = run.record
-    rows = [("head", r.head.kind), ("chosen", ", ".join(f"{k}={v}" for k, v in r.head.chosen.items())),
+    rows = [("head", r.head.kind), ("chosen", ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                                                       for k, v in r.head.chosen.items())),
             ("candidates", len(r.sweep)), ("refit on train + val", "yes" if r.refit else "no"),
             ("train", f"{r.splits.train} ({r.splits.n_train} rows)"), ("validation", f"{r.splits.val} ({r.splits.n_val} rows)"),
             ("test", r.splits.test or "none"), ("features", r.features.path), ("fingerprint", r.features.fingerprint),
