@@ -2,8 +2,10 @@
 # The benchmark on a lent GPU machine (an H200 through the device tool): no network there, so nothing is
 # installed; its image already has torch, torchvision, h5py, typer, rich, scikit-learn, joblib, matplotlib, Pillow.
 # Generates 12,000 JPEGs of 500x375, runs bench/bench.py on CUDA (CPU and nvJPEG decoding), and torchrun over every
-# GPU (with one GPU, row 8 compares one process with another), writes its results.
-# Under 5 minutes on an H200. Usage: bash bench/gpu.sh [results folder]   (default: $OUT, else bench/results)
+# GPU (with one GPU, row 8 compares one process with another), writes its results. Row 13 runs the head sweeps on
+# the GPU (train-head's --device auto picks CUDA: logreg's torch solver and the linear head's wide module run there)
+# on synthetic map caches of 1k, 4k and 16k rows, against today's code (scikit-learn, on the CPU) at 1k; row 15
+# loads `serve` on CUDA. About 10 minutes on an H200. Usage: bash bench/gpu.sh [results folder]   (default: $OUT, else bench/results)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 results="${1:-${OUT:-bench/results}}"

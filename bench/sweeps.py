@@ -130,9 +130,8 @@ def bench_sweeps(tmp: Path, real: Path | None = None, sizes=SIZES, reference_row
     of `reference_rows` and on the real one, in the same run."""
     tree = baseline_tree(tmp)
     out = {"baseline": BASELINE if tree else None, "caches": {}}
-    caches = {f"synthetic {n:,}": (n, synthetic_map_cache(tmp / f"sweep{n}.h5", n)) for n in sizes}
-    if real is not None and real.is_file():
-        caches["real"] = (None, real)
+    caches = {"real": (None, real)} if real is not None and real.is_file() else {}  # the target's case first
+    caches |= {f"synthetic {n:,}": (n, synthetic_map_cache(tmp / f"sweep{n}.h5", n)) for n in sizes}
     try:
         for name, (n, cache) in caches.items():
             row = out["caches"][name] = {"train_rows": _train_rows(cache)}
