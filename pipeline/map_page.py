@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.files import printable
 from pipeline.report import CHECK, DONE, e
 
 log = logging.getLogger(__name__)
@@ -120,10 +121,11 @@ def page(xy: np.ndarray, labels: np.ndarray, splits: np.ndarray, paths, names: l
     """The page of projected points (`wrong`: path -> the run's wrong prediction)."""
     lo, span = xy.min(0), np.maximum(np.ptp(xy, 0), 1e-12)
     unit = (xy - lo) / span
-    points = [{"x": round(float(u[0]), 4), "y": round(float(u[1]), 4), "label": int(y), "split": str(s), "path": str(p),
-               "wrong": wrong.get(str(p), ""), "thumb": _thumb(root / p) if root else None}
+    points = [{"x": round(float(u[0]), 4), "y": round(float(u[1]), 4), "label": int(y), "split": str(s),
+               "path": printable(str(p)), "wrong": printable(wrong.get(str(p), "")),
+               "thumb": _thumb(root / p) if root else None}
               for u, y, s, p in zip(unit, labels, splits, paths)]
-    data = {"points": points, "classes": list(names), "splits": sorted(set(map(str, splits))), "colors": PALETTE}
+    data = {"points": points, "classes": [printable(n) for n in names], "splits": sorted(set(map(str, splits))), "colors": PALETTE}
     payload = json.dumps(data).replace("</", "<\\/")  # no "</script>" can end the block early, whatever a name holds
     return "\n".join([
         "<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',

@@ -16,6 +16,8 @@ import html
 import json
 from pathlib import Path
 
+from pipeline.files import printable
+
 REPORT_HTML = "report.html"
 
 STYLE = """
@@ -43,7 +45,8 @@ DONE = '<script>document.body.dataset.rendered = "yes";</script>'
 
 
 def e(value) -> str:
-    return html.escape(str(value), quote=True)
+    """HTML-escaped text; a file name's bytes that are not UTF-8 shown as \\xNN (a page must be valid UTF-8)."""
+    return html.escape(printable(str(value)), quote=True)
 
 
 def image(path: Path, alt: str) -> str:

@@ -170,7 +170,7 @@ def _result(name: str, proba: np.ndarray, names: list[str], k: int) -> dict:
 
 class _LimitedBody:
     """ASGI middleware: a request whose body is over `limit` bytes is answered 413 (by its Content-Length before
-    anything is read, else as soon as the bytes read pass the limit)."""
+    anything is kept, else as soon as the bytes read pass the limit)."""
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
@@ -178,8 +178,11 @@ class _LimitedBody:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            if headers.get(b"expect", b"").lower() != b"100-continue":  # else the client waits and sends nothing
+                await _discard_body(receive, DISCARD_FACTOR * self.limit)
             return await _too_large(send, self.limit)
         seen = 0
 
@@ -194,11 +197,27 @@ class _LimitedBody:
         try:
             await self.app(scope, counted, send)
         except _TooLarge:
+            await _discard_body(receive, DISCARD_FACTOR * self.limit)
             await _too_large(send, self.limit)
 
 
 class _TooLarge(Exception):
     pass
+
+
+# A refused body is read and dropped (up to this many times the limit) before the 413 is sent: a client still
+# sending when the server answers and closes gets a broken pipe or a reset instead of the answer. nginx's lingering
+# close does the same; nothing of it is kept.
+DISCARD_FACTOR = 8
+
+
+async def _discard_body(receive, most: int) -> None:
+    read = 0
+    while read <= most:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body"):
+            return
+        read += len(message.get("body", b""))
 
 
 async def _too_large(send, limit: int) -> None:

@@ -169,6 +169,12 @@ def test_concurrent_requests_get_predicts_values(runs, server):
         assert [c["class"] for c in result["top_k"]] == [c.split(":")[0] for c in row["top_k"].split(";")]
 
 
+def _chunked(files: list[tuple[str, bytes]]) -> dict:
+    """A body sent chunked (no Content-Length): the server can only count what it reads."""
+    body, content_type = _multipart(files)
+    return {"body": (body[i:i + 65536] for i in range(0, len(body), 65536)), "content_type": content_type}
+
+
 def _bomb() -> bytes:
     buffer = io.BytesIO()
     Image.new("1", (10_000, 10_000)).save(buffer, "PNG")  # 100 Mpx: over Pillow's limit (89.5), a tiny file
@@ -185,11 +191,12 @@ def _truncated(data: Path) -> bytes:
     (lambda d: {"files": [("zero.jpg", b"")]}, 422, "zero.jpg is not an image this server can read (empty file"),
     (lambda d: {"files": [("bomb.png", _bomb())]}, 422, "over Pillow's decompression-bomb limit"),
     (lambda d: {"files": [("big.jpg", b"x" * (2 << 20))]}, 413, "request larger than --max-request-mb (1 MB)"),
+    (lambda d: _chunked([("big.jpg", b"x" * (2 << 20))]), 413, "request larger than --max-request-mb (1 MB)"),
     (lambda d: {"files": []}, 422, "no file"),
     (lambda d: {"body": b"{}", "content_type": "application/json"}, 422, "no file"),
     (lambda d: {"path": "/nope", "method": "GET"}, 404, "Not Found"),
     (lambda d: {"path": "/predict", "method": "GET"}, 405, "Method Not Allowed"),
-], ids=["text", "truncated", "zero-bytes", "bomb", "too-large", "no-file", "not-multipart", "unknown-route",
+], ids=["text", "truncated", "zero-bytes", "bomb", "too-large", "too-large-chunked", "no-file", "not-multipart", "unknown-route",
         "wrong-method"])
 def test_every_bad_input_is_a_4xx_json_error_and_the_server_goes_on(runs, server, request_of, status, says):
     data, _ = runs

@@ -89,7 +89,7 @@ def test_no_mistakes_is_still_a_sheet(tmp_path):
 def test_the_map_is_a_png_with_the_runs_mistakes(trained, tmp_path, method):
     _, cache, run = trained
     out = draw(MapConfig(cache, run=run.folder, method=method, out=tmp_path / "m.png"))[0]
-    assert png_size(out) == (880, 715)
+    assert png_size(out) == (1045, 715)
 
 
 def test_the_map_refuses_a_run_of_other_features(trained, tmp_path, image_folder):
@@ -131,7 +131,7 @@ def test_predict_report_writes_one_line_and_a_png(trained, tmp_path, caplog):
     data, _, run = trained
     caplog.set_level(logging.INFO)
     predict(PredictConfig(run=run.folder, images=(data / "test",), out=tmp_path / "p.csv", report=True))
-    assert png_size(tmp_path / "p.drift.png") == (1000, 360)
+    assert png_size(tmp_path / "p.drift.png") == (1000, 400)
     assert "15 new images" in caplog.text and "against the 15 validation images" in caplog.text
 
 
@@ -205,7 +205,7 @@ def test_map_cli_writes_beside_the_cache(trained):
     _, cache, _ = trained
     r = subprocess.run(CLI + ["map", str(cache)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert png_size(f"{cache}.map.png") == (880, 715)
+    assert png_size(f"{cache}.map.png") == (1045, 715)
 
 
 @needs_chromium
@@ -229,3 +229,14 @@ def test_the_interactive_map_renders_hovers_and_filters_in_a_browser(trained, tm
     dom, pixels = render(selftest, tmp_path)
     assert rendered_without_errors(dom) and 'data-selftest="passed"' in dom and not_blank(pixels)
     assert dom.count("<circle") + dom.count("<polygon") == rows and "data:image/jpeg;base64," in page.read_text()
+
+
+def test_the_map_page_shows_names_that_are_not_utf8_as_their_bytes():
+    import os
+
+    from pipeline import map_page
+
+    odd = os.fsdecode(b"caf\xe9")
+    text = map_page.page(np.array([[0.0, 0.0], [1.0, 1.0]]), np.array([0, 1]), np.array(["train", "val"]),
+                         [f"{odd}/1.jpg", "b/2.jpg"], [odd, "b"], {f"{odd}/1.jpg": odd}, None, odd)
+    assert text.encode("utf-8").count(b"caf\\\\xe9") >= 3  # path, class, wrong prediction (escaped once more by JSON)

@@ -271,6 +271,7 @@ def test_run_and_class_names_that_are_not_utf8(tmp_path):
     result = invoke("train-head", f, "--out", out, "--C", 1)
     assert result.exit_code == 0, result.output
     assert "caf\\xe9" in (out / "report.txt").read_text() and (out / "confusion_matrix.png").is_file()
+    assert "caf\\xe9" in (out / "report.html").read_bytes().decode("utf-8")  # valid UTF-8, the name shown as ls -b does
     assert [r["name"] for r in json.loads(invoke("runs", tmp_path, "--json").stdout)] == [out.name]
 
 
