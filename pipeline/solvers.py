@@ -29,6 +29,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 HISTORY = 10  # L-BFGS correction pairs
+OBJECTIVE_ROWS = 65536  # rows per float64 chunk of the objective: bounds its temporaries
 ARMIJO = 1e-4
 WOLFE_DELTA, WOLFE_SIGMA = 0.1, 0.9  # approximate Wolfe conditions (Hager and Zhang 2005)
 FLOAT_NOISE = 1e-6  # the objective, from float32 logits, is known to about this relative precision
@@ -104,12 +105,13 @@ def path_on(rows, y: np.ndarray, n_classes: int, Cs, tol: float, max_iter: int, 
     (dim, k) weights on the rows' own coordinates, as a tensor (for `_mapped_back`)."""
     import torch
 
-    Y = torch.nn.functional.one_hot(torch.as_tensor(np.asarray(y), device=rows.device).long(), n_classes).double()
-    problem = _Problem(rows, Y)
+    labels = torch.as_tensor(np.asarray(y), device=rows.device).long()
+    problem = _Problem(rows, labels)
     W, b = torch.zeros(rows.dim, n_classes, device=rows.device), torch.zeros(n_classes, device=rows.device)
     for C in sorted(float(c) for c in Cs):
         # two classes: the softmax of two rows at C/2 is scikit-learn's one-row binary problem at C (w = w1 - w0)
-        W, b, n_iter, converged = problem.solve(W, b, 1.0 / ((C / 2 if n_classes == 2 else C) * len(Y)), tol, max_iter)
+        lam = 1.0 / ((C / 2 if n_classes == 2 else C) * len(labels))
+        W, b, n_iter, converged = problem.solve(W, b, lam, tol, max_iter)
         solution = Solution(C, W, b, n_iter, converged)
         yield solution if raw else _finished(solution, W.T.double())
 
@@ -178,21 +180,33 @@ def _mapped_back(solutions: list["Solution"], L, X) -> list["Solution"]:
 
 
 class _Problem:
-    """One L2 logistic regression on `rows` (n, r), targets Y (n, k) one-hot: L-BFGS from a warm start."""
+    """One L2 logistic regression on `rows` (n, r) with integer `labels` (n,): L-BFGS from a warm start. What it keeps
+    per row is a few (n, k) float32 arrays (logits, the step's logits, residuals); the float64 sums of the objective
+    run over chunks of rows, so that a streamed split of millions of rows stays within its memory budget."""
 
-    def __init__(self, rows, Y):
-        self.rows, self.Y, self.Y32 = rows, Y, Y.float()  # float64 for objectives, float32 for products
+    def __init__(self, rows, labels):
+        self.rows, self.labels, self.n = rows, labels, len(labels)
+
+    def _chunks(self, *arrays):
+        for start in range(0, self.n, OBJECTIVE_ROWS):
+            yield tuple(a[start:start + OBJECTIVE_ROWS] for a in arrays)
 
     def _loss(self, logits) -> float:
         """Mean cross-entropy, summed in float64: a line search compares values 1e-7 apart near the optimum."""
         import torch
 
-        return float(-(self.Y * torch.log_softmax(logits.double(), dim=1)).sum(1).mean())
+        total = 0.0
+        for part, labels in self._chunks(logits, self.labels):
+            part = part.double()
+            total += float((torch.logsumexp(part, 1) - part.gather(1, labels[:, None])[:, 0]).sum())
+        return total / self.n
 
     def _gradient(self, logits, W, lam):
         import torch
 
-        R = (torch.softmax(logits, dim=1) - self.Y32) / len(self.Y)
+        R = torch.softmax(logits, dim=1)
+        R[torch.arange(self.n, device=R.device), self.labels] -= 1.0
+        R /= self.n
         return self.rows.backward(R) + lam * W, R.sum(0)
 
     def solve(self, W, b, lam: float, tol: float, max_iter: int):
@@ -243,12 +257,15 @@ class _Problem:
         """The objective and its derivative at step t along the line (from the logits alone: no product with Z)."""
         import torch
 
-        at = (logits + t * dlogits).double()
-        logp = torch.log_softmax(at, dim=1)
+        loss = slope = 0.0
+        for part, step, labels in self._chunks(logits, dlogits, self.labels):
+            logp = torch.log_softmax((part + t * step).double(), dim=1)
+            step = step.double()
+            loss -= float(logp.gather(1, labels[:, None]).sum())
+            slope += float((logp.exp() * step).sum() - step.gather(1, labels[:, None]).sum())
         ww, wp, pp = norms
-        value = float(-(self.Y * logp).sum(1).mean()) + 0.5 * lam * (ww + 2 * t * wp + t * t * pp)
-        derivative = float(((logp.exp() - self.Y) * dlogits.double()).sum() / len(self.Y)) + lam * (wp + t * pp)
-        return value, derivative
+        value = loss / self.n + 0.5 * lam * (ww + 2 * t * wp + t * t * pp)
+        return value, slope / self.n + lam * (wp + t * pp)
 
 
 def _dot(a, b) -> float:

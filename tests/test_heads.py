@@ -63,6 +63,20 @@ def test_logreg_torch_solver_converges_to_the_reference_solution(n_classes, feat
     np.testing.assert_allclose(ours.predict_proba(X), reference.predict_proba(X), atol=2e-4)
 
 
+@pytest.mark.parametrize("n_classes", [2, 4])
+def test_logreg_objective_summed_over_chunks_of_rows_is_the_same_fit(n_classes, monkeypatch):
+    """The float64 objective is summed over chunks of rows (its temporaries bounded on a split of millions of rows):
+    chunks of 7 rows, the last one short, give the fit of one chunk to rounding."""
+    from pipeline import solvers
+
+    X, y = make_blobs(n_samples=300, centers=n_classes, n_features=8, cluster_std=3.0, random_state=2)
+    whole = LogRegHead(C=0.5, tol=1e-6, device="cpu").fit(X, y)
+    monkeypatch.setattr(solvers, "OBJECTIVE_ROWS", 7)
+    chunked = LogRegHead(C=0.5, tol=1e-6, device="cpu").fit(X, y)
+    assert chunked.converged_ and abs(chunked.n_iter_ - whole.n_iter_) <= 2
+    np.testing.assert_allclose(chunked.predict_proba(X), whole.predict_proba(X), atol=1e-5)
+
+
 @pytest.mark.parametrize("kind, params", [("logreg", {"C": 0.1}), ("linear", {**FAST_LINEAR, "hidden": 8}),
                                           ("linear", FAST_LINEAR), ("logreg", {"C": 0.1, "norm": "power"}),
                                           ("linear", {**FAST_LINEAR, "norm": "l2"}), ("knn", {"k": 5}),
