@@ -536,15 +536,13 @@ class KnnHead(Head):
         self.train_labels_ = labels.astype(np.int64)
 
 
-def _torch_row_normalised(x, norm: str):
-    """row_normalised in torch (the exported model's)."""
+def register_layers(module, layers, dtype) -> None:
+    """(weight, bias) pairs as the buffers w0, b0, w1, b1, ... of a torch module (an exported head's)."""
     import torch
 
-    if norm == "power":
-        x = torch.sign(x) * torch.sqrt(torch.abs(x))
-    if norm in ("l2", "power"):
-        x = x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp(min=1e-12)
-    return x
+    for k, (w, b) in enumerate(layers):
+        module.register_buffer(f"w{k}", torch.as_tensor(np.asarray(w, dtype)))
+        module.register_buffer(f"b{k}", torch.as_tensor(np.asarray(b, dtype)))
 
 
 def _TorchHead(kind: str, norm: str, layers):
@@ -553,16 +551,16 @@ def _TorchHead(kind: str, norm: str, layers):
     folded standardisation makes large weights, whose float32 products would be off by 1e-4)."""
     import torch
 
+    from pipeline.solvers import row_normalised
+
     class Head(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            for k, (w, b) in enumerate(layers):
-                self.register_buffer(f"w{k}", torch.as_tensor(np.asarray(w, np.float64)))
-                self.register_buffer(f"b{k}", torch.as_tensor(np.asarray(b, np.float64)))
+            register_layers(self, layers, np.float64)
             self.n = len(layers)
 
         def forward(self, x):
-            x = _torch_row_normalised(x, norm).double()
+            x = row_normalised(x, norm).double()
             for k in range(self.n):
                 x = x @ getattr(self, f"w{k}").T + getattr(self, f"b{k}")
                 if k < self.n - 1:
@@ -579,6 +577,8 @@ def _TorchKnn(norm: str, mean, scale, train, train_labels, n_classes: int, k: in
     """KnnHead.predict_proba as a torch module, in float64 as there (a neighbour's rank must not change)."""
     import torch
 
+    from pipeline.solvers import row_normalised
+
     class Knn(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -588,7 +588,7 @@ def _TorchKnn(norm: str, mean, scale, train, train_labels, n_classes: int, k: in
             self.register_buffer("votes", torch.eye(n_classes, dtype=torch.float64)[torch.as_tensor(train_labels)])
 
         def forward(self, x):
-            z = (_torch_row_normalised(x, norm).double() - self.mean) / self.scale
+            z = (row_normalised(x, norm).double() - self.mean) / self.scale
             q = (z / torch.linalg.vector_norm(z, dim=1, keepdim=True).clamp(min=1e-12)).float().double()
             sims, top = torch.topk(q @ self.rows.T, k, dim=1)
             weights = torch.exp((sims - 1) / temperature)  # (n, k)

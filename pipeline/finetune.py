@@ -19,7 +19,8 @@ import math
 import numpy as np
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from pipeline.estimators import Head, _fit_inputs, _real, _softmax, hold_out, run_epochs, streamed_hold_out, with_views
+from pipeline.estimators import (Head, _fit_inputs, _real, _softmax, hold_out, register_layers, run_epochs,
+                                 streamed_hold_out, with_views)
 from pipeline.config import VGG16_CHANNELS
 
 HEAD_LR_FACTOR = 10  # the new classifier learns from scratch: 10x the pretrained convolutions' learning rate
@@ -137,9 +138,7 @@ class Block5Head(Head):
         class Block5(torch.nn.Module):
             def __init__(self):
                 super().__init__()
-                for k, (w, b) in enumerate(layers):
-                    self.register_buffer(f"w{k}", torch.as_tensor(np.asarray(w, np.float32)))
-                    self.register_buffer(f"b{k}", torch.as_tensor(np.asarray(b, np.float32)))
+                register_layers(self, layers, np.float32)
 
             def forward(self, rows):
                 x = rows.reshape(-1, VGG16_CHANNELS, side, side)

@@ -50,17 +50,25 @@ class Solution:
     converged: bool
 
 
+def row_normalised(T, norm: str):
+    """estimators.row_normalised in torch (the solver's rows, an exported head's input): `power` takes signed square
+    roots, then `l2` and `power` scale each row to unit length; `standard` leaves rows as they are."""
+    if norm == "power":
+        T = T.sign() * T.abs().sqrt()
+    if norm in ("l2", "power"):
+        T = T / T.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    return T
+
+
 def normalised(X: np.ndarray, norm: str, device: str = "cpu", rows_per_step: int = 4096):
     """(rows as a float32 tensor on `device`, mean, scale): the rows normalised as estimators.row_normalised then
     standardised by their own statistics (`standard`, as scikit-learn's StandardScaler: float64 sums, a constant
     feature's scale 1), on the device and in float32 (the numpy path takes 3x longer on a wide map)."""
     import torch
 
-    T = torch.as_tensor(X, dtype=torch.float32).to(device)
-    if norm == "power":
-        T = T.sign() * T.abs().sqrt()
+    T = row_normalised(torch.as_tensor(X, dtype=torch.float32).to(device), norm)
     if norm in ("l2", "power"):
-        return T / T.norm(dim=1, keepdim=True).clamp(min=1e-12), np.zeros(T.shape[1]), np.ones(T.shape[1])
+        return T, np.zeros(T.shape[1]), np.ones(T.shape[1])
     if norm != "standard":
         raise ValueError(f"norm {norm!r} is not one of standard, l2, power")
     total = torch.zeros(T.shape[1], dtype=torch.float64, device=T.device)
