@@ -14,7 +14,7 @@ from torchvision.models.vgg import cfgs, make_layers
 from pipeline import config, pools
 from pipeline.config import FeatureConfig
 from pipeline.device import autocast, resolve_device, resolve_precision
-from pipeline.errors import UserError
+from pipeline.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +107,7 @@ def _load_failure(e: Exception, path: Path) -> str:
     if "Weights only load failed" in str(e):
         return ("it is not a plain state dict of tensors: a file holding other pickled Python objects is never "
                 "loaded, as they could run code")
-    first = str(e).strip().splitlines()[0] if str(e).strip() else "the file is empty or truncated"
-    return f"{type(e).__name__}: {first[:200]}"
+    return f"{type(e).__name__}: {first_line(e, 'the file is empty or truncated')[:200]}"
 
 
 def build_body(feature_cfg: FeatureConfig, weights: str) -> VGG16Body:

@@ -25,7 +25,7 @@ import signal
 from dataclasses import dataclass
 from enum import Enum
 
-from pipeline.errors import Terminated, UserError
+from pipeline.errors import Terminated, UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -173,9 +173,8 @@ class Group:
             dist.monitored_barrier(group=self._gloo, timeout=datetime.timedelta(seconds=BARRIER_TIMEOUT_S),
                                    wait_all_ranks=True)
         except RuntimeError as e:
-            first = str(e).strip().splitlines()[0][:300]
-            raise UserError(f"rank {self.worker.index}: not every rank finished its part ({first}); what they "
-                            "committed is saved: rerun the same command to continue") from None
+            raise UserError(f"rank {self.worker.index}: not every rank finished its part ({first_line(e)[:300]}); "
+                            "what they committed is saved: rerun the same command to continue") from None
 
 
 def quiet_unless_leader(worker: Worker) -> None:

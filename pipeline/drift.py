@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def load(folder: Path) -> dict | None:
 
 def _why(e: Exception) -> str:
     """One short reason, never numpy's advice to load a file with allow_pickle (a run's file holds no objects)."""
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    text = first_line(e)
     if "pickle" in text:
         return "it is not a numpy archive of plain arrays"
     return text if len(text) <= 120 else text[:text.rfind(" ", 0, 120)] + " ..."

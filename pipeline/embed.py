@@ -19,7 +19,8 @@ import numpy as np
 from pipeline import files, store
 from pipeline.config import ExtractConfig, FeatureConfig, weights_is_file
 from pipeline.distributed import Worker
-from pipeline.errors import EXIT_CTRL_C, EXIT_SIGTERM, EXIT_WORKER_DIED, Interrupted, Terminated, UserError
+from pipeline.errors import (EXIT_CTRL_C, EXIT_SIGTERM, EXIT_WORKER_DIED, Interrupted, Terminated, UserError,
+                             first_line)
 from pipeline.journal import Journal
 from pipeline.progress import Progress
 from pipeline.store import Record
@@ -159,7 +160,8 @@ def interruption(worker: Worker, journal: Journal, cause: BaseException | None =
     the exit code says what stopped it (errors.Interrupted)."""
     saved = f"{len(journal.entries)} images are saved in {journal.directory}; rerun the same command to resume"
     if cause is not None and worker_died(cause):
-        detail = _first_line(cause) if isinstance(cause, RuntimeError) else "its connection broke mid-batch"
+        detail = first_line(cause).rstrip(". ")[:160] if isinstance(cause, RuntimeError) else \
+            "its connection broke mid-batch"
         return Interrupted(f"{worker.who}interrupted: a decode worker died ({detail}; the OOM killer? fewer --workers "
                            f"or a smaller --batch-size need less memory): {saved}", EXIT_WORKER_DIED)
     if isinstance(cause, Terminated):
@@ -188,9 +190,6 @@ def worker_died(e: BaseException) -> bool:
                                                                                                       EOFError))
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return text.rstrip(". ")[:160]
 
 
 def _embed_batch(extractor, batch: dict, todo: list[Record], fcfg: FeatureConfig) -> tuple[list[Record], np.ndarray]:

@@ -20,3 +20,10 @@ class Terminated(KeyboardInterrupt):
 
 
 EXIT_CTRL_C, EXIT_SIGTERM, EXIT_WORKER_DIED = 130, 143, 75
+
+
+def first_line(e: BaseException, empty: str | None = None) -> str:
+    """An exception's text on one line, for a one-line message: its first line, or `empty` (default: its type's
+    name) when it has no text."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else (empty if empty is not None else type(e).__name__)

@@ -31,7 +31,7 @@ import numpy as np
 
 from pipeline import files, pools
 from pipeline.config import FeatureConfig
-from pipeline.errors import UserError
+from pipeline.errors import UserError, first_line
 from pipeline.params import is_json_of
 
 SCHEMA_VERSION = 2
@@ -404,8 +404,7 @@ class Cache:
         try:
             yield
         except (KeyError, OSError, RuntimeError, ValueError, UnicodeDecodeError) as e:
-            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise Damaged(f"{self.path} is damaged: split {split!r} cannot be read ({first}); "
+            raise Damaged(f"{self.path} is damaged: split {split!r} cannot be read ({first_line(e)[:200]}); "
                           "rebuild it with extract --force") from None
 
     def rows(self, split: str, positions: np.ndarray, dataset: str = "features") -> np.ndarray:
@@ -439,8 +438,8 @@ def _open_validated(path: Path) -> tuple[h5py.File, Header]:
         raise Damaged(f"{path} {e}") from None
     except (KeyError, OSError, RuntimeError, ValueError) as e:  # damaged bytes inside HDF5's own structures
         f.close()
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise Damaged(f"{path} is damaged: HDF5 cannot read it ({first}); rebuild it with extract --force") from None
+        raise Damaged(f"{path} is damaged: HDF5 cannot read it ({first_line(e)[:200]}); rebuild it with extract "
+                      "--force") from None
     except BaseException:
         f.close()
         raise
