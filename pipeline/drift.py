@@ -158,9 +158,9 @@ def fewest_images(n_val: int) -> int | None:
 def figure(ref: dict, d_new: np.ndarray, confidence_new: np.ndarray, title: str):
     """Distance to the nearest centroid and confidence: validation against the new images, as densities; the
     verdict above, wrapped; each axis spans the values present."""
-    from pipeline.plots import _pyplot, wrapped
+    from pipeline.plots import pyplot, wrapped
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.0), constrained_layout=True)
     panels = ((axes[0], DISTANCE_BINS, ref["distance_hist"], d_new, "cosine distance to the nearest class centroid"),
               (axes[1], CONFIDENCE_BINS, ref["confidence_hist"], confidence_new, "confidence (top probability)"))

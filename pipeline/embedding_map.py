@@ -68,11 +68,13 @@ def draw(cfg: MapConfig) -> list[Path]:
     if len(X) < 3:
         raise UserError(f"{cfg.features} holds {len(X)} rows: a map needs 3 at least")
     xy = project(X, cfg.method, cfg.seed)
-    written = []
+    title, written = f"{Path(cfg.features).name}: {cfg.method.upper()} of {len(xy)} images", []
     if cfg.png_path:
-        written.append(_plot(xy, y, splits, np.array([p in wrong for p in paths], bool), names, cfg))
+        from pipeline.plots import save
+
+        missed = np.array([p in wrong for p in paths], bool)
+        written.append(save(map_figure(xy, y, splits, missed, names, title), cfg.png_path, 110))
     if cfg.html:
-        title = f"{Path(cfg.features).name}: {cfg.method.upper()} of {len(xy)} images"
         page = map_page.page(xy, y, splits, paths, names, wrong, Path(root) if root else None, title)
         Path(cfg.html).write_text(page, encoding="utf-8")
         written.append(Path(cfg.html))
@@ -92,20 +94,13 @@ def _run_parts(cfg: MapConfig):
     return run, run.record.pool, {m.path: m.predicted for m in gallery.read_errors(run.folder)}
 
 
-def _plot(xy, y, splits, missed, names: list[str], cfg: MapConfig) -> Path:
-    from pipeline.plots import save
-
-    title = f"{Path(cfg.features).name}: {cfg.method.upper()} of {len(xy)} images"
-    return save(map_figure(xy, y, splits, missed, names, title), cfg.png_path, 110)
-
-
 def map_figure(xy, y, splits, missed, names: list[str], title: str):
     """The points coloured by class, one marker per split, mistakes ringed; the legend beside the plot."""
     from matplotlib.lines import Line2D
 
-    from pipeline.plots import _pyplot, shortened
+    from pipeline.plots import pyplot, shortened
 
-    plt = _pyplot()
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(9.5, 6.5), constrained_layout=True)
     cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")

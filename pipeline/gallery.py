@@ -66,16 +66,19 @@ def read_errors(folder: Path) -> list[Mistake]:
         raise UserError(f"{path} is damaged ({e}); retrain the run") from None
 
 
-def thumbnail(path: Path | None) -> np.ndarray | None:
-    """The image at `path` as an RGB array, its longer side THUMB px; None when it cannot be read."""
+def thumbnail(path: Path | None, size: int = THUMB) -> np.ndarray | None:
+    """The image at `path` as an RGB array, its longer side `size` px (a JPEG decoded at a reduced scale, never
+    below twice that); None when it cannot be read."""
     from PIL import Image, ImageOps
 
     if path is None:
         return None
     try:
         with Image.open(path) as img:
+            if img.format == "JPEG":
+                img.draft("RGB", (size * 2, size * 2))
             img = ImageOps.exif_transpose(img).convert("RGB")
-            img.thumbnail((THUMB, THUMB))
+            img.thumbnail((size, size))
             return np.asarray(img)
     except Exception:  # gone, unreadable or not an image any more: a placeholder instead
         return None
@@ -89,9 +92,9 @@ def contact_sheet(found: list[Mistake], image_root: Path | None, out: Path, titl
 
 def sheet_figure(found: list[Mistake], image_root: Path | None, title: str):
     """The thumbnails of `found`, each titled with its split, file, true and predicted class; the title above."""
-    from pipeline.plots import _pyplot, shortened
+    from pipeline.plots import pyplot, shortened
 
-    plt = _pyplot()
+    plt = pyplot()
     cols = max(1, min(COLUMNS, len(found)))
     rows = max(1, -(-len(found) // cols))
     fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 2.2 * rows + 0.4), squeeze=False)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import gallery
 from pipeline.files import printable
 from pipeline.report import CHECK, DONE, e
 
@@ -101,19 +102,14 @@ body { font: 13px system-ui, sans-serif; margin: 16px; color: #222; } h1 { font-
 
 def _thumb(path: Path) -> str | None:
     """A small JPEG of the image at `path`, base64; None when it cannot be read (gone, changed, not an image)."""
-    from PIL import Image, ImageOps
+    from PIL import Image
 
-    try:
-        with Image.open(path) as img:
-            if img.format == "JPEG":
-                img.draft("RGB", (THUMB * 2, THUMB * 2))
-            img = ImageOps.exif_transpose(img).convert("RGB")
-            img.thumbnail((THUMB, THUMB))
-            buffer = io.BytesIO()
-            img.save(buffer, "JPEG", quality=70)
-            return base64.b64encode(buffer.getvalue()).decode("ascii")
-    except Exception:
+    pixels = gallery.thumbnail(path, THUMB)
+    if pixels is None:
         return None
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=70)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def page(xy: np.ndarray, labels: np.ndarray, splits: np.ndarray, paths, names: list[str], wrong: dict[str, str],

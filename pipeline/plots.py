@@ -34,7 +34,8 @@ def wrapped(text: str, width_inches: float, fontsize: float, lines: int = 3) -> 
     return "\n".join(parts)
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -45,14 +46,14 @@ def _pyplot():
 
 def save(fig, path: Path, dpi: int) -> Path:
     fig.savefig(path, dpi=dpi)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return Path(path)
 
 
 def confusion_figure(confusion: list[list[int]], class_names: list[str], title: str):
     """Counts and row-normalised (recall) side by side, the run's name above both; sized so that 20 class names
     stay readable (cell values are written up to 20 classes)."""
-    plt = _pyplot()
+    plt = pyplot()
     cm = np.asarray(confusion)
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     k = len(class_names)
@@ -91,7 +92,7 @@ def sweep_figure(lines: dict[str, list[tuple[float, float]]], x_name: str, chose
     """Validation accuracy against `x_name`: a log axis for a wide grid (C, weight decay), the values themselves
     for a few (k); `lines` maps a label (the other settings) to its (x, accuracy) points, each line a colour and a
     dash style of its own; the `chosen` point is ringed; the legend sits beside the plot."""
-    plt = _pyplot()
+    plt = pyplot()
     xs = sorted({x for points in lines.values() for x, _ in points})
     categorical = len(xs) <= 12 and all(float(x).is_integer() for x in xs)  # k: the values tried, evenly spaced
     place = (lambda x: xs.index(x)) if categorical else (lambda x: x)
