@@ -18,7 +18,7 @@ from typer.core import TyperGroup
 
 from pipeline.config import VGG16_CHANNELS, VIEWS, AuditConfig, EvaluateConfig, MapConfig, ExtractConfig, HeadConfig, PredictConfig, ServeConfig, TrainConfig
 from pipeline.errors import Interrupted, UserError
-from pipeline.files import human_bytes, printable
+from pipeline.files import human_bytes, printable, shortened_to
 from pipeline.heads import HEADS
 from pipeline.pools import HEAD_POOLS, POOLS
 
@@ -350,12 +350,8 @@ def _fitted_columns(header: tuple, table: list[tuple], width: int) -> list[str]:
     while sum(widths) + 2 * (len(widths) - 1) > width and max(widths[i] for i in texts) > 12:
         widest = max(texts, key=lambda i: widths[i])
         widths[widest] -= 1
-    cell = lambda value, i: _middle(str(value), widths[i]).ljust(widths[i]) if i < 4 else str(value).rjust(widths[i])
+    cell = lambda value, i: shortened_to(str(value), widths[i]).ljust(widths[i]) if i < 4 else str(value).rjust(widths[i])
     return ["  ".join(cell(value, i) for i, value in enumerate(row)).rstrip() for row in [header, *table]]
-
-
-def _middle(text: str, width: int) -> str:
-    return text if len(text) <= width else text[:(width - 3) // 2 + (width - 3) % 2] + "..." + text[len(text) - (width - 3) // 2:]
 
 
 @app.command()

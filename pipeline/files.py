@@ -127,6 +127,14 @@ def printable(text: str) -> str:
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def shortened_to(text: str, room: int) -> str:
+    """`text` shortened in the middle (`abc...xyz`) to `room` characters, when it is longer."""
+    if len(text) <= room:
+        return text
+    keep = room - 3
+    return text[:keep - keep // 2] + "..." + text[len(text) - keep // 2:]
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1024 or unit == "TB":

@@ -13,16 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.files import shortened_to
+
 CHAR_WIDTH = 0.62  # a character's width in font sizes: what fits a figure, before it is drawn
 
 
 def shortened(text: str, width_inches: float, fontsize: float) -> str:
     """`text` shortened in the middle (`abc...xyz`) to fit `width_inches` at `fontsize` points."""
-    room = max(12, int(width_inches * 72 / (fontsize * CHAR_WIDTH)))
-    if len(text) <= room:
-        return text
-    keep = room - 3
-    return text[:keep - keep // 2] + "..." + text[len(text) - keep // 2:]
+    return shortened_to(text, max(12, int(width_inches * 72 / (fontsize * CHAR_WIDTH))))
 
 
 def wrapped(text: str, width_inches: float, fontsize: float, lines: int = 3) -> str:
