@@ -18,6 +18,7 @@ from pipeline.augment import RECIPE
 from pipeline.errors import UserError
 from pipeline.heads import HEADS, NORMS
 from pipeline.params import Interval, OneOf, Optional, Satisfies, parse_option, validate
+from pipeline.tracking import TRACKERS
 
 POOLS = tuple(pools.POOLS)
 DTYPES = ("float16", "float32")
@@ -412,7 +413,7 @@ class TrainConfig:
     track: str | None = None  # log the saved run to a tracker (tracking.py): mlflow
 
     PARAMS = {"val_fraction": Interval(float, 0, 1, open_low=True, open_high=True),
-              "track": Optional(OneOf(("mlflow",))),
+              "track": Optional(OneOf(TRACKERS)),
               "pool": OneOf(("auto",) + pools.HEAD_POOLS),
               "memory_budget": Optional(Satisfies(lambda s: parse_bytes(s) > 0, "a size such as 8G, 512M or 1000000"))}
 

@@ -24,14 +24,14 @@ EXPERIMENT = "vggcache"
 
 
 def track(kind: str, run) -> str:
-    """Log the saved run (runs.Run) to the `kind` tracker; returns where it went, in words."""
-    if kind not in TRACKERS:
-        raise UserError(f"--track {kind!r} is not valid (expected one of {', '.join(TRACKERS)})")
-    mlflow = _mlflow()
+    """Log the saved run (runs.Run) to the `kind` tracker (one of TRACKERS, as TrainConfig checks); returns where
+    it went, in words."""
+    mlflow = load_mlflow()
     if "MLFLOW_TRACKING_URI" not in os.environ:
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         mlflow.set_tracking_uri(LOCAL_STORE)
-    mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT))
+    experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
+    mlflow.set_experiment(experiment)
     r = run.record
     with mlflow.start_run(run_name=r.name) as active:
         mlflow.log_params({f"head.{k}": _text(v) for k, v in r.head.params.items()} | {"head.kind": r.head.kind}
@@ -44,11 +44,12 @@ def track(kind: str, run) -> str:
             mlflow.log_metrics({f"{split}.{k}": float(m[k]) for k in ("accuracy", "balanced_accuracy", "macro_f1",
                                                                         "log_loss", "top5_accuracy") if k in m})
         mlflow.log_artifacts(str(Path(run.folder)), artifact_path="run")
-        where = f"{mlflow.get_tracking_uri()} (experiment {EXPERIMENT!r}, run {active.info.run_id})"
+        where = f"{mlflow.get_tracking_uri()} (experiment {experiment!r}, run {active.info.run_id})"
     return where
 
 
-def _mlflow():
+def load_mlflow():
+    """The mlflow module, or one line saying how to install it (train-head asks before the fit)."""
     try:
         import mlflow
     except ImportError:

@@ -213,7 +213,7 @@ def train_head(cfg: TrainConfig) -> runs.Run:
     if cfg.track:
         from pipeline import tracking
 
-        tracking._mlflow()  # a missing extra is said now, not after the fit
+        tracking.load_mlflow()  # a missing extra is said now, not after the fit
     start = time.perf_counter()
     with store.open_cache(cfg.features) as cache:  # open to the end: a streamed split reads from it
         out = out or cfg.models_dir / _default_name(cfg.features, cfg.head.kind)
