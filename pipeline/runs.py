@@ -359,7 +359,8 @@ def save_run(folder: Path, head, trained: TrainedRun, metrics: dict, errors: tup
     try:
         head_path = save_head(head, folder)
         (folder / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
-        write_reports(folder, metrics, trained.features.class_names, selection_note(len(trained.sweep), metrics))
+        note = selection_note(len(trained.sweep), metrics)
+        write_reports(folder, metrics, trained.features.class_names, note)
         _plot_sweep(folder, trained.head, trained.sweep)
         if errors is not None:
             gallery.write_errors(folder, errors[0], errors[1], f"{folder.name} ({' + '.join(metrics)})")
@@ -368,7 +369,7 @@ def save_run(folder: Path, head, trained: TrainedRun, metrics: dict, errors: tup
         full = RunRecord(name=folder.name, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                          versions=library_versions(), head_file=head_path.name, head_sha256=sha256_file(head_path),
                          **{f.name: getattr(trained, f.name) for f in fields(TrainedRun)})
-        report.write(Run(folder, full, metrics), selection_note(len(trained.sweep), metrics))
+        report.write(Run(folder, full, metrics), note)
         (folder / RUN_FILE).write_text(full.to_json())
     except BaseException as e:
         for name in RUN_FILES:  # no half-written run left behind
