@@ -7,7 +7,7 @@
     GET  /info      run name, classes, fingerprint, crop size, head, library versions
 
 Bad input is a 4xx JSON error ({"error": ...}), never a 500: a file that is not an image, truncated, empty or over
-Pillow's decompression-bomb limit (422, naming the file), a request over --max-request-mb (413, before it is read
+Pillow's decompression-bomb limit (422, naming the file), a request over --max-request-mb (413, before it is kept
 whole), no file (422), an unknown route (404) or method (405). Requests that arrive while the model runs are batched
 into its next forward (no waiting added: alone, a request runs at once). It binds 127.0.0.1 by default and has no
 authentication and no TLS: put it behind your proxy for anything else.
