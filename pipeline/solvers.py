@@ -114,7 +114,7 @@ def path_on(rows, y: np.ndarray, n_classes: int, Cs, tol: float, max_iter: int, 
     import torch
 
     labels = torch.as_tensor(np.asarray(y), device=rows.device).long()
-    problem = _Problem(rows, labels)
+    problem = _Problem(rows, labels, n_classes)
     W, b = torch.zeros(rows.dim, n_classes, device=rows.device), torch.zeros(n_classes, device=rows.device)
     for C in sorted(float(c) for c in Cs):
         # two classes: the softmax of two rows at C/2 is scikit-learn's one-row binary problem at C (w = w1 - w0)
@@ -189,11 +189,16 @@ def _mapped_back(solutions: list["Solution"], L, X) -> list["Solution"]:
 
 class _Problem:
     """One L2 logistic regression on `rows` (n, r) with integer `labels` (n,): L-BFGS from a warm start. What it keeps
-    per row is a few (n, k) float32 arrays (logits, the step's logits, residuals); the float64 sums of the objective
-    run over chunks of rows, so that a streamed split of millions of rows stays within its memory budget."""
+    per row is a few (n, k) float32 arrays (logits, the step's logits, residuals, the one-hot targets); the float64
+    sums of the objective run over chunks of rows, so that a streamed split of millions of rows stays within its
+    memory budget."""
 
-    def __init__(self, rows, labels):
+    def __init__(self, rows, labels, n_classes: int):
+        import torch
+
         self.rows, self.labels, self.n = rows, labels, len(labels)
+        # float32 one-hot targets: a subtraction, 1.5x faster than putting -1 at each row's label, for 4 bytes a cell
+        self.Y32 = torch.nn.functional.one_hot(labels, n_classes).float()
 
     def _chunks(self, *arrays):
         for start in range(0, self.n, OBJECTIVE_ROWS):
@@ -212,9 +217,7 @@ class _Problem:
     def _gradient(self, logits, W, lam):
         import torch
 
-        R = torch.softmax(logits, dim=1)
-        R[torch.arange(self.n, device=R.device), self.labels] -= 1.0
-        R /= self.n
+        R = (torch.softmax(logits, dim=1) - self.Y32) / self.n
         return self.rows.backward(R) + lam * W, R.sum(0)
 
     def solve(self, W, b, lam: float, tol: float, max_iter: int):
