@@ -23,13 +23,17 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline import store  # noqa: E402
-from pipeline.backbone import vgg16_features  # noqa: E402
-from pipeline.config import ExtractConfig  # noqa: E402
+from pipeline.backbone.vgg16 import vgg16_features  # noqa: E402
+from pipeline.cache.identity import generated_config  # noqa: E402
 from pipeline.device import autocast, resolve_device, resolve_precision  # noqa: E402
-from pipeline.embed import default_batch_size, default_workers  # noqa: E402
-from pipeline.extract import extract  # noqa: E402
-from pipeline.synthetic import make_image_folder, rows_config  # noqa: E402
+from pipeline.extraction.config import ExtractConfig  # noqa: E402
+from pipeline.extraction.embed import default_batch_size, default_workers  # noqa: E402
+from pipeline.extraction.runner import extract  # noqa: E402
+from pipeline.cache.header import Header  # noqa: E402
+from pipeline.cache.record import Record  # noqa: E402
+from pipeline.cache.store import open_cache  # noqa: E402
+from pipeline.cache.writer import write_atomic  # noqa: E402
+from pipeline.synthetic import make_image_folder  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
 import finetune  # noqa: E402
@@ -85,8 +89,8 @@ def bench_limit(device, batches, layouts, precisions, seconds) -> dict:
 
 def bench_input_pipeline(data: Path, batch: int, workers: int, device) -> dict:
     """Row 2: decode + resize + crop through the extract DataLoader settings, no model."""
-    from pipeline.data import discover
-    from pipeline.reader import ImageFiles, make_loader
+    from pipeline.extraction.dataset import discover
+    from pipeline.extraction.reader import ImageFiles, make_loader
 
     paths = [i.path for i in discover(data).items]
     loader = make_loader(ImageFiles(data, paths, 256, 224), batch, workers, pin_memory=device.type == "cuda")
@@ -101,7 +105,8 @@ def bench_extract(data: Path, weights: str, device: str, decode: str, out: Path)
     start = time.perf_counter()
     s = extract(ExtractConfig(data=data, out=out, weights=weights, device=device, decode=decode, force=True))
     total = time.perf_counter() - start
-    header = store.read_header(out)
+    with open_cache(out) as cache:
+        header = cache.header
     return {"images": s.extracted, "seconds": total, "model_images_per_s": s.images_per_s,
             "images_per_s": s.extracted / total, "precision": header.extraction.precision,
             "batch": header.extraction.batch_size, "workers": header.extraction.workers,
@@ -138,9 +143,10 @@ def synthetic_features(n: int, dim: int = 512, classes: int = 10, seed: int = 0)
 def fit_seconds(kind: str, X, y, Xv, yv) -> dict:
     """Row 5 cell: the whole train-head sweep (45 C values along the path, or 4 weight decays x 2 learning rates
     with early stopping)."""
-    from pipeline.config import HeadConfig
-    from pipeline.loading import MEMORY, LoadPlan
-    from pipeline.train import Data, sweep_candidates
+    from pipeline.heads.config import HeadConfig
+    from pipeline.train.data import Data
+    from pipeline.train.loading import MEMORY, LoadPlan
+    from pipeline.train.sweep import sweep_candidates
 
     start = time.perf_counter()
     data = Data(X_train=X, y_train=y, X_val=Xv, y_val=yv, X_test=None, y_test=None, val_source="val",
@@ -159,7 +165,8 @@ def bench_heads(sizes, real_cache: Path | None) -> dict:
             out[f"{kind}_{n}"] = fit_seconds(kind, X[:split], y[:split], X[split:], y[split:])
             print(f"  head {kind} on {n} x 512: {out[f'{kind}_{n}']['seconds']:.2f} s", flush=True)
     if real_cache is not None:
-        tr, va = store.read_split(real_cache, "train"), store.read_split(real_cache, "val")
+        with open_cache(real_cache) as cache:
+            tr, va = cache.read_split("train"), cache.read_split("val")
         for kind in ("logreg", "linear"):
             out[f"{kind}_real"] = fit_seconds(kind, tr.features.astype(np.float32), tr.labels,
                                               va.features.astype(np.float32), va.labels)
@@ -176,10 +183,10 @@ def bench_rerun(data: Path, weights: str, out: Path) -> dict:
 
 def synthetic_cache(path: Path, rows: np.ndarray, labels, split_of, sha_of, config) -> Path:
     """A float16 cache of these rows in 10 classes: row i is the image "i.jpg" of split_of(i), with hash sha_of(i)."""
-    records = [store.Record(split_of(i), f"{i:06d}.jpg", int(labels[i]), 1, 1, sha_of(i)) for i in range(len(rows))]
-    header = store.Header(fingerprint=config.fingerprint(), config=config, class_names=[str(i) for i in range(10)],
+    records = [Record(split_of(i), f"{i:06d}.jpg", int(labels[i]), 1, 1, sha_of(i)) for i in range(len(rows))]
+    header = Header(fingerprint=config.fingerprint(), config=config, class_names=[str(i) for i in range(10)],
                           feature_dim=rows.shape[1])
-    store.write_atomic(path, header, records, lambda rs: rows[[int(r.path[:6]) for r in rs]], "float16")
+    write_atomic(path, header, records, lambda rs: rows[[int(r.path[:6]) for r in rs]], "float16")
     return path
 
 
@@ -187,9 +194,10 @@ def bench_hdf5_read(tmp: Path) -> dict:
     """Row 6b: read throughput of a features split, 50,000 x 512 float16, contiguous slices (page cache warm)."""
     n, dim = 50_000, 512
     rows = np.random.default_rng(0).standard_normal((n, dim)).astype(np.float16)
-    path = synthetic_cache(tmp / "read.h5", rows, np.arange(n) % 10, lambda i: "train", lambda i: "0" * 64, rows_config())
+    path = synthetic_cache(tmp / "read.h5", rows, np.arange(n) % 10, lambda i: "train", lambda i: "0" * 64, generated_config())
     start = time.perf_counter()
-    got = store.read_split(path, "train")
+    with open_cache(path) as cache:
+        got = cache.read_split("train")
     seconds = time.perf_counter() - start
     return {"rows": n, "megabytes": got.features.nbytes / 1e6, "seconds": seconds,
             "megabytes_per_s": got.features.nbytes / 1e6 / seconds}
@@ -216,7 +224,7 @@ def bench_audit(tmp: Path, n: int = 100_000, dim: int = 512) -> dict:
     for i in range(100):  # planted copies across the two splits
         rows[n - 1 - i], sha[n - 1 - i] = rows[i], sha[i]
     path = synthetic_cache(tmp / "audit.h5", rows, y, lambda i: "train" if i < n * 4 // 5 else "val",
-                           sha.__getitem__, rows_config())
+                           sha.__getitem__, generated_config())
     start = time.perf_counter()
     args = ["-q", "audit", str(path), "--out", str(tmp / "audit.csv")]
     result = subprocess.run([sys.executable, "-c", RSS_PROBE, *args], capture_output=True, text=True, cwd=ROOT)

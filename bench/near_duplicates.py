@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from protocol import _timed_cli  # noqa: E402
 
-from pipeline import store  # noqa: E402
-from pipeline.estimators import row_normalised  # noqa: E402
+from pipeline.cache.store import open_cache
+from pipeline.heads.normalise import row_normalised  # noqa: E402
 
 THRESHOLDS = (0.90, 0.92, 0.93, 0.94, 0.95)
 
@@ -81,7 +81,7 @@ def write_copies(chosen: list[Path], dst: Path) -> None:
 
 def rows_and_paths(path: Path) -> tuple[np.ndarray, list[str]]:
     """Every row of a cache (float32) and its image path, as the audit reads them."""
-    with store.open_cache(path) as cache:
+    with open_cache(path) as cache:
         rows = cache.all_rows()
     return rows.features, rows.paths
 

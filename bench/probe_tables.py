@@ -21,12 +21,17 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline import pools, store  # noqa: E402
-from pipeline.config import ExtractConfig, HeadConfig, TrainConfig  # noqa: E402
-from pipeline.extract import extract  # noqa: E402
-from pipeline.runs import describe_chosen  # noqa: E402
-from pipeline.loading import plan_loading  # noqa: E402
-from pipeline.train import load_data, sweep_candidates, train_head  # noqa: E402
+from pipeline.cache import pools  # noqa: E402
+from pipeline.cache.store import open_cache
+from pipeline.extraction.config import ExtractConfig
+from pipeline.extraction.runner import extract  # noqa: E402
+from pipeline.heads.config import HeadConfig
+from pipeline.runs.record import describe_chosen  # noqa: E402
+from pipeline.train.config import TrainConfig  # noqa: E402
+from pipeline.train.data import load_data
+from pipeline.train.loading import plan_loading  # noqa: E402
+from pipeline.train.runner import train_head  # noqa: E402
+from pipeline.train.sweep import sweep_candidates
 
 KINDS = {"avg": {}, "map": {"pool": "map"}, "flip": {"flip": True}, "scales": {"scales": (256, 384, 512)}}
 
@@ -79,7 +84,7 @@ def _former_grid(cache: Path) -> tuple[float, float, str]:
     """Yesterday's default: 7 independent fits, C 1e-4..1e2, standardised features."""
     cfg = TrainConfig(features=cache)
     start, best = time.perf_counter(), None
-    with store.open_cache(cache) as c:
+    with open_cache(cache) as c:
         data = load_data(cfg, c, plan_loading(cfg, c))
         for C in np.logspace(-4, 2, 7):
             for score, _ in sweep_candidates(HeadConfig(C=float(C)), data):

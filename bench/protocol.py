@@ -40,8 +40,8 @@ def bench_map_sweep(data: Path, weights: str, tmp: Path) -> dict:
 
 
 def bench_c_path(synthetic_features, n: int = 10_000) -> dict:
-    from pipeline.estimators import LogRegHead
-    from pipeline.heads import LOGREG_C
+    from pipeline.heads.logreg import LogRegHead
+    from pipeline.heads.registry import LOGREG_C
 
     X, y = synthetic_features(int(n * 1.25))
     Xt, yt, Xv, yv = X[:n], y[:n], X[n:], y[n:]
@@ -69,7 +69,7 @@ def bench_protocol(data: Path, weights: str, tmp: Path, synthetic_features) -> d
 
 def markdown_rows(p: dict) -> list[str]:
     m, c = p["map"], p["c_path"]
-    from pipeline.runs import describe_chosen
+    from pipeline.runs.record import describe_chosen
 
     chosen = describe_chosen(m["chosen"])
     return [f"| 10 | `extract --pool map` (whole command), {m['file_mb']:.1f} MB | {m['extract_seconds']:.1f} s |",

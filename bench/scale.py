@@ -60,8 +60,9 @@ def bench_processes(data: Path, weights: str, tmp: Path, processes: int, device:
 
 STREAM_PROBE = """
 import json, sys, time
-from pipeline.config import HeadConfig, TrainConfig
-from pipeline.train import train_head
+from pipeline.heads.config import HeadConfig
+from pipeline.train.config import TrainConfig
+from pipeline.train.runner import train_head
 start = time.perf_counter()
 heads = {"linear": HeadConfig(kind="linear", weight_decay=1e-3, lr=1e-3, epochs=5, patience=100),
          "logreg": HeadConfig(kind="logreg", C=1.0)}
@@ -74,22 +75,24 @@ print(json.dumps({"fit_seconds": run.record.timings.fit_seconds, "mode": run.rec
 
 def synthetic_cache(path: Path, rows: int, dim: int = 512, classes: int = 10) -> Path:
     """A train/val cache of separable-ish random features, written through the real schema, in blocks."""
-    from pipeline import store
-    from pipeline.synthetic import rows_config
+    from pipeline.cache.header import Header
+    from pipeline.cache.identity import generated_config
+    from pipeline.cache.record import Record
+    from pipeline.cache.writer import write_atomic
 
     rng = np.random.default_rng(0)
     centres = rng.standard_normal((classes, dim)).astype(np.float32)
     labels = rng.integers(0, classes, rows)
-    records = [store.Record("train" if i % 5 else "val", f"{i:08d}.jpg", int(labels[i]), 1, 1, "0" * 64)
+    records = [Record("train" if i % 5 else "val", f"{i:08d}.jpg", int(labels[i]), 1, 1, "0" * 64)
                for i in range(rows)]
-    header = store.Header(fingerprint=rows_config().fingerprint(), config=rows_config(), class_names=[str(c) for c in range(classes)], feature_dim=dim)
+    header = Header(fingerprint=generated_config().fingerprint(), config=generated_config(), class_names=[str(c) for c in range(classes)], feature_dim=dim)
 
     def fetch(batch):
         index = np.array([int(r.path[:8]) for r in batch])
         noise = np.random.default_rng(int(index[0])).standard_normal((len(index), dim)).astype(np.float32) * 3
         return np.maximum(centres[labels[index]] + noise, 0)  # ReLU-like, as pooled features are
 
-    store.write_atomic(path, header, records, fetch, "float16")
+    write_atomic(path, header, records, fetch, "float16")
     return path
 
 

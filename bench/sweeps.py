@@ -36,8 +36,10 @@ def synthetic_map_cache(path: Path, train_rows: int, classes: int = 6, seed: int
     """A map cache (512 x side x side rows, float16) of `train_rows` training rows and a quarter as many validation
     rows: a 24-dimensional latent per image (its class's mean plus noise, classes overlapping), seen through random
     non-negative channel loadings and smooth spatial patterns, then a ReLU; written through the real schema."""
-    from pipeline import store
-    from pipeline.synthetic import rows_config
+    from pipeline.cache.header import Header
+    from pipeline.cache.identity import generated_config
+    from pipeline.cache.record import Record
+    from pipeline.cache.writer import write_atomic
 
     rng = np.random.default_rng(seed)
     latent, channels = 24, 512
@@ -49,10 +51,10 @@ def synthetic_map_cache(path: Path, train_rows: int, classes: int = 6, seed: int
     n_val = max(classes * 4, train_rows // 4)
     n = train_rows + n_val
     labels = rng.integers(0, classes, n)
-    config = rows_config(pool="map", image_size=side * 32)
-    records = [store.Record("train" if i < train_rows else "val", f"{i:07d}.jpg", int(labels[i]), 1, 1, f"{i:064x}")
+    config = generated_config(pool="map", image_size=side * 32)
+    records = [Record("train" if i < train_rows else "val", f"{i:07d}.jpg", int(labels[i]), 1, 1, f"{i:064x}")
                for i in range(n)]
-    header = store.Header(fingerprint=config.fingerprint(), config=config, class_names=[f"c{c}" for c in range(classes)],
+    header = Header(fingerprint=config.fingerprint(), config=config, class_names=[f"c{c}" for c in range(classes)],
                           feature_dim=config.feature_dim)
 
     def fetch(batch):
@@ -63,7 +65,7 @@ def synthetic_map_cache(path: Path, train_rows: int, classes: int = 6, seed: int
         fmap += g.standard_normal(fmap.shape) * 0.8
         return np.maximum(fmap, 0).reshape(len(index), -1).astype(np.float32)
 
-    store.write_atomic(path, header, records, fetch, "float16")
+    write_atomic(path, header, records, fetch, "float16")
     return path
 
 
@@ -150,9 +152,9 @@ def bench_sweeps(tmp: Path, real: Path | None = None, sizes=SIZES, reference_row
 
 
 def _train_rows(cache: Path) -> int:
-    from pipeline import store
+    from pipeline.cache.store import open_cache
 
-    with store.open_cache(cache) as c:
+    with open_cache(cache) as c:
         return c.split_shape("train")[0] * (1 + c.views_per_row("train"))
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.backbone import vgg16_features
+from pipeline.backbone.vgg16 import vgg16_features
 
 
 def transforms():

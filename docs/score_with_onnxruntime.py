@@ -4,7 +4,8 @@ Usage: python docs/score_with_onnxruntime.py MODEL.onnx FOLDER   -> path,class,p
 (The README shows this file; a test runs it and compares with `predict`. 16-bit images: vggcache rescales them to
 8 bits where Pillow's convert("RGB") clips; every 8-bit image is preprocessed exactly as extract does.)
 """
-import json, sys
+import json
+import sys
 from pathlib import Path
 
 import numpy as np

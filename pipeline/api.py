@@ -15,13 +15,33 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline import store
-from pipeline.config import (ExtractConfig, HeadConfig, TrainConfig, flip_option, scales_option)
-from pipeline.runs import Run
+from pipeline.cache import store
+from pipeline.extraction.config import ExtractConfig, flip_option, scales_option
+from pipeline.heads.config import HeadConfig
+from pipeline.runs import folder
+from pipeline.train.config import TrainConfig
 
 HEAD_OPTIONS = {"head": "kind", "patience": "patience", "early_stop_fraction": "validation_fraction"}
 TRAIN_OPTIONS = ("out", "train_split", "val_split", "test_split", "val_fraction", "memory_budget", "stream", "pool",
                  "refit", "views", "models_dir", "track")
+
+
+class Run(folder.Run):
+    """A saved run (runs.folder.Run: `metrics`, `record`, `class_names`, `predict_features(X)`) that also predicts
+    image files: what `load_run` and `train_head` return."""
+
+    def predict_images(self, paths, top_k: int = 3, **options) -> list[dict]:
+        """`predict` on image files or folders (options: weights, batch_size, workers, device, precision): one row
+        per image, as the CSV has them (`proba` holds every class's probability)."""
+        from pipeline.serve.config import PredictConfig
+        from pipeline.serve.predict import predict
+
+        return predict(PredictConfig(run=self.folder, images=tuple(map(Path, paths)), top_k=top_k, **options),
+                       quiet=True)
+
+
+def _api(run: folder.Run) -> Run:
+    return Run(run.folder, run.record, run.metrics)
 
 
 def open_cache(path) -> store.Cache:
@@ -32,15 +52,13 @@ def open_cache(path) -> store.Cache:
 
 def load_run(path) -> Run:
     """A run folder: `metrics`, `record`, `class_names`, `predict_images(paths)`, `predict_features(X)`."""
-    from pipeline.runs import load_run as load
-
-    return load(Path(path))
+    return _api(folder.load_run(Path(path)))
 
 
 def extract(data, **options):
     """`pipeline extract DATA [options]`: the options by their CLI names (`views="flip"`, `scales="256,384"`,
     `weights="imagenet"`...); returns the summary the CLI prints (an ExtractSummary)."""
-    from pipeline.extract import extract as run_extract
+    from pipeline.extraction.runner import extract as run_extract
 
     return run_extract(extract_config(data, **options))
 
@@ -53,9 +71,9 @@ def extract_config(data, views: str = "none", scales: str = "", **options) -> Ex
 def train_head(features, **options) -> Run:
     """`pipeline train-head FEATURES [options]`: the options by their CLI names (`head="linear"`, `C=1.0`,
     `patience=5`, `pool="auto"`...); returns the saved run (its metrics are what the CLI prints)."""
-    from pipeline.train import train_head as run_train
+    from pipeline.train.runner import train_head as run_train
 
-    return run_train(train_config(features, **options))
+    return _api(run_train(train_config(features, **options)))
 
 
 def train_config(features, **options) -> TrainConfig:
@@ -65,14 +83,15 @@ def train_config(features, **options) -> TrainConfig:
     return TrainConfig(features=Path(features), head=head, **train)
 
 
-def preprocess(image, run: Run | str | Path):
+def preprocess(image, run: folder.Run | str | Path):
     """An image (a path, bytes or a PIL image) as the run's model takes it: decoded, upright, RGB, resized and
     centre-cropped exactly as `extract` does; a uint8 tensor (3, S, S) (what an exported model takes, batched)."""
     from PIL import Image
 
-    from pipeline.reader import open_image, preprocess as crop, to_rgb
+    from pipeline.extraction.reader import open_image, to_rgb
+    from pipeline.extraction.reader import preprocess as crop
 
-    fcfg = (run if isinstance(run, Run) else load_run(run)).feature_config
+    fcfg = (run if isinstance(run, folder.Run) else load_run(run)).feature_config
     if isinstance(image, Image.Image):
         from PIL import ImageOps
 

@@ -16,11 +16,16 @@ from typing import Optional
 import typer
 from typer.core import TyperGroup
 
-from pipeline.config import VGG16_CHANNELS, VIEWS, AuditConfig, EvaluateConfig, MapConfig, ExtractConfig, HeadConfig, PredictConfig, ServeConfig, TrainConfig
+from pipeline.cache.identity import VGG16_CHANNELS, VIEWS
+from pipeline.cache.pools import HEAD_POOLS, POOLS
 from pipeline.errors import Interrupted, UserError
+from pipeline.extraction.config import ExtractConfig
 from pipeline.files import human_bytes, printable, shortened_to
-from pipeline.heads import HEADS
-from pipeline.pools import HEAD_POOLS, POOLS
+from pipeline.heads.config import HeadConfig
+from pipeline.heads.registry import HEADS
+from pipeline.look.config import AuditConfig, MapConfig
+from pipeline.serve.config import PredictConfig, ServeConfig
+from pipeline.train.config import EvaluateConfig, TrainConfig
 
 
 class _OneLineErrors(TyperGroup):
@@ -141,8 +146,7 @@ def extract(
 def info(file: Path = typer.Argument(..., help="A feature cache (.h5)."),
          as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON.")):
     """Summarise a feature cache: config, splits, counts per class, feature dim, failed files."""
-    from pipeline.audit import describe_copies
-    from pipeline.store import describe
+    from pipeline.cache.summary import describe, describe_copies
 
     d = describe(file)
     if as_json:
@@ -209,7 +213,7 @@ def train_head(
 ):
     """Train a head on cached features, choose its hyperparameters on validation, save and report it."""
     from pipeline import api
-    from pipeline.metrics import format_metrics
+    from pipeline.heads.metrics import format_metrics
 
     run = api.train_head(features, out=out, train_split=train_split, val_split=val_split, test_split=test_split,
                          val_fraction=val_fraction, memory_budget=memory_budget, stream=stream, pool=pool, refit=refit,
@@ -219,7 +223,8 @@ def train_head(
                          solver=solver, seed=seed, device=device, track=track)
     for split, m in run.metrics.items():
         _echo(format_metrics(m, f"{run.folder.name} on {split}") + "\n")
-    from pipeline.runs import describe_chosen, selection_note
+    from pipeline.runs.folder import selection_note
+    from pipeline.runs.record import describe_chosen
 
     r = run.record
     data = "streamed from the file" if r.loading and r.loading.mode == "stream" else "in memory"
@@ -241,8 +246,8 @@ def evaluate(run: Path = typer.Argument(..., help="A run folder made by train-he
              split: Optional[str] = typer.Option(None, help="Split to score (default: test, else val)."),
              as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON.")):
     """Score a saved head on any split of a feature file made with the same extractor config."""
-    from pipeline.evaluate import evaluate_run
-    from pipeline.metrics import format_metrics
+    from pipeline.heads.metrics import format_metrics
+    from pipeline.train.evaluate import evaluate_run
 
     e = evaluate_run(EvaluateConfig(run=run, features=features, split=split))
     _echo(json.dumps(e.metrics, indent=2) if as_json else format_metrics(e.metrics, f"{Path(run).name} on {e.features.name}:{e.split}"))
@@ -262,7 +267,7 @@ def predict(run: Path = typer.Argument(..., help="A run folder made by train-hea
             report: bool = typer.Option(False, "--report", help="Say whether the images look like the run's training data (one line, and a PNG beside --out: p.csv -> p.drift.png)."),
             force: bool = typer.Option(False, "--force", help="Replace --out even if it is not a predictions CSV (never needed for one predict wrote).")):
     """Predict classes of new images with a saved run: same extractor as its features, then its head."""
-    from pipeline.predict import predict as run_predict
+    from pipeline.serve.predict import predict as run_predict
 
     rows = run_predict(PredictConfig(run=run, images=tuple(images), out=out, top_k=top_k, weights=weights,
                                      batch_size=batch_size, workers=workers, device=device, precision=precision,
@@ -276,11 +281,9 @@ def predict(run: Path = typer.Argument(..., help="A run folder made by train-hea
 @_user_errors
 def report(run: Path = typer.Argument(..., help="A run folder made by train-head.")):
     """Write the run's report.html again (one self-contained page: record, metrics, pictures, files)."""
-    from pipeline import report as run_report
-    from pipeline.runs import load_run, selection_note
+    from pipeline.look.report import rewrite
 
-    loaded = load_run(run)
-    _echo(f"wrote {run_report.write(loaded, selection_note(len(loaded.record.sweep), loaded.metrics))}")
+    _echo(f"wrote {rewrite(run)}")
 
 
 @app.command()
@@ -291,7 +294,7 @@ def export(run: Path = typer.Argument(..., help="A run folder made by train-head
            weights: Optional[str] = typer.Option(None, help="The weights file, if the run's has moved (checked by sha256)."),
            force: bool = typer.Option(False, "--force", help="Replace --out even if it is not a model file of that format.")):
     """Write a run as one self-contained model file: uint8 images (N, 3, S, S) in, class probabilities out."""
-    from pipeline.export import export as run_export
+    from pipeline.serve.export import export as run_export
 
     e = run_export(run, format, out, weights, force)
     _echo(f"wrote {e.path}: {e.format}, {human_bytes(e.bytes)}; input uint8 RGB (N, 3, {e.crop_size}, {e.crop_size}) "
@@ -309,7 +312,7 @@ def serve(run: Path = typer.Argument(..., help="A run folder made by train-head.
           weights: Optional[str] = typer.Option(None, help="The weights file, if the run's has moved (checked by sha256)."),
           device: str = typer.Option(ServeConfig.device, help="auto, cpu, cuda or mps.")):
     """Serve a run over HTTP: POST /predict (multipart image files) -> JSON; GET /health, GET /info."""
-    from pipeline.serve import serve as run_serve
+    from pipeline.serve.server import serve as run_serve
 
     run_serve(ServeConfig(run=str(run), host=host, port=port, workers=workers, max_request_mb=max_request_mb,
                           top_k=top_k, weights=weights, device=device))
@@ -325,7 +328,8 @@ def runs(models: Path = typer.Argument(Path("models"), help="Folder of run folde
     """Compare every saved run: head, features, chosen hyperparameters, scores, fit time."""
     import shutil
 
-    from pipeline.runs import describe_chosen, list_runs
+    from pipeline.runs.listing import list_runs
+    from pipeline.runs.record import describe_chosen
 
     rows = list_runs(models, features, head, sort)
     if as_json:
@@ -363,7 +367,8 @@ def audit(features: Path = typer.Argument(..., help="A feature cache made by `ex
           force: bool = typer.Option(False, "--force", help="Replace --out even if it is not an audit CSV.")):
     """Find exact duplicates (sha256), near-duplicates (cached features) and likely mislabelled images, within and
     across splits: leakage between train and test makes a score optimistic."""
-    from pipeline.audit import audit as run_audit, summary
+    from pipeline.look.audit import audit as run_audit
+    from pipeline.look.audit import summary
 
     cfg = AuditConfig(features=features, threshold=threshold, neighbours=neighbours, out=out, force=force)
     report = run_audit(cfg)
@@ -382,7 +387,7 @@ def map_(features: Path = typer.Argument(..., help="A feature cache made by `ext
          html: Optional[Path] = typer.Option(None, help="Also (or, without --out, only) write an interactive page: hover a point for its thumbnail, path, label and the run's prediction; filter by split and class."),
          force: bool = typer.Option(False, "--force", help="Replace --out (or --html) even if it is not what map writes.")):
     """Draw the cache's images in two dimensions, coloured by class, one marker per split."""
-    from pipeline.embedding_map import draw
+    from pipeline.look.projection import draw
 
     for path in draw(MapConfig(features=features, run=run, method=method, out=out, seed=seed, force=force, html=html)):
         _echo(f"wrote {path}")

@@ -1,18 +1,24 @@
-"""Resolve the device and the autocast precision once, and wrap only the forward pass in autocast."""
+"""Resolve the device and the autocast precision once, and wrap only the forward pass in autocast.
+
+The names (`DEVICES`, `PRECISIONS`) are what the configs check options against; torch is imported by the functions
+only, so that a config can be built without it.
+"""
 
 from __future__ import annotations
 
 import contextlib
 
-import torch
-
 from pipeline.errors import UserError
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """`auto` picks CUDA, then Apple's MPS, then the CPU; an explicit device that is absent is a user error."""
+def resolve_device(name: str = "auto"):
+    """`auto` picks CUDA, then Apple's MPS, then the CPU (a torch.device); an explicit device that is absent is a
+    user error."""
+    import torch
+
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -28,13 +34,15 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 def cpu_has_native_bf16() -> bool:
     """True on CPUs with bf16 instructions (AVX512-BF16, AMX), where oneDNN runs bf16 convolutions ~2x faster."""
+    import torch
+
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a private check: absent from some builds
         return False
 
 
-def resolve_precision(name: str, device: torch.device) -> str:
+def resolve_precision(name: str, device) -> str:
     """`auto`: bf16 autocast on CUDA and on CPUs with native bf16, fp32 elsewhere (emulated bf16 is slower)."""
     if name == "auto":
         native = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
@@ -44,10 +52,11 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return name
 
 
-def autocast(device: torch.device, precision: str):
+def autocast(device, precision: str):
     """Autocast context for the forward pass alone; a no-op for fp32."""
-    dtype = _DTYPES[precision]
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    import torch
 
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return torch.autocast(device_type=device.type, dtype=dtype)

@@ -7,6 +7,7 @@ or a small disk fails in the first second with one line, not after hours with a 
 from __future__ import annotations
 
 import errno
+import hashlib
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -141,3 +142,11 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TB"
+
+
+def sha256_file(path: Path, block: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -123,3 +123,7 @@ def validate(config) -> None:
             option = getattr(type(config), "OPTIONS", {}).get(name, option_name(name))
             shown = repr(str(value)) if isinstance(value, PurePath) else repr(value)  # 'm.jpg', not PosixPath('m.jpg')
             raise UserError(f"{option} {shown} is not valid (expected {constraint.expected()})")
+
+
+BOOLEAN = Satisfies(lambda v: isinstance(v, bool), "true or false")
+POSITIVE = Interval(float, 0, None, open_low=True)

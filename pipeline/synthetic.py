@@ -11,15 +11,6 @@ from PIL import Image, ImageDraw
 SHAPES = ("circle", "checks", "stripes")
 
 
-def rows_config(pool: str = "avg", image_size: int = 224, **fields):
-    """The FeatureConfig of a cache whose rows were generated, not extracted (tests, benchmarks): no weights behind
-    it (`random:generated`), so no model can rebuild it."""
-    from pipeline.config import FeatureConfig
-
-    resize = round(image_size * 256 / 224)
-    return FeatureConfig(weights_id="random:generated", pool=pool, image_size=image_size, resize_size=resize, **fields)
-
-
 def draw(shape: str, size: tuple[int, int], rng: np.random.Generator) -> Image.Image:
     """One image of `shape` on a noisy background; colours, position and scale vary, so the task is not trivial."""
     w, h = size

@@ -37,7 +37,7 @@ def weights_file(tmp_path_factory) -> Path:
 
 
 def extract_config(data: Path, out: Path, **kw):
-    from pipeline.config import ExtractConfig
+    from pipeline.extraction.config import ExtractConfig
 
     # fp32 unless a test asks: "auto" is bf16 on CPUs with native bf16 and fp32 elsewhere, and tests compare values
     return ExtractConfig(data=data, out=out, weights=kw.pop("weights", "none"), image_size=kw.pop("image_size", SIZE),
@@ -49,3 +49,26 @@ def interruptible() -> None:
     """`preexec_fn` for a child that a test interrupts: SIGINT back to its default. A shell starts background jobs
     (`make test &`, `nohup ... &`) with SIGINT ignored, children inherit that, and Ctrl-C would then never arrive."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def read_split(path: Path, split: str):
+    """Features, labels and paths of one split of the cache at `path` (opened for this one read)."""
+    from pipeline.cache.store import open_cache
+
+    with open_cache(path) as cache:
+        return cache.read_split(split)
+
+
+def read_header(path: Path):
+    from pipeline.cache.store import open_cache
+
+    with open_cache(path) as cache:
+        return cache.header
+
+
+def read_records(path: Path):
+    """The header and every record (rows, then failures, per split), without reading any features."""
+    from pipeline.cache.store import open_cache
+
+    with open_cache(path) as cache:
+        return cache.header, cache.records()

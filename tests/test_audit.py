@@ -8,14 +8,21 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import extract_config
 from PIL import Image
 
-from conftest import extract_config
-from pipeline import audit, store, train
-from pipeline.config import AuditConfig, HeadConfig, TrainConfig
-from pipeline.extract import extract
-from pipeline.store import Header, Record
-from pipeline.synthetic import rows_config
+from pipeline.cache.header import Header
+from pipeline.cache.identity import generated_config
+from pipeline.cache.record import Record
+from pipeline.cache.writer import write_atomic
+from pipeline.extraction.runner import extract
+from pipeline.heads.config import HeadConfig
+from pipeline.cache.summary import describe_copies
+from pipeline.look.audit import CSV_HEADER, audit, summary
+from pipeline.look.config import AuditConfig
+from pipeline.look.neighbours import similar_pairs_and_neighbours
+from pipeline.train.config import TrainConfig
+from pipeline.train.runner import train_head
 
 CLI = [sys.executable, "-m", "pipeline"]
 
@@ -24,8 +31,8 @@ def write_cache(path, rows: list[tuple[str, str, int, str]], X: np.ndarray, name
     """A cache of hand-made rows (split, path, label, sha256) and features."""
     records = [Record(split, p, label, 1, 1, sha) for split, p, label, sha in rows]
     value = {p: X[i] for i, (_, p, _, _) in enumerate(rows)}
-    header = Header(fingerprint=rows_config().fingerprint(), config=rows_config(), class_names=list(names), feature_dim=X.shape[1])
-    store.write_atomic(path, header, records, lambda rs: np.stack([value[r.path] for r in rs]), "float32")
+    header = Header(fingerprint=generated_config().fingerprint(), config=generated_config(), class_names=list(names), feature_dim=X.shape[1])
+    write_atomic(path, header, records, lambda rs: np.stack([value[r.path] for r in rs]), "float32")
     return path
 
 
@@ -46,7 +53,7 @@ def planted(tmp_path):
 
 
 def test_audit_finds_each_planted_copy_and_no_false_pair(planted, tmp_path):
-    report = audit.audit(AuditConfig(planted, out=tmp_path / "a.csv"))
+    report = audit(AuditConfig(planted, out=tmp_path / "a.csv"))
     exact = {(p.a.path, p.b.path) for p in report.exact}
     assert exact == {("03.jpg", "copy-of-03.jpg"), ("04.jpg", "relabelled-04.jpg")}
     assert [(p.a.path, p.b.path) for p in report.near] == [("05.jpg", "near-05.jpg")]
@@ -55,16 +62,16 @@ def test_audit_finds_each_planted_copy_and_no_false_pair(planted, tmp_path):
 
 
 def test_a_row_whose_neighbours_all_carry_another_label_is_suspected(planted, tmp_path):
-    report = audit.audit(AuditConfig(planted, out=tmp_path / "a.csv"))
+    report = audit(AuditConfig(planted, out=tmp_path / "a.csv"))
     suspects = {s.entry.path: s.suggested for s in report.suspects}
     assert suspects == {"wrong-label.jpg": "a", "relabelled-04.jpg": "a"}
 
 
 def test_the_csv_lists_every_finding(planted, tmp_path):
-    report = audit.audit(AuditConfig(planted, out=tmp_path / "a.csv"))
+    report = audit(AuditConfig(planted, out=tmp_path / "a.csv"))
     with open(tmp_path / "a.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert tuple(rows[0]) == audit.CSV_HEADER
+    assert tuple(rows[0]) == CSV_HEADER
     assert [r["kind"] for r in rows] == ["exact"] * 2 + ["near"] + ["mislabel?"] * len(report.suspects)
 
 
@@ -76,7 +83,7 @@ def test_blocked_pairs_and_neighbours_equal_brute_force(n, dim, block, screen_bf
     X = rng.standard_normal((n, dim)).astype(np.float32)
     X[-5:] = X[:5] + 0.1 * rng.standard_normal((5, dim))  # near copies, in the first and the last block
     X /= np.linalg.norm(X, axis=1, keepdims=True)
-    (i, j, s), idx, sim = audit.similar_pairs_and_neighbours(X, 0.8, 4, block=block, screen_bf16=screen_bf16)
+    (i, j, s), idx, sim = similar_pairs_and_neighbours(X, 0.8, 4, block=block, screen_bf16=screen_bf16)
     S = X @ X.T
     np.fill_diagonal(S, -2)
     want = {(a, b) for a, b in zip(*np.nonzero(S >= 0.8)) if a < b}
@@ -92,7 +99,7 @@ def test_identical_rows_pair_with_each_other_and_are_each_others_neighbours(scre
     rng = np.random.default_rng(2)
     X = np.concatenate([np.tile(rng.standard_normal((1, 16)), (40, 1)), rng.standard_normal((30, 16))])
     X = (X / np.linalg.norm(X, axis=1, keepdims=True)).astype(np.float32)
-    (i, j, s), idx, sim = audit.similar_pairs_and_neighbours(X, 0.99, 3, block=32, screen_bf16=screen_bf16)
+    (i, j, s), idx, sim = similar_pairs_and_neighbours(X, 0.99, 3, block=32, screen_bf16=screen_bf16)
     assert sorted(zip(i.tolist(), j.tolist())) == [(a, b) for a in range(40) for b in range(a + 1, 40)]
     np.testing.assert_allclose(sim[:40], 1.0, atol=1e-5)
     assert (idx[:40] < 40).all() and (idx != np.arange(70)[:, None]).all()
@@ -111,7 +118,7 @@ def images_with_copies(image_folder):
 def test_audit_on_images_finds_the_planted_copies(images_with_copies, tmp_path):
     out = extract(extract_config(images_with_copies, tmp_path / "f.h5")).out
     # seeded random weights on 32 px images: the resized copy scores 0.957, the closest distinct pair 0.881
-    report = audit.audit(AuditConfig(out, threshold=0.92, out=tmp_path / "a.csv"))
+    report = audit(AuditConfig(out, threshold=0.92, out=tmp_path / "a.csv"))
     exact = {(p.a.path, p.b.path) for p in report.exact}
     assert exact == {("train/circle/00000.jpg", "val/circle/copy.jpg"),
                      ("train/circle/relabelled.jpg", "train/stripes/00002.jpg")}
@@ -121,9 +128,9 @@ def test_audit_on_images_finds_the_planted_copies(images_with_copies, tmp_path):
 
 def test_info_and_train_head_say_when_copies_cross_splits(images_with_copies, tmp_path, caplog):
     out = extract(extract_config(images_with_copies, tmp_path / "f.h5")).out
-    line = audit.describe_copies(out)
+    line = describe_copies(out)
     assert line.startswith("2 images are byte-identical copies of another (train/val 1, train/train 1); 1 across splits")
-    train.train_head(TrainConfig(features=out, out=tmp_path / "run", head=HeadConfig("logreg", C=1.0)))
+    train_head(TrainConfig(features=out, out=tmp_path / "run", head=HeadConfig("logreg", C=1.0)))
     assert "1 image of 'val' is a byte-identical copy of images of 'train'" in caplog.text
 
 
@@ -147,8 +154,8 @@ def test_a_name_with_a_newline_stays_on_one_line_and_neighbours_are_at_most_the_
     X = np.eye(3, 8, dtype=np.float32)
     path = write_cache(tmp_path / "c.h5", [("train", "a\nb.jpg", 0, "1" * 64), ("train", "c.jpg", 1, "1" * 64),
                                            ("train", "d.jpg", 1, "2" * 64)], X)
-    report = audit.audit(AuditConfig(path, neighbours=50, out=tmp_path / "a.csv"))
-    lines = audit.summary(report)
+    report = audit(AuditConfig(path, neighbours=50, out=tmp_path / "a.csv"))
+    lines = summary(report)
     assert report.neighbours == 2 and any("a\\nb.jpg" in line for line in lines)
     assert not any(line.strip() == "b.jpg == train/c.jpg" for line in lines)
 

@@ -2,7 +2,6 @@
 cached beside their source in the training split only, resumed like rows, and never on the validation side."""
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -10,20 +9,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SIZE, extract_config, interruptible, read_header
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from conftest import SIZE, extract_config, interruptible
-from pipeline import augment, store, train
-from pipeline.backbone import Extractor, build_body
-from pipeline.config import HeadConfig, TrainConfig, feature_config
+from pipeline.backbone.vgg16 import Extractor, build_body
+from pipeline.cache.store import open_cache
 from pipeline.errors import UserError
-from pipeline.estimators import hold_out
-from pipeline.extract import extract
-from pipeline.reader import open_image
+from pipeline.extraction import augment
+from pipeline.extraction.config import feature_config
+from pipeline.extraction.reader import open_image
+from pipeline.extraction.runner import extract
+from pipeline.heads.config import HeadConfig
+from pipeline.heads.holdout import hold_out
 from pipeline.synthetic import make_image_folder
-from pipeline.loading import plan_loading
+from pipeline.train.config import TrainConfig
+from pipeline.train.data import load_data
+from pipeline.train.loading import plan_loading
+from pipeline.train.runner import train_head
 
 CLI = [sys.executable, "-m", "pipeline"]
 
@@ -57,7 +61,7 @@ def augmented(image_folder, tmp_path, weights_file):
 def test_views_are_cached_for_the_training_split_only(augmented):
     _, out, s = augmented
     assert s.rows == {"train": 12, "val": 6} and s.views == 24 and s.extracted == 12 + 24 + 6
-    with store.open_cache(out) as cache:
+    with open_cache(out) as cache:
         assert cache.views_per_row("train") == 2 and cache.views_per_row("val") == 0
         assert cache.read_views("train").shape == (24, 512)
         assert cache.header.config.augment == 2 and cache.header.config.augment_seed == 7
@@ -68,7 +72,7 @@ def test_each_view_equals_a_direct_forward_of_its_crop(augmented, weights_file):
     image_folder, out, _ = augmented
     fcfg = feature_config(str(weights_file), "avg", SIZE, "float32")
     extractor = Extractor(build_body(fcfg, str(weights_file)), "cpu", "fp32")
-    with store.open_cache(out) as cache:
+    with open_cache(out) as cache:
         paths, views = cache.read_split("train").paths, cache.read_views("train").reshape(12, 2, 512)
     crops = []
     for path in paths:
@@ -89,19 +93,19 @@ def test_views_do_not_depend_on_the_batch_but_on_the_seed(augmented, tmp_path, w
     other_seed = tmp_path / "seed8.h5"
     extract(extract_config(image_folder, other_seed, weights=str(weights_file), dtype="float32", precision="fp32",
                            augment=2, augment_seed=8))
-    views = {p: store.open_cache(p).read_views("train") for p in (out, again, other_seed)}
+    views = {p: open_cache(p).read_views("train") for p in (out, again, other_seed)}
     np.testing.assert_allclose(views[again], views[out], rtol=1e-5, atol=1e-6)
     assert not np.allclose(views[other_seed], views[out], rtol=1e-2)
 
 
 def test_a_new_image_adds_its_row_and_its_views_only(augmented, weights_file):
     image_folder, out, _ = augmented
-    before = store.open_cache(out).read_views("train")
+    before = open_cache(out).read_views("train")
     Image.new("RGB", (40, 36), (200, 10, 10)).save(image_folder / "train" / "circle" / "zz-new.jpg")
     s = extract(extract_config(image_folder, out, weights=str(weights_file), dtype="float32", precision="fp32",
                                augment=2, augment_seed=7))
     assert s.extracted == 3 and s.views == 26
-    with store.open_cache(out) as cache:
+    with open_cache(out) as cache:
         paths, views = cache.read_split("train").paths, cache.read_views("train")
     new = paths.index("train/circle/zz-new.jpg")
     np.testing.assert_array_equal(np.delete(views, [2 * new, 2 * new + 1], axis=0), before)
@@ -129,7 +133,7 @@ def test_resume_after_kill_9_caches_the_same_views(tmp_path):
     proc.wait()
     done = subprocess.run(CLI + ["extract", *args, "--out", str(out)], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    with store.open_cache(out) as got, store.open_cache(reference) as ref:
+    with open_cache(out) as got, open_cache(reference) as ref:
         assert got.read_split("train").paths == ref.read_split("train").paths
         np.testing.assert_allclose(got.read_views("train"), ref.read_views("train"), rtol=1e-5, atol=1e-6)
 
@@ -152,9 +156,9 @@ def test_a_flat_dataset_validates_on_images_whose_views_are_not_trained_on(tmp_p
     (data / "all").rename(flat)
     out = extract(extract_config(flat, tmp_path / "f.h5", dtype="float32", augment=2)).out
     cfg = TrainConfig(features=out, train_split="all", head=HeadConfig("logreg"))
-    with store.open_cache(out) as cache:
+    with open_cache(out) as cache:
         rows, views = cache.read_split("all").features, cache.read_views("all").reshape(-1, 2, 512)
-        data = train.load_data(cfg, cache, plan_loading(cfg, cache))
+        data = load_data(cfg, cache, plan_loading(cfg, cache))
     index = {row.tobytes(): i for i, row in enumerate(rows)}
     fit = [index[r.tobytes()] for r in data.X_train]
     held = [index[r.tobytes()] for r in data.X_val]
@@ -164,9 +168,9 @@ def test_a_flat_dataset_validates_on_images_whose_views_are_not_trained_on(tmp_p
 
 def test_train_head_uses_the_views_and_records_it(augmented, tmp_path):
     _, out, _ = augmented
-    run = train.train_head(TrainConfig(features=out, out=tmp_path / "run", head=HeadConfig("logreg", C=1.0)))
+    run = train_head(TrainConfig(features=out, out=tmp_path / "run", head=HeadConfig("logreg", C=1.0)))
     assert run.record.splits.views_per_image == 2
-    without = train.train_head(TrainConfig(features=out, out=tmp_path / "run2", views=False,
+    without = train_head(TrainConfig(features=out, out=tmp_path / "run2", views=False,
                                            head=HeadConfig("logreg", C=1.0)))
     assert without.record.splits.views_per_image == 0
     assert not np.allclose(run.load_head().coef_, without.load_head().coef_)
@@ -175,24 +179,24 @@ def test_train_head_uses_the_views_and_records_it(augmented, tmp_path):
 def test_views_asked_of_a_cache_without_them_are_refused(image_folder, tmp_path):
     out = extract(extract_config(image_folder, tmp_path / "f.h5")).out
     with pytest.raises(UserError, match=r"--views: .* holds no augmented views of 'train' \(extract --augment K"):
-        train.train_head(TrainConfig(features=out, out=tmp_path / "run", views=True))
+        train_head(TrainConfig(features=out, out=tmp_path / "run", views=True))
 
 
 def test_views_that_do_not_fit_the_budget_are_left_out_or_refused(augmented, tmp_path, caplog):
     _, out, _ = augmented
-    with store.open_cache(out) as cache:
+    with open_cache(out) as cache:
         rows_only = plan_loading(TrainConfig(features=out, views=False), cache).needed_bytes
     budget = str(rows_only + 1000)
-    run = train.train_head(TrainConfig(features=out, out=tmp_path / "run", memory_budget=budget))
+    run = train_head(TrainConfig(features=out, out=tmp_path / "run", memory_budget=budget))
     assert run.record.splits.views_per_image == 0 and "left out of training" in caplog.text
     with pytest.raises(UserError, match="--views trains on the augmented views in memory"):
-        train.train_head(TrainConfig(features=out, out=tmp_path / "run2", memory_budget=budget, views=True))
+        train_head(TrainConfig(features=out, out=tmp_path / "run2", memory_budget=budget, views=True))
 
 
 def test_augment_without_a_training_split_says_so_and_makes_no_views(tmp_path, caplog):
     data = make_image_folder(tmp_path / "data", {"training": 2, "val": 1}, size=(40, 36))
     s = extract(extract_config(data, tmp_path / "f.h5", augment=2))  # a test set for a run trained with views
-    assert s.views == 0 and store.read_header(s.out).config.augment == 2
+    assert s.views == 0 and read_header(s.out).config.augment == 2
     assert "--augment makes views of the training split (train or all)" in caplog.text and "training, val" in caplog.text
 
 

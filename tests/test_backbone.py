@@ -3,16 +3,16 @@
 from urllib.error import URLError
 
 import numpy as np
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torchvision.models import VGG16_Weights, vgg16
 
-from pipeline import backbone, config
-from pipeline.backbone import Extractor, build_body, vgg16_features
-from pipeline.config import feature_config
+from pipeline.backbone import vgg16 as backbone
+from pipeline.backbone.vgg16 import Extractor, build_body, vgg16_features
+from pipeline.cache.identity import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.errors import UserError
+from pipeline.extraction.config import feature_config
 
 
 def test_imagenet_preprocessing_constants_match_torchvision():
@@ -28,7 +28,7 @@ def test_body_equals_direct_torchvision_forward(weights_file, pool, dim):
     reference.features.load_state_dict({k[9:]: v for k, v in torch.load(weights_file).items()})
     body = build_body(feature_config(str(weights_file), pool, 64, "float32"), str(weights_file))
     images = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
-    x = (images.float() / 255 - torch.tensor(config.IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(config.IMAGENET_STD).view(1, 3, 1, 1)
+    x = (images.float() / 255 - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     with torch.inference_mode():
         fmap = reference.features(x)
         expected = {"avg": F.adaptive_avg_pool2d(fmap, 1).flatten(1), "max": F.adaptive_max_pool2d(fmap, 1).flatten(1),

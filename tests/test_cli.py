@@ -3,13 +3,14 @@
 import os
 
 import pytest
+from conftest import SIZE, extract_config
 from typer.testing import CliRunner
 
-from conftest import SIZE, extract_config
 from pipeline.cli import app
-from pipeline.config import HeadConfig, TrainConfig
-from pipeline.extract import extract
-from pipeline.train import train_head
+from pipeline.extraction.runner import extract
+from pipeline.heads.config import HeadConfig
+from pipeline.train.config import TrainConfig
+from pipeline.train.runner import train_head
 
 runner = CliRunner()
 FAST = ["--weights", "none", "--image-size", str(SIZE), "--batch-size", "8", "--workers", "0", "--precision", "fp32"]

@@ -2,10 +2,9 @@
 
 import json
 
-import pytest
+from conftest import SIZE
 from typer.testing import CliRunner
 
-from conftest import SIZE
 from pipeline.cli import app
 
 runner = CliRunner()

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.data import FLAT_SPLIT, discover
 from pipeline.errors import UserError
+from pipeline.extraction.dataset import FLAT_SPLIT, discover
 
 
 def touch(path: Path, data: bytes = b"x") -> None:

@@ -19,17 +19,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SIZE, extract_config
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import SIZE, extract_config
 from pipeline import api
 from pipeline.cli import app
-from pipeline.config import HeadConfig, TrainConfig
-from pipeline.extract import extract
-from pipeline.predict import Predictor
+from pipeline.extraction.runner import extract
+from pipeline.heads.config import HeadConfig
 from pipeline.synthetic import make_image_folder
-from pipeline.train import train_head
+from pipeline.train.config import TrainConfig
+from pipeline.train.runner import train_head
 
 FAST = {"linear": dict(epochs=3, lr=1e-2, weight_decay=1e-4, device="cpu"), "logreg": dict(C=1.0, device="cpu"),
         "knn": dict(k=3), "block5": dict(epochs=1, device="cpu")}
@@ -49,7 +49,7 @@ def runs(tmp_path_factory):
                                             head=HeadConfig(kind="block5", **FAST["block5"])))
     made["logreg-spp"] = train_head(TrainConfig(features=pool5, out=root / "logreg-spp", pool="spp",
                                                 head=HeadConfig(**FAST["logreg"])))
-    return data, made
+    return data, {kind: api.load_run(run.folder) for kind, run in made.items()}  # runs that predict images
 
 
 def _images(data: Path, run) -> tuple[list[Path], torch.Tensor]:

@@ -14,16 +14,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from conftest import extract_config, interruptible
-from pipeline import backbone, embed, store
-from pipeline.config import feature_config
-from pipeline.errors import Interrupted, UserError
-from pipeline.extract import extract
-from pipeline.journal import Journal
-from pipeline.store import Record
-from pipeline.synthetic import make_image_folder
+from conftest import extract_config, interruptible, read_split
 from test_extract import assert_same_cache
+
+from pipeline.backbone import vgg16 as backbone
+from pipeline.cache.record import Record
+from pipeline.errors import Interrupted, UserError
+from pipeline.extraction import embed
+from pipeline.extraction.config import feature_config
+from pipeline.extraction.journal import Journal
+from pipeline.extraction.runner import extract
+from pipeline.synthetic import make_image_folder
 
 ENV = dict(os.environ, VGGCACHE_COMMIT_EVERY_S="0", OMP_NUM_THREADS="1")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
@@ -193,11 +194,11 @@ def test_a_later_row_from_another_writer_wins_over_an_earlier_one(dataset, tmp_p
     bad.write_bytes((copy / "train/circle/00000.jpg").read_bytes())  # the user fixes the file
     s = extract(extract_config(copy, out, image_size=64))
     assert not any(r.path == "train/circle/empty.jpg" for r in s.failed)
-    assert "train/circle/empty.jpg" in store.read_split(out, "train").paths
+    assert "train/circle/empty.jpg" in read_split(out, "train").paths
 
 
 def test_a_stop_outside_the_embedding_loop_says_what_is_saved(dataset, tmp_path, monkeypatch):
-    from pipeline import extract as extract_module
+    from pipeline.extraction import runner as extract_module
 
     def stopped(*args):
         raise KeyboardInterrupt  # e.g. torchrun's SIGTERM while the cache is being written

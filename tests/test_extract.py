@@ -14,15 +14,20 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import SIZE, extract_config, interruptible, read_header, read_records, read_split
 from PIL import Image
 
-from conftest import SIZE, extract_config, interruptible
-from pipeline import backbone, embed, extract as extract_module, files, store
-from pipeline.backbone import Extractor, build_body
-from pipeline.config import feature_config
+from pipeline import files
+from pipeline.backbone import vgg16 as backbone
+from pipeline.backbone.vgg16 import Extractor, build_body
+from pipeline.cache import writer
+from pipeline.cache.writer import GuardedFile
 from pipeline.errors import Interrupted, UserError
-from pipeline.extract import extract
-from pipeline.reader import open_image, preprocess
+from pipeline.extraction import embed
+from pipeline.extraction import runner as extract_module
+from pipeline.extraction.config import feature_config
+from pipeline.extraction.reader import open_image, preprocess
+from pipeline.extraction.runner import extract
 from pipeline.synthetic import make_image_folder
 
 
@@ -52,7 +57,7 @@ def test_rows_equal_a_direct_forward_of_each_image(image_folder, tmp_path, weigh
     fcfg = feature_config(str(weights_file), "avg", SIZE, "float32")
     extractor = Extractor(build_body(fcfg, str(weights_file)), "cpu", "fp32")
     for split in ("train", "val"):
-        got = store.read_split(out, split)
+        got = read_split(out, split)
         images = torch.stack([preprocess(open_image((image_folder / p).read_bytes(), fcfg.resize_size),
                                          fcfg.resize_size, SIZE) for p in got.paths])
         np.testing.assert_allclose(got.features, extractor(images), rtol=1e-5, atol=1e-6)
@@ -72,7 +77,7 @@ def test_bad_images_are_skipped_and_recorded(image_folder, tmp_path):
     assert set(reasons) == {"train/circle/zero.jpg", "train/circle/text.PNG", "val/checks/cut.jpg"}
     assert reasons["train/circle/zero.jpg"] == "empty file (0 bytes)"
     assert s.rows == {"train": 14, "val": 6}
-    train = store.read_split(tmp_path / "f.h5", "train")
+    train = read_split(tmp_path / "f.h5", "train")
     assert len(train.paths) == len(train.labels) == train.features.shape[0] == 14
     assert np.isfinite(train.features).all()
 
@@ -90,7 +95,7 @@ def test_rerun_is_a_no_op_without_loading_the_model(image_folder, tmp_path, monk
 def test_added_removed_changed_and_touched_files(image_folder, tmp_path):
     out = tmp_path / "f.h5"
     extract(extract_config(image_folder, out))
-    old = store.read_split(out, "train")
+    old = read_split(out, "train")
     make_image_folder(tmp_path / "more", {"train": 1}, size=(40, 36), seed=9)
     (tmp_path / "more/train/circle/00000.jpg").rename(image_folder / "train/circle/new.jpg")
     (image_folder / "train/checks/00001.jpg").unlink()
@@ -99,7 +104,7 @@ def test_added_removed_changed_and_touched_files(image_folder, tmp_path):
     os.utime(image_folder / "train/circle/00000.jpg", ns=(1, 1))  # touched: same bytes, new mtime
     s = extract(extract_config(image_folder, out))
     assert (s.extracted, s.reused, s.resumed) == (2, 16, 0) and not s.up_to_date
-    new = store.read_split(out, "train")
+    new = read_split(out, "train")
     assert "train/circle/new.jpg" in new.paths and "train/checks/00001.jpg" not in new.paths
     row = lambda split, p: split.features[split.paths.index(p)]
     assert not np.array_equal(row(old, "train/stripes/00002.jpg"), row(new, "train/stripes/00002.jpg"))
@@ -119,13 +124,13 @@ def test_other_config_never_writes_into_an_existing_cache(image_folder, tmp_path
     s = extract(extract_config(image_folder, None, pool="max", features_dir=tmp_path))
     assert s.out.name.startswith("data-") and s.out != out and s.feature_dim == 512
     s = extract(extract_config(image_folder, out, pool="avgmax", force=True))
-    assert store.read_header(out).config.pool == "avgmax" and s.extracted == 18
+    assert read_header(out).config.pool == "avgmax" and s.extracted == 18
 
 
 def test_default_name_carries_the_fingerprint(image_folder, tmp_path):
     s = extract(extract_config(image_folder, None, features_dir=tmp_path / "features"))
     assert s.out == tmp_path / "features" / f"data-{s.fingerprint}.h5"
-    assert store.read_header(s.out).fingerprint == feature_config("none", "avg", SIZE, "float16").fingerprint()
+    assert read_header(s.out).fingerprint == feature_config("none", "avg", SIZE, "float16").fingerprint()
 
 
 def test_damaged_shards_are_ignored_and_redone(image_folder, tmp_path, monkeypatch):
@@ -196,7 +201,7 @@ def test_ctrl_c_exits_130_and_says_how_to_resume(tmp_path):
     assert code == 130, output
     assert "rerun the same command to resume" in output and "Traceback" not in output
     s = extract(extract_config(data, out, image_size=48))
-    assert s.resumed > 0 and len(store.read_split(out, "train").paths) == 36
+    assert s.resumed > 0 and len(read_split(out, "train").paths) == 36
 
 
 def test_csv_manifest_relabel_keeps_features_and_missing_files_are_recorded(image_folder, tmp_path, monkeypatch):
@@ -207,22 +212,22 @@ def test_csv_manifest_relabel_keeps_features_and_missing_files_are_recorded(imag
     s = extract(extract_config(manifest, out))
     assert s.rows == {"train": 2, "val": 1} and [(r.path, r.reason) for r in s.failed] == [
         ("val/gone.jpg", "FileNotFoundError: listed but missing")]
-    before = store.read_split(out, "train")
+    before = read_split(out, "train")
     manifest.write_text(manifest.read_text().replace("train/checks/00000.jpg,grid", "train/checks/00000.jpg,round"))
     monkeypatch.setattr(backbone, "build_body", lambda *a: pytest.fail("relabelling must not run the model"))
     with pytest.raises(UserError, match="class 'grid' in split 'val' is not a class of 'train'"):
         extract(extract_config(manifest, out))
     manifest.write_text(manifest.read_text().replace("val/gone.jpg,grid", "val/gone.jpg,round"))
     s = extract(extract_config(manifest, out))
-    after = store.read_split(out, "train")
-    assert s.extracted == 0 and store.read_header(out).class_names == ["round"]
+    after = read_split(out, "train")
+    assert s.extracted == 0 and read_header(out).class_names == ["round"]
     assert after.labels.tolist() == [0, 0] and np.array_equal(after.features, before.features)
 
 
 def test_verify_finds_content_changes_that_keep_size_and_mtime(image_folder, tmp_path):
     out = tmp_path / "f.h5"
     extract(extract_config(image_folder, out))
-    before = store.read_split(out, "train")
+    before = read_split(out, "train")
     target = image_folder / "train/stripes/00001.jpg"
     st = target.stat()
     data = bytearray(target.read_bytes())
@@ -232,11 +237,11 @@ def test_verify_finds_content_changes_that_keep_size_and_mtime(image_folder, tmp
     assert extract(extract_config(image_folder, out)).up_to_date  # size and mtime alone cannot see it
     s = extract(extract_config(image_folder, out, verify=True))
     assert (s.extracted, s.resumed, s.up_to_date) == (1, 0, False)
-    records = {r.path: r for r in store.read_records(out)[1]}
+    records = {r.path: r for r in read_records(out)[1]}
     assert records["train/stripes/00001.jpg"].sha256 == hashlib.sha256(target.read_bytes()).hexdigest()
     fresh = tmp_path / "fresh.h5"
     extract(extract_config(image_folder, fresh))
-    got, want = store.read_split(out, "train"), store.read_split(fresh, "train")
+    got, want = read_split(out, "train"), read_split(fresh, "train")
     row = got.paths.index("train/stripes/00001.jpg")
     assert got.paths == want.paths and not np.array_equal(got.features[row], before.features[row])
     # the new row, not the stale one: equal to rounding (it went through the model in a batch of its own)
@@ -251,7 +256,7 @@ def test_a_name_that_is_not_utf8_is_extracted_and_kept(image_folder, tmp_path):
     out = tmp_path / "f.h5"
     s = extract(extract_config(image_folder, out))
     name = os.fsdecode(b"train/circle/\xff\xfe.jpg")
-    assert s.rows["train"] == 13 and not s.failed and name in store.read_split(out, "train").paths
+    assert s.rows["train"] == 13 and not s.failed and name in read_split(out, "train").paths
     assert extract(extract_config(image_folder, out)).up_to_date
 
 
@@ -283,7 +288,7 @@ def test_an_unreadable_file_is_recorded_then_retried_once_it_can_be_read(image_f
     unreadable.clear()  # chmod 644: neither size nor mtime changes
     monkeypatch.setattr(backbone, "build_body", real_build)
     s = extract(extract_config(image_folder, out))
-    assert (s.extracted, s.failed) == (1, []) and "train/checks/00002.jpg" in store.read_split(out, "train").paths
+    assert (s.extracted, s.failed) == (1, []) and "train/checks/00002.jpg" in read_split(out, "train").paths
 
 
 def test_verify_retries_every_failed_file(image_folder, tmp_path):
@@ -302,7 +307,7 @@ def test_verify_retries_every_failed_file(image_folder, tmp_path):
 def test_the_lock_is_taken_before_the_previous_cache_is_read(image_folder, tmp_path):
     out = tmp_path / "f.h5"
     out.write_bytes(b"a damaged cache")  # read first, this would be the error
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pipeline.journal import Journal; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pipeline.extraction.journal import Journal; "
                                "j = Journal(sys.argv[1], 'x').__enter__(); print('locked', flush=True); time.sleep(60)",
                                f"{out}.partial"], stdout=subprocess.PIPE, text=True)
     try:
@@ -333,7 +338,7 @@ def test_a_full_disk_while_extracting_says_what_is_saved(image_folder, tmp_path,
     assert (s.extracted, s.resumed) == (10, 8) and not list(tmp_path.glob("**/*.tmp"))
 
 
-class DiskFillingAt4K(store._GuardedFile):
+class DiskFillingAt4K(GuardedFile):
     """The file a cache is written through, on a disk with 4 KB free."""
 
     def _write_all(self, offset, data):
@@ -344,7 +349,7 @@ class DiskFillingAt4K(store._GuardedFile):
 
 def test_a_full_disk_while_writing_the_cache_removes_the_partial_file(image_folder, tmp_path, monkeypatch):
     out = tmp_path / "f.h5"
-    monkeypatch.setattr(store, "_GuardedFile", DiskFillingAt4K)
+    monkeypatch.setattr(writer, "GuardedFile", DiskFillingAt4K)
     with pytest.raises(files.DiskFull, match=r"is full; 18 images are saved in .*f\.h5\.partial: free some space and rerun"):
         extract(extract_config(image_folder, out))
     assert not out.exists() and not Path(f"{out}.tmp").exists() and Path(f"{out}.partial").is_dir()
@@ -365,7 +370,7 @@ def test_another_batch_composition_is_equal_to_float16_rounding_not_bit_identica
     a, b, c = (extract(extract_config(image_folder, tmp_path / f"{i}.h5", batch_size=n, precision="fp32")).out
                for i, n in enumerate((4, 3, 4)))
     assert_same_cache(a, c)
-    x, y = store.read_split(a, "train").features, store.read_split(b, "train").features
+    x, y = read_split(a, "train").features, read_split(b, "train").features
     step = np.spacing(np.maximum(np.abs(x), np.abs(y)))  # one float16 step at each value
     assert np.all(np.abs(x.astype(np.float32) - y.astype(np.float32)) <= step.astype(np.float32))
 
@@ -381,22 +386,22 @@ def test_features_that_overflow_float16_are_recorded_as_failures_not_stored(imag
     monkeypatch.setattr(backbone.Extractor, "__call__", huge_first_row)
     s = extract(extract_config(image_folder, tmp_path / "f.h5", batch_size=6))
     assert [r.reason for r in s.failed] == ["features are not finite in float16 (over its range: try --dtype float32)"] * 3
-    assert np.isfinite(store.read_split(tmp_path / "f.h5", "train").features).all()
+    assert np.isfinite(read_split(tmp_path / "f.h5", "train").features).all()
 
 
 def test_verify_extracts_non_finite_rows_again(image_folder, tmp_path):
     """A row holding NaN is refused by every reader ("repair it with extract --verify"); a plain extract trusts sizes
     and mtimes and reads no feature, so --verify, which reads every row, finds it and extracts it again."""
     out = extract(extract_config(image_folder, tmp_path / "f.h5")).out
-    clean = store.read_split(out, "train").features.copy()
+    clean = read_split(out, "train").features.copy()
     with h5py.File(out, "a") as f:
         f["train/features"][2, 0] = np.nan
     with pytest.raises(UserError, match=r"1 rows of train/features are not finite \(NaN or inf\); repair it with "
                                         r"extract --verify"):
-        store.read_split(out, "train")
+        read_split(out, "train")
     s = extract(extract_config(image_folder, out, verify=True))
     assert not s.up_to_date and s.extracted == 1
-    np.testing.assert_array_equal(store.read_split(out, "train").features, clean)
+    np.testing.assert_array_equal(read_split(out, "train").features, clean)
     assert extract(extract_config(image_folder, out, verify=True)).up_to_date
 
 
@@ -457,4 +462,4 @@ def test_a_decode_worker_killed_by_the_oom_killer_ends_like_an_interruption(tmp_
     assert "interrupted: a decode worker died (" in output and "images are saved in" in output
     assert "Traceback" not in output
     s = extract(extract_config(data, out, image_size=48))
-    assert s.resumed > 0 and len(store.read_split(out, "train").paths) == 180
+    assert s.resumed > 0 and len(read_split(out, "train").paths) == 180

@@ -6,16 +6,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import extract_config, read_header
 
-from conftest import extract_config
-from pipeline import store
-from pipeline.config import EvaluateConfig, FeatureConfig, HeadConfig, TrainConfig
+from pipeline.cache.identity import FeatureConfig
+from pipeline.cache.store import open_cache
 from pipeline.errors import UserError
-from pipeline.evaluate import evaluate_run
-from pipeline.extract import extract
-from pipeline.finetune import Block5Head, block5
-from pipeline.heads import HEAD_FILE, full_proba, load_head, save_head
-from pipeline.train import train_head
+from pipeline.extraction.runner import extract
+from pipeline.heads.block5 import Block5Head, block5
+from pipeline.heads.config import HeadConfig
+from pipeline.heads.registry import HEAD_FILE, full_proba, load_head, save_head
+from pipeline.train.config import EvaluateConfig, TrainConfig
+from pipeline.train.evaluate import evaluate_run
+from pipeline.train.runner import train_head
 
 SIZE = 64  # pool4 4x4, pool5 2x2
 
@@ -35,7 +37,7 @@ def pool4(folder, weights_file, tmp_path_factory) -> Path:
 
 
 def test_pool4_cache_holds_the_map_and_says_so(pool4):
-    header = store.read_header(pool4)
+    header = read_header(pool4)
     fcfg = header.config
     assert header.config.layer == "pool4" and fcfg.map_shape == (512, 4, 4) and header.feature_dim == 512 * 16
     assert "layer" not in FeatureConfig(weights_id="random:w", pool="avg", image_size=224, resize_size=256).to_dict()
@@ -46,7 +48,7 @@ def test_block5_from_the_caches_weights_gives_the_pool5_of_a_direct_forward(fold
 
     pool5 = extract(extract_config(folder, tmp_path / "p5.h5", weights=str(weights_file), pool="map", image_size=SIZE,
                                    dtype="float32", precision="fp32")).out
-    with store.open_cache(pool4) as a, store.open_cache(pool5) as b:
+    with open_cache(pool4) as a, open_cache(pool5) as b:
         x, expected = a.read_split("train").features, b.read_split("train").features
     with torch.inference_mode():
         got = block5(str(weights_file))(torch.from_numpy(x).reshape(-1, 512, 4, 4)).flatten(1).numpy()
@@ -87,15 +89,15 @@ def test_save_load_gives_identical_probabilities(tmp_path):
 
 
 def test_predict_equals_evaluate_on_the_same_images(folder, pool4, weights_file, tmp_path):
-    from pipeline.config import PredictConfig
-    from pipeline.predict import predict
+    from pipeline.serve.config import PredictConfig
+    from pipeline.serve.predict import predict
 
     run = train_head(TrainConfig(features=pool4, out=tmp_path / "run", refit=False,
                                  head=HeadConfig(kind="block5", epochs=1, device="cpu")))
     assert run.record.head.params["weights"] == str(weights_file) and run.record.pool is None
     assert evaluate_run(EvaluateConfig(run=run.folder, split="test")).metrics == run.metrics["test"]
     rows = predict(PredictConfig(run=run.folder, images=(folder / "test",), device="cpu"))
-    with store.open_cache(pool4) as cache:
+    with open_cache(pool4) as cache:
         test = cache.read_split("test")
     cached = full_proba(run.load_head(), test.features, len(run.class_names))
     predicted = {Path(r["path"]).relative_to(folder).as_posix(): r["proba"] for r in rows}

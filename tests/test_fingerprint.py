@@ -8,11 +8,11 @@ import json
 from dataclasses import asdict, dataclass, fields
 
 import pytest
+from conftest import extract_config, read_header
 
-from conftest import extract_config
-from pipeline import store
-from pipeline.config import CANONICAL, FeatureConfig, feature_config
-from pipeline.extract import extract
+from pipeline.cache.identity import CANONICAL, FeatureConfig
+from pipeline.extraction.config import feature_config
+from pipeline.extraction.runner import extract
 
 IMAGENET = "torchvision:VGG16_Weights.IMAGENET1K_V1"
 RECIPE = "RRC(0.35-1)+hflip"
@@ -93,7 +93,7 @@ OPTIONS = {  # extract options -> (the typed feature_config's arguments, the leg
 
 @pytest.mark.parametrize("name", list(OPTIONS))
 def test_a_config_has_the_fingerprint_the_legacy_code_gave_it(name):
-    from pipeline.augment import RECIPE as recipe
+    from pipeline.extraction.augment import RECIPE as recipe
 
     typed, legacy = OPTIONS[name]
     fcfg = feature_config("none", typed.get("pool", "avg"), 64, "float32",
@@ -106,7 +106,7 @@ def test_a_config_has_the_fingerprint_the_legacy_code_gave_it(name):
 
 def test_an_extracted_cache_stores_the_legacy_config_and_fingerprint(image_folder, tmp_path):
     s = extract(extract_config(image_folder, tmp_path / "f.h5", pool="map", layer="pool4"))
-    header = store.read_header(s.out)
+    header = read_header(s.out)
     old = LegacyFeatureConfig(weights=header.config.weights_id, pool="map", image_size=32, resize_size=37,
                               dtype="float16", layer="pool4")
     assert header.fingerprint == s.fingerprint == old.fingerprint()

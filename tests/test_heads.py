@@ -9,8 +9,10 @@ from sklearn.base import clone
 from sklearn.datasets import make_blobs
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from pipeline.estimators import KnnHead, LinearHead, LogRegHead
-from pipeline.heads import HEAD_FILE, HEADS, load_head, save_head
+from pipeline.heads.knn import KnnHead
+from pipeline.heads.linear import LinearHead
+from pipeline.heads.logreg import LogRegHead
+from pipeline.heads.registry import HEAD_FILE, HEADS, load_head, save_head
 
 FAST_LINEAR = dict(lr=1e-2, epochs=60, device="cpu")
 
@@ -67,7 +69,7 @@ def test_logreg_torch_solver_converges_to_the_reference_solution(n_classes, feat
 def test_logreg_objective_summed_over_chunks_of_rows_is_the_same_fit(n_classes, monkeypatch):
     """The float64 objective is summed over chunks of rows (its temporaries bounded on a split of millions of rows):
     chunks of 7 rows, the last one short, give the fit of one chunk to rounding."""
-    from pipeline import solvers
+    from pipeline.heads import logreg_solver as solvers
 
     X, y = make_blobs(n_samples=300, centers=n_classes, n_features=8, cluster_std=3.0, random_state=2)
     whole = LogRegHead(C=0.5, tol=1e-6, device="cpu").fit(X, y)
@@ -131,19 +133,21 @@ def torch_reference_fit(X, y, hidden: int, **settings):
     (as LinearHead trained before its sweep was one wide module): the held-out loss of each epoch and the epochs."""
     import torch
 
-    from pipeline.estimators import _module, _moments, row_normalised, run_epochs
+    from pipeline.heads.block5 import run_epochs
+    from pipeline.heads.linear import mlp_module
+    from pipeline.heads.normalise import moments, row_normalised
 
     head = LinearHead(hidden=hidden, dropout=0.0, epochs=40, patience=3, device="cpu", **settings)
     X, y = np.asarray(X, np.float32), np.asarray(y)
     head.classes_ = np.unique(y)
     X, Xv, y, yv = head._hold_out(X, y, None)
-    mean, scale = head._statistics(lambda: _moments(row_normalised(X, head.norm)), X.shape[1])
+    mean, scale = head._fitted_statistics(lambda: moments(row_normalised(X, head.norm)), X.shape[1])
     device, tensor, labels = head._converters(mean, scale, head.classes_)
     Xt, yt = tensor(X), labels(y)
     gen = torch.Generator().manual_seed(head.seed)
     batches = lambda: ((Xt[i], yt[i]) for i in torch.randperm(len(Xt), generator=gen).split(head.batch_size))
     torch.manual_seed(head.seed)
-    module = _module(X.shape[1], hidden, 0.0, len(head.classes_))
+    module = mlp_module(X.shape[1], hidden, 0.0, len(head.classes_))
     opt = torch.optim.AdamW(module.parameters(), lr=head.lr, weight_decay=head.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=head.epochs * -(-len(X) // head.batch_size))
     ran, best_epoch, best_loss = run_epochs(module, opt, sched, batches, (tensor(Xv), labels(yv)), head.epochs, 3)

@@ -6,13 +6,13 @@ import sys
 import numpy as np
 import pytest
 
+from pipeline.cache.record import Record
 from pipeline.errors import UserError
-from pipeline.journal import Journal
-from pipeline.store import Record
+from pipeline.extraction.journal import Journal
 
 HOLD = """
 import os, sys, time
-from pipeline.journal import Journal
+from pipeline.extraction.journal import Journal
 j = Journal(sys.argv[1], "fp").__enter__()
 child = os.fork()
 if child == 0:  # like a DataLoader worker: forked while the lock is held, so it inherits the descriptor

@@ -1,26 +1,36 @@
 """Pictures to look at: errors.png and errors.csv in every run, the embedding map, and predict --report (drift)."""
 
 import csv
-import shutil
 import logging
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from browser import needs_chromium, not_blank, render, rendered_without_errors
+from conftest import extract_config, read_header, read_split
 from PIL import Image
 
-from browser import needs_chromium, not_blank, render, rendered_without_errors
-from conftest import extract_config
-from pipeline import drift, gallery, store, train
-from pipeline.config import HeadConfig, MapConfig, PredictConfig, TrainConfig
-from pipeline.embedding_map import draw
+from pipeline.cache.store import open_cache
 from pipeline.errors import UserError
-from pipeline.extract import extract
-from pipeline.heads import full_proba
-from pipeline.predict import predict
+from pipeline.extraction.runner import extract
+from pipeline.heads.config import HeadConfig
+from pipeline.heads.registry import full_proba
+from pipeline.look.config import MapConfig
+from pipeline.look import drift
+from pipeline.look.gallery import COLUMNS, MAX_SHOWN, write_sheet
+from pipeline.look.projection import draw
+from pipeline.runs.folder import ERRORS_PNG
+from pipeline.runs.mistakes import ERRORS_CSV, Mistake, read_csv, write_csv
+from pipeline.runs.reference import REFERENCE_FILE, distances
+from pipeline.runs.reference import compute as reference
+from pipeline.serve.config import PredictConfig
+from pipeline.serve.predict import predict
 from pipeline.synthetic import make_image_folder
+from pipeline.train.config import TrainConfig
+from pipeline.train.runner import train_head
 
 CLI = [sys.executable, "-m", "pipeline"]
 
@@ -31,7 +41,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("look")
     data = make_image_folder(root / "data", {"train": 6, "val": 5, "test": 5}, size=(40, 36), seed=3)
     cache = extract(extract_config(data, root / "f.h5")).out
-    run = train.train_head(TrainConfig(features=cache, out=root / "run", head=HeadConfig("logreg", C=0.01)))
+    run = train_head(TrainConfig(features=cache, out=root / "run", head=HeadConfig("logreg", C=0.01)))
     return data, cache, run
 
 
@@ -45,11 +55,11 @@ def png_size(path):
 def test_errors_csv_lists_exactly_the_misclassified_rows(trained):
     _, cache, run = trained
     head = run.load_head()
-    with open(run.folder / gallery.ERRORS_CSV, newline="") as f:
+    with open(run.folder / ERRORS_CSV, newline="") as f:
         listed = {(r["split"], r["path"], r["predicted"]) for r in csv.DictReader(f)}
-    names, wrong = store.read_header(cache).class_names, set()
+    names, wrong = read_header(cache).class_names, set()
     for split in ("val", "test"):
-        data = store.read_split(cache, split)
+        data = read_split(cache, split)
         predicted = full_proba(head if split == "test" else _val_head(run, head), data.features, 3).argmax(1)
         wrong |= {(split, p, names[k]) for p, k, y in zip(data.paths, predicted, data.labels) if k != y}
     assert wrong and listed == wrong
@@ -58,31 +68,37 @@ def test_errors_csv_lists_exactly_the_misclassified_rows(trained):
 def _val_head(run, head):
     """Val is scored by the head fitted on train, test by the one refit on train + val: refit val's head here."""
     assert run.record.refit  # the fixture has a test split
-    from pipeline.heads import make_head
+    from pipeline.heads.registry import make_head
 
-    cache = store.open_cache(run.record.features.path)
+    cache = open_cache(run.record.features.path)
     return make_head("logreg", **run.record.head.params).fit(cache.read_split("train").features,
                                                               cache.read_split("train").labels)
 
 
 def test_errors_png_is_a_sheet_of_the_mistakes(trained):
     _, _, run = trained
-    n = len(gallery.read_errors(run.folder))
-    cols = min(gallery.COLUMNS, n)
-    rows = -(-min(n, gallery.MAX_SHOWN) // cols)
-    assert png_size(run.folder / gallery.ERRORS_PNG) == (round(1.9 * cols * 100), round((2.2 * rows + 0.4) * 100))
+    n = len(read_csv(run.folder))
+    cols = min(COLUMNS, n)
+    rows = -(-min(n, MAX_SHOWN) // cols)
+    assert png_size(run.folder / ERRORS_PNG) == (round(1.9 * cols * 100), round((2.2 * rows + 0.4) * 100))
+
+
+def write_errors(folder, found, image_root, title):
+    """errors.csv and errors.png, as train-head writes them into a run folder."""
+    write_csv(folder, found)
+    write_sheet(folder / ERRORS_PNG, found, image_root, title)
 
 
 def test_a_missing_image_is_a_placeholder_not_a_crash(tmp_path):
-    found = [gallery.Mistake("val", "gone.jpg", "a", "b", 0.9), gallery.Mistake("val", "../../etc/passwd", "a", "b", 0.8)]
-    gallery.write_errors(tmp_path, found, tmp_path, "t")
-    assert png_size(tmp_path / gallery.ERRORS_PNG) == (380, 260)
+    found = [Mistake("val", "gone.jpg", "a", "b", 0.9), Mistake("val", "../../etc/passwd", "a", "b", 0.8)]
+    write_errors(tmp_path, found, tmp_path, "t")
+    assert png_size(tmp_path / ERRORS_PNG) == (380, 260)
 
 
 def test_no_mistakes_is_still_a_sheet(tmp_path):
-    gallery.write_errors(tmp_path, [], None, "t")
-    assert png_size(tmp_path / gallery.ERRORS_PNG) == (190, 260)
-    assert (tmp_path / gallery.ERRORS_CSV).read_text().splitlines() == ["split,path,true,predicted,probability"]
+    write_errors(tmp_path, [], None, "t")
+    assert png_size(tmp_path / ERRORS_PNG) == (190, 260)
+    assert (tmp_path / ERRORS_CSV).read_text().splitlines() == ["split,path,true,predicted,probability"]
 
 
 @pytest.mark.parametrize("method", ["pca", "tsne"])
@@ -103,10 +119,10 @@ def test_drift_verdict_on_the_same_and_on_a_shifted_distribution():
     rng = np.random.default_rng(0)
     X = rng.standard_normal((600, 16)) + np.repeat(np.eye(16)[:2] * 4, 300, axis=0)
     y = np.repeat([0, 1], 300)
-    ref = drift.reference(X[::2], y[::2], X[1::2], np.full(300, 0.9), 2)
-    same, _ = drift.verdict(ref, drift.distances(X[1::2], ref["mean"], ref["centroids"]), np.full(300, 0.9))
+    ref = reference(X[::2], y[::2], X[1::2], np.full(300, 0.9), 2)
+    same, _ = drift.verdict(ref, distances(X[1::2], ref["mean"], ref["centroids"]), np.full(300, 0.9))
     shifted = rng.standard_normal((300, 16)) + np.eye(16)[5] * 4
-    moved, line = drift.verdict(ref, drift.distances(shifted, ref["mean"], ref["centroids"]), np.full(300, 0.6))
+    moved, line = drift.verdict(ref, distances(shifted, ref["mean"], ref["centroids"]), np.full(300, 0.6))
     assert not same and moved and "do NOT look like the training data" in line
 
 
@@ -121,9 +137,9 @@ def test_a_drift_verdict_needs_enough_images_to_decide(n_new, drifted, says):
     rng = np.random.default_rng(0)
     X = rng.standard_normal((600, 16)) + np.repeat(np.eye(16)[:2] * 4, 300, axis=0)
     y = np.repeat([0, 1], 300)
-    ref = drift.reference(X[::2], y[::2], X[1::2], np.full(300, 0.9), 2)
+    ref = reference(X[::2], y[::2], X[1::2], np.full(300, 0.9), 2)
     far = np.full((n_new, 16), 40.0)
-    verdict, line = drift.verdict(ref, drift.distances(far, ref["mean"], ref["centroids"]), np.full(n_new, 0.5))
+    verdict, line = drift.verdict(ref, distances(far, ref["mean"], ref["centroids"]), np.full(n_new, 0.5))
     assert verdict == drifted and says in line
 
 
@@ -137,13 +153,13 @@ def test_predict_report_writes_one_line_and_a_png(trained, tmp_path, caplog):
 
 def test_predict_report_without_a_reference_is_refused_up_front(trained, tmp_path):
     data, _, run = trained
-    (run.folder / drift.REFERENCE_FILE).rename(tmp_path / "kept.npz")
+    (run.folder / REFERENCE_FILE).rename(tmp_path / "kept.npz")
     try:
         with pytest.raises(UserError, match="keeps no reference of its training data"):
             predict(PredictConfig(run=run.folder, images=(data / "test",), out=tmp_path / "p.csv", report=True))
         assert not (tmp_path / "p.csv").exists()
     finally:
-        (tmp_path / "kept.npz").rename(run.folder / drift.REFERENCE_FILE)
+        (tmp_path / "kept.npz").rename(run.folder / REFERENCE_FILE)
 
 
 @pytest.mark.parametrize("out, message", [
@@ -190,15 +206,15 @@ def _pickled(path: Path) -> None:
 ], ids=["junk", "pickle", "symlink"])
 def test_a_damaged_reference_is_one_line(trained, tmp_path, damage, message):
     data, _, run = trained
-    (run.folder / drift.REFERENCE_FILE).rename(tmp_path / "kept.npz")
+    (run.folder / REFERENCE_FILE).rename(tmp_path / "kept.npz")
     try:
-        damage(run.folder / drift.REFERENCE_FILE, tmp_path / "kept.npz")
+        damage(run.folder / REFERENCE_FILE, tmp_path / "kept.npz")
         with pytest.raises(UserError, match=message) as caught:
             predict(PredictConfig(run=run.folder, images=(data / "test",), out=tmp_path / "p.csv", report=True))
         assert "allow_pickle" not in str(caught.value)
     finally:
-        (run.folder / drift.REFERENCE_FILE).unlink(missing_ok=True)
-        (tmp_path / "kept.npz").replace(run.folder / drift.REFERENCE_FILE)
+        (run.folder / REFERENCE_FILE).unlink(missing_ok=True)
+        (tmp_path / "kept.npz").replace(run.folder / REFERENCE_FILE)
 
 
 def test_map_cli_writes_beside_the_cache(trained):
@@ -222,7 +238,7 @@ def test_the_interactive_map_renders_hovers_and_filters_in_a_browser(trained, tm
     _, cache, run = trained
     page = draw(MapConfig(cache, run=run.folder, html=tmp_path / "m.html"))[0]
     assert page == tmp_path / "m.html"
-    with store.open_cache(cache) as c:
+    with open_cache(cache) as c:
         rows = sum(c.split_shape(s)[0] for s in c.splits)
     selftest = tmp_path / "selftest.html"  # the same page, asked to hover a point and untick a class itself
     selftest.write_text(page.read_text().replace('location.hash === "#selftest"', "true"))
@@ -234,7 +250,7 @@ def test_the_interactive_map_renders_hovers_and_filters_in_a_browser(trained, tm
 def test_the_map_page_shows_names_that_are_not_utf8_as_their_bytes():
     import os
 
-    from pipeline import map_page
+    from pipeline.look import projection_page as map_page
 
     odd = os.fsdecode(b"caf\xe9")
     text = map_page.page(np.array([[0.0, 0.0], [1.0, 1.0]]), np.array([0, 1]), np.array(["train", "val"]),

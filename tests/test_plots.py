@@ -8,10 +8,13 @@ import itertools
 import numpy as np
 import pytest
 
-from pipeline import drift, plots
-from pipeline.embedding_map import map_figure
-from pipeline.gallery import Mistake, sheet_figure
-from pipeline.heads import LOGREG_C
+from pipeline.heads.registry import LOGREG_C
+from pipeline.look import plots
+from pipeline.look.drift import figure
+from pipeline.look.gallery import sheet_figure
+from pipeline.look.projection import map_figure
+from pipeline.runs.mistakes import Mistake
+from pipeline.runs.reference import CONFIDENCE_BINS, DISTANCE_BINS
 
 NAME = "flowers-of-the-world-2026-map-logreg-20261203-101500-pool-auto"  # 60 characters
 assert len(NAME) >= 60
@@ -37,13 +40,13 @@ def _knn_sweep():
 
 
 def _drift():
-    ref = {"distance_hist": np.histogram(np.random.default_rng(2).uniform(0.3, 0.6, 500), drift.DISTANCE_BINS)[0],
-           "confidence_hist": np.histogram(np.random.default_rng(3).uniform(0.6, 1, 500), drift.CONFIDENCE_BINS)[0],
+    ref = {"distance_hist": np.histogram(np.random.default_rng(2).uniform(0.3, 0.6, 500), DISTANCE_BINS)[0],
+           "confidence_hist": np.histogram(np.random.default_rng(3).uniform(0.6, 1, 500), CONFIDENCE_BINS)[0],
            "distance_q95": np.array(0.57)}
     line = ("15 new images do NOT look like the training data: against the 153 validation images, their distance to "
             "the nearest class centroid differs by KS D = 0.52, the head's confidence by D = 0.73 (drift above 0.42); "
             "47% lie beyond 95% of validation's distances; median confidence 0.73 (validation 0.94)")
-    return drift.figure(ref, np.linspace(0.5, 0.9, 15), np.linspace(0.5, 0.9, 15), f"{NAME}: {line}")
+    return figure(ref, np.linspace(0.5, 0.9, 15), np.linspace(0.5, 0.9, 15), f"{NAME}: {line}")
 
 
 def _sheet():

@@ -8,20 +8,26 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import extract_config, read_header
 from sklearn.datasets import make_blobs
 
-from conftest import extract_config
-from pipeline import pools, store
-from pipeline.config import EvaluateConfig, FeatureConfig, HeadConfig, TrainConfig
+from pipeline.cache import pools
+from pipeline.cache.header import Header
+from pipeline.cache.identity import FeatureConfig, generated_config
+from pipeline.cache.record import Record
+from pipeline.cache.store import open_cache
+from pipeline.cache.writer import write_atomic
 from pipeline.errors import UserError
-from pipeline.estimators import KnnHead, LogRegHead, row_normalised
-from pipeline.evaluate import evaluate_run
-from pipeline.extract import extract
-from pipeline.heads import LOGREG_C, full_proba
-from pipeline.store import Header, Record
-from pipeline.train import train_head
-from pipeline.config import scales_option
-from pipeline.synthetic import rows_config
+from pipeline.extraction.config import scales_option
+from pipeline.extraction.runner import extract
+from pipeline.heads.config import HeadConfig
+from pipeline.heads.knn import KnnHead
+from pipeline.heads.logreg import LogRegHead
+from pipeline.heads.normalise import row_normalised
+from pipeline.heads.registry import LOGREG_C, full_proba
+from pipeline.train.config import EvaluateConfig, TrainConfig
+from pipeline.train.evaluate import evaluate_run
+from pipeline.train.runner import train_head
 
 MAP_SIZE = 64  # a 2x2 pool5 map: every pooling differs from the others, flatten upsamples to 7x7 as torchvision does
 
@@ -40,7 +46,7 @@ def map_cache(folder, tmp_path_factory) -> Path:
 
 
 def _rows(path: Path) -> dict[str, np.ndarray]:
-    with store.open_cache(path) as cache:
+    with open_cache(path) as cache:
         return {s: cache.read_split(s).features for s in cache.splits}
 
 
@@ -52,7 +58,9 @@ def test_numpy_pooling_equals_torch_pooling(pool, side):
     import torch
 
     fmap = np.random.default_rng(side).standard_normal((3, 5, side, side)).astype(np.float32)
-    expected = pools.get(pool).torch_apply(torch.from_numpy(fmap)).numpy()
+    from pipeline.backbone.pooling import TORCH_POOLS
+
+    expected = TORCH_POOLS[pool](torch.from_numpy(fmap)).numpy()
     got = pools.get(pool).numpy_apply(fmap)
     assert got.shape == expected.shape == (3, pools.get(pool).dim(5, side))
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
@@ -61,9 +69,9 @@ def test_numpy_pooling_equals_torch_pooling(pool, side):
 @pytest.mark.parametrize("pool", pools.HEAD_POOLS)
 def test_map_cache_pooled_at_head_time_equals_an_extraction_with_that_pool(pool, folder, map_cache, tmp_path):
     direct = extract(extract_config(folder, tmp_path / "f.h5", pool=pool, image_size=MAP_SIZE, dtype="float32")).out
-    fcfg = store.read_header(map_cache).config
-    assert fcfg.map_shape == (512, 2, 2) and store.read_header(map_cache).feature_dim == 512 * 4
-    with store.open_cache(map_cache) as cache:
+    fcfg = read_header(map_cache).config
+    assert fcfg.map_shape == (512, 2, 2) and read_header(map_cache).feature_dim == 512 * 4
+    with open_cache(map_cache) as cache:
         pooled = {s: cache.read_split(s, pool).features for s in cache.splits}
     for split, rows in _rows(direct).items():
         np.testing.assert_allclose(pooled[split], rows, rtol=1e-5, atol=1e-5 * np.abs(rows).max())
@@ -72,7 +80,7 @@ def test_map_cache_pooled_at_head_time_equals_an_extraction_with_that_pool(pool,
 def test_float16_map_pools_to_the_float16_rows_within_their_rounding(folder, tmp_path):
     half_map = extract(extract_config(folder, tmp_path / "m.h5", pool="map", image_size=MAP_SIZE)).out
     direct = extract(extract_config(folder, tmp_path / "a.h5", pool="avgmax", image_size=MAP_SIZE)).out
-    with store.open_cache(half_map) as cache:
+    with open_cache(half_map) as cache:
         pooled = cache.read_split("train", "avgmax").features
     rows = _rows(direct)["train"].astype(np.float32)
     np.testing.assert_allclose(pooled, rows, rtol=2e-3, atol=1e-3 * np.abs(rows).max())  # float16: 11-bit mantissa
@@ -85,8 +93,8 @@ def map_run(map_cache, tmp_path_factory):
 
 
 def test_auto_sweeps_every_pooling_and_predict_and_evaluate_apply_the_chosen_one(folder, map_cache, map_run):
-    from pipeline.config import PredictConfig
-    from pipeline.predict import predict
+    from pipeline.serve.config import PredictConfig
+    from pipeline.serve.predict import predict
 
     run = map_run
     table = json.loads((run.folder / "run.json").read_text())["sweep"]
@@ -97,7 +105,7 @@ def test_auto_sweeps_every_pooling_and_predict_and_evaluate_apply_the_chosen_one
     scored = evaluate_run(EvaluateConfig(run=run.folder, split="test")).metrics
     assert scored == run.metrics["test"]
     rows = predict(PredictConfig(run=run.folder, images=(folder / "test",), device="cpu"))
-    with store.open_cache(map_cache) as cache:
+    with open_cache(map_cache) as cache:
         test = cache.read_split("test")
     cached = full_proba(run.load_head(), run.head_pooling()(test.features), len(run.class_names))
     predicted = {Path(r["path"]).relative_to(folder).as_posix(): r["proba"] for r in rows}
@@ -121,9 +129,9 @@ def _blob_cache(path: Path, n: int = 240, dim: int = 16, std: float = 6.0, split
     X, y = make_blobs(n_samples=n, centers=3, n_features=dim, cluster_std=std, random_state=0)
     records = [Record(splits[i % len(splits)], f"{i:04d}.jpg", int(label), 1, 1, "0" * 64) for i, label in enumerate(y)]
     rows = {r.path: x for r, x in zip(records, X)}
-    header = Header(fingerprint=rows_config().fingerprint(), config=rows_config(), class_names=["a", "b", "c"],
+    header = Header(fingerprint=generated_config().fingerprint(), config=generated_config(), class_names=["a", "b", "c"],
                     feature_dim=dim)
-    store.write_atomic(path, header, records, lambda rs: np.stack([rows[r.path] for r in rs]), "float32")
+    write_atomic(path, header, records, lambda rs: np.stack([rows[r.path] for r in rs]), "float32")
     return path
 
 
@@ -219,7 +227,7 @@ def view_caches(folder, tmp_path_factory) -> dict[str, Path]:
 
 
 def test_views_and_scales_change_the_fingerprint_and_the_rows(view_caches):
-    headers = {name: store.read_header(p) for name, p in view_caches.items()}
+    headers = {name: read_header(p) for name, p in view_caches.items()}
     assert len({h.fingerprint for h in headers.values()}) == 3
     assert headers["flip"].config.flip and headers["scales"].config.scales == (48, 64)
     assert "views" not in headers["plain"].config_dict and "scales" not in headers["plain"].config_dict  # old fingerprints hold
@@ -236,8 +244,8 @@ def test_default_fingerprint_is_what_it_was_before_views_and_scales():
 def test_flip_rows_are_the_mean_of_the_image_and_its_mirror():
     import torch
 
-    from pipeline.backbone import build_body
-    from pipeline.config import feature_config
+    from pipeline.backbone.vgg16 import build_body
+    from pipeline.extraction.config import feature_config
 
     images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     plain = build_body(feature_config("none", "avg", 32, "float32"), "none")
@@ -253,10 +261,10 @@ def test_scales_average_the_whole_image_at_each_size(folder, view_caches):
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import functional as TF
 
-    from pipeline.backbone import build_body
-    from pipeline.config import feature_config
+    from pipeline.backbone.vgg16 import build_body
+    from pipeline.extraction.config import feature_config
 
-    with store.open_cache(view_caches["scales"]) as cache:
+    with open_cache(view_caches["scales"]) as cache:
         data = cache.read_split("train")
     body = build_body(feature_config("none", "avg", 32, "float32"), "none")
     img = Image.open(folder / data.paths[0]).convert("RGB")
@@ -289,7 +297,7 @@ def test_wide_rows_fit_in_their_row_space_give_the_direct_solution(C):
 def test_an_edited_run_json_is_refused_in_one_line(edit, message, map_run, tmp_path):
     import shutil
 
-    from pipeline.runs import load_run
+    from pipeline.runs.folder import load_run
 
     folder = tmp_path / "run"
     shutil.copytree(map_run.folder, folder)
@@ -303,7 +311,7 @@ def test_an_edited_run_json_is_refused_in_one_line(edit, message, map_run, tmp_p
 
 
 def test_scales_are_canonical_in_any_order():
-    from pipeline.config import ExtractConfig
+    from pipeline.extraction.config import ExtractConfig
 
     a = ExtractConfig(data=Path("d"), scales=scales_option("384, 256")).scales
     assert a == ExtractConfig(data=Path("d"), scales=scales_option("256,384")).scales == (256, 384)
@@ -312,7 +320,7 @@ def test_scales_are_canonical_in_any_order():
 def test_a_long_strip_is_capped_at_four_times_the_scale(tmp_path):
     from PIL import Image
 
-    from pipeline.reader import MAX_ASPECT, ScaledImageFiles
+    from pipeline.extraction.reader import MAX_ASPECT, ScaledImageFiles
 
     Image.new("RGB", (300, 2), (10, 200, 30)).save(tmp_path / "strip.png")
     item = ScaledImageFiles(tmp_path, ["strip.png"], (64,))[0]
@@ -322,17 +330,17 @@ def test_a_long_strip_is_capped_at_four_times_the_scale(tmp_path):
 def _overlapping_map_cache(path: Path, n_train: int = 90, n_val: int = 60, classes: int = 3) -> Path:
     """A 512x2x2 map cache of overlapping classes (non-negative, as pool5 maps are), written through the schema:
     near-ties exist, so the two solvers must really agree for the choice to be the same."""
-    from pipeline.synthetic import rows_config
+    from pipeline.cache.identity import generated_config
 
-    config = rows_config(pool="map", image_size=64)
+    config = generated_config(pool="map", image_size=64)
     X, y = make_blobs(n_samples=n_train + n_val, centers=classes, n_features=config.feature_dim, cluster_std=6.0,
                       random_state=3)
     X = np.maximum(X, 0).astype(np.float32)
-    records = [store.Record("train" if i < n_train else "val", f"{i:04d}.jpg", int(y[i]), 1, 1, "0" * 64)
+    records = [Record("train" if i < n_train else "val", f"{i:04d}.jpg", int(y[i]), 1, 1, "0" * 64)
                for i in range(len(y))]
-    header = store.Header(fingerprint=config.fingerprint(), config=config,
+    header = Header(fingerprint=config.fingerprint(), config=config,
                           class_names=[f"c{c}" for c in range(classes)], feature_dim=config.feature_dim)
-    store.write_atomic(path, header, records, lambda rs: X[[int(r.path[:4]) for r in rs]], "float32")
+    write_atomic(path, header, records, lambda rs: X[[int(r.path[:4]) for r in rs]], "float32")
     return path
 
 
@@ -341,7 +349,7 @@ def solver_runs(tmp_path_factory):
     """The logreg auto sweep (every pooling x normalisation x the 45 C) by the torch solver at its default tolerance
     and by the reference solver run to the optimum (scikit-learn at 1e-8: at its own 1e-4 it stops a few validation
     images from the optimum of weakly regularised problems, README, Performance, row 13)."""
-    from pipeline.estimators import LogRegHead
+    from pipeline.heads.logreg import LogRegHead
 
     root = tmp_path_factory.mktemp("solvers")
     cache = _overlapping_map_cache(root / "map.h5")

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from torchvision.models import VGG16_Weights
 
-from pipeline.reader import ImageFiles, open_image, preprocess
+from pipeline.extraction.reader import ImageFiles, open_image, preprocess
 
 
 def encode(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -83,7 +83,7 @@ def test_bad_files_are_reported_not_raised(tmp_path, monkeypatch):
 def test_tensor_orientation_matches_pillow(orientation):
     from PIL import ImageOps
 
-    from pipeline.reader import orient
+    from pipeline.extraction.reader import orient
 
     arr = np.random.default_rng(orientation).integers(0, 256, (5, 7, 3), dtype=np.uint8)
     img = Image.fromarray(arr)
@@ -97,7 +97,7 @@ def test_tensor_orientation_matches_pillow(orientation):
 
 def test_batched_jpeg_decode_path_matches_pillow_path_on_cpu(tmp_path):
     """The --decode gpu code path, run with device='cpu' (nvJPEG is not here): same images as the Pillow path."""
-    from pipeline.reader import EncodedFiles, decode_on_device
+    from pipeline.extraction.reader import EncodedFiles, decode_on_device
 
     rng = np.random.default_rng(0)
     smooth = np.kron(rng.integers(0, 256, (12, 16, 3)), np.ones((8, 8, 1))).astype(np.uint8)  # 96x128, JPEG-friendly

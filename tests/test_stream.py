@@ -10,12 +10,15 @@ import pytest
 from sklearn.datasets import make_classification
 from typer.testing import CliRunner
 
-from pipeline import store, stream
+from pipeline.cache import stream
+from pipeline.cache.header import Header
+from pipeline.cache.identity import generated_config
+from pipeline.cache.record import Record
+from pipeline.cache.writer import write_atomic
 from pipeline.cli import app
-from pipeline.config import HeadConfig, TrainConfig
-from pipeline.store import Header, Record
-from pipeline.synthetic import rows_config
-from pipeline.train import train_head
+from pipeline.heads.config import HeadConfig
+from pipeline.train.config import TrainConfig
+from pipeline.train.runner import train_head
 
 runner = CliRunner()
 
@@ -29,8 +32,8 @@ def hard_cache(path, n=3000, dim=48, seed=0, splits=("train", "val")):
         split = splits[i % len(splits)]
         records.append(Record(split, f"{split}/{i:07d}.jpg", int(label), 1, 1, "0" * 64))
         rows[records[-1].path] = x
-    header = Header(fingerprint=rows_config().fingerprint(), config=rows_config(), class_names=list("abcd"), feature_dim=dim)
-    store.write_atomic(path, header, records, lambda rs: np.stack([rows[r.path] for r in rs]), "float16")
+    header = Header(fingerprint=generated_config().fingerprint(), config=generated_config(), class_names=list("abcd"), feature_dim=dim)
+    write_atomic(path, header, records, lambda rs: np.stack([rows[r.path] for r in rs]), "float16")
     return path
 
 
@@ -90,9 +93,9 @@ def test_evaluate_reads_a_split_block_by_block_and_scores_as_training_did(tmp_pa
 
 PEAK = """
 import resource, sys
-from pipeline.config import HeadConfig, TrainConfig
-from pipeline.train import train_head
-from pipeline.synthetic import rows_config
+from pipeline.heads.config import HeadConfig
+from pipeline.train.config import TrainConfig
+from pipeline.train.runner import train_head
 train_head(TrainConfig(features=sys.argv[1], out=sys.argv[2], stream=sys.argv[3] == "stream",
                        head=HeadConfig(kind="linear", weight_decay=1e-3, lr=1e-3, epochs=2, device="cpu")))
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)

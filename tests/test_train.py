@@ -6,27 +6,30 @@ import json
 import h5py
 import numpy as np
 import pytest
+from conftest import SIZE, read_split
 from sklearn.datasets import make_blobs
 from typer.testing import CliRunner
 
-from conftest import SIZE
-from pipeline import store
+from pipeline.cache.header import Header
+from pipeline.cache.identity import generated_config
+from pipeline.cache.record import Record
+from pipeline.cache.store import open_cache
+from pipeline.cache.writer import write_atomic
 from pipeline.cli import app
 from pipeline.errors import UserError
-from pipeline.config import EvaluateConfig, HeadConfig, TrainConfig
-from pipeline.evaluate import evaluate_run
-from pipeline.runs import load_run
-from pipeline.store import Header, Record
-from pipeline.train import train_head
-from pipeline.synthetic import rows_config
+from pipeline.heads.config import HeadConfig
+from pipeline.runs.folder import load_run
+from pipeline.train.config import EvaluateConfig, TrainConfig
+from pipeline.train.evaluate import evaluate_run
+from pipeline.train.runner import train_head
 
 runner = CliRunner()
 
 
-FINGERPRINT = rows_config().fingerprint()
+FINGERPRINT = generated_config().fingerprint()
 
 
-def feature_file(path, splits=("train", "val", "test"), config=rows_config(), n=90, classes=("a", "b", "c"), seed=0):
+def feature_file(path, splits=("train", "val", "test"), config=generated_config(), n=90, classes=("a", "b", "c"), seed=0):
     """A cache of separable blobs, written through the real schema."""
     X, y = make_blobs(n_samples=n * len(splits), centers=len(classes), n_features=16, cluster_std=1.5, random_state=seed)
     records, rows = [], {}
@@ -36,7 +39,7 @@ def feature_file(path, splits=("train", "val", "test"), config=rows_config(), n=
         rows[records[-1].path] = x
     header = Header(fingerprint=config.fingerprint(), config=config, class_names=list(classes),
                     feature_dim=16)
-    store.write_atomic(path, header, records, lambda rs: np.stack([rows[r.path] for r in rs]), "float32")
+    write_atomic(path, header, records, lambda rs: np.stack([rows[r.path] for r in rs]), "float32")
     return path
 
 
@@ -56,7 +59,7 @@ def test_train_head_chooses_on_val_scores_test_and_saves_everything(tmp_path, ki
     assert set(run.metrics["test"]) >= {"accuracy", "balanced_accuracy", "macro_f1", "log_loss", "per_class", "confusion_matrix"}
     assert "macro-F1" in (run.folder / "report.txt").read_text()
     reloaded = load_run(run.folder).load_head()
-    test = store.read_split(f, "test")
+    test = read_split(f, "test")
     assert (reloaded.predict(test.features) == test.labels).mean() == run.metrics["test"]["accuracy"]
 
 
@@ -76,8 +79,8 @@ def test_top5_reported_beyond_five_classes(tmp_path):
 
 def test_evaluate_refuses_features_of_another_extractor(tmp_path):
     run = train_head(TrainConfig(features=feature_file(tmp_path / "f.h5"), out=tmp_path / "run"))
-    other = feature_file(tmp_path / "other.h5", config=rows_config(image_size=64))
-    with pytest.raises(UserError, match=rf"made by extractor config {rows_config(image_size=64).fingerprint()} .* "
+    other = feature_file(tmp_path / "other.h5", config=generated_config(image_size=64))
+    with pytest.raises(UserError, match=rf"made by extractor config {generated_config(image_size=64).fingerprint()} .* "
                                         rf"trained on {FINGERPRINT}"):
         evaluate_run(EvaluateConfig(run.folder, other, "test"))
     e = evaluate_run(EvaluateConfig(run.folder))
@@ -143,7 +146,7 @@ def test_end_to_end_on_tiny_images(image_folder, tmp_path, weights_file):
         assert result.exit_code == 0 and json.loads(result.stdout)["n"] == 12
 
         # predict on training images == the head applied to their cached rows
-        train = store.read_split(out, "train")
+        train = read_split(out, "train")
         (image_folder / "bad.jpg").write_bytes(b"broken")
         images = [image_folder / p for p in train.paths[:3]] + [image_folder / "bad.jpg"]
         result = invoke("predict", tmp_path / kind, *images, "--out", tmp_path / "p.csv", "--top-k", 2, "--device", "cpu")
@@ -256,8 +259,8 @@ def test_run_json_keeps_the_names_every_vggcache_reads(tmp_path):
 def test_train_head_opens_the_cache_once(tmp_path, monkeypatch):
     f = feature_file(tmp_path / "f.h5")
     opened = []
-    real = store.open_cache
-    monkeypatch.setattr(store, "open_cache", lambda path: opened.append(path) or real(path))
+    real = open_cache
+    monkeypatch.setattr("pipeline.train.runner.open_cache", lambda path: opened.append(path) or real(path))
     train_head(TrainConfig(features=f, out=tmp_path / "run", head=HeadConfig(C=1.0)))
     assert opened == [f]
 
@@ -278,7 +281,7 @@ def test_run_and_class_names_that_are_not_utf8(tmp_path):
 def test_an_out_folder_holding_a_folder_named_like_a_run_file_is_refused_before_the_fit(tmp_path, monkeypatch):
     f = feature_file(tmp_path / "f.h5")
     (tmp_path / "run" / "head.npz").mkdir(parents=True)
-    monkeypatch.setattr("pipeline.train.sweep", lambda *a: pytest.fail("the head was fitted"))
+    monkeypatch.setattr("pipeline.train.runner.sweep", lambda *a: pytest.fail("the head was fitted"))
     result = invoke("train-head", f, "--out", tmp_path / "run")
     assert result.exit_code == 2 and "holds head.npz, which is not a file" in result.output, result.output
 
@@ -289,7 +292,7 @@ def test_a_failed_save_leaves_no_half_written_run(tmp_path, monkeypatch):
     def no_space(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("pipeline.runs.write_reports", no_space)
+    monkeypatch.setattr("pipeline.runs.folder.RunWriter.write_metrics", no_space)
     result = invoke("train-head", f, "--out", tmp_path / "run", "--C", 1)
     assert result.exit_code == 2 and "cannot write the run into" in result.output and "No space left" in result.output
     assert list((tmp_path / "run").iterdir()) == []
@@ -337,7 +340,8 @@ def test_the_choice_record_keeps_its_form(tmp_path, kind, chosen):
 
 def test_a_class_without_training_rows_is_refused_naming_its_failed_files(image_folder, tmp_path):
     from conftest import extract_config
-    from pipeline.extract import extract
+
+    from pipeline.extraction.runner import extract
 
     for image in (image_folder / "train" / "circle").iterdir():
         image.write_bytes(b"not an image")

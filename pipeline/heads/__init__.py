@@ -1,0 +1,7 @@
+"""Stage two's models: classifier heads on cached features, each with scikit-learn's estimator contract.
+
+registry (each head one entry: estimator, swept grids, defaults), base (what every head shares), normalise (the one
+feature normalisation, in numpy and torch), holdout (rows held out for early stopping), logreg with its solver
+(logreg_solver), linear with its wide sweep (wide), knn, block5 (fine-tuning VGG16's last block), exported (the
+heads as torch modules), metrics (scores of probabilities). Nothing here reads a cache or writes a run.
+"""
