@@ -16,17 +16,17 @@ FEATURES ?=
 HEAD ?= logreg
 GPUS ?=
 
-.PHONY: help install demo test extract info train-head evaluate predict export serve runs bench clean
+.PHONY: help install demo test docs extract info train-head evaluate predict export serve runs bench clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
 
-install: $(STAMP)  ## Make .venv and install the project (editable) with its test, export, serve and track extras
+install: $(STAMP)  ## Make .venv and install the project (editable) with its test, export, serve, track and docs extras
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,export,serve,track]'
+	$(PY) -m pip install --quiet -e '.[test,export,serve,track,docs]'
 	touch $@
 
 demo: $(STAMP)  ## Generate a small dataset and run the whole job on it (offline, ~1 minute on 2 cores)
@@ -38,6 +38,9 @@ demo: $(STAMP)  ## Generate a small dataset and run the whole job on it (offline
 
 test: $(STAMP)  ## Run the test suite (two processes of one thread each: ~3 minutes on 2 cores)
 	$(PY) -m pytest -q -n 2 --dist loadfile
+
+docs: $(STAMP)  ## Build the documentation site into site/ (open site/index.html)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 extract: $(STAMP)  ## Extract features: make extract DATA=path [WEIGHTS=imagenet|none|file.pth] [OUT=file.h5] [GPUS=n] [ARGS=...]
 	@test -n "$(DATA)" || { echo "usage: make extract DATA=path [WEIGHTS=...] [OUT=...] [GPUS=n] [ARGS=...]" >&2; exit 2; }
@@ -74,4 +77,4 @@ bench: $(STAMP)  ## Benchmark both stages: make bench [DATA=jpeg folder] [WEIGHT
 	$(PY) bench/bench.py $(if $(DATA),--data "$(DATA)") $(if $(filter-out imagenet,$(WEIGHTS)),--weights "$(WEIGHTS)") $(ARGS)
 
 clean:  ## Remove the demo data, caches and trained heads (keeps .venv)
-	rm -rf demo_data features/*.h5 features/*.partial models/*/
+	rm -rf demo_data features/*.h5 features/*.partial models/*/ site/

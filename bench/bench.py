@@ -24,15 +24,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pipeline.backbone.vgg16 import vgg16_features  # noqa: E402
+from pipeline.cache.header import Header  # noqa: E402
 from pipeline.cache.identity import generated_config  # noqa: E402
+from pipeline.cache.record import Record  # noqa: E402
+from pipeline.cache.store import open_cache  # noqa: E402
+from pipeline.cache.writer import write_atomic  # noqa: E402
 from pipeline.device import autocast, resolve_device, resolve_precision  # noqa: E402
 from pipeline.extraction.config import ExtractConfig  # noqa: E402
 from pipeline.extraction.embed import default_batch_size, default_workers  # noqa: E402
 from pipeline.extraction.runner import extract  # noqa: E402
-from pipeline.cache.header import Header  # noqa: E402
-from pipeline.cache.record import Record  # noqa: E402
-from pipeline.cache.store import open_cache  # noqa: E402
-from pipeline.cache.writer import write_atomic  # noqa: E402
 from pipeline.synthetic import make_image_folder  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))

@@ -2,7 +2,7 @@
 
     python bench/finetune.py [--data DIR] [--weights FILE] [--tutorial-epochs N] [--datasets original,degraded]
 
-One table per dataset (README, "Fine-tuning block 5"): each row is whole commands in fresh processes, timed from
+One table per dataset (docs/heads.md, "Fine-tuning block 5"): each row is whole commands in fresh processes, timed from
 the images on disk to a trained head (extract, then train-head), with its validation accuracy:
   logreg on pool5       extract (avg pool5), train-head --head logreg
   block5 on pool4       extract --layer pool4 --pool map, train-head --head block5

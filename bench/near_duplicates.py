@@ -5,10 +5,10 @@ default `audit --threshold`.
 
 Edits `--copies` training images of the dataset in common ways (re-encoded, resized, cropped, mirrored,
 brightened, rotated, grey), extracts the copies and the dataset with the same settings, and prints two tables
-(README, "Choosing the threshold"): each edit's centred cosine to its source (the audit's similarity, centred on
+(docs/looking.md, "Choosing the threshold"): each edit's centred cosine to its source (the audit's similarity, centred on
 the dataset's mean, as if the copies were a few among many), with the share caught at candidate thresholds; and
 the most similar pairs of distinct images of the dataset itself, which a threshold must stay above. `--picture`
-draws the closest distinct pair side by side (README's picture).
+draws the closest distinct pair side by side (the picture in docs/looking.md).
 """
 
 from __future__ import annotations

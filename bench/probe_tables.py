@@ -1,4 +1,4 @@
-"""The README's probe-protocol tables on a real dataset, reproducibly: `python bench/probe_tables.py MODE ...`.
+"""The probe-protocol tables of docs/probe-protocol.md on a real dataset, reproducibly: `python bench/probe_tables.py MODE ...`.
 
     extract DATA --weights W --out DIR      one cache per feature kind (avg, map, flip, scales 256,384,512) in DIR
     speed DATA --weights W --out DIR        extraction images/s of each kind on the first 16 images of every class

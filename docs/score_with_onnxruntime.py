@@ -1,7 +1,7 @@
 """Score a folder with a model exported by `pipeline export`, with onnxruntime, Pillow and numpy alone (no vggcache).
 
 Usage: python docs/score_with_onnxruntime.py MODEL.onnx FOLDER   -> path,class,probability per image
-(The README shows this file; a test runs it and compares with `predict`. 16-bit images: vggcache rescales them to
+(docs/production.md shows this file; a test runs it and compares with `predict`. 16-bit images: vggcache rescales them to
 8 bits where Pillow's convert("RGB") clips; every 8-bit image is preprocessed exactly as extract does.)
 """
 import json

@@ -23,7 +23,7 @@ from pipeline.extraction.config import ExtractConfig
 from pipeline.files import human_bytes, printable, shortened_to
 from pipeline.heads.config import HeadConfig
 from pipeline.heads.registry import HEADS
-from pipeline.look.config import AuditConfig, MapConfig
+from pipeline.look.config import AuditConfig, ProjectionConfig
 from pipeline.serve.config import PredictConfig, ServeConfig
 from pipeline.train.config import EvaluateConfig, TrainConfig
 
@@ -56,7 +56,8 @@ def _default(config: type, name: str):
     return next(f.default for f in fields(config) if f.name == name)
 
 
-X, H, T, P = (functools.partial(_default, c) for c in (ExtractConfig, HeadConfig, TrainConfig, PredictConfig))
+extract_default, head_default, train_default, predict_default = (
+    functools.partial(_default, c) for c in (ExtractConfig, HeadConfig, TrainConfig, PredictConfig))
 
 
 @app.callback()
@@ -93,21 +94,21 @@ def _echo(text: str, err: bool = False) -> None:
 def extract(
     data: Path = typer.Argument(..., help="ImageFolder tree (DATA/<split>/<class>/... or DATA/<class>/...) or a CSV manifest path,label[,split]."),
     out: Optional[Path] = typer.Option(None, help="Output file (default: features/<dataset>-<fingerprint>.h5)."),
-    weights: str = typer.Option(X("weights"), help="imagenet (torchvision download), none (seeded random init), or a local state-dict file."),
-    pool: str = typer.Option(X("pool"), help=", ".join(f"{p.name} ({p.dim(VGG16_CHANNELS)} at 224)" for p in POOLS.values())
+    weights: str = typer.Option(extract_default("weights"), help="imagenet (torchvision download), none (seeded random init), or a local state-dict file."),
+    pool: str = typer.Option(extract_default("pool"), help=", ".join(f"{p.name} ({p.dim(VGG16_CHANNELS)} at 224)" for p in POOLS.values())
                              + "; map keeps the pool5 map, so train-head can pool it any of the other ways."),
-    image_size: int = typer.Option(X("image_size"), help="Centre-crop side; images are resized to 256/224 of it first."),
-    layer: str = typer.Option(X("layer"), help="pool5 (the body's output), or pool4 (512 x 14 x 14 at 224, the input of block 5: for --head block5)."),
-    views: str = typer.Option(VIEWS[X("flip")], help="none, or flip: each row is the mean of the image's and its mirror's features."),
-    scales: str = typer.Option(",".join(map(str, X("scales"))), help="e.g. 256,384,512: the whole image (no crop) at each shorter side, pooled and averaged (pooled modes only)."),
-    augment: int = typer.Option(X("augment"), help="K: also cache K augmented views (random resized crop + flip) of every training image, for train-head --views."),
-    augment_seed: int = typer.Option(X("augment_seed"), help="Seed of the augmented views (each view depends on it, its file's path and its index only)."),
-    batch_size: int = typer.Option(X("batch_size"), help="Images per forward (default 0: 256 on CUDA, 4 elsewhere)."),
-    workers: int = typer.Option(X("workers"), help="DataLoader decode workers (default -1: 16 on CUDA (at most the cores), 1 on CPU)."),
-    device: str = typer.Option(X("device"), help="auto, cpu, cuda or mps."),
-    precision: str = typer.Option(X("precision"), help="auto (bf16 on CUDA and on CPUs with native bf16, else fp32), fp32, bf16 or fp16."),
-    dtype: str = typer.Option(X("dtype"), help="Storage dtype of the features: float16 or float32."),
-    decode: str = typer.Option(X("decode"), help="cpu (Pillow in workers) or gpu (batched nvJPEG, CUDA only)."),
+    image_size: int = typer.Option(extract_default("image_size"), help="Centre-crop side; images are resized to 256/224 of it first."),
+    layer: str = typer.Option(extract_default("layer"), help="pool5 (the body's output), or pool4 (512 x 14 x 14 at 224, the input of block 5: for --head block5)."),
+    views: str = typer.Option(VIEWS[extract_default("flip")], help="none, or flip: each row is the mean of the image's and its mirror's features."),
+    scales: str = typer.Option(",".join(map(str, extract_default("scales"))), help="e.g. 256,384,512: the whole image (no crop) at each shorter side, pooled and averaged (pooled modes only)."),
+    augment: int = typer.Option(extract_default("augment"), help="K: also cache K augmented views (random resized crop + flip) of every training image, for train-head --views."),
+    augment_seed: int = typer.Option(extract_default("augment_seed"), help="Seed of the augmented views (each view depends on it, its file's path and its index only)."),
+    batch_size: int = typer.Option(extract_default("batch_size"), help="Images per forward (default 0: 256 on CUDA, 4 elsewhere)."),
+    workers: int = typer.Option(extract_default("workers"), help="DataLoader decode workers (default -1: 16 on CUDA (at most the cores), 1 on CPU)."),
+    device: str = typer.Option(extract_default("device"), help="auto, cpu, cuda or mps."),
+    precision: str = typer.Option(extract_default("precision"), help="auto (bf16 on CUDA and on CPUs with native bf16, else fp32), fp32, bf16 or fp16."),
+    dtype: str = typer.Option(extract_default("dtype"), help="Storage dtype of the features: float16 or float32."),
+    decode: str = typer.Option(extract_default("decode"), help="cpu (Pillow in workers) or gpu (batched nvJPEG, CUDA only)."),
     force: bool = typer.Option(False, "--force", help="Rebuild from scratch, replacing any existing file."),
     verify: bool = typer.Option(False, "--verify", help="Hash every file to detect content changes, and retry every failed file."),
     shard: Optional[str] = typer.Option(None, help="I/N: extract part I of N (a job array) into the journal; the last part to finish writes the cache."),
@@ -182,30 +183,30 @@ def info(file: Path = typer.Argument(..., help="A feature cache (.h5)."),
 @_user_errors
 def train_head(
     features: Path = typer.Argument(..., help="A feature cache made by `extract`."),
-    head: str = typer.Option(H("kind"), help="; ".join(f"{h.name}: {h.description}" for h in HEADS.values()) + "."),
+    head: str = typer.Option(head_default("kind"), help="; ".join(f"{h.name}: {h.description}" for h in HEADS.values()) + "."),
     out: Optional[Path] = typer.Option(None, help="Run folder (default: models/<features>-<head>-<time>)."),
-    train_split: str = typer.Option(T("train_split"), help="Split to fit on."),
-    val_split: str = typer.Option(T("val_split"), help="Split to choose hyperparameters on (held out of train when absent)."),
-    test_split: str = typer.Option(T("test_split"), help="Split scored once at the end, when present."),
-    val_fraction: float = typer.Option(T("val_fraction"), help="Fraction of train held out when there is no validation split."),
-    pool: str = typer.Option(T("pool"), help="Map cache: " + ", ".join(HEAD_POOLS) + ", or auto (sweep them all on validation). Pooled cache: its own pooling."),
+    train_split: str = typer.Option(train_default("train_split"), help="Split to fit on."),
+    val_split: str = typer.Option(train_default("val_split"), help="Split to choose hyperparameters on (held out of train when absent)."),
+    test_split: str = typer.Option(train_default("test_split"), help="Split scored once at the end, when present."),
+    val_fraction: float = typer.Option(train_default("val_fraction"), help="Fraction of train held out when there is no validation split."),
+    pool: str = typer.Option(train_default("pool"), help="Map cache: " + ", ".join(HEAD_POOLS) + ", or auto (sweep them all on validation). Pooled cache: its own pooling."),
     norm: Optional[str] = typer.Option(None, help="standard, l2 (unit rows), power (signed sqrt, then l2), or auto (sweep them); default: standard, l2 for knn."),
     refit: Optional[bool] = typer.Option(None, "--refit/--no-refit", help="Refit the choice on train+val before scoring test (default: on when there is a test split)."),
     views: Optional[bool] = typer.Option(None, "--views/--no-views", help="Train on the cache's augmented views (extract --augment) beside their images (default: when it has them and they fit --memory-budget)."),
     C: Optional[float] = typer.Option(None, "--C", help="logreg: fix C instead of sweeping 45 values 1e-6..1e5."),
     k: Optional[int] = typer.Option(None, "--k", help="knn: fix k instead of sweeping 1, 3, 5, 10, 20, 50."),
-    hidden: int = typer.Option(H("hidden"), help="linear: width of one hidden layer (0: a single linear layer)."),
-    dropout: float = typer.Option(H("dropout"), help="linear: dropout after the hidden layer."),
+    hidden: int = typer.Option(head_default("hidden"), help="linear: width of one hidden layer (0: a single linear layer)."),
+    dropout: float = typer.Option(head_default("dropout"), help="linear: dropout after the hidden layer."),
     lr: Optional[float] = typer.Option(None, help="linear: fix the AdamW learning rate instead of sweeping 1e-3, 1e-2."),
     weight_decay: Optional[float] = typer.Option(None, help="linear: fix weight decay instead of sweeping 1e-6..1."),
     epochs: Optional[int] = typer.Option(None, help="linear, block5: most epochs (default 200, block5 30)."),
     batch_size: Optional[int] = typer.Option(None, help="linear, block5: rows per step (default 256, block5 32)."),
     patience: Optional[int] = typer.Option(None, help="linear, block5: epochs without a better held-out loss before stopping (default 15, block5 5)."),
-    freeze_convs: int = typer.Option(H("freeze_convs"), help="block5: how many of conv5_1..conv5_3 stay frozen."),
+    freeze_convs: int = typer.Option(head_default("freeze_convs"), help="block5: how many of conv5_1..conv5_3 stay frozen."),
     weights: Optional[str] = typer.Option(None, help="block5: the weights file the cache was made with, if it has moved (checked by sha256)."),
-    early_stop_fraction: float = typer.Option(H("validation_fraction"), help="linear: fraction of train held out for early stopping."),
-    seed: int = typer.Option(H("seed"), help="Seed of the held-out splits and of the linear head."),
-    device: str = typer.Option(H("device"), help="logreg, linear, block5: auto (CUDA when there is one), cpu, cuda or mps."),
+    early_stop_fraction: float = typer.Option(head_default("validation_fraction"), help="linear: fraction of train held out for early stopping."),
+    seed: int = typer.Option(head_default("seed"), help="Seed of the held-out splits and of the linear head."),
+    device: str = typer.Option(head_default("device"), help="logreg, linear, block5: auto (CUDA when there is one), cpu, cuda or mps."),
     solver: Optional[str] = typer.Option(None, help="logreg: torch (default: float32 L-BFGS along the C path, on --device) or sklearn (scikit-learn's lbfgs in float64 on the CPU: the reference, ~10x slower)."),
     memory_budget: Optional[str] = typer.Option(None, help="Most memory the features may take, e.g. 8G (default: half the memory available); over it, the linear head streams them from the file."),
     stream: bool = typer.Option(False, "--stream", help="Stream the features from the file whatever their size (linear head)."),
@@ -258,12 +259,12 @@ def evaluate(run: Path = typer.Argument(..., help="A run folder made by train-he
 def predict(run: Path = typer.Argument(..., help="A run folder made by train-head."),
             images: list[Path] = typer.Argument(..., help="Image files or folders (searched recursively)."),
             out: Optional[Path] = typer.Option(None, help="CSV file to write (default: standard output)."),
-            top_k: int = typer.Option(P("top_k"), help="Classes listed per image."),
+            top_k: int = typer.Option(predict_default("top_k"), help="Classes listed per image."),
             weights: Optional[str] = typer.Option(None, help="The weights file, if the run's has moved (checked by sha256)."),
-            batch_size: int = typer.Option(P("batch_size"), help="Images per forward."),
-            workers: int = typer.Option(P("workers"), help="DataLoader decode workers."),
-            device: str = typer.Option(P("device"), help="auto, cpu, cuda or mps."),
-            precision: str = typer.Option(P("precision"), help="auto (as the run's features were extracted), fp32, bf16 or fp16."),
+            batch_size: int = typer.Option(predict_default("batch_size"), help="Images per forward."),
+            workers: int = typer.Option(predict_default("workers"), help="DataLoader decode workers."),
+            device: str = typer.Option(predict_default("device"), help="auto, cpu, cuda or mps."),
+            precision: str = typer.Option(predict_default("precision"), help="auto (as the run's features were extracted), fp32, bf16 or fp16."),
             report: bool = typer.Option(False, "--report", help="Say whether the images look like the run's training data (one line, and a PNG beside --out: p.csv -> p.drift.png)."),
             force: bool = typer.Option(False, "--force", help="Replace --out even if it is not a predictions CSV (never needed for one predict wrote).")):
     """Predict classes of new images with a saved run: same extractor as its features, then its head."""
@@ -377,20 +378,32 @@ def audit(features: Path = typer.Argument(..., help="A feature cache made by `ex
     _echo(f"wrote {cfg.csv_path}")
 
 
-@app.command("map")
-@_user_errors
-def map_(features: Path = typer.Argument(..., help="A feature cache made by `extract`."),
-         run: Optional[Path] = typer.Option(None, help="A run trained on it: its mistakes are ringed."),
-         method: str = typer.Option(MapConfig.method, help="pca (any size: a sample of 20,000) or tsne (a sample of 3,000)."),
-         out: Optional[Path] = typer.Option(None, help="PNG to write (default: FEATURES.map.png)."),
-         seed: int = typer.Option(MapConfig.seed, help="Seed of the sample and of t-SNE."),
-         html: Optional[Path] = typer.Option(None, help="Also (or, without --out, only) write an interactive page: hover a point for its thumbnail, path, label and the run's prediction; filter by split and class."),
-         force: bool = typer.Option(False, "--force", help="Replace --out (or --html) even if it is not what map writes.")):
-    """Draw the cache's images in two dimensions, coloured by class, one marker per split."""
-    from pipeline.look.projection import draw
+def _projection_options(name: str):
+    """The options of `projection` (and of its old name, `map`: its picture is FEATURES.map.png by default)."""
 
-    for path in draw(MapConfig(features=features, run=run, method=method, out=out, seed=seed, force=force, html=html)):
-        _echo(f"wrote {path}")
+    def command(features: Path = typer.Argument(..., help="A feature cache made by `extract`."),
+                run: Optional[Path] = typer.Option(None, help="A run trained on it: its mistakes are ringed."),
+                method: str = typer.Option(ProjectionConfig.method, help="pca (any size: a sample of 20,000) or tsne (a sample of 3,000)."),
+                out: Optional[Path] = typer.Option(None, help=f"PNG to write (default: FEATURES.{name}.png)."),
+                seed: int = typer.Option(ProjectionConfig.seed, help="Seed of the sample and of t-SNE."),
+                html: Optional[Path] = typer.Option(None, help="Also (or, without --out, only) write an interactive page: hover a point for its thumbnail, path, label and the run's prediction; filter by split and class."),
+                force: bool = typer.Option(False, "--force", help="Replace --out (or --html) even if it is not what this command writes.")):
+        from pipeline.look.projection import draw
+
+        if name != "projection":
+            _echo(f"note: `pipeline {name}` is now `pipeline projection` (the same options); the old name stays as an "
+                  "alias", err=True)
+        for path in draw(ProjectionConfig(features=features, run=run, method=method, out=out, seed=seed, force=force,
+                                          html=html, name=name)):
+            _echo(f"wrote {path}")
+
+    return command
+
+
+app.command("projection", help="Draw the cache's images in two dimensions (PCA or t-SNE), coloured by class, one "
+                               "marker per split.")(_user_errors(_projection_options("projection")))
+app.command("map", help="The old name of `projection` (an alias; its picture is FEATURES.map.png by default).")(
+    _user_errors(_projection_options("map")))
 
 
 @app.command("make-demo-data")

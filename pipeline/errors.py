@@ -1,4 +1,5 @@
-"""The one exception type for user errors: the CLI prints its message on one line and exits 2."""
+"""The exceptions the CLI turns into one line and an exit code: a user error (exit 2), an interrupted run (130, 143
+or 75); and `first_line`, the one way an exception's text is put on one line."""
 
 
 class UserError(Exception):

@@ -1,5 +1,4 @@
-"""Generate small labelled image folders (shapes of random colour and place) for the demo, tests and benchmark, and
-the config of a cache of generated rows."""
+"""Generate small labelled image folders (shapes of random colour and place) for the demo, tests and benchmark."""
 
 from __future__ import annotations
 

@@ -156,3 +156,13 @@ def test_predict_writes_a_name_that_is_not_utf8_as_its_bytes(made, tmp_path):
     assert [os.fsencode(r["path"]) for r in rows] == [odd] and rows[0]["predicted"] in ("checks", "circle", "stripes")
     stdout = runner.invoke(app, ["predict", str(made["run"]), str(folder)])
     assert stdout.exit_code == 0 and odd in stdout.stdout_bytes
+
+
+COMMANDS = ["extract", "info", "train-head", "evaluate", "predict", "report", "export", "serve", "runs", "audit",
+            "projection", "map", "make-demo-data"]  # every command of 0.1.0 (map: projection's old name), in order
+
+
+def test_help_lists_every_command():
+    result = runner.invoke(app, ["--help"])
+    listed = [line.split()[0] for line in result.output.split("Commands:")[1].splitlines() if line.strip()]
+    assert result.exit_code == 0 and listed == COMMANDS

@@ -12,12 +12,8 @@ from pathlib import Path
 from pipeline.errors import UserError
 from pipeline.files import sha256_file
 
-RANDOM_SEED = 0
-
-
-# torchvision's VGG16_Weights.IMAGENET1K_V1.transforms(): kept here so that planning an extraction (and the
-# "up to date" answer) needs no torch import; backbone.py checks them against torchvision when it loads the model.
-IMAGENET_WEIGHTS = "VGG16_Weights.IMAGENET1K_V1"
+RANDOM_SEED = 0  # of `--weights none`: torchvision's VGG initialisation from this seed
+IMAGENET_WEIGHTS = "VGG16_Weights.IMAGENET1K_V1"  # torchvision's enum, named here so that naming needs no torch
 
 
 def weights_is_file(weights: str) -> bool:

@@ -62,7 +62,7 @@ class FeatureConfig:
     flip: bool = False  # each row is the mean of the image's and its mirror's features (`extract --views flip`)
     scales: tuple[int, ...] = ()  # () : one centre crop; else the whole image at each shorter side, pooled, averaged
     layer: str = "pool5"  # a pools.LAYERS name: pool5 (the body's output) or pool4 (the input of block 5)
-    augment: int = 0  # K augmented views of each training image, cached beside its row (augment.py)
+    augment: int = 0  # K augmented views of each training image, cached beside its row (extraction/augment.py)
     augment_seed: int = 0
     augment_recipe: str = ""  # augment.RECIPE when augment > 0: what the views are, in words
 

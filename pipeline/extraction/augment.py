@@ -16,7 +16,7 @@ import numpy as np
 from pipeline.extraction.dataset import FLAT_SPLIT
 
 # The training split of a folder with splits, or the one split of a flat folder (train-head holds its validation
-# rows out by source image, views included: see train.py).
+# rows out by source image, views included: see train/data.py).
 AUGMENTED_SPLITS = ("train", FLAT_SPLIT)
 # torchvision's RandomResizedCrop defaults and a horizontal flip, as in the tutorial's training transform
 SCALE = (0.08, 1.0)

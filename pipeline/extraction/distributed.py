@@ -81,12 +81,6 @@ class Worker:
         """The prefix of a line this worker prints: nothing for a single process."""
         return "" if self.single else f"{self.describe}: "
 
-    @property
-    def leader(self) -> bool:
-        """Rank 0 and a single process speak for the job (logs, the summary, the cache); parts each speak for
-        themselves."""
-        return self.index == 0 or self.part
-
     def in_my_array(self, writer: str) -> bool:
         """A part of this worker's job array, itself included (shards named part<J>of<N>)."""
         return self.part and writer.startswith("part") and writer.endswith(f"of{self.count}")

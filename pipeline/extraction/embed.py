@@ -1,7 +1,8 @@
 """Embedding: read the images to do in batches, run the frozen body over them, commit rows to the journal.
 
-The mapper of the extract stage (reader.py decodes in DataLoader workers, backbone.py embeds, journal.py commits);
-it knows nothing of the cache, and is what each worker of a distributed extraction runs on its share.
+The mapper of the extract stage (reader.py decodes in DataLoader workers, backbone/vgg16.py embeds, journal.py
+commits); it never touches the HDF5 file (its rows are cache.record's `Record`s, its account of the run a
+cache.header `Extraction`), and is what each worker of a distributed extraction runs on its share.
 """
 
 from __future__ import annotations

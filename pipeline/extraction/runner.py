@@ -1,7 +1,7 @@
 """The extract stage: plan what is new or changed, run the frozen body over it once, write a complete cache.
 
 plan (plan.py) -> each worker's share (distributed.py) -> read, embed, commit (embed.py, journal.py) -> barrier
--> one writer: the cache from the journal and the previous cache (store.py).
+-> one writer: the cache from the journal and the previous cache (cache/writer.py).
 torch is imported only when images must go through the model: an up-to-date rerun answers in about a second.
 """
 

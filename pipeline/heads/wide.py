@@ -15,7 +15,7 @@ import math
 import numpy as np
 
 BETAS, EPS = (0.9, 0.999), 1e-8  # torch.optim.AdamW's defaults
-MIN_IMPROVEMENT = 1e-5  # of the held-out loss, for a better epoch (as estimators.run_epochs)
+MIN_IMPROVEMENT = 1e-5  # of the held-out loss, for a better epoch (as block5.run_epochs)
 
 
 class WideModel:

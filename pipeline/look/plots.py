@@ -1,4 +1,5 @@
-"""Pictures written into run folders: each `*_figure` function takes plain numbers and returns a matplotlib figure
+"""The charts of a run folder (the confusion matrix, the sweep) and what every picture shares (matplotlib on Agg,
+text shortened or wrapped to fit): each `*_figure` function takes plain numbers and returns a matplotlib figure
 (the tests measure its text), and `plot_*` saves it.
 
 Readable at real names and sizes: a long run name is shortened in the middle to the figure's width, never clipped

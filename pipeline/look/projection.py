@@ -1,5 +1,6 @@
-"""`pipeline map`: the cache's embeddings in two dimensions, coloured by class, one marker per split, and, given a
-run, its mistakes ringed: clusters, outliers and overlapping classes at a glance.
+"""`pipeline projection`: the cache's embeddings in two dimensions, coloured by class, one marker per split, and,
+given a run, its mistakes ringed: clusters, outliers and overlapping classes at a glance. A picture (`figure`), an
+interactive page (projection_page.py), or both.
 
 PCA (scikit-learn, any number of rows: a seeded sample of at most MAX_PCA_POINTS is drawn) or t-SNE (on at most
 MAX_TSNE_POINTS rows, after PCA to 50 dimensions, as its authors advise). A map cache is average-pooled first, or
@@ -9,6 +10,7 @@ pooled as the run's head pools it.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,7 @@ from pipeline.cache.store import Cache, open_cache
 from pipeline.errors import UserError
 from pipeline.files import printable
 from pipeline.look import projection_page
-from pipeline.look.config import MapConfig
+from pipeline.look.config import ProjectionConfig
 from pipeline.runs.folder import load_run
 from pipeline.runs.mistakes import ERRORS_CSV, read_csv
 
@@ -54,37 +56,63 @@ def project(X: np.ndarray, method: str, seed: int) -> np.ndarray:
                 random_state=seed).fit_transform(Z)
 
 
-def draw(cfg: MapConfig) -> list[Path]:
-    """Write the map of `cfg.features` (and `cfg.run`'s mistakes) to `cfg.png_path` and/or the page `cfg.html`."""
+@dataclass(frozen=True)
+class Projection:
+    """The cache's rows (or a sample of them) in two dimensions, with what is drawn of each."""
+
+    xy: np.ndarray  # (n, 2)
+    labels: np.ndarray
+    splits: np.ndarray
+    paths: np.ndarray
+    class_names: list[str]
+    wrong: dict[str, str]  # path -> the run's wrong prediction ({} without a run)
+    image_root: Path | None  # the dataset the paths are relative to (thumbnails)
+    title: str
+
+    @property
+    def missed(self) -> np.ndarray:
+        """Which rows the run got wrong."""
+        return np.array([p in self.wrong for p in self.paths], bool)
+
+
+def project_cache(cfg: ProjectionConfig, limit: int | None = None) -> Projection:
+    """The projection of `cfg.features` (at most `limit` rows, a seeded sample), with `cfg.run`'s mistakes."""
+    run, pool, wrong = _run_parts(cfg)
+    with open_cache(cfg.features) as cache:
+        if run is not None:
+            run.check_features(cache.header, cfg.features)
+        most = MAX_TSNE_POINTS if cfg.method == "tsne" else MAX_PCA_POINTS
+        X, y, splits, paths = _rows(cache, pool, min(most, limit or most), cfg.seed)
+        names, root = cache.header.class_names, cache.header.source.root
+    if len(X) < 3:
+        raise UserError(f"{cfg.features} holds {len(X)} rows: a projection needs 3 at least")
+    xy = project(X, cfg.method, cfg.seed)
+    return Projection(xy, y, splits, paths, names, wrong, Path(root) if root else None,
+                      f"{Path(cfg.features).name}: {cfg.method.upper()} of {len(xy)} images")
+
+
+def draw(cfg: ProjectionConfig) -> list[Path]:
+    """Write the projection of `cfg.features` (and `cfg.run`'s mistakes) to `cfg.png_path` and/or the page
+    `cfg.html`."""
     inputs = (cfg.features,) + ((cfg.run,) if cfg.run else ())
     if cfg.png_path:
         files.ensure_writable_file(cfg.png_path, "--out", inputs=inputs, output=files.IMAGE, force=cfg.force)
     if cfg.html:
         files.ensure_writable_file(cfg.html, "--html", inputs=inputs, output=files.HTML, force=cfg.force)
-    run, pool, wrong = _run_parts(cfg)
-    with open_cache(cfg.features) as cache:
-        if run is not None:
-            run.check_features(cache.header, cfg.features)
-        limit = MAX_TSNE_POINTS if cfg.method == "tsne" else MAX_PCA_POINTS
-        X, y, splits, paths = _rows(cache, pool, min(limit, projection_page.MAX_POINTS) if cfg.html else limit, cfg.seed)
-        names, root = cache.header.class_names, cache.header.source.root
-    if len(X) < 3:
-        raise UserError(f"{cfg.features} holds {len(X)} rows: a map needs 3 at least")
-    xy = project(X, cfg.method, cfg.seed)
-    title, written = f"{Path(cfg.features).name}: {cfg.method.upper()} of {len(xy)} images", []
+    p = project_cache(cfg, projection_page.MAX_POINTS if cfg.html else None)
+    written = []
     if cfg.png_path:
         from pipeline.look.plots import save
 
-        missed = np.array([p in wrong for p in paths], bool)
-        written.append(save(map_figure(xy, y, splits, missed, names, title), cfg.png_path, 110))
+        written.append(save(figure(p), cfg.png_path, 110))
     if cfg.html:
-        page = projection_page.page(xy, y, splits, paths, names, wrong, Path(root) if root else None, title)
+        page = projection_page.page(p.xy, p.labels, p.splits, p.paths, p.class_names, p.wrong, p.image_root, p.title)
         Path(cfg.html).write_text(page, encoding="utf-8")
         written.append(Path(cfg.html))
     return written
 
 
-def _run_parts(cfg: MapConfig):
+def _run_parts(cfg: ProjectionConfig):
     """The run, the pooling its head used, and its mistakes (path -> the wrong prediction); (None, None, {})
     without --run."""
     if cfg.run is None:
@@ -95,8 +123,13 @@ def _run_parts(cfg: MapConfig):
     return run, run.record.pool, {m.path: m.predicted for m in read_csv(run.folder)}
 
 
-def map_figure(xy, y, splits, missed, names: list[str], title: str):
+def figure(p: Projection):
     """The points coloured by class, one marker per split, mistakes ringed; the legend beside the plot."""
+    return points_figure(p.xy, p.labels, p.splits, p.missed, p.class_names, p.title)
+
+
+def points_figure(xy, y, splits, missed, names: list[str], title: str):
+    """`figure` of plain arrays: (n, 2) points, their labels and splits, which were missed, the class names."""
     from matplotlib.lines import Line2D
 
     from pipeline.look.plots import pyplot, shortened

@@ -1,4 +1,4 @@
-"""`pipeline map FILE --html OUT`: the 2-D map as one interactive, self-contained page (no network).
+"""`pipeline projection FILE --html OUT`: the 2-D projection as one interactive, self-contained page (no network).
 
 Hover a point: its thumbnail, path, split, label and (given --run) the run's wrong prediction; filter by split and
 by class with checkboxes; a run's mistakes are ringed. Drawn as inline SVG by a few lines of JavaScript: no plotting

@@ -79,12 +79,6 @@ class LoadingRecord:
             return "loading.reasons is not an object of texts"
         return None
 
-    @classmethod
-    def of(cls, plan) -> "LoadingRecord":
-        return cls(mode=plan.mode, budget_bytes=plan.budget_bytes, needed_bytes=plan.needed_bytes,
-                   pools=list(plan.pools), views_per_image=plan.views_per_image, refit=plan.refit,
-                   reasons=dict(plan.reasons))
-
 
 @dataclass(frozen=True)
 class RunRecord:

@@ -22,7 +22,7 @@ class PredictConfig:
     workers: int = 0
     device: str = "auto"
     precision: str = "auto"  # auto: as the run's features were extracted (fp32 or bf16), else the device's default
-    report: bool = False  # compare the new images with the run's training data (drift.py): one line and a PNG
+    report: bool = False  # compare the new images with the run's training data (look/drift.py): one line and a PNG
     force: bool = False  # replace --out (and the report's picture) even when they are not what predict writes
 
     PARAMS = {"top_k": Interval(int, 1, 1 << 20), "batch_size": Interval(int, 1, 65536), "workers": Interval(int, 0, 256),

@@ -16,8 +16,8 @@ from pipeline.errors import UserError
 from pipeline.extraction.dataset import is_image_name
 from pipeline.heads.registry import full_proba
 from pipeline.look import drift
-from pipeline.runs.folder import Run, load_run
 from pipeline.runs import reference
+from pipeline.runs.folder import Run, load_run
 from pipeline.serve.config import PredictConfig
 
 log = logging.getLogger(__name__)

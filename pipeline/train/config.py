@@ -25,7 +25,7 @@ class TrainConfig:
     val_split: str = "val"
     test_split: str = "test"
     val_fraction: float = 0.2  # held out of train, stratified, when the file has no validation split
-    memory_budget: str | None = None  # "8G", "512M", bytes; None: half the memory available (see stream.py)
+    memory_budget: str | None = None  # "8G", "512M", bytes; None: half the memory available (see cache/stream.py)
     stream: bool = False  # read the features from the file as the head trains, whatever their size
     pool: str = "auto"  # on a map cache: a pooling of pools.HEAD_POOLS, or auto (swept); on a pooled cache: its own
     refit: bool | None = None  # refit the choice on train+val before test; None: when there is a test split

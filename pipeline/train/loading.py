@@ -2,7 +2,7 @@
 and recorded in run.json as it is (`LoadPlan`), instead of if-chains spread over the stage.
 
     pools            the head-time poolings to sweep (a map cache), or (None,): the rows as the cache holds them
-    mode             memory: the splits are loaded; stream: read from the file as the head trains (stream.py)
+    mode             memory: the splits are loaded; stream: read from the file as the head trains (cache/stream.py)
     views_per_image  K augmented views of each training image trained on beside it (0: none)
     refit            the choice fitted again on train + val before test is scored
 

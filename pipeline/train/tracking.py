@@ -23,7 +23,7 @@ EXPERIMENT = "vggcache"
 
 
 def track(kind: str, run) -> str:
-    """Log the saved run (runs.Run) to the `kind` tracker (one of TRACKERS, as TrainConfig checks); returns where
+    """Log the saved run (runs.folder.Run) to the `kind` tracker (one of TRACKERS, as TrainConfig checks); returns where
     it went, in words."""
     mlflow = load_mlflow()
     if "MLFLOW_TRACKING_URI" not in os.environ:

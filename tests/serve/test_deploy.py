@@ -238,15 +238,15 @@ def test_the_api_gives_what_the_cli_gives(tmp_path):
     np.testing.assert_array_equal(run.predict_features(X), cli_run.predict_features(X))
 
 
-SCRIPT = Path(__file__).resolve().parent.parent / "docs" / "score_with_onnxruntime.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "docs" / "score_with_onnxruntime.py"
 
 
-def test_the_readmes_onnxruntime_example_scores_a_folder_as_predict_does(runs, tmp_path):
-    """docs/score_with_onnxruntime.py (shown in the README) needs onnxruntime, Pillow and numpy only."""
+def test_the_docs_onnxruntime_example_scores_a_folder_as_predict_does(runs, tmp_path):
+    """docs/score_with_onnxruntime.py (shown in docs/production.md) needs onnxruntime, Pillow and numpy only."""
     data, made = runs
     run = made["logreg"]
-    readme = (SCRIPT.parent.parent / "README.md").read_text()
-    assert SCRIPT.read_text().split('"""\n', 2)[2] in readme  # the README shows the file as it is
+    page = (SCRIPT.parent / "production.md").read_text()
+    assert SCRIPT.read_text().split('"""\n', 2)[2] in page  # the docs show the file as it is
     out = tmp_path / "m.onnx"
     assert CliRunner().invoke(app, ["export", str(run.folder), "--out", str(out)]).exit_code == 0
     done = subprocess.run([sys.executable, "-S", "-c", f"import sys; sys.path = [p for p in sys.path if 'pipeline' not in p]; "

@@ -348,7 +348,7 @@ def _overlapping_map_cache(path: Path, n_train: int = 90, n_val: int = 60, class
 def solver_runs(tmp_path_factory):
     """The logreg auto sweep (every pooling x normalisation x the 45 C) by the torch solver at its default tolerance
     and by the reference solver run to the optimum (scikit-learn at 1e-8: at its own 1e-4 it stops a few validation
-    images from the optimum of weakly regularised problems, README, Performance, row 13)."""
+    images from the optimum of weakly regularised problems, docs/performance.md, row 13)."""
     from pipeline.heads.logreg import LogRegHead
 
     root = tmp_path_factory.mktemp("solvers")

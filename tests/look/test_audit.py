@@ -14,10 +14,10 @@ from PIL import Image
 from pipeline.cache.header import Header
 from pipeline.cache.identity import generated_config
 from pipeline.cache.record import Record
+from pipeline.cache.summary import describe_copies
 from pipeline.cache.writer import write_atomic
 from pipeline.extraction.runner import extract
 from pipeline.heads.config import HeadConfig
-from pipeline.cache.summary import describe_copies
 from pipeline.look.audit import CSV_HEADER, audit, summary
 from pipeline.look.config import AuditConfig
 from pipeline.look.neighbours import similar_pairs_and_neighbours

@@ -1,4 +1,4 @@
-"""Pictures to look at: errors.png and errors.csv in every run, the embedding map, and predict --report (drift)."""
+"""Pictures to look at: errors.png and errors.csv in every run, the projection, and predict --report (drift)."""
 
 import csv
 import logging
@@ -18,10 +18,11 @@ from pipeline.errors import UserError
 from pipeline.extraction.runner import extract
 from pipeline.heads.config import HeadConfig
 from pipeline.heads.registry import full_proba
-from pipeline.look.config import MapConfig
 from pipeline.look import drift
-from pipeline.look.gallery import COLUMNS, MAX_SHOWN, write_sheet
-from pipeline.look.projection import draw
+from pipeline.look.config import ProjectionConfig
+from pipeline.look.gallery import COLUMNS, MAX_SHOWN, sheet_figure, write_sheet
+from pipeline.look.plots import shortened
+from pipeline.look.projection import draw, figure, project_cache
 from pipeline.runs.folder import ERRORS_PNG
 from pipeline.runs.mistakes import ERRORS_CSV, Mistake, read_csv, write_csv
 from pipeline.runs.reference import REFERENCE_FILE, distances
@@ -77,10 +78,16 @@ def _val_head(run, head):
 
 def test_errors_png_is_a_sheet_of_the_mistakes(trained):
     _, _, run = trained
-    n = len(read_csv(run.folder))
+    found = read_csv(run.folder)
+    n = len(found)
     cols = min(COLUMNS, n)
     rows = -(-min(n, MAX_SHOWN) // cols)
     assert png_size(run.folder / ERRORS_PNG) == (round(1.9 * cols * 100), round((2.2 * rows + 0.4) * 100))
+    fig = sheet_figure(found[:MAX_SHOWN], None, "t")  # what the sheet shows: each mistake, its truth and prediction
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert len(titles) == min(n, MAX_SHOWN)
+    for m, title in zip(found, titles):
+        assert f"{m.split}: {Path(m.path).name}" in title and f"true {m.true}" in title and f"pred {m.predicted}" in title
 
 
 def write_errors(folder, found, image_root, title):
@@ -102,17 +109,27 @@ def test_no_mistakes_is_still_a_sheet(tmp_path):
 
 
 @pytest.mark.parametrize("method", ["pca", "tsne"])
-def test_the_map_is_a_png_with_the_runs_mistakes(trained, tmp_path, method):
+def test_the_projection_is_a_png_with_the_runs_mistakes_ringed(trained, tmp_path, method):
     _, cache, run = trained
-    out = draw(MapConfig(cache, run=run.folder, method=method, out=tmp_path / "m.png"))[0]
+    cfg = ProjectionConfig(cache, run=run.folder, method=method, out=tmp_path / "m.png")
+    out = draw(cfg)[0]
     assert png_size(out) == (1045, 715)
+    projected, mistakes = project_cache(cfg), read_csv(run.folder)
+    fig = figure(projected)
+    ringed = [c for c in fig.axes[0].collections if len(c.get_facecolors()) == 0]  # hollow markers: the rings
+    assert len(ringed) == 1 and len(ringed[0].get_offsets()) == len(mistakes) > 0
+    at = {tuple(xy) for xy in np.round(np.asarray(ringed[0].get_offsets(), np.float64), 4)}
+    assert at == {tuple(xy) for xy in np.round(np.asarray(projected.xy[projected.missed], np.float64), 4)}  # exactly the mistakes' points
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert legend == [shortened(label, 1.6, 7) for label in (*projected.class_names, "split test", "split train",
+                                                              "split val", f"misclassified by the run ({len(mistakes)})")]
 
 
-def test_the_map_refuses_a_run_of_other_features(trained, tmp_path, image_folder):
+def test_the_projection_refuses_a_run_of_other_features(trained, tmp_path, image_folder):
     _, _, run = trained
     other = extract(extract_config(image_folder, tmp_path / "o.h5", pool="max")).out
     with pytest.raises(UserError, match="was trained on features"):
-        draw(MapConfig(other, run=run.folder, out=tmp_path / "m.png"))
+        draw(ProjectionConfig(other, run=run.folder, out=tmp_path / "m.png"))
 
 
 def test_drift_verdict_on_the_same_and_on_a_shifted_distribution():
@@ -143,6 +160,20 @@ def test_a_drift_verdict_needs_enough_images_to_decide(n_new, drifted, says):
     assert verdict == drifted and says in line
 
 
+def test_the_drift_picture_shows_validation_against_the_new_images():
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((600, 16)) + np.repeat(np.eye(16)[:2] * 4, 300, axis=0)
+    ref = reference(X[::2], np.repeat([0, 1], 150), X[1::2], np.full(300, 0.9), 2)
+    d_new, confidence = distances(rng.standard_normal((20, 16)) * 5, ref["mean"], ref["centroids"]), np.full(20, 0.6)
+    fig = drift.figure(ref, d_new, confidence, "run: 20 new images do NOT look like the training data")
+    assert [ax.get_xlabel() for ax in fig.axes] == ["cosine distance to the nearest class centroid",
+                                                    "confidence (top probability)"]
+    assert all(sorted(t.get_text() for t in ax.get_legend().get_texts()) == ["new images", "validation"]
+               for ax in fig.axes)
+    assert [line.get_xdata()[0] for line in fig.axes[0].lines] == [float(ref["distance_q95"])]  # 95% of validation
+    assert "do NOT look like the training data" in fig._suptitle.get_text()
+
+
 def test_predict_report_writes_one_line_and_a_png(trained, tmp_path, caplog):
     data, _, run = trained
     caplog.set_level(logging.INFO)
@@ -169,14 +200,15 @@ def test_predict_report_without_a_reference_is_refused_up_front(trained, tmp_pat
     ("cache.png", "exists and is an HDF5 file (a feature cache?): this command writes a PNG, SVG or PDF picture"),
     ("notes.png", "exists and is not a PNG, SVG or PDF picture"),
 ], ids=["not-a-picture", "in-the-run", "missing-folder", "a-cache", "another-file"])
-def test_map_refuses_an_out_it_cannot_or_must_not_write(trained, tmp_path, out, message):
+def test_projection_refuses_an_out_it_cannot_or_must_not_write(trained, tmp_path, out, message):
     _, cache, run = trained
     target = out.format(run=run.folder) if "{" in out else str(tmp_path / out)
     if out == "cache.png":
         shutil.copy(cache, target)
     if out == "notes.png":
         Path(target).write_text("my notes")
-    r = subprocess.run(CLI + ["map", str(cache), "--run", str(run.folder), "--out", target], capture_output=True, text=True)
+    r = subprocess.run(CLI + ["projection", str(cache), "--run", str(run.folder), "--out", target], capture_output=True,
+                       text=True)
     assert r.returncode == 2 and message.replace("OUT", target) in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and (out != "notes.png" or Path(target).read_text() == "my notes")
 
@@ -217,11 +249,20 @@ def test_a_damaged_reference_is_one_line(trained, tmp_path, damage, message):
         (tmp_path / "kept.npz").replace(run.folder / REFERENCE_FILE)
 
 
-def test_map_cli_writes_beside_the_cache(trained):
+def test_projection_cli_writes_beside_the_cache(trained):
+    _, cache, _ = trained
+    r = subprocess.run(CLI + ["projection", str(cache)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert png_size(f"{cache}.projection.png") == (1045, 715) and r.stderr == ""
+
+
+def test_map_cli_is_the_old_name_of_projection_and_says_so(trained):
     _, cache, _ = trained
     r = subprocess.run(CLI + ["map", str(cache)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert png_size(f"{cache}.map.png") == (1045, 715)
+    assert r.stderr.strip() == ("note: `pipeline map` is now `pipeline projection` (the same options); the old name "
+                                "stays as an alias")
 
 
 @needs_chromium
@@ -234,9 +275,9 @@ def test_the_report_page_renders_in_a_browser(trained, tmp_path):
 
 
 @needs_chromium
-def test_the_interactive_map_renders_hovers_and_filters_in_a_browser(trained, tmp_path):
+def test_the_interactive_projection_renders_hovers_and_filters_in_a_browser(trained, tmp_path):
     _, cache, run = trained
-    page = draw(MapConfig(cache, run=run.folder, html=tmp_path / "m.html"))[0]
+    page = draw(ProjectionConfig(cache, run=run.folder, html=tmp_path / "m.html"))[0]
     assert page == tmp_path / "m.html"
     with open_cache(cache) as c:
         rows = sum(c.split_shape(s)[0] for s in c.splits)
@@ -247,7 +288,7 @@ def test_the_interactive_map_renders_hovers_and_filters_in_a_browser(trained, tm
     assert dom.count("<circle") + dom.count("<polygon") == rows and "data:image/jpeg;base64," in page.read_text()
 
 
-def test_the_map_page_shows_names_that_are_not_utf8_as_their_bytes():
+def test_the_projection_page_shows_names_that_are_not_utf8_as_their_bytes():
     import os
 
     from pipeline.look import projection_page as map_page

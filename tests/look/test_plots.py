@@ -12,7 +12,7 @@ from pipeline.heads.registry import LOGREG_C
 from pipeline.look import plots
 from pipeline.look.drift import figure
 from pipeline.look.gallery import sheet_figure
-from pipeline.look.projection import map_figure
+from pipeline.look.projection import points_figure
 from pipeline.runs.mistakes import Mistake
 from pipeline.runs.reference import CONFIDENCE_BINS, DISTANCE_BINS
 
@@ -55,15 +55,15 @@ def _sheet():
     return sheet_figure(found, None, f"{NAME} (val + test): 32 mistakes")
 
 
-def _map():
+def _projection():
     rng = np.random.default_rng(4)
     n = 400
-    return map_figure(rng.standard_normal((n, 2)), rng.integers(0, 20, n), np.array(["train", "val", "test"] * 133 + ["val"]),
+    return points_figure(rng.standard_normal((n, 2)), rng.integers(0, 20, n), np.array(["train", "val", "test"] * 133 + ["val"]),
                       rng.random(n) < 0.1, CLASSES, f"{NAME}.h5: PCA of {n} images")
 
 
 FIGURES = {"confusion": _confusion, "logreg-sweep": _logreg_sweep, "knn-sweep": _knn_sweep, "drift": _drift,
-           "mistakes": _sheet, "map": _map}
+           "mistakes": _sheet, "projection": _projection}
 
 
 def _texts(fig):

@@ -365,7 +365,7 @@ def test_too_little_disk_space_is_refused_before_the_model_runs(image_folder, tm
 
 
 def test_another_batch_composition_is_equal_to_float16_rounding_not_bit_identical(image_folder, tmp_path):
-    """What the README promises: the same batches give the same bits (resume keeps them); other batches (another
+    """What docs/cache.md promises: the same batches give the same bits (resume keeps them); other batches (another
     --batch-size, or one file re-extracted alone) give values equal to within one float16 step."""
     a, b, c = (extract(extract_config(image_folder, tmp_path / f"{i}.h5", batch_size=n, precision="fp32")).out
                for i, n in enumerate((4, 3, 4)))
