@@ -72,3 +72,25 @@ def read_records(path: Path):
 
     with open_cache(path) as cache:
         return cache.header, cache.records()
+
+
+def feature_file(path: Path, splits=("train", "val", "test"), config=None, n=90, classes=("a", "b", "c"), seed=0):
+    """A cache of separable blobs (16 features, float32), written through the real schema."""
+    import numpy as np
+    from sklearn.datasets import make_blobs
+
+    from pipeline.cache.header import Header
+    from pipeline.cache.identity import generated_config
+    from pipeline.cache.record import Record
+    from pipeline.cache.writer import write_atomic
+
+    config = config or generated_config()
+    X, y = make_blobs(n_samples=n * len(splits), centers=len(classes), n_features=16, cluster_std=1.5, random_state=seed)
+    records, rows = [], {}
+    for i, (x, label) in enumerate(zip(X, y)):
+        split = splits[i % len(splits)]
+        records.append(Record(split, f"{split}/{i:04d}.jpg", int(label), 1, 1, "0" * 64))
+        rows[records[-1].path] = x
+    header = Header(fingerprint=config.fingerprint(), config=config, class_names=list(classes), feature_dim=16)
+    write_atomic(path, header, records, lambda rs: np.stack([rows[r.path] for r in rs]), "float32")
+    return path

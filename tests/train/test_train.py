@@ -1,20 +1,16 @@
-"""train-head, evaluate, predict and runs: on synthetic feature files and end to end on tiny images."""
+"""train-head, evaluate, predict and runs: on synthetic feature files and end to end on tiny images (the run folder
+itself: tests/runs/)."""
 
 import csv
 import json
 
 import h5py
-import numpy as np
 import pytest
-from conftest import SIZE, read_split
-from sklearn.datasets import make_blobs
+from conftest import SIZE, feature_file, read_split
 from typer.testing import CliRunner
 
-from pipeline.cache.header import Header
 from pipeline.cache.identity import generated_config
-from pipeline.cache.record import Record
 from pipeline.cache.store import open_cache
-from pipeline.cache.writer import write_atomic
 from pipeline.cli import app
 from pipeline.errors import UserError
 from pipeline.heads.config import HeadConfig
@@ -27,20 +23,6 @@ runner = CliRunner()
 
 
 FINGERPRINT = generated_config().fingerprint()
-
-
-def feature_file(path, splits=("train", "val", "test"), config=generated_config(), n=90, classes=("a", "b", "c"), seed=0):
-    """A cache of separable blobs, written through the real schema."""
-    X, y = make_blobs(n_samples=n * len(splits), centers=len(classes), n_features=16, cluster_std=1.5, random_state=seed)
-    records, rows = [], {}
-    for i, (x, label) in enumerate(zip(X, y)):
-        split = splits[i % len(splits)]
-        records.append(Record(split, f"{split}/{i:04d}.jpg", int(label), 1, 1, "0" * 64))
-        rows[records[-1].path] = x
-    header = Header(fingerprint=config.fingerprint(), config=config, class_names=list(classes),
-                    feature_dim=16)
-    write_atomic(path, header, records, lambda rs: np.stack([rows[r.path] for r in rs]), "float32")
-    return path
 
 
 @pytest.mark.parametrize("kind", ["logreg", "linear"])
@@ -177,85 +159,6 @@ def test_predict_refuses_other_weights(image_folder, tmp_path, weights_file):
     assert result.exit_code == 2 and "but the features were made with sha256:" in result.output
 
 
-class Payload:
-    """Unpickling this runs code: it creates the file named `marker`."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (exec, (f"open({self.marker!r}, 'w').close()",))
-
-
-def tamper(run_folder, edit):
-    info = json.loads((run_folder / "run.json").read_text())
-    edit(info)
-    (run_folder / "run.json").write_text(json.dumps(info))
-
-
-@pytest.mark.parametrize("head_file, message", [
-    ("../../outside.npz", "a run's head is always head.npz in its folder"),
-    ("/tmp/anywhere.npz", "a run's head is always head.npz in its folder"),
-    ("head.joblib", "a run's head is always head.npz in its folder"),
-], ids=["parent", "absolute", "joblib"])
-def test_a_run_names_no_file_outside_its_folder(tmp_path, head_file, message):
-    run = train_head(TrainConfig(features=feature_file(tmp_path / "f.h5"), out=tmp_path / "run", head=HeadConfig(C=1.0)))
-    tamper(run.folder, lambda info: info.update(head_file=head_file))
-    result = invoke("evaluate", run.folder)
-    assert result.exit_code == 2 and message in result.output, result.output
-
-
-def test_a_pickle_payload_in_a_shared_run_folder_never_runs(tmp_path):
-    import hashlib
-    import pickle
-
-    run = train_head(TrainConfig(features=feature_file(tmp_path / "f.h5"), out=tmp_path / "run", head=HeadConfig(C=1.0)))
-    marker = tmp_path / "pwned"
-    payload = pickle.dumps(Payload(marker))
-    (run.folder / "head.npz").write_bytes(payload)  # whoever writes the folder also writes the hash
-    tamper(run.folder, lambda info: info.update(head_sha256=hashlib.sha256(payload).hexdigest()))
-    for command in (["evaluate", run.folder], ["predict", run.folder, tmp_path / "f.h5"]):
-        result = invoke(*command)
-        assert result.exit_code == 2 and "is not a logreg head saved by vggcache" in result.output, result.output
-    assert not marker.exists()
-
-
-def test_a_symlinked_head_file_is_refused(tmp_path):
-    run = train_head(TrainConfig(features=feature_file(tmp_path / "f.h5"), out=tmp_path / "run", head=HeadConfig(C=1.0)))
-    (run.folder / "head.npz").rename(tmp_path / "elsewhere.npz")
-    (run.folder / "head.npz").symlink_to(tmp_path / "elsewhere.npz")
-    result = invoke("evaluate", run.folder)
-    assert result.exit_code == 2 and "missing its head file head.npz (or it is not a regular file)" in result.output
-
-
-@pytest.mark.parametrize("edit, message", [
-    (lambda info: info.update(schema_version=1), "made by an older vggcache, retrain it"),
-    (lambda info: info["head"].update(kind="svm"), "head kind 'svm' is not one of logreg, linear"),
-    (lambda info: info["features"].pop("fingerprint"), "features.fingerprint is missing"),
-    (lambda info: info["splits"].update(n_val="12"), 'splits.n_val is "12", expected int'),
-    (lambda info: info.update(head="logreg"), "head is not an object"),
-    (lambda info: info["head"]["params"].update(patience=3, n_iter_no_change=3), "hold both 'n_iter_no_change' and 'patience'"),
-    (lambda info: info["loading"].update(mode="teleport"), "loading.mode is 'teleport', expected memory or stream"),
-    (lambda info: info["loading"].update(pools=[5]), "loading.pools are not head-time poolings"),
-], ids=["old-schema", "unknown-head", "no-fingerprint", "text-for-int", "not-an-object", "both-names", "loading-mode",
-        "loading-pools"])
-def test_a_damaged_run_record_is_one_line(tmp_path, edit, message):
-    run = train_head(TrainConfig(features=feature_file(tmp_path / "f.h5"), out=tmp_path / "run", head=HeadConfig(C=1.0)))
-    tamper(run.folder, edit)
-    result = invoke("evaluate", run.folder)
-    assert result.exit_code == 2 and message in result.output and len(result.output.strip().splitlines()) == 1, result.output
-
-
-def test_run_json_keeps_the_names_every_vggcache_reads(tmp_path):
-    """`patience` in code and on the command line, `n_iter_no_change` in run.json (as ever): a run reads back."""
-    run = train_head(TrainConfig(features=feature_file(tmp_path / "f.h5"), out=tmp_path / "run",
-                                 head=HeadConfig(kind="linear", epochs=2, patience=3, lr=1e-2, weight_decay=1e-2, device="cpu")))
-    info = json.loads((run.folder / "run.json").read_text())
-    assert info["head"]["params"]["n_iter_no_change"] == 3 and "patience" not in info["head"]["params"]
-    assert info["head"]["config"]["n_iter_no_change"] == 3 and "patience" not in info["sweep"][0]["params"]
-    assert load_run(run.folder).record.head.params["patience"] == 3
-
-
 def test_train_head_opens_the_cache_once(tmp_path, monkeypatch):
     f = feature_file(tmp_path / "f.h5")
     opened = []
@@ -263,79 +166,6 @@ def test_train_head_opens_the_cache_once(tmp_path, monkeypatch):
     monkeypatch.setattr("pipeline.train.runner.open_cache", lambda path: opened.append(path) or real(path))
     train_head(TrainConfig(features=f, out=tmp_path / "run", head=HeadConfig(C=1.0)))
     assert opened == [f]
-
-
-def test_run_and_class_names_that_are_not_utf8(tmp_path):
-    import os
-
-    odd_class = os.fsdecode(b"caf\xe9")
-    f = feature_file(tmp_path / "f.h5", classes=("a", odd_class, "c"))
-    out = tmp_path / os.fsdecode(b"r\xffun")
-    result = invoke("train-head", f, "--out", out, "--C", 1)
-    assert result.exit_code == 0, result.output
-    assert "caf\\xe9" in (out / "report.txt").read_text() and (out / "confusion_matrix.png").is_file()
-    assert "caf\\xe9" in (out / "report.html").read_bytes().decode("utf-8")  # valid UTF-8, the name shown as ls -b does
-    assert [r["name"] for r in json.loads(invoke("runs", tmp_path, "--json").stdout)] == [out.name]
-
-
-def test_an_out_folder_holding_a_folder_named_like_a_run_file_is_refused_before_the_fit(tmp_path, monkeypatch):
-    f = feature_file(tmp_path / "f.h5")
-    (tmp_path / "run" / "head.npz").mkdir(parents=True)
-    monkeypatch.setattr("pipeline.train.runner.sweep", lambda *a: pytest.fail("the head was fitted"))
-    result = invoke("train-head", f, "--out", tmp_path / "run")
-    assert result.exit_code == 2 and "holds head.npz, which is not a file" in result.output, result.output
-
-
-def test_a_failed_save_leaves_no_half_written_run(tmp_path, monkeypatch):
-    f = feature_file(tmp_path / "f.h5")
-
-    def no_space(*args, **kwargs):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr("pipeline.runs.folder.RunWriter.write_metrics", no_space)
-    result = invoke("train-head", f, "--out", tmp_path / "run", "--C", 1)
-    assert result.exit_code == 2 and "cannot write the run into" in result.output and "No space left" in result.output
-    assert list((tmp_path / "run").iterdir()) == []
-
-
-def _rewrite_head(run_folder, change):
-    import hashlib
-
-    with np.load(run_folder / "head.npz") as npz:
-        arrays = {k: npz[k] for k in npz.files}
-    change(arrays)
-    np.savez(run_folder / "head.npz", **arrays)
-    digest = hashlib.sha256((run_folder / "head.npz").read_bytes()).hexdigest()
-    tamper(run_folder, lambda info: info.update(head_sha256=digest))  # whoever edits the arrays re-syncs the hash
-
-
-@pytest.mark.parametrize("change, message", [
-    (lambda a: a.update(coef=a["coef"].T), "'coef' is float64 (16, 3), expected numbers of shape (3, 16)"),
-    (lambda a: a["coef"].__setitem__((0, 0), np.nan), "'coef' holds non-finite values"),
-    (lambda a: a.update(mean=np.array(["x"] * 16)), "'mean' is <U1 (16,), expected numbers of shape (16,)"),
-    (lambda a: a.update(mean=a["mean"][:1]), "'mean' is float64 (1,), expected numbers of shape (16,)"),
-    (lambda a: a.update(scale=np.zeros(16)), "'scale' holds non-positive values"),
-    (lambda a: a.pop("intercept"), "it has no 'intercept' array"),
-    (lambda a: a.update(classes=np.array([0.5, 1.5, 2.5])), "its 'classes' array is missing or not two or more"),
-], ids=["transposed", "nan", "text", "short", "zero-scale", "missing", "float-classes"])
-def test_edited_head_arrays_are_refused_in_one_line(tmp_path, change, message):
-    run = train_head(TrainConfig(features=feature_file(tmp_path / "f.h5"), out=tmp_path / "run", head=HeadConfig(C=1.0)))
-    _rewrite_head(run.folder, change)
-    result = invoke("evaluate", run.folder)
-    assert result.exit_code == 2 and message in result.output and len(result.output.strip().splitlines()) == 1, result.output
-
-
-@pytest.mark.parametrize("kind, chosen", [("logreg", {"C", "norm", "pool"}), ("linear", {"weight_decay", "lr", "norm", "pool"})])
-def test_the_choice_record_keeps_its_form(tmp_path, kind, chosen):
-    """run.json's choice and sweep rows have the keys they had before the sweeps were batched (readers of run.json,
-    `runs` and the plots rely on them)."""
-    head = HeadConfig(kind=kind, device="cpu", **({"epochs": 2} if kind == "linear" else {}))
-    run = train_head(TrainConfig(features=feature_file(tmp_path / "f.h5"), out=tmp_path / "run", head=head))
-    info = json.loads((run.folder / "run.json").read_text())
-    assert set(info["head"]["chosen"]) == chosen and info["head"]["chosen"]["pool"] == "avg"
-    assert all(set(row) == {"pool", "val_accuracy", "val_log_loss", "params", "fit_seconds"} for row in info["sweep"])
-    assert info["head"]["params"] in [row["params"] for row in info["sweep"]]
-    assert set(info["head"]["chosen"]) - {"pool"} <= set(info["head"]["params"])
 
 
 def test_a_class_without_training_rows_is_refused_naming_its_failed_files(image_folder, tmp_path):
