@@ -1,4 +1,5 @@
-"""The Python API: what the CLI does, as functions a notebook or a batch job calls; the CLI calls these too.
+"""The Python API: what the CLI does, as functions a notebook or a batch job calls (the CLI's extract and
+train-head call these very functions; its other commands call the same library functions these do).
 
     import pipeline
     cache = pipeline.open_cache("features/flowers-8986e056ce97.h5")

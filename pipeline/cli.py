@@ -20,11 +20,11 @@ from pipeline.cache.identity import VGG16_CHANNELS, VIEWS
 from pipeline.cache.pools import HEAD_POOLS, POOLS
 from pipeline.errors import Interrupted, UserError
 from pipeline.extraction.config import ExtractConfig
-from pipeline.files import human_bytes, printable, shortened_to
 from pipeline.heads.config import HeadConfig
 from pipeline.heads.registry import HEADS
 from pipeline.look.config import AuditConfig, ProjectionConfig
 from pipeline.serve.config import PredictConfig, ServeConfig
+from pipeline.text import human_bytes, printable, shortened_to
 from pipeline.train.config import EvaluateConfig, TrainConfig
 
 

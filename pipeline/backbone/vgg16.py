@@ -12,7 +12,7 @@ from torch import nn
 from torchvision.models import VGG16_Weights, vgg16
 from torchvision.models.vgg import cfgs, make_layers
 
-from pipeline.backbone.pooling import TORCH_POOLS
+from pipeline.backbone.torch_pools import TORCH_POOLS
 from pipeline.backbone.weights import IMAGENET_WEIGHTS, RANDOM_SEED, weights_identity
 from pipeline.cache import pools
 from pipeline.cache.identity import IMAGENET_CROP, IMAGENET_MEAN, IMAGENET_RESIZE, IMAGENET_STD, FeatureConfig
@@ -31,7 +31,7 @@ class VGG16Body(nn.Module):
     def __init__(self, features: nn.Sequential, pool: str, mean, std, flip: bool = False):
         super().__init__()
         self.features = features
-        self.pooling, self.flip = TORCH_POOLS[pool], flip  # export swaps in pooling.exportable(pool)
+        self.pooling, self.flip = TORCH_POOLS[pool], flip  # export swaps in torch_pools.exportable(pool)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255)
 
@@ -76,7 +76,7 @@ def _imagenet_features() -> nn.Sequential:
 
 
 def _check_imagenet_transforms(weights: VGG16_Weights) -> None:
-    """The fast path plans with constants from config.py; they must be what torchvision says."""
+    """The fast path plans with the constants of cache/identity.py; they must be what torchvision says."""
     t = weights.transforms()
     found = (list(t.resize_size), list(t.crop_size), tuple(t.mean), tuple(t.std))
     expected = ([IMAGENET_RESIZE], [IMAGENET_CROP], IMAGENET_MEAN, IMAGENET_STD)

@@ -3,7 +3,7 @@
 An entry names the pooling and says how many C-sized vectors it yields for a map of side `side`, so a cache's row
 size is known without torch; it computes the pooling in numpy, at head time, from a cached map (`extract --pool
 map`), so that one extraction serves every pooling. The same poolings in torch, run at extraction, are
-backbone/pooling.py's, by the same names; the two agree to float rounding (a test). The layers a cache can hold
+backbone/torch_pools.py's, by the same names; the two agree to float rounding (a test). The layers a cache can hold
 (pool5, pool4) are declared here too.
 
 Adaptive pooling cuts an h-long axis into n bins as torch does: bin i covers [floor(i*h/n), ceil((i+1)*h/n)).

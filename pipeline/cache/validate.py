@@ -11,7 +11,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pipeline import files
+from pipeline import text
 from pipeline.cache.header import Extraction, Header, Source
 from pipeline.cache.identity import FeatureConfig
 from pipeline.cache.schema import (
@@ -67,8 +67,8 @@ def _validate(f: h5py.File, file_bytes: int) -> Header:
             raise Damaged(f"is damaged: unexpected dataset /{name} at the root (splits are groups)")
     declared = sum(_declared_bytes(group) for _, group in members)
     if declared > file_bytes:  # a cache is never compressed: every row it declares takes its bytes in the file
-        raise Damaged(f"is damaged: its splits declare {files.human_bytes(declared)} of data in a file of "
-                      f"{files.human_bytes(file_bytes)}")
+        raise Damaged(f"is damaged: its splits declare {text.human_bytes(declared)} of data in a file of "
+                      f"{text.human_bytes(file_bytes)}")
     for name, member in members:
         _check_split(name, member, header.feature_dim, len(header.class_names))
     return header
@@ -171,7 +171,7 @@ def _check_paths(split: str, ds: h5py.Dataset) -> None:
 
 
 def printable_path(path: str) -> str:
-    return files.printable(repr(path))[:120]
+    return text.printable(repr(path))[:120]
 
 
 def _header_of(attrs: dict) -> Header:

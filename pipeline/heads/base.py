@@ -28,11 +28,24 @@ def fit_inputs(head, X, y) -> tuple[np.ndarray, np.ndarray]:
 
 class Head(ClassifierMixin, BaseEstimator):
     """What every head shares: scikit-learn's classifier contract, `predict` the class of highest probability.
-    A head defines `fit`, `predict_proba` and its learned state as arrays (`to_arrays`, `set_arrays`)."""
+    A head defines `fit`, `predict_proba`, its learned state as arrays (`to_arrays`, `set_arrays`: what head.npz
+    holds) and `as_module` (its predict_proba as a torch module, for `pipeline export`)."""
 
     def predict(self, X) -> np.ndarray:
         best = self.predict_proba(X).argmax(1)  # checks that the head is fitted before classes_ is read
         return self.classes_[best]
+
+    def predict_proba(self, X) -> np.ndarray:
+        raise NotImplementedError
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def set_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        raise NotImplementedError
+
+    def as_module(self):
+        raise NotImplementedError
 
 
 def checked_array(arrays: dict, name: str, shape: tuple, positive: bool = False, finite: bool = True) -> np.ndarray:

@@ -20,9 +20,9 @@ from pipeline import files
 from pipeline.cache.record import Record
 from pipeline.cache.store import Cache, open_cache
 from pipeline.cache.summary import copies, pairs_per_splits
-from pipeline.files import printable
 from pipeline.look.config import AuditConfig
 from pipeline.look.neighbours import similar_pairs_and_neighbours
+from pipeline.text import printable
 
 
 @dataclass(frozen=True)

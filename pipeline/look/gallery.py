@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.files import printable
 from pipeline.runs.mistakes import Mistake
+from pipeline.text import printable
 
 MAX_SHOWN = 32  # thumbnails on the sheet; errors.csv lists every mistake
 THUMB = 128  # px, the longer side of a thumbnail

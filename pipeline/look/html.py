@@ -8,7 +8,7 @@ import base64
 import html
 from pathlib import Path
 
-from pipeline.files import printable
+from pipeline.text import printable
 
 CHECK = """
 <pre id="page-errors" hidden></pre>

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.files import printable
 from pipeline.heads.registry import HEADS
 from pipeline.look import gallery, plots, report
 from pipeline.runs.folder import CONFUSION_FILE, ERRORS_PNG, SWEEP_FILE, Run
 from pipeline.runs.mistakes import Mistake
 from pipeline.runs.record import describe_chosen
+from pipeline.text import printable
 
 
 def draw(run: Run, mistakes: list[Mistake], image_root: str | None, note: str | None) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.files import shortened_to
+from pipeline.text import shortened_to
 
 CHAR_WIDTH = 0.62  # a character's width in font sizes: what fits a figure, before it is drawn
 

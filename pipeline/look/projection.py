@@ -18,11 +18,11 @@ import numpy as np
 from pipeline import files
 from pipeline.cache.store import Cache, open_cache
 from pipeline.errors import UserError
-from pipeline.files import printable
 from pipeline.look import projection_page
 from pipeline.look.config import ProjectionConfig
 from pipeline.runs.folder import load_run
 from pipeline.runs.mistakes import ERRORS_CSV, read_csv
+from pipeline.text import printable
 
 log = logging.getLogger(__name__)
 MAX_PCA_POINTS = 20_000

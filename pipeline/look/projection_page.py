@@ -3,7 +3,7 @@
 Hover a point: its thumbnail, path, split, label and (given --run) the run's wrong prediction; filter by split and
 by class with checkboxes; a run's mistakes are ringed. Drawn as inline SVG by a few lines of JavaScript: no plotting
 library (Plotly or Bokeh would embed 1 to 4 MB of script for a scatter plot), so the page is the data and the
-thumbnails (about 1 KB each at 40 px: `make bench` notes the size at 5,000 points). Thumbnails come from the dataset
+thumbnails (about 1 KB each at 40 px: 7.4 MB for 5,000 points, the most it samples). Thumbnails come from the dataset
 the cache was made from; an image that has gone shows none. Every text is escaped (file and class names are
 anyone's). Like report.html, the page records its own errors and marks itself rendered, for the browser tests.
 """
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.files import printable
 from pipeline.look.gallery import thumbnail
 from pipeline.look.html import CHECK, DONE, escaped
+from pipeline.text import printable
 
 log = logging.getLogger(__name__)
 MAX_POINTS = 5_000  # a seeded sample beyond this: thumbnails and hover stay quick

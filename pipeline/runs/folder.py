@@ -1,4 +1,6 @@
-"""A run folder (models/NAME): its files, the one place that writes and reads them.
+"""A run folder (models/NAME): its layout, declared once, and the one writer and loader of a run (`RunWriter`,
+`load_run`); the head writes its own arrays (heads/registry.py), and pipeline.look draws the pictures and the page
+into the names declared here.
 
     run.json              RunRecord (schema_version 2): head, sweep (the whole validation curve), splits, timings,
                           the features' identity, the head-time pooling of a map cache, whether it was refit
@@ -31,12 +33,13 @@ import numpy as np
 from pipeline import files
 from pipeline.cache.identity import FeatureConfig
 from pipeline.errors import UserError
-from pipeline.files import printable, sha256_file
+from pipeline.files import sha256_file
 from pipeline.heads.config import HeadConfig
 from pipeline.heads.metrics import format_metrics
 from pipeline.heads.registry import HEAD_FILE, HEADS, full_proba, load_head, save_head
 from pipeline.runs import mistakes, reference
 from pipeline.runs.record import RunRecord, parsed
+from pipeline.text import printable
 from pipeline.versions import library_versions
 
 RUN_FILE, METRICS_FILE, REPORT_FILE = "run.json", "metrics.json", "report.txt"

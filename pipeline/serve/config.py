@@ -41,7 +41,7 @@ class PredictConfig:
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """What `pipeline serve` was asked to do (see serve.py)."""
+    """What `pipeline serve` was asked to do (see server.py)."""
 
     run: str
     host: str = "127.0.0.1"  # localhost only: no authentication, no TLS (put it behind a proxy for more)

@@ -55,7 +55,7 @@ def model(run: Run, weights: str | None = None):
     """The run as one torch module: uint8 images (N, 3, S, S) -> probabilities (N, C), float32, eval mode."""
     import torch
 
-    from pipeline.backbone.pooling import exportable
+    from pipeline.backbone.torch_pools import exportable
     from pipeline.backbone.vgg16 import VGG16Body, vgg16_features
 
     fcfg = run.feature_config

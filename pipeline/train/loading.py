@@ -19,8 +19,8 @@ from pipeline.cache import stream
 from pipeline.cache.identity import FeatureConfig
 from pipeline.cache.store import Cache
 from pipeline.errors import UserError
-from pipeline.files import human_bytes
 from pipeline.heads.registry import HEADS, HeadSpec
+from pipeline.text import human_bytes
 from pipeline.train.config import TrainConfig
 
 log = logging.getLogger(__name__)

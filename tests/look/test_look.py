@@ -291,9 +291,9 @@ def test_the_interactive_projection_renders_hovers_and_filters_in_a_browser(trai
 def test_the_projection_page_shows_names_that_are_not_utf8_as_their_bytes():
     import os
 
-    from pipeline.look import projection_page as map_page
+    from pipeline.look import projection_page
 
     odd = os.fsdecode(b"caf\xe9")
-    text = map_page.page(np.array([[0.0, 0.0], [1.0, 1.0]]), np.array([0, 1]), np.array(["train", "val"]),
+    text = projection_page.page(np.array([[0.0, 0.0], [1.0, 1.0]]), np.array([0, 1]), np.array(["train", "val"]),
                          [f"{odd}/1.jpg", "b/2.jpg"], [odd, "b"], {f"{odd}/1.jpg": odd}, None, odd)
     assert text.encode("utf-8").count(b"caf\\\\xe9") >= 3  # path, class, wrong prediction (escaped once more by JSON)

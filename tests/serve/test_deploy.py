@@ -215,11 +215,6 @@ def test_info_names_the_run(server):
 
 # --- the Python API -------------------------------------------------------------------------------------------------
 
-def test_importing_pipeline_imports_no_torch():
-    code = "import sys, pipeline; pipeline.open_cache; assert 'torch' not in sys.modules, 'torch imported'"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
-
-
 def test_the_api_gives_what_the_cli_gives(tmp_path):
     data = make_image_folder(tmp_path / "data", {"train": 4, "val": 2}, size=(40, 36))
     options = ["--weights", "none", "--image-size", str(SIZE), "--precision", "fp32", "--workers", "0"]

@@ -58,7 +58,7 @@ def test_numpy_pooling_equals_torch_pooling(pool, side):
     import torch
 
     fmap = np.random.default_rng(side).standard_normal((3, 5, side, side)).astype(np.float32)
-    from pipeline.backbone.pooling import TORCH_POOLS
+    from pipeline.backbone.torch_pools import TORCH_POOLS
 
     expected = TORCH_POOLS[pool](torch.from_numpy(fmap)).numpy()
     got = pools.get(pool).numpy_apply(fmap)
