@@ -22,6 +22,7 @@ import hashlib
 import logging
 import os
 import signal
+import traceback
 from dataclasses import dataclass
 from enum import Enum
 
@@ -197,3 +198,16 @@ def stopped_by_sigterm(worker: Worker):
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def quiet_resource_sharer(previous):
+    """A threading.excepthook that drops the broken connections of multiprocessing's resource-sharer thread (how
+    torch hands tensors between processes) when the other side stopped, and passes on anything else."""
+
+    def hook(args):
+        if issubclass(args.exc_type, (ConnectionError, EOFError)) and "resource_sharer" in "".join(
+                traceback.format_tb(args.exc_traceback)):
+            return
+        previous(args)
+
+    return hook

@@ -24,7 +24,7 @@ from pipeline.cache.identity import FeatureConfig
 from pipeline.cache.record import Record, shown
 from pipeline.errors import EXIT_CTRL_C, EXIT_SIGTERM, EXIT_WORKER_DIED, Interrupted, Terminated, UserError, first_line
 from pipeline.extraction.config import ExtractConfig
-from pipeline.extraction.distributed import Worker
+from pipeline.extraction.distributed import Worker, quiet_resource_sharer
 from pipeline.extraction.journal import Journal
 from pipeline.progress import Progress
 
@@ -176,8 +176,6 @@ def interruption(worker: Worker, journal: Journal, cause: BaseException | None =
 def quiet_about_dead_workers():
     """A decode worker stopped while it hands a batch over leaves multiprocessing's resource-sharer thread with a
     broken connection, which it prints as a traceback; the interruption line already says what happened."""
-    from pipeline.extraction.reader import quiet_resource_sharer
-
     previous = threading.excepthook
     threading.excepthook = quiet_resource_sharer(previous)
     try:

@@ -7,7 +7,6 @@ import io
 import os
 import signal
 import threading
-import traceback
 import warnings
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from torchvision.transforms import functional as TF
 
 from pipeline.cache.record import unreadable_reason, view_of
 from pipeline.extraction.augment import view_params
+from pipeline.extraction.distributed import quiet_resource_sharer
 
 _SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 
@@ -206,19 +206,6 @@ def _ignore_sigterm(worker_id: int = 0) -> None:
     process stopped breaks a connection, without a traceback."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     threading.excepthook = quiet_resource_sharer(threading.excepthook)
-
-
-def quiet_resource_sharer(previous):
-    """A threading.excepthook that drops the broken connections of multiprocessing's resource-sharer thread (how
-    torch hands tensors between processes) when the other side stopped, and passes on anything else."""
-
-    def hook(args):
-        if issubclass(args.exc_type, (ConnectionError, EOFError)) and "resource_sharer" in "".join(
-                traceback.format_tb(args.exc_traceback)):
-            return
-        previous(args)
-
-    return hook
 
 
 # --- opt-in batched decoding on the GPU (`--decode gpu`): workers only read bytes and parse headers -------------
