@@ -207,7 +207,7 @@ def train_head(
     early_stop_fraction: float = typer.Option(head_default("validation_fraction"), help="linear: fraction of train held out for early stopping."),
     seed: int = typer.Option(head_default("seed"), help="Seed of the held-out splits and of the linear head."),
     device: str = typer.Option(head_default("device"), help="logreg, linear, block5: auto (CUDA when there is one), cpu, cuda or mps."),
-    solver: Optional[str] = typer.Option(None, help="logreg: torch (default: float32 L-BFGS along the C path, on --device) or sklearn (scikit-learn's lbfgs in float64 on the CPU: the reference, ~10x slower)."),
+    solver: Optional[str] = typer.Option(None, help="logreg: auto (default: Newton in float64 for a small problem on a CPU, else float32 L-BFGS along the C path, on --device; run.json says which and why), newton, lbfgs (torch: its old name), or sklearn (scikit-learn's lbfgs in float64 on the CPU: the reference)."),
     memory_budget: Optional[str] = typer.Option(None, help="Most memory the features may take, e.g. 8G (default: half the memory available); over it, the linear head streams them from the file."),
     stream: bool = typer.Option(False, "--stream", help="Stream the features from the file whatever their size (linear head)."),
     track: Optional[str] = typer.Option(None, help="mlflow: log the saved run to MLflow (MLFLOW_TRACKING_URI, else ./mlruns); needs the track extra."),

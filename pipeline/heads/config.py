@@ -30,7 +30,7 @@ class HeadConfig:
     batch_size: int | None = None
     patience: int | None = None
     freeze_convs: int = 0  # block5: how many of conv5_1..conv5_3 stay frozen
-    solver: str | None = None  # logreg: torch (default) or sklearn (the reference solver)
+    solver: str | None = None  # logreg: auto (default: chosen for the problem), newton, lbfgs, or sklearn (the reference)
     weights: str | None = None  # block5: the weights file, when the cache's has moved (checked by its hash)
     validation_fraction: float = 0.1
     seed: int = 0
@@ -42,7 +42,7 @@ class HeadConfig:
         "dropout": Interval(float, 0, 1, open_high=True), "lr": Optional(POSITIVE),
         "weight_decay": Optional(Interval(float, 0, None)), "epochs": Optional(Interval(int, 1, 100_000)),
         "batch_size": Optional(Interval(int, 1, 1 << 20)), "patience": Optional(Interval(int, 1, 100_000)),
-        "freeze_convs": Interval(int, 0, 3), "solver": Optional(OneOf(("torch", "sklearn"))),
+        "freeze_convs": Interval(int, 0, 3), "solver": Optional(OneOf(("auto", "newton", "lbfgs", "sklearn", "torch"))),
         "validation_fraction": Interval(float, 0, 1, open_low=True, open_high=True),
         "seed": Interval(int, 0, 2**32 - 1), "device": OneOf(DEVICES),
     }

@@ -12,7 +12,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from pipeline.heads.base import Head, checked_array, fit_inputs, softmax_rows
 from pipeline.heads.holdout import hold_out, streamed_hold_out, with_views
-from pipeline.heads.normalise import moments, prepared, row_normalised, standardised32
+from pipeline.heads.normalise import moments, row_normalised, standardised32
 
 
 class LinearHead(Head):
@@ -108,7 +108,16 @@ class LinearHead(Head):
 
     def _logits(self, X) -> np.ndarray:
         check_is_fitted(self)
-        x = prepared(validate_data(self, X, reset=False, dtype=[np.float32, np.float64]), self.mean_, self.scale_, self.norm)
+        X = validate_data(self, X, reset=False, dtype=[np.float32, np.float64])
+        return self._logits_of_normalised(row_normalised(X, self.norm))
+
+    def proba_of_normalised(self, R: np.ndarray) -> np.ndarray:
+        """predict_proba of rows already validated and row-normalised by `norm` (a sweep normalises its validation
+        rows once)."""
+        return softmax_rows(self._logits_of_normalised(R))
+
+    def _logits_of_normalised(self, R: np.ndarray) -> np.ndarray:
+        x = (np.asarray(R, np.float64) - self.mean_) / self.scale_
         for k, (w, b) in enumerate(self.layers_):
             x = x @ w.T + b
             if k < len(self.layers_) - 1:

@@ -92,3 +92,17 @@ def normalised_tensor(X: np.ndarray, norm: str, device: str = "cpu", rows_per_st
     std = (squares / max(len(T), 1)).sqrt()
     scale = torch.where(std < 10 * torch.finfo(torch.float64).eps, torch.ones_like(std), std)
     return (T - mean.float()) / scale.float(), mean.cpu().numpy(), scale.cpu().numpy()
+
+
+def normalised_array(X: np.ndarray, norm: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`normalised_tensor` in numpy float64: (rows, mean, scale), the rows normalised by `row_normalised` then
+    standardised by their own statistics (`standard`: a constant feature's scale 1, as scikit-learn's)."""
+    Z = np.asarray(row_normalised(X, norm), np.float64)
+    if norm in ("l2", "power"):
+        return Z, np.zeros(Z.shape[1]), np.ones(Z.shape[1])
+    if norm != "standard":
+        raise ValueError(f"norm {norm!r} is not one of {', '.join(NORMS)}")
+    mean = Z.mean(0)
+    std = np.sqrt(((Z - mean) ** 2).mean(0))
+    scale = np.where(std < 10 * np.finfo(np.float64).eps, 1.0, std)
+    return (Z - mean) / scale, mean, scale

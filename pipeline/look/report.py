@@ -48,6 +48,7 @@ def _record(run: Run) -> str:
             ("fit", f"{r.timings.fit_seconds:.2f} s (loading {r.timings.load_seconds:.2f} s)")]
     if r.loading:
         rows += [(f"why: {key}", reason) for key, reason in r.loading.reasons.items()]
+    rows += [(f"fitted: {path}", method) for path, method in r.head.methods.items()]
     rows += [("versions", ", ".join(f"{k} {v}" for k, v in r.versions.items()))]
     return table(rows) + f"<details><summary>extractor config</summary><code>{escaped(json.dumps(r.features.config, sort_keys=True))}</code></details>"
 

@@ -37,6 +37,9 @@ class HeadRecord:
     params: dict  # constructor arguments of the chosen head
     chosen: dict  # swept hyperparameter -> chosen value, and the norm and pooling the head trained on
     converged: bool
+    # "pooling/norm" -> how its candidates were fitted and why (logreg: heads/logreg.py's choose_method); empty for
+    # the heads with one way to fit, and in a run made before it was recorded
+    methods: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -107,7 +107,7 @@ def _record_fields(cfg: TrainConfig, header: Header, choice: Choice, head, times
     return dict(
         head=HeadRecord(kind=cfg.head.kind, config=asdict(cfg.head), params=choice.params,
                         chosen=chosen_values(spec, choice.params, config.pooled_name(choice.pool)),
-                        converged=bool(getattr(head, "converged_", True))),
+                        converged=bool(getattr(head, "converged_", True)), methods=choice.methods),
         sweep=choice.table,
         splits=SplitsRecord(train=cfg.train_split, val=d.val_source,
                             test=cfg.test_split if d.X_test is not None else None,

@@ -12,6 +12,7 @@ import numpy as np
 
 from pipeline.cache.store import Cache
 from pipeline.heads.config import HeadConfig
+from pipeline.heads.normalise import row_normalised
 from pipeline.heads.registry import HEADS, full_proba, make_head
 from pipeline.runs.record import describe_chosen
 from pipeline.train.config import TrainConfig
@@ -34,6 +35,7 @@ class Choice:
     pool: str | None  # the head-time pooling of a map cache; None: the cache's rows as they are
     data: Data  # the chosen pooling's data
     table: list[dict]
+    methods: dict  # "pooling/norm" -> how its candidates were fitted, and why (a head's `method_`)
 
 
 def sweep(cfg: TrainConfig, cache: Cache, plan: LoadPlan) -> Choice:
@@ -41,7 +43,7 @@ def sweep(cfg: TrainConfig, cache: Cache, plan: LoadPlan) -> Choice:
     from pipeline.progress import Progress
 
     spec, config = HEADS[cfg.head.kind], cache.header.feature_config(cfg.features)
-    table, best = [], None
+    table, best, methods = [], None, {}
     total = len(plan.pools) * len(cfg.head.candidates())
     with Progress(total, f"train-head {cfg.head.kind}", unit="candidates") as progress:
         for pool in plan.pools:
@@ -49,9 +51,11 @@ def sweep(cfg: TrainConfig, cache: Cache, plan: LoadPlan) -> Choice:
             name = config.pooled_name(pool)
             for score, head in sweep_candidates(cfg.head, data):
                 table.append({"pool": name} | score)
+                if hasattr(head, "method_"):
+                    methods.setdefault(f"{name}/{score['params'].get('norm')}", head.method_)
                 key = (score["val_accuracy"], -score["val_log_loss"])
                 if best is None or key > best[0]:
-                    best = (key, Choice(head, score["params"], pool, data, table))
+                    best = (key, Choice(head, score["params"], pool, data, table, methods))
                 progress.advance(1)
     choice = best[1]
     chosen = chosen_values(spec, choice.params, config.pooled_name(choice.pool))
@@ -64,6 +68,7 @@ def sweep_candidates(cfg: HeadConfig, data: Data):
     together (`HeadSpec.together`: logreg's C along its path, linear's settings as one wide module) in one call."""
     spec = HEADS[cfg.kind]
     n_classes = int(max(data.y_train.max(), data.y_val.max())) + 1
+    normalised = {}  # norm -> the validation rows row-normalised by it
     for group in _groups(cfg.candidates(), spec.together):
         first = make_head(cfg.kind, **group[0])
         if spec.together and data.streamed:
@@ -75,7 +80,7 @@ def sweep_candidates(cfg: HeadConfig, data: Data):
         start = time.perf_counter()
         for params, head in fitted:  # each head is scored, then dropped unless it is the best so far
             seconds = time.perf_counter() - start
-            yield _score(head, data, n_classes) | {"params": params, "fit_seconds": round(seconds, 4)}, head
+            yield _score(head, data, n_classes, normalised) | {"params": params, "fit_seconds": round(seconds, 4)}, head
             start = time.perf_counter()
 
 
@@ -87,8 +92,16 @@ def _groups(candidates: list[dict], together: tuple[str, ...]) -> list[list[dict
     return list(groups.values())
 
 
-def _score(head, data: Data, n_classes: int) -> dict:
-    proba = full_proba(head, data.X_val, n_classes)
+def _score(head, data: Data, n_classes: int, normalised: dict) -> dict:
+    """Validation accuracy and log loss of a head. In memory, the validation rows are row-normalised once per
+    normalisation (`normalised`, filled here) for every candidate, not once per candidate."""
+    if isinstance(data.X_val, np.ndarray) and hasattr(head, "proba_of_normalised"):
+        if head.norm not in normalised:  # float64 once, as the heads' float64 weights would make it each time
+            normalised[head.norm] = np.asarray(row_normalised(np.asarray(data.X_val, np.float32), head.norm), np.float64)
+        proba = np.zeros((len(data.y_val), n_classes))
+        proba[:, head.classes_] = head.proba_of_normalised(normalised[head.norm])
+    else:
+        proba = full_proba(head, data.X_val, n_classes)
     true = np.clip(proba[np.arange(len(data.y_val)), data.y_val], 1e-15, 1)
     return {"val_accuracy": float((proba.argmax(1) == data.y_val).mean()), "val_log_loss": float(-np.log(true).mean())}
 

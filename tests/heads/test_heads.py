@@ -52,14 +52,16 @@ def test_logreg_reference_probabilities_equal_scikit_learns_own(n_classes):
     np.testing.assert_allclose(ours.predict_proba(X), theirs.predict_proba(X), atol=1e-5)
 
 
+@pytest.mark.parametrize("solver", ["lbfgs", "newton"])
 @pytest.mark.parametrize("n_classes", [2, 4])
 @pytest.mark.parametrize("features", [8, 600], ids=["primal", "gram-factor"])
-def test_logreg_torch_solver_converges_to_the_reference_solution(n_classes, features):
-    """Run to a tight tolerance, both solvers reach the one optimum (the problem is strictly convex): the torch
-    solver's probabilities equal scikit-learn's to float32 rounding, with more features than rows too."""
+def test_logreg_solvers_converge_to_the_reference_solution(n_classes, features, solver):
+    """Run to a tight tolerance, every solver reaches the one optimum (the problem is strictly convex): the torch
+    L-BFGS's and the float64 Newton's probabilities equal scikit-learn's to float32 rounding, with more features
+    than rows too."""
     X, y = make_blobs(n_samples=300, centers=n_classes, n_features=features, cluster_std=4.0 * features ** 0.5 / 3,
                       random_state=1)
-    ours = LogRegHead(C=0.5, tol=1e-7, device="cpu").fit(X, y)
+    ours = LogRegHead(C=0.5, tol=1e-7 if solver == "lbfgs" else 1e-9, solver=solver, device="cpu").fit(X, y)
     reference = LogRegHead(C=0.5, tol=1e-10, solver="sklearn").fit(X, y)
     assert ours.converged_ and ours.coef_.shape == reference.coef_.shape
     np.testing.assert_allclose(ours.predict_proba(X), reference.predict_proba(X), atol=2e-4)
@@ -72,9 +74,9 @@ def test_logreg_objective_summed_over_chunks_of_rows_is_the_same_fit(n_classes, 
     from pipeline.heads import logreg_solver as solvers
 
     X, y = make_blobs(n_samples=300, centers=n_classes, n_features=8, cluster_std=3.0, random_state=2)
-    whole = LogRegHead(C=0.5, tol=1e-6, device="cpu").fit(X, y)
+    whole = LogRegHead(C=0.5, tol=1e-6, solver="lbfgs", device="cpu").fit(X, y)
     monkeypatch.setattr(solvers, "OBJECTIVE_ROWS", 7)
-    chunked = LogRegHead(C=0.5, tol=1e-6, device="cpu").fit(X, y)
+    chunked = LogRegHead(C=0.5, tol=1e-6, solver="lbfgs", device="cpu").fit(X, y)
     assert chunked.converged_ and abs(chunked.n_iter_ - whole.n_iter_) <= 2
     np.testing.assert_allclose(chunked.predict_proba(X), whole.predict_proba(X), atol=1e-5)
 
