@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 # The early-stopping rows of a streamed split are kept in memory: at most this many, and this many bytes of them (as
 # float32), so that memory does not grow with the split (tests lower the bytes to see that at small sizes).
@@ -31,6 +30,8 @@ def hold_out(X, y, fraction: float, seed: int, views=None):
     """(X_fit, X_held, y_fit, y_held): a stratified, seeded `fraction` held out for early stopping (at random when a
     class has too few rows to stratify). `views` (of X's first rows, see `with_views`) join their source on the fit
     side, never the held-out one: the held-out set is centre crops of images the head does not train on."""
+    from sklearn.model_selection import train_test_split  # here: only the heads that stop early hold rows out
+
     rows = np.arange(len(y))
     try:
         fit, held = train_test_split(rows, test_size=fraction, stratify=y, random_state=seed)

@@ -25,6 +25,13 @@ ONE_THREAD_BYTES = 32 << 20  # L-BFGS on a CPU: one intra-op thread while the ro
 SOLVERS = ("auto", "newton", "lbfgs", "sklearn", "torch")  # torch: lbfgs's name before the others existed
 
 
+def newton_sized(rows: int, dim: int, n_classes: int) -> bool:
+    """Whether Newton's Hessian (rows x unknowns^2 to build) costs less than L-BFGS's iterations on this problem."""
+    from pipeline.heads.logreg_newton import unknowns
+
+    return rows * unknowns(rows, dim, n_classes) ** 2 <= NEWTON_FLOPS
+
+
 def choose_method(rows: int, dim: int, n_classes: int, device: str, solver: str = "auto") -> tuple[str, str]:
     """(method, why) for a logreg path on `rows` x `dim` normalised rows of `n_classes` on `device`: the one place
     where the solver is chosen. `solver` other than auto forces it (torch: lbfgs)."""
@@ -36,11 +43,20 @@ def choose_method(rows: int, dim: int, n_classes: int, device: str, solver: str 
         return ("lbfgs" if solver == "torch" else solver), f"--solver {solver}; {size}"
     if device != "cpu":
         return "lbfgs", f"{size}, on {device}: L-BFGS in float32, the whole C path one batched problem"
-    if rows * u * u <= NEWTON_FLOPS:
-        return "newton", (f"{size} (in the rows' span): Newton in float64, a few Cholesky solves of the {u}x{u} Hessian "
-                          "a C, fewer operations than L-BFGS's hundreds of iterations")
+    if newton_sized(rows, dim, n_classes):
+        return "newton", (f"{size} (in the rows' span): Newton in float64 on the CPU, a few Cholesky solves of the "
+                          f"{u}x{u} Hessian a C, fewer operations than L-BFGS's hundreds of iterations")
     return "lbfgs", (f"{size}: L-BFGS in float32 on the CPU, one C at a time, each started from the path extrapolated "
                      f"(Newton's Hessian, {u}x{u} from {rows} rows, would cost more)")
+
+
+def _device_of_path(head, rows: int, dim: int, n_classes: int) -> str:
+    """The device a path is solved on. With --device auto and --solver auto, a problem Newton solves in a fraction
+    of a second stays on the CPU, GPU or not: without resolving the device, so without importing torch (a second
+    or more of a small train-head's few)."""
+    if head.device == "cpu" or (head.device == "auto" and head.solver == "auto" and newton_sized(rows, dim, n_classes)):
+        return "cpu"
+    return _solver_device(head)
 
 
 class LogRegHead(Head):
@@ -88,7 +104,7 @@ class LogRegHead(Head):
             yield from self._sklearn_path(X, y, Cs)
             return
         labels, k = np.searchsorted(self.classes_, y), len(self.classes_)
-        device = "cpu" if self.device == "cpu" else _solver_device(self)
+        device = _device_of_path(self, len(X), X.shape[1], k)
         method, why = choose_method(len(X), X.shape[1], k, device, self.solver)
         self.method_ = f"{method}: {why}"
         if method == "newton":

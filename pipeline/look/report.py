@@ -45,7 +45,8 @@ def _record(run: Run) -> str:
             ("train", f"{r.splits.train} ({r.splits.n_train} rows)"), ("validation", f"{r.splits.val} ({r.splits.n_val} rows)"),
             ("test", r.splits.test or "none"), ("features", r.features.path), ("fingerprint", r.features.fingerprint),
             ("classes", ", ".join(r.features.class_names)), ("created", r.created),
-            ("fit", f"{r.timings.fit_seconds:.2f} s (loading {r.timings.load_seconds:.2f} s)")]
+            ("fit", f"{r.timings.fit_seconds:.2f} s (loading {r.timings.load_seconds:.2f} s"
+                    + ("" if r.timings.score_seconds is None else f", scoring {r.timings.score_seconds:.2f} s") + ")")]
     if r.loading:
         rows += [(f"why: {key}", reason) for key, reason in r.loading.reasons.items()]
     rows += [(f"fitted: {path}", method) for path, method in r.head.methods.items()]

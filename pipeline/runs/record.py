@@ -54,8 +54,12 @@ class SplitsRecord:
 
 @dataclass(frozen=True)
 class Timings:
-    load_seconds: float
-    fit_seconds: float
+    """Where a train-head's time went (the rest of the command's wall time: starting Python, importing)."""
+
+    load_seconds: float  # opening the cache, planning the loading, importing what the fit needs
+    fit_seconds: float  # reading and pooling the splits, the sweep, scoring validation, the refit
+    score_seconds: typing.Optional[float] = None  # test scores, the mistakes, the reference (None: an older run)
+    save_seconds: typing.Optional[float] = None  # the run folder: head, metrics, sheets, pictures, report page
 
 
 @dataclass(frozen=True)

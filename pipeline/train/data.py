@@ -8,7 +8,6 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from pipeline.cache.record import shown
 from pipeline.cache.store import Cache
@@ -72,6 +71,8 @@ def val_paths(cfg: TrainConfig, cache: Cache, data: Data) -> list[str]:
 def _hold_out(cfg: TrainConfig, X, y: np.ndarray, views: np.ndarray | None):
     """(X, y of train, X, y of validation, the views of train, the held-out rows' positions): validation held out
     of train by image, so an image's views go with it and none of a validation image is trained on."""
+    from sklearn.model_selection import train_test_split  # here: a cache with a validation split never needs it
+
     try:
         fit, held = train_test_split(np.arange(len(y)), test_size=cfg.val_fraction, stratify=y,
                                      random_state=cfg.head.seed)

@@ -41,10 +41,11 @@ def train_head(cfg: TrainConfig) -> Run:
         ensure_free(out)  # before the fit, not after it
         plan = plan_loading(cfg, cache)
         cfg = _with_weights(cfg, cache.header)
-        if "device" in HEADS[cfg.head.kind].fixed:
-            from pipeline.device import resolve_device  # a one-off ~3 s torch import: not in the fit time we report
+        if "device" in HEADS[cfg.head.kind].fixed and cfg.head.device != "auto":
+            from pipeline.device import resolve_device  # imports torch (seconds): not for auto, which cannot fail
 
             resolve_device(cfg.head.device)  # an absent --device is refused now, not after loading the data
+        HEADS[cfg.head.kind].estimator  # its module imported (scikit-learn, a second): loading time, not the fit's
         loaded = time.perf_counter()
         choice = sweep(cfg, cache, plan)
         d, names = choice.data, cache.header.class_names
@@ -57,9 +58,9 @@ def train_head(cfg: TrainConfig) -> Run:
             proba_test = full_proba(head, d.X_test, len(names))
             metrics["test"] = classification_metrics(d.y_test, proba_test, names)
             wrong += mistakes.find("test", cache.read_paths(cfg.test_split), d.y_test, proba_test, names)
-        fields = _record_fields(cfg, cache.header, choice, head, (start, loaded, fitted))
         _warn_of_copies_across_splits(cfg, cache)
         arrays = reference.compute(d.X_train, d.y_train, d.X_val, proba_val.max(1), len(names))
+        fields = _record_fields(cfg, cache.header, choice, head, (start, loaded, fitted, time.perf_counter()))
     run = _save(out, head, fields, metrics, wrong, arrays, cache.header.source.root)
     if cfg.track:
         log.info("tracked in %s", tracking.track(cfg.track, run))
@@ -70,6 +71,7 @@ def _save(out: Path, head, fields: dict, metrics: dict, wrong: list[mistakes.Mis
           image_root: str | None) -> Run:
     """The run folder: the head, metrics and reports, the mistakes, the reference, the pictures and page, run.json."""
     note = selection_note(len(fields["sweep"]), metrics)
+    start = time.perf_counter()
     with RunWriter(out) as writer:
         writer.write_head(head)
         writer.write_metrics(metrics, note)
@@ -78,7 +80,8 @@ def _save(out: Path, head, fields: dict, metrics: dict, wrong: list[mistakes.Mis
             writer.write_reference(arrays)
         record = writer.record(**fields)
         pictures.draw(Run(writer.folder, record, metrics), wrong, image_root, note)
-        return writer.commit(record, metrics)
+        saved = replace(record.timings, save_seconds=round(time.perf_counter() - start, 3))  # run.json itself aside
+        return writer.commit(replace(record, timings=saved), metrics)
 
 
 def _with_weights(cfg: TrainConfig, header: Header) -> TrainConfig:
@@ -103,7 +106,7 @@ def _warn_of_copies_across_splits(cfg: TrainConfig, cache: Cache) -> None:
 def _record_fields(cfg: TrainConfig, header: Header, choice: Choice, head, times) -> dict:
     """What run.json records of this training (`RunWriter.record` adds the name, time, versions and head file)."""
     spec, d, config = HEADS[cfg.head.kind], choice.data, header.feature_config(cfg.features)
-    start, loaded, fitted = times
+    start, loaded, fitted, scored = times
     return dict(
         head=HeadRecord(kind=cfg.head.kind, config=asdict(cfg.head), params=choice.params,
                         chosen=chosen_values(spec, choice.params, config.pooled_name(choice.pool)),
@@ -114,7 +117,8 @@ def _record_fields(cfg: TrainConfig, header: Header, choice: Choice, head, times
                             n_train=int(len(d.y_train)), n_val=int(len(d.y_val)),
                             views_per_image=0 if d.V_train is None else int(d.V_train.shape[1])),
         # load: opening and planning; the splits are read inside the sweep, once per pooling tried
-        timings=Timings(load_seconds=round(loaded - start, 3), fit_seconds=round(fitted - loaded, 3)),
+        timings=Timings(load_seconds=round(loaded - start, 3), fit_seconds=round(fitted - loaded, 3),
+                        score_seconds=round(scored - fitted, 3)),
         loading=_loading_record(d.plan),
         features=FeatureSource(path=str(Path(cfg.features).resolve()), fingerprint=header.fingerprint,
                                config=config.to_dict(), class_names=header.class_names,

@@ -101,6 +101,16 @@ def test_run_json_keeps_the_names_every_vggcache_reads(tmp_path):
     assert load_run(run.folder).record.head.params["patience"] == 3
 
 
+def test_run_json_says_where_the_time_went_and_reads_back_without_the_newer_timings(tmp_path):
+    run = train_head(TrainConfig(features=feature_file(tmp_path / "f.h5"), out=tmp_path / "run"))
+    info = json.loads((run.folder / "run.json").read_text())
+    assert set(info["timings"]) == {"load_seconds", "fit_seconds", "score_seconds", "save_seconds"}
+    assert all(isinstance(v, float) and 0 <= v < 60 for v in info["timings"].values()), info["timings"]
+    info["timings"] = {"load_seconds": 0.5, "fit_seconds": 1.5}  # a run saved before the breakdown was recorded
+    (run.folder / "run.json").write_text(json.dumps(info))
+    assert load_run(run.folder).record.timings.score_seconds is None
+
+
 def test_run_and_class_names_that_are_not_utf8(tmp_path):
     import os
 
