@@ -21,7 +21,9 @@ from pipeline.heads.normalise import norm_statistics, normalised_array, normalis
 
 NEWTON_HESSIAN_BYTES = 256 << 20  # the reference solver uses Newton steps in the row space while its Hessian is this small
 NEWTON_FLOPS = 6e7  # auto: Newton while building its Hessian (rows x unknowns^2) costs about 3 L-BFGS iterations
-ONE_THREAD_BYTES = 32 << 20  # L-BFGS on a CPU: one intra-op thread while the rows it multiplies are this small
+# L-BFGS on a CPU: one intra-op thread while the rows it multiplies are this small (a 245-row fit took 5x longer with
+# two on a busy machine); above, two threads made the 4,000 x 512 paths of the bench 1.2x faster on an idle one
+ONE_THREAD_BYTES = 4 << 20
 SOLVERS = ("auto", "newton", "lbfgs", "sklearn", "torch")  # torch: lbfgs's name before the others existed
 
 
