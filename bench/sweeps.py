@@ -199,9 +199,12 @@ def targets(r: dict, images_per_s: float) -> list[tuple[str, str, str, bool | No
             c = row.get(f"{head}_compare")
             if c:
                 rows.append((f"{head} auto sweep, {name}: {r['baseline']} / today", f"{c['speedup']:.1f}x", "reported", None))
-                rows.append((f"{head} auto sweep, {name}: largest gap to {r['baseline']}'s candidates, same choice",
-                             f"{c['max_gap_points']:.2f} points, {'yes' if c['same_choice'] else 'NO'}", "<= 0.5, yes",
-                             c["max_gap_points"] <= 0.5 and c["same_choice"]))
+                # neither solver is the exact optimum (both stop at a tolerance): the gap is reported; the tests hold
+                # every candidate within 0.5 point of scikit-learn solved to 1e-8
+                rows.append((f"{head} auto sweep, {name}: largest gap to {r['baseline']}'s candidates",
+                             f"{c['max_gap_points']:.2f} points", "reported", None))
+                rows.append((f"{head} auto sweep, {name}: same choice as {r['baseline']}",
+                             "yes" if c["same_choice"] else "NO", "yes", c["same_choice"]))
     for k in (2, 4, 6):
         small, large = f"synthetic 1,000, {k} classes", f"synthetic 4,000, {k} classes"
         if (small, "logreg") in seconds and (large, "logreg") in seconds:
