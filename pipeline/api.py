@@ -89,8 +89,8 @@ def preprocess(image, run: folder.Run | str | Path):
     centre-cropped exactly as `extract` does; a uint8 tensor (3, S, S) (what an exported model takes, batched)."""
     from PIL import Image
 
-    from pipeline.extraction.reader import open_image, to_rgb
     from pipeline.extraction.reader import preprocess as crop
+    from pipeline.images import open_image, to_rgb
 
     fcfg = (run if isinstance(run, folder.Run) else load_run(run)).feature_config
     if isinstance(image, Image.Image):

@@ -1,18 +1,16 @@
-"""Decode image files into model-ready uint8 tensors inside DataLoader workers; a bad file becomes a recorded error."""
+"""Decode image files into model-ready uint8 tensors inside DataLoader workers (what may be decoded, and at what
+cost: images.py); a bad file becomes a recorded error."""
 
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import signal
 import threading
-import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
@@ -20,35 +18,7 @@ from torchvision.transforms import functional as TF
 from pipeline.cache.record import unreadable_reason, view_of
 from pipeline.extraction.augment import view_params
 from pipeline.extraction.distributed import quiet_resource_sharer
-
-_SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any Pillow mode to 8-bit RGB: 16-bit and float images are rescaled rather than clipped."""
-    if img.mode in _SIXTEEN_BIT:
-        arr = np.asarray(img, dtype=np.float64)
-        img = Image.fromarray((np.clip(arr, 0, 65535) / 257).round().astype(np.uint8), "L")
-    elif img.mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
-        span = float(arr.max() - arr.min()) or 1.0
-        img = Image.fromarray(((arr - arr.min()) / span * 255).round().astype(np.uint8), "L")
-    elif img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")  # palette transparency must go through RGBA, as Pillow warns
-    return img if img.mode == "RGB" else img.convert("RGB")
-
-
-def open_image(data: bytes, draft_size: int | None = None) -> Image.Image:
-    """Decode bytes to an upright RGB image; a JPEG is decoded at the smallest DCT scale still >= draft_size."""
-    with warnings.catch_warnings():
-        # Pillow only warns between 1x and 2x its pixel limit; we treat every image over the limit as a bomb
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        img = Image.open(io.BytesIO(data))
-        if draft_size and img.format == "JPEG":
-            img.draft(None, (draft_size, draft_size))
-        img.load()
-    img = ImageOps.exif_transpose(img)
-    return to_rgb(img)
+from pipeline.images import check_shape, open_image, opened, why_not_read
 
 
 def preprocess(img: Image.Image, resize_size: int, crop_size: int) -> torch.Tensor:
@@ -58,16 +28,12 @@ def preprocess(img: Image.Image, resize_size: int, crop_size: int) -> torch.Tens
 
 
 def describe_failure(e: Exception, n_bytes: int | None) -> str:
-    """A short, deterministic reason (Pillow's own message for unknown formats names a memory address).
+    """A short, deterministic reason a file was not read (images.why_not_read).
 
     `n_bytes` None: the file could not be read at all; `store.unreadable_reason` marks it so, which tells the
     next run to try it again (a permission or I/O problem can be fixed without changing the file).
     """
-    if n_bytes is None:
-        return unreadable_reason(e)
-    if isinstance(e, UnidentifiedImageError):
-        return "empty file (0 bytes)" if n_bytes == 0 else f"not a decodable image ({n_bytes} bytes)"
-    return f"{type(e).__name__}: {e}".strip()[:300]
+    return unreadable_reason(e) if n_bytes is None else why_not_read(e, n_bytes)
 
 
 class ImageFiles(torch.utils.data.Dataset):
@@ -120,6 +86,7 @@ class AugmentedImageFiles(ImageFiles):
         view = view_of(self.paths[index])
         if view is None:
             return super().decode(data, index)
+        check_shape(*opened(data).size, self.resize_size)  # refused as its centre crop is: one policy for a file
         return augmented_view(open_image(data), self.seed, view[0], view[1], self.crop_size)
 
 
@@ -145,7 +112,7 @@ class ScaledImageFiles(ImageFiles):
         return []
 
     def decode(self, data: bytes, index: int):
-        img = open_image(data, max(self.scales))  # a JPEG draft never below the largest scale
+        img = open_image(data, max(self.scales), capped=True)  # a JPEG draft never below the largest scale
         # the longer side is capped at MAX_ASPECT x the scale: a 2 x 300 px strip must not become 64 x 9600
         return [TF.pil_to_tensor(TF.resize(img, s, interpolation=InterpolationMode.BILINEAR, antialias=True,
                                            max_size=MAX_ASPECT * s)) for s in self.scales]
@@ -230,9 +197,8 @@ class EncodedFiles(ImageFiles):
         try:
             data = self.read(index)
             item["sha256"] = hashlib.sha256(data).hexdigest()
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                header = Image.open(io.BytesIO(data))  # parses the header only: size, mode, EXIF
+            header = opened(data)  # parses the header only: format, size, mode, EXIF
+            check_shape(*header.size, self.resize_size)
             if header.format == "JPEG" and header.mode in ("RGB", "L"):
                 item["raw"] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
                 item["orientation"] = int(header.getexif().get(_EXIF_ORIENTATION, 1))

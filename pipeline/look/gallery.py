@@ -22,12 +22,14 @@ COLUMNS = 8
 def thumbnail(path: Path | None, size: int = THUMB) -> np.ndarray | None:
     """The image at `path` as an RGB array, its longer side `size` px (a JPEG decoded at a reduced scale, never
     below twice that); None when it cannot be read."""
-    from PIL import Image, ImageOps
+    from PIL import ImageOps
+
+    from pipeline.images import opened
 
     if path is None:
         return None
     try:
-        with Image.open(path) as img:
+        with opened(path) as img:  # the allowed formats only: a dataset file is never given to Ghostscript
             if img.format == "JPEG":
                 img.draft("RGB", (size * 2, size * 2))
             img = ImageOps.exif_transpose(img).convert("RGB")

@@ -92,14 +92,13 @@ def _settle(future, result) -> None:
 
 def decode(name: str, data: bytes, fcfg):
     """An uploaded file -> the model's input image, as extract decodes and preprocesses a file."""
-    from pipeline.extraction.reader import describe_failure, open_image, preprocess
+    from pipeline.extraction.reader import preprocess
+    from pipeline.images import open_image, why_not_read
 
     try:
         return preprocess(open_image(data, fcfg.resize_size), fcfg.resize_size, fcfg.image_size)
     except Exception as e:
-        reason = "over Pillow's decompression-bomb limit" if "DecompressionBomb" in type(e).__name__ else \
-            describe_failure(e, len(data))
-        raise BadImage(name, reason) from None
+        raise BadImage(name, why_not_read(e, len(data))) from None
 
 
 def make_app(cfg: ServeConfig):

@@ -19,10 +19,10 @@ from pipeline.cache.store import open_cache
 from pipeline.errors import UserError
 from pipeline.extraction import augment
 from pipeline.extraction.config import feature_config
-from pipeline.extraction.reader import open_image
 from pipeline.extraction.runner import extract
 from pipeline.heads.config import HeadConfig
 from pipeline.heads.holdout import hold_out
+from pipeline.images import open_image
 from pipeline.synthetic import make_image_folder
 from pipeline.train.config import TrainConfig
 from pipeline.train.data import load_data

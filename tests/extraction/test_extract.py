@@ -26,8 +26,9 @@ from pipeline.errors import Interrupted, UserError
 from pipeline.extraction import embed
 from pipeline.extraction import runner as extract_module
 from pipeline.extraction.config import feature_config
-from pipeline.extraction.reader import open_image, preprocess
+from pipeline.extraction.reader import preprocess
 from pipeline.extraction.runner import extract
+from pipeline.images import open_image
 from pipeline.synthetic import make_image_folder
 
 
@@ -72,10 +73,15 @@ def test_bad_images_are_skipped_and_recorded(image_folder, tmp_path):
     (image_folder / "val/checks/cut.jpg").write_bytes(good[: len(good) // 3])
     Image.new("L", (40, 40), 7).save(image_folder / "train/stripes/grey.png")
     Image.new("CMYK", (40, 40)).save(image_folder / "train/stripes/cmyk.jpg")
+    (image_folder / "train/circle/program.jpg").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n0 1 150000000 {pop} for\n")
+    Image.new("RGB", (2000, 1)).save(image_folder / "train/circle/strip.jpg")
     s = extract(extract_config(image_folder, tmp_path / "f.h5"))
     reasons = {r.path: r.reason for r in s.failed}
-    assert set(reasons) == {"train/circle/zero.jpg", "train/circle/text.PNG", "val/checks/cut.jpg"}
+    assert set(reasons) == {"train/circle/zero.jpg", "train/circle/text.PNG", "val/checks/cut.jpg",
+                            "train/circle/program.jpg", "train/circle/strip.jpg"}
     assert reasons["train/circle/zero.jpg"] == "empty file (0 bytes)"
+    assert reasons["train/circle/program.jpg"] == "not a JPEG, PNG, BMP, GIF, TIFF or WebP image (48 bytes)"
+    assert reasons["train/circle/strip.jpg"].startswith("2000x1 px: its sides are more than 20:1 apart")
     assert s.rows == {"train": 14, "val": 6}
     train = read_split(tmp_path / "f.h5", "train")
     assert len(train.paths) == len(train.labels) == train.features.shape[0] == 14

@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 from torchvision.models import VGG16_Weights
 
-from pipeline.extraction.reader import ImageFiles, open_image, preprocess
+from pipeline.extraction.reader import ImageFiles, preprocess
+from pipeline.images import open_image
 
 
 def encode(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -46,7 +47,7 @@ def test_exif_orientation_is_applied():
 
 def test_jpeg_draft_decodes_near_target_size_not_below():
     big = Image.new("RGB", (1600, 1200), (0, 128, 255))
-    img = open_image(encode(big, "JPEG"), draft_size=256)
+    img = open_image(encode(big, "JPEG"), resize_to=256)
     assert min(img.size) >= 256 and img.size[0] <= 800  # decoded at 1/4 scale (400x300), not at full size
 
 
@@ -71,9 +72,9 @@ def test_bad_files_are_reported_not_raised(tmp_path, monkeypatch):
     errors = {ds.paths[i]: ds[i]["error"] for i in range(len(ds))}
     assert errors["ok.jpg"] == ""
     assert errors["empty.jpg"] == "empty file (0 bytes)"
-    assert errors["text.png"] == "not a decodable image (19 bytes)"
+    assert errors["text.png"] == "not a JPEG, PNG, BMP, GIF, TIFF or WebP image (19 bytes)"
     assert "truncated" in errors["truncated.jpg"].lower()
-    assert "DecompressionBomb" in errors["bomb.png"]
+    assert errors["bomb.png"].startswith("over Pillow's decompression-bomb limit (Image size (")
     assert errors["missing.jpg"] == "cannot read (FileNotFoundError: No such file or directory)"
     item = ds[5]  # missing: nothing was read, so no digest
     assert item["image"].shape == (3, 32, 32) and item["sha256"] == ""

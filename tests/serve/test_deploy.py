@@ -181,6 +181,12 @@ def _bomb() -> bytes:
     return buffer.getvalue()
 
 
+def _strip() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8000, 1)).save(buffer, "JPEG")  # a 1 KB JPEG that resizing would make 2 Mpx long
+    return buffer.getvalue()
+
+
 def _truncated(data: Path) -> bytes:
     return next((data / "test").rglob("*.jpg")).read_bytes()[:200]
 
@@ -190,13 +196,16 @@ def _truncated(data: Path) -> bytes:
     (lambda d: {"files": [("t.jpg", _truncated(d))]}, 422, "t.jpg is not an image this server can read"),
     (lambda d: {"files": [("zero.jpg", b"")]}, 422, "zero.jpg is not an image this server can read (empty file"),
     (lambda d: {"files": [("bomb.png", _bomb())]}, 422, "over Pillow's decompression-bomb limit"),
+    (lambda d: {"files": [("cat.jpg", b"%!PS-Adobe-3.0\n{} loop\n")]}, 422,
+     "cat.jpg is not an image this server can read (not a JPEG, PNG, BMP, GIF, TIFF or WebP image (23 bytes))"),
+    (lambda d: {"files": [("strip.jpg", _strip())]}, 422, "strip.jpg is not an image this server can read (8000x1 px"),
     (lambda d: {"files": [("big.jpg", b"x" * (2 << 20))]}, 413, "request larger than --max-request-mb (1 MB)"),
     (lambda d: _chunked([("big.jpg", b"x" * (2 << 20))]), 413, "request larger than --max-request-mb (1 MB)"),
     (lambda d: {"files": []}, 422, "no file"),
     (lambda d: {"body": b"{}", "content_type": "application/json"}, 422, "no file"),
     (lambda d: {"path": "/nope", "method": "GET"}, 404, "Not Found"),
     (lambda d: {"path": "/predict", "method": "GET"}, 405, "Method Not Allowed"),
-], ids=["text", "truncated", "zero-bytes", "bomb", "too-large", "too-large-chunked", "no-file", "not-multipart", "unknown-route",
+], ids=["text", "truncated", "zero-bytes", "bomb", "postscript", "strip", "too-large", "too-large-chunked", "no-file", "not-multipart", "unknown-route",
         "wrong-method"])
 def test_every_bad_input_is_a_4xx_json_error_and_the_server_goes_on(runs, server, request_of, status, says):
     data, _ = runs

@@ -141,7 +141,7 @@ def test_end_to_end_on_tiny_images(image_folder, tmp_path, weights_file):
             assert row["predicted"] == names[p.argmax()]
             assert float(row["probability"]) == pytest.approx(p.max(), abs=1e-5)
             assert len(row["top_k"].split(";")) == 2
-        assert rows[3]["error"] == "not a decodable image (6 bytes)" and rows[3]["predicted"] == ""
+        assert rows[3]["error"] == "not a JPEG, PNG, BMP, GIF, TIFF or WebP image (6 bytes)" and rows[3]["predicted"] == ""
         (image_folder / "bad.jpg").unlink()
 
 

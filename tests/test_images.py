@@ -1,0 +1,55 @@
+"""The decoding policy (images.py): raster formats recognised from the bytes, and the cost of an image bounded
+before and after resizing."""
+
+import io
+
+import pytest
+from PIL import EpsImagePlugin, Image
+
+from pipeline.images import MAX_ASPECT, Refused, open_image, opened, why_not_read
+
+POSTSCRIPT = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n0 1 150000000 {pop} for\nshowpage\n"
+
+
+def encoded(fmt: str, size=(40, 30), mode="RGB") -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size, 90).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP"])
+def test_every_allowed_raster_format_decodes(fmt):
+    assert open_image(encoded(fmt), resize_to=32).size == (40, 30)
+
+
+@pytest.mark.parametrize("data, reason", [
+    (POSTSCRIPT, "not a JPEG, PNG, BMP, GIF, TIFF or WebP image"),
+    (b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\n%%EOF\n", "not a JPEG, PNG, BMP, GIF, TIFF or WebP image"),
+    (b"<svg xmlns='http://www.w3.org/2000/svg' width='10' height='10'/>", "not a JPEG, PNG, BMP, GIF, TIFF or WebP image"),
+], ids=["postscript", "pdf", "svg"])
+def test_a_program_or_document_named_like_an_image_is_refused_unread(data, reason, monkeypatch):
+    """PostScript is a program Pillow would hand to Ghostscript: its plugin is never even asked to parse it."""
+    asked = []
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", lambda self: asked.append(self) or 1 / 0)
+    with pytest.raises(Refused) as refused:
+        open_image(data, resize_to=256)
+    assert str(refused.value) == reason and asked == []
+    assert why_not_read(refused.value, len(data)) == f"{reason} ({len(data)} bytes)"
+
+
+def test_an_extreme_aspect_ratio_is_refused_before_it_is_decoded():
+    strip = encoded("JPEG", size=(8000, 1))  # ~1 KB; resized to 256 px high it would be 2,048,000 px long
+    with pytest.raises(Refused) as refused:
+        open_image(strip, resize_to=256)
+    assert str(refused.value) == ("8000x1 px: its sides are more than 20:1 apart (resizing its short side to 256 px "
+                                  "would make it 2,048,000 px long)")
+
+
+def test_the_widest_allowed_shape_decodes():
+    assert open_image(encoded("PNG", size=(MAX_ASPECT * 10, 10)), resize_to=256).size == (200, 10)
+
+
+def test_the_shape_bound_is_for_resizing_only():
+    """A caller that caps the long side itself (multi-scale views) reads any shape."""
+    assert open_image(encoded("PNG", size=(300, 2)), resize_to=64, capped=True).size == (300, 2)
+    assert opened(encoded("PNG", size=(300, 2))).size == (300, 2)
