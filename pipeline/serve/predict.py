@@ -65,6 +65,7 @@ class Predictor:
         self.extractor = Extractor(build_body(self.fcfg, weights_for(self.run, weights)), device,
                                    precision_for(self.run, precision))
         self.pooled = self.run.head_pooling()  # a head trained on a map cache pools the map as it did
+        self.reference = reference.load(self.run.folder)  # None: the run keeps none (too wide inputs)
 
     @property
     def class_names(self) -> list[str]:
@@ -79,6 +80,14 @@ class Predictor:
     def proba(self, rows: np.ndarray) -> np.ndarray:
         """Probabilities over every class of the run (0 for a class the head never saw), from its input rows."""
         return full_proba(self.head, rows, len(self.class_names))
+
+    def percentiles(self, rows: np.ndarray) -> np.ndarray | None:
+        """How far each row is from every class, as a percentile of the validation images' distances (the
+        `distance_percentile` column; None when the run keeps no reference)."""
+        if self.reference is None:
+            return None
+        return reference.percentiles(self.reference, reference.distances(rows, self.reference["mean"],
+                                                                         self.reference["centroids"]))
 
     def batches(self, paths: list[str], batch_size: int = 32, workers: int = 0):
         """(batch, features) for image files, decoded and preprocessed as extract does."""

@@ -1,16 +1,24 @@
 """`pipeline serve`: a run behind HTTP (FastAPI on uvicorn), loaded once.
 
-    POST /predict   one or more image files (multipart, any field name) -> one result per file, in order:
-                    {"file", "predicted", "probability", "top_k": [{"class", "probability"}]}, the values `predict`
-                    gives (the same decoding, preprocessing, extractor, rounding and head)
-    GET  /health    {"status": "ok"}
-    GET  /info      run name, classes, fingerprint, crop size, head, library versions
+    POST /predict   one or more image files (multipart, any field name; at most MAX_FILES) -> one result per file,
+                    in order: {"file", "predicted", "probability", "top_k": [{"class", "probability"}],
+                    "distance_percentile", "unusual"}, the values `predict` gives (the same decoding,
+                    preprocessing, extractor, rounding, head and reference)
+    GET  /health    {"status": "ok"}   (HEAD too, as load balancers probe)
+    GET  /info      run name, classes, fingerprint, crop size, head, library versions   (HEAD too)
 
-Bad input is a 4xx JSON error ({"error": ...}), never a 500: a file that is not an image, truncated, empty or over
-Pillow's decompression-bomb limit (422, naming the file), a request over --max-request-mb (413, before it is kept
-whole), no file (422), an unknown route (404) or method (405). Requests that arrive while the model runs are batched
-into its next forward (no waiting added: alone, a request runs at once). It binds 127.0.0.1 by default and has no
-authentication and no TLS: put it behind your proxy for anything else.
+Bad input is a 4xx JSON error ({"error": ...}), never a 500: a file that is not an allowed raster image (images.py:
+a PostScript program is refused unread), truncated, empty, over Pillow's decompression-bomb limit or of an extreme
+shape (422, naming the file), a request over --max-request-mb (413, before it is kept whole) or with more than
+MAX_FILES files (413), no file (422), an unknown route (404) or method (405). A client that goes away mid-upload is
+one log line.
+
+One thread runs the model, a forward of at most `batch` images at a time (MAX_BATCH on a GPU, CPU_BATCH on a CPU,
+where a forward of 64 takes seconds): a request's images are embedded in such chunks, and every request waiting
+gets its share of each forward (`Batcher`), so a request of hundreds of images delays another client's single image
+by about one forward, not by all of them. Requests that arrive while the model runs join its next forward (no
+waiting added: alone, a request runs at once). It binds 127.0.0.1 by default and has no authentication and no TLS:
+put it behind your proxy for anything else.
 """
 
 from __future__ import annotations
@@ -32,12 +40,17 @@ except ImportError:  # the serve extra is missing: serve() says so in one line
     Request = None
 
 from pipeline.errors import UserError
+from pipeline.runs.reference import UNUSUAL_PERCENTILE
 from pipeline.serve.config import ServeConfig
 
 log = logging.getLogger(__name__)
 
-# images per forward of the batcher (1: no batching across requests; bench/serve_load.py compares the two)
+# images per forward (1: no batching across requests; bench/serve_load.py compares the two): on a GPU a batch costs
+# about what one image does; on a CPU a forward takes ~0.1 s an image, so forwards stay short and a large request is
+# interleaved with the others at a fine grain
 MAX_BATCH = int(os.environ.get("VGGCACHE_SERVE_MAX_BATCH", "64"))
+CPU_BATCH = min(MAX_BATCH, 8)
+MAX_FILES = 4 * 64  # images in one request: a small multiple of a GPU forward
 CONFIG_ENV = "VGGCACHE_SERVE"  # the server's config, as JSON, for uvicorn's worker processes (--workers N)
 
 
@@ -47,38 +60,80 @@ class BadImage(Exception):
         self.file, self.reason = file, reason
 
 
-class Batcher:
-    """One thread runs the model; requests queue their decoded images, and each forward takes every image queued
-    meanwhile (up to MAX_BATCH): batches form under load, and a lone request waits for nothing."""
+class _Job:
+    """A request's decoded images, embedded a share at a time."""
 
-    def __init__(self, predictor):
-        self.predictor, self.jobs = predictor, queue.Queue()
+    def __init__(self, images: list, loop, future):
+        self.images, self.loop, self.future = images, loop, future
+        self.done, self.parts = 0, []  # images embedded so far; their (proba, percentiles) blocks
+
+    @property
+    def left(self) -> int:
+        return len(self.images) - self.done
+
+
+class Batcher:
+    """One thread runs the model; requests queue their decoded images. Each forward takes at most `batch` images:
+    an equal share from every request waiting (the share: batch / requests, at least one), then, while there is
+    room, more from the oldest. So a large request runs as a series of forwards, and a request arriving meanwhile
+    is in the next one; under load batches fill from many requests, and a lone request waits for nothing."""
+
+    def __init__(self, predictor, batch: int):
+        self.predictor, self.batch, self.jobs = predictor, max(1, batch), queue.Queue()
         threading.Thread(target=self._run, daemon=True, name="vggcache-batcher").start()
 
-    async def proba(self, images: list) -> np.ndarray:
+    async def embed(self, images: list) -> tuple[np.ndarray, np.ndarray | None]:
+        """(probabilities, distance percentiles or None) of `images`, in order."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self.jobs.put((images, loop, future))
+        self.jobs.put(_Job(images, loop, future))
         return await future
 
     def _run(self) -> None:
+        pending: list[_Job] = []
+        while True:
+            if not pending:
+                pending.append(self.jobs.get())
+            while not self.jobs.empty():
+                pending.append(self.jobs.get_nowait())
+            taken = self.shares([job.left for job in pending])
+            try:
+                self._forward([(job, n) for job, n in zip(pending, taken) if n])
+            except Exception as e:  # never a dead batcher: the requests of this forward get the error
+                for job, n in zip(pending, taken):
+                    if n:
+                        job.done = len(job.images)
+                        job.loop.call_soon_threadsafe(_settle, job.future, e)
+                        job.parts = None
+            for job in pending:
+                if job.left == 0 and job.parts is not None:
+                    proba = np.concatenate([p for p, _ in job.parts])
+                    far = None if job.parts[0][1] is None else np.concatenate([f for _, f in job.parts])
+                    job.loop.call_soon_threadsafe(_settle, job.future, (proba, far))
+            pending = [job for job in pending if job.left]
+
+    def shares(self, left: list[int]) -> list[int]:
+        """Images each waiting request gives the next forward, from what each has left."""
+        share = max(1, self.batch // len(left))
+        taken = [min(n, share) for n in left]
+        room = self.batch - sum(taken)
+        for k, n in enumerate(left):  # the room left, to the oldest first
+            more = min(room, n - taken[k])
+            taken[k] += max(0, more)
+            room -= max(0, more)
+        return taken
+
+    def _forward(self, chunks: list) -> None:
         import torch
 
-        while True:
-            jobs = [self.jobs.get()]
-            while not self.jobs.empty() and sum(len(j[0]) for j in jobs) < MAX_BATCH:
-                jobs.append(self.jobs.get_nowait())
-            try:
-                images = torch.stack([image for job in jobs for image in job[0]])
-                proba = self.predictor.proba(self.predictor.features(images))
-                results, start = [], 0
-                for job in jobs:
-                    results.append(proba[start:start + len(job[0])])
-                    start += len(job[0])
-            except Exception as e:  # never a dead batcher: every waiting request gets the error
-                results = [e] * len(jobs)
-            for (_, loop, future), result in zip(jobs, results):
-                loop.call_soon_threadsafe(_settle, future, result)
+        images = torch.stack([image for job, n in chunks for image in job.images[job.done:job.done + n]])
+        rows = self.predictor.features(images)
+        proba, far = self.predictor.proba(rows), self.predictor.percentiles(rows)
+        start = 0
+        for job, n in chunks:
+            job.parts.append((proba[start:start + n], None if far is None else far[start:start + n]))
+            job.done += n
+            start += n
 
 
 def _settle(future, result) -> None:
@@ -105,14 +160,16 @@ def make_app(cfg: ServeConfig):
     """The FastAPI application of one run (loaded here, once)."""
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import JSONResponse, Response
     from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
 
     from pipeline.serve.predict import Predictor
     from pipeline.versions import library_versions
 
     predictor = Predictor(Path(cfg.run), cfg.weights, cfg.device, "auto")
-    batcher, run = Batcher(predictor), predictor.run
+    run = predictor.run
+    batcher = Batcher(predictor, MAX_BATCH if predictor.extractor.device.type == "cuda" else CPU_BATCH)
     app = FastAPI(title=f"vggcache: {run.record.name}", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(_LimitedBody, limit=int(cfg.max_request_mb * (1 << 20)))
     error = lambda status, message, **more: JSONResponse({"error": message, **more}, status_code=status)
@@ -125,11 +182,11 @@ def make_app(cfg: ServeConfig):
     async def invalid(request: Request, e: RequestValidationError):
         return error(422, "send one or more image files as multipart/form-data")
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         return {"status": "ok"}
 
-    @app.get("/info")
+    @app.api_route("/info", methods=["GET", "HEAD"])
     async def info():
         return {"run": run.record.name, "classes": run.class_names, "fingerprint": run.fingerprint,
                 "crop_size": predictor.fcfg.image_size, "head": run.record.head.kind, "chosen": run.record.head.chosen,
@@ -137,24 +194,43 @@ def make_app(cfg: ServeConfig):
 
     @app.post("/predict")
     async def predict(request: Request):
-        uploads = await _uploads(request)
+        try:
+            uploads = await _uploads(request)
+        except TooManyFiles:
+            return error(413, f"more than {MAX_FILES} files in one request: send them in several")
+        except ClientDisconnect:  # nobody to answer: one line, not the framework's traceback
+            log.warning("a client (%s) went away during its upload", _client(request))
+            return Response(status_code=400)
         if not uploads:
             return error(422, "no file: send one or more image files as multipart/form-data")
         try:
             images = [await asyncio.to_thread(decode, name, data, predictor.fcfg) for name, data in uploads]
         except BadImage as e:
             return error(422, f"{e.file} is not an image this server can read ({e.reason})", file=e.file)
-        proba = await batcher.proba(images)
-        return {"results": [_result(name, p, run.class_names, cfg.top_k) for (name, _), p in zip(uploads, proba)]}
+        proba, far = await batcher.embed(images)
+        return {"results": [_result(name, p, run.class_names, cfg.top_k, None if far is None else far[i])
+                            for i, ((name, _), p) in enumerate(zip(uploads, proba))]}
 
     return app
 
 
+class TooManyFiles(Exception):
+    pass
+
+
 async def _uploads(request) -> list[tuple[str, bytes]]:
-    """Every file part of a multipart request, (file name, bytes), in order; [] for any other body."""
+    """Every file part of a multipart request, (file name, bytes), in order; [] for any other body. Starlette keeps
+    a part of up to 1 MB in memory and spools a larger one to an unnamed temporary file, gone with the request."""
+    from starlette.exceptions import HTTPException
+
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         return []
-    form = await request.form(max_files=4096, max_fields=4096)
+    try:
+        form = await request.form(max_files=MAX_FILES, max_fields=MAX_FILES)
+    except HTTPException as e:
+        if "Too many files" in str(e.detail):
+            raise TooManyFiles from None
+        raise
     out = []
     for _, value in form.multi_items():
         if hasattr(value, "read"):
@@ -162,10 +238,17 @@ async def _uploads(request) -> list[tuple[str, bytes]]:
     return out
 
 
-def _result(name: str, proba: np.ndarray, names: list[str], k: int) -> dict:
+def _client(request) -> str:
+    client = request.client
+    return f"{client.host}:{client.port}" if client else "unknown"
+
+
+def _result(name: str, proba: np.ndarray, names: list[str], k: int, percentile: float | None) -> dict:
     order = np.argsort(-proba, kind="stable")[:k]
     return {"file": name, "predicted": names[order[0]], "probability": float(proba[order[0]]),
-            "top_k": [{"class": names[j], "probability": float(proba[j])} for j in order]}
+            "top_k": [{"class": names[j], "probability": float(proba[j])} for j in order],
+            "distance_percentile": None if percentile is None else round(float(percentile), 1),
+            "unusual": None if percentile is None else bool(percentile > UNUSUAL_PERCENTILE)}
 
 
 class _LimitedBody:

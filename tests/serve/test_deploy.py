@@ -100,13 +100,15 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(runs):
-    """`pipeline serve` on a free port of 127.0.0.1, a 1 MB request limit; stopped at the end."""
+def server(runs, tmp_path_factory):
+    """`pipeline serve` on a free port of 127.0.0.1, a 1 MB request limit, its log in a file; stopped at the end."""
     _, made = runs
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", str(made["logreg"].folder), "--port", str(port),
-                             "--max-request-mb", "1", "--device", "cpu"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", str(made["logreg"].folder), "--port",
+                                 str(port), "--max-request-mb", "1", "--device", "cpu"], stdout=out,
+                                stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
     while time.time() < deadline:
@@ -114,8 +116,9 @@ def server(runs):
             urllib.request.urlopen(f"{url}/health", timeout=1)
             break
         except OSError:
-            assert proc.poll() is None, proc.stdout.read()
+            assert proc.poll() is None, log.read_text()
             time.sleep(0.2)
+    made["logreg"].server_log = log
     yield url, made["logreg"]
     proc.terminate()
     proc.wait(timeout=30)
@@ -212,6 +215,49 @@ def test_every_bad_input_is_a_4xx_json_error_and_the_server_goes_on(runs, server
     url, _ = server
     got, body = _post(url, **request_of(data))
     assert got == status and says in body["error"]
+    assert _post(url, path="/health", method="GET") == (200, {"status": "ok"})
+
+
+def test_results_carry_predicts_distance_columns(runs, server):
+    data, _ = runs
+    url, run = server
+    paths = sorted((data / "test").rglob("*.jpg"))[:3]
+    expected = run.predict_images(paths)
+    status, body = _post(url, [(p.name, p.read_bytes()) for p in paths])
+    assert status == 200
+    for result, row in zip(body["results"], expected):
+        assert result["distance_percentile"] == pytest.approx(float(row["distance_percentile"]), abs=0.051)
+        assert result["unusual"] == (row["unusual"] == "yes")
+
+
+def test_head_is_answered_where_get_is(server):
+    url, _ = server
+    for path in ("/health", "/info"):
+        with urllib.request.urlopen(urllib.request.Request(url + path, method="HEAD"), timeout=10) as response:
+            assert response.status == 200 and response.read() == b""
+
+
+def test_more_files_than_a_request_may_hold_is_a_413(server):
+    from pipeline.serve.server import MAX_FILES
+
+    url, _ = server
+    status, body = _post(url, [(f"{i}.png", b"x") for i in range(MAX_FILES + 1)])
+    assert status == 413 and body["error"] == f"more than {MAX_FILES} files in one request: send them in several"
+
+
+def test_a_client_gone_mid_upload_is_one_log_line(server):
+    url, run = server
+    port = int(url.rsplit(":", 1)[1])
+    body, content_type = _multipart([("a.jpg", b"x" * 50_000)])
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
+                         f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:20_000])
+    deadline = time.time() + 10
+    while time.time() < deadline and run.server_log.read_text().count("went away") < 3:
+        time.sleep(0.1)
+    text = run.server_log.read_text()
+    assert text.count("went away during its upload") == 3 and "Traceback" not in text, text[-3000:]
     assert _post(url, path="/health", method="GET") == (200, {"status": "ok"})
 
 
