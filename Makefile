@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: $(STAMP)  ## Generate a small dataset and run the whole job on it (offline, ~1 minute on 2 cores)
-	$(PY) -m pipeline make-demo-data demo_data
+	$(PY) -m pipeline make-demo-data demo_data --force
 	$(PY) -m pipeline extract demo_data --weights none --image-size 64 --out features/demo.h5
 	$(PY) -m pipeline info features/demo.h5
 	$(PY) -m pipeline train-head features/demo.h5 --head logreg --out models/demo-logreg-$$(date +%Y%m%d-%H%M%S)

@@ -24,7 +24,7 @@ from pipeline.train.config import TrainConfig
 
 HEAD_OPTIONS = {"head": "kind", "patience": "patience", "early_stop_fraction": "validation_fraction"}
 TRAIN_OPTIONS = ("out", "train_split", "val_split", "test_split", "val_fraction", "memory_budget", "stream", "pool",
-                 "refit", "views", "models_dir", "track")
+                 "refit", "views", "models_dir", "track", "force")
 
 
 class Run(folder.Run):
@@ -99,3 +99,25 @@ def preprocess(image, run: folder.Run | str | Path):
         return crop(to_rgb(ImageOps.exif_transpose(image)), fcfg.resize_size, fcfg.image_size)
     data = image if isinstance(image, bytes) else Path(image).read_bytes()
     return crop(open_image(data, fcfg.resize_size), fcfg.resize_size, fcfg.image_size)
+
+
+def is_demo_folder(root: Path) -> bool:
+    """A folder that holds only what make_demo_data writes: <split>/<shape>/<nnnnn>.jpg."""
+    import re
+
+    from pipeline.synthetic import SHAPES
+
+    pattern = re.compile(rf"(train|val|test)/({'|'.join(SHAPES)})/\d{{5}}\.jpg")
+    return all(pattern.fullmatch(p.relative_to(root).as_posix()) for p in Path(root).rglob("*") if not p.is_dir())
+
+
+def make_demo_data(out: Path, per_class: dict[str, int], seed: int = 0, force: bool = False) -> Path:
+    """`pipeline make-demo-data`: generated shapes in a new or empty folder, or (force) over demo data made before
+    (its files only: `is_demo_folder` found nothing else)."""
+    from pipeline import files
+    from pipeline.synthetic import make_image_folder
+
+    if files.ensure_output_folder(Path(out), "OUT", is_demo_folder, "demo data", force):
+        for p in sorted(Path(out).rglob("*"), reverse=True):
+            p.rmdir() if p.is_dir() else p.unlink()
+    return make_image_folder(out, per_class, size=(96, 72), seed=seed)

@@ -211,6 +211,7 @@ def train_head(
     memory_budget: Optional[str] = typer.Option(None, help="Most memory the features may take, e.g. 8G (default: half the memory available); over it, the linear head streams them from the file."),
     stream: bool = typer.Option(False, "--stream", help="Stream the features from the file whatever their size (linear head)."),
     track: Optional[str] = typer.Option(None, help="mlflow: log the saved run to MLflow (MLFLOW_TRACKING_URI, else ./mlruns); needs the track extra."),
+    force: bool = typer.Option(False, "--force", help="--out may hold a run: its run files are replaced (nothing else in the folder is touched)."),
 ):
     """Train a head on cached features, choose its hyperparameters on validation, save and report it."""
     from pipeline import api
@@ -221,7 +222,7 @@ def train_head(
                          views=views, head=head, C=C, k=k, norm=norm, hidden=hidden, dropout=dropout, lr=lr,
                          weight_decay=weight_decay, epochs=epochs, batch_size=batch_size, patience=patience,
                          early_stop_fraction=early_stop_fraction, freeze_convs=freeze_convs, weights=weights,
-                         solver=solver, seed=seed, device=device, track=track)
+                         solver=solver, seed=seed, device=device, track=track, force=force)
     for split, m in run.metrics.items():
         _echo(format_metrics(m, f"{run.folder.name} on {split}") + "\n")
     from pipeline.runs.folder import selection_note
@@ -412,11 +413,12 @@ def make_demo_data(out: Path = typer.Argument(Path("demo_data"), help="Folder to
                    train: int = typer.Option(40, min=1, help="Training images per class."),
                    val: int = typer.Option(15, min=1, help="Validation images per class."),
                    test: int = typer.Option(15, min=1, help="Test images per class."),
-                   seed: int = typer.Option(0, min=0, help="Random seed.")):
+                   seed: int = typer.Option(0, min=0, help="Random seed."),
+                   force: bool = typer.Option(False, "--force", help="OUT may hold demo data made before: it is made again.")):
     """Generate a small labelled JPEG folder (circle / checks / stripes) to try the pipeline offline."""
-    from pipeline.synthetic import make_image_folder
+    from pipeline import api
 
-    make_image_folder(out, {"train": train, "val": val, "test": test}, size=(96, 72), seed=seed)
+    api.make_demo_data(out, {"train": train, "val": val, "test": test}, seed=seed, force=force)
     _echo(f"wrote {out}: 3 classes, {train}/{val}/{test} train/val/test images per class")
 
 

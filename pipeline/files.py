@@ -36,6 +36,25 @@ def ensure_writable_dir(folder: Path, option: str) -> None:
         raise UserError(f"{option}: cannot write in {folder} ({e.strerror or type(e).__name__})") from None
 
 
+def ensure_output_folder(folder: Path, option: str, ours: Callable[[Path], bool], what: str, force: bool) -> bool:
+    """The folder a command writes with `option` may be a new one, an empty one, or (`force`) one that holds an
+    earlier output of this kind (`ours`); anything else is refused in one line, so that no file the user made is
+    ever written over. True when there is such an earlier output to replace. Checked before any work."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{option} {folder} is a file, expected a folder")
+    entries = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    if entries and ours(folder):
+        if not force:
+            raise UserError(f"{option} {folder} already holds {what}: choose another {option}, or --force to replace it")
+    elif entries:
+        shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+        raise UserError(f"{option} {folder} is not empty and holds no {what.removeprefix('a ')} ({shown}): choose a new "
+                        "or empty folder")
+    ensure_writable_dir(folder if folder.exists() else folder.parent, option)
+    return bool(entries)
+
+
 @dataclass(frozen=True)
 class Output:
     """What a command writes with --out: its kind in words, and a test of an existing file's first bytes that says

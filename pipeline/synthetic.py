@@ -46,3 +46,4 @@ def make_image_folder(root: Path, per_class: dict[str, int], size: tuple[int, in
             for i in range(n):
                 draw(cls, size, rng).save(folder / f"{i:05d}.{ext}", fmt, **({"quality": 90} if fmt == "JPEG" else {}))
     return Path(root)
+

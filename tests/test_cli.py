@@ -77,7 +77,7 @@ CASES = {
     "train-val-fraction": ("train-head", ["--val-fraction", "7"], "--val-fraction 7.0 is not valid (expected a number in (0, 1))"),
     "train-val-fraction-zero": ("train-head", ["--val-fraction", "0"], "--val-fraction 0.0 is not valid (expected a number in (0, 1))"),
     "train-out": ("train-head", ["--out", "{file}/run"], "--out: {file} is a file, not a folder"),
-    "train-out-run": ("train-head", ["--out", "{run}"], "{run} already holds a run; choose another --out"),
+    "train-out-run": ("train-head", ["--out", "{run}"], "--out {run} already holds a run: choose another --out, or --force to replace it"),
     "predict-top-k": ("predict", ["--top-k", "0"], "--top-k 0 is not valid (expected an integer in [1, 1048576])"),
     "predict-precision": ("predict", ["--precision", "xyz"], "--precision 'xyz' is not valid (expected one of auto, fp32, bf16, fp16)"),
     "predict-device": ("predict", ["--device", "tpu"], "--device 'tpu' is not valid (expected one of auto, cpu, cuda, mps)"),
@@ -90,6 +90,8 @@ CASES = {
     "evaluate-split": ("evaluate", ["--split", "nope"], "has no split 'nope'"),
     "info-missing": ("info", ["{file}.h5"], None),  # replaced below: info takes only the file
     "demo-data": ("make-demo-data", ["{file}-demo", "--train", "0"], "Invalid value for '--train'"),
+    "demo-data-file": ("make-demo-data", ["{file}"], "OUT {file} is a file, expected a folder"),
+    "demo-data-foreign": ("make-demo-data", ["{run}"], "OUT {run} is not empty and holds no demo data (confusion_matrix.png, "),
 }
 CASES["info-missing"] = ("info", [], "feature file not found: {file}.h5")
 
@@ -166,3 +168,12 @@ def test_help_lists_every_command():
     result = runner.invoke(app, ["--help"])
     listed = [line.split()[0] for line in result.output.split("Commands:")[1].splitlines() if line.strip()]
     assert result.exit_code == 0 and listed == COMMANDS
+
+
+def test_make_demo_data_makes_its_folder_again_with_force_only(tmp_path):
+    out = tmp_path / "demo"
+    assert runner.invoke(app, ["make-demo-data", str(out), "--train", "2", "--val", "1", "--test", "1"]).exit_code == 0
+    again = runner.invoke(app, ["make-demo-data", str(out)])
+    assert again.exit_code == 2 and f"OUT {out} already holds demo data: choose another OUT, or --force" in again.output
+    forced = runner.invoke(app, ["make-demo-data", str(out), "--force", "--train", "1", "--val", "1", "--test", "1"])
+    assert forced.exit_code == 0 and len(list(out.rglob("*.jpg"))) == 9  # 3 classes x 3 splits, none left of before

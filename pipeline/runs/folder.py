@@ -134,17 +134,21 @@ def _inside(folder: Path, name: str) -> Path:
     return path
 
 
-def ensure_free(folder: Path) -> None:
-    """Fail before the fit, not after it: the folder must not hold a run, and must be writable."""
+def is_run_folder(folder: Path) -> bool:
+    """A run, or what an interrupted save left of one: it holds run.json, or only files a run folder holds."""
     folder = Path(folder)
-    if (folder / RUN_FILE).exists():
-        raise UserError(f"{folder} already holds a run; choose another --out")
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"--out {folder} is a file, expected a folder")
+    return (folder / RUN_FILE).exists() or all(p.name in RUN_FILES and p.is_file() for p in folder.iterdir())
+
+
+def ensure_free(folder: Path, force: bool = False) -> bool:
+    """Fail before the fit, not after it: --out is a new folder, an empty one, or (--force) a run folder, whose
+    run files alone are then replaced (files.ensure_output_folder). True when a run is there to be replaced."""
+    folder = Path(folder)
+    replacing = files.ensure_output_folder(folder, "--out", is_run_folder, "a run", force)
     blocked = [name for name in RUN_FILES if (folder / name).exists() and not (folder / name).is_file()]
     if blocked:
         raise UserError(f"--out {folder} holds {blocked[0]}, which is not a file: remove it or choose another --out")
-    files.ensure_writable_dir(folder if folder.exists() else folder.parent, "--out")
+    return replacing
 
 
 class RunWriter:
@@ -154,12 +158,14 @@ class RunWriter:
     full disk), every file of the run written so far is removed, and an OSError becomes one UserError line.
     """
 
-    def __init__(self, folder: Path):
-        self.folder = Path(folder)
+    def __init__(self, folder: Path, force: bool = False):
+        self.folder, self.force = Path(folder), force
         self.head_file: Path | None = None
 
     def __enter__(self) -> "RunWriter":
-        ensure_free(self.folder)
+        if ensure_free(self.folder, self.force):
+            for name in RUN_FILES[::-1]:  # run.json first: never a complete-looking mix of two runs
+                (self.folder / name).unlink(missing_ok=True)
         self.folder.mkdir(parents=True, exist_ok=True)
         return self
 

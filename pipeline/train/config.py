@@ -20,6 +20,7 @@ class TrainConfig:
     features: Path
     head: HeadConfig = field(default_factory=HeadConfig)
     out: Path | None = None
+    force: bool = False  # --out may be a run folder: its run files are replaced (nothing else in it is touched)
     models_dir: Path = Path("models")
     train_split: str = "train"
     val_split: str = "val"

@@ -38,7 +38,7 @@ def train_head(cfg: TrainConfig) -> Run:
     start = time.perf_counter()
     with open_cache(cfg.features) as cache:  # open to the end: a streamed split reads from it
         out = out or cfg.models_dir / _default_name(cfg.features, cfg.head.kind)
-        ensure_free(out)  # before the fit, not after it
+        ensure_free(out, cfg.force)  # before the fit, not after it
         plan = plan_loading(cfg, cache)
         cfg = _with_weights(cfg, cache.header)
         if "device" in HEADS[cfg.head.kind].fixed and cfg.head.device != "auto":
@@ -61,18 +61,18 @@ def train_head(cfg: TrainConfig) -> Run:
         _warn_of_copies_across_splits(cfg, cache)
         arrays = reference.compute(d.X_train, d.y_train, d.X_val, proba_val.max(1), len(names))
         fields = _record_fields(cfg, cache.header, choice, head, (start, loaded, fitted, time.perf_counter()))
-    run = _save(out, head, fields, metrics, wrong, arrays, cache.header.source.root)
+    run = _save(out, head, fields, metrics, wrong, arrays, cache.header.source.root, cfg.force)
     if cfg.track:
         log.info("tracked in %s", tracking.track(cfg.track, run))
     return run
 
 
 def _save(out: Path, head, fields: dict, metrics: dict, wrong: list[mistakes.Mistake], arrays: dict | None,
-          image_root: str | None) -> Run:
+          image_root: str | None, force: bool = False) -> Run:
     """The run folder: the head, metrics and reports, the mistakes, the reference, the pictures and page, run.json."""
     note = selection_note(len(fields["sweep"]), metrics)
     start = time.perf_counter()
-    with RunWriter(out) as writer:
+    with RunWriter(out, force) as writer:
         writer.write_head(head)
         writer.write_metrics(metrics, note)
         writer.write_mistakes(wrong)

@@ -111,6 +111,40 @@ def test_run_json_says_where_the_time_went_and_reads_back_without_the_newer_timi
     assert load_run(run.folder).record.timings.score_seconds is None
 
 
+def test_an_out_folder_of_the_users_files_is_refused_and_left_as_it_was(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    for name, text in (("report.html", "my page"), ("errors.csv", "my sheet"), ("notes.txt", "mine")):
+        (out / name).write_text(text)
+    result = invoke("train-head", feature_file(tmp_path / "f.h5"), "--out", out)
+    assert result.exit_code == 2 and result.output.strip() == (
+        f"error: --out {out} is not empty and holds no run (errors.csv, notes.txt, report.html): choose a new or "
+        "empty folder"), result.output
+    assert {p.name: p.read_text() for p in out.iterdir()} == {"report.html": "my page", "errors.csv": "my sheet",
+                                                               "notes.txt": "mine"}
+
+
+def test_force_replaces_a_runs_files_and_nothing_else_of_the_folder(tmp_path):
+    f = feature_file(tmp_path / "f.h5")
+    first = train_head(TrainConfig(features=f, out=tmp_path / "run", head=HeadConfig(C=1.0)))
+    (first.folder / "notes.txt").write_text("mine")
+    again = invoke("train-head", f, "--out", first.folder, "--C", "0.01")
+    assert again.exit_code == 2 and "already holds a run: choose another --out, or --force" in again.output
+    replaced = invoke("train-head", f, "--out", first.folder, "--C", "0.01", "--force")
+    assert replaced.exit_code == 0, replaced.output
+    assert load_run(first.folder).record.head.params["C"] == 0.01 and (first.folder / "notes.txt").read_text() == "mine"
+
+
+def test_an_empty_folder_and_an_interrupted_runs_leftovers_are_fine_outs(tmp_path):
+    f = feature_file(tmp_path / "f.h5")
+    (tmp_path / "empty").mkdir()
+    assert invoke("train-head", f, "--out", tmp_path / "empty").exit_code == 0
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "head.npz").write_bytes(b"half")  # a save killed before run.json
+    assert "already holds a run" in invoke("train-head", f, "--out", tmp_path / "cut").output
+    assert invoke("train-head", f, "--out", tmp_path / "cut", "--force").exit_code == 0
+
+
 def test_run_and_class_names_that_are_not_utf8(tmp_path):
     import os
 
@@ -129,7 +163,7 @@ def test_an_out_folder_holding_a_folder_named_like_a_run_file_is_refused_before_
     (tmp_path / "run" / "head.npz").mkdir(parents=True)
     monkeypatch.setattr("pipeline.train.runner.sweep", lambda *a: pytest.fail("the head was fitted"))
     result = invoke("train-head", f, "--out", tmp_path / "run")
-    assert result.exit_code == 2 and "holds head.npz, which is not a file" in result.output, result.output
+    assert result.exit_code == 2 and "is not empty and holds no run (head.npz)" in result.output, result.output
 
 
 def test_a_failed_save_leaves_no_half_written_run(tmp_path, monkeypatch):
