@@ -32,11 +32,12 @@ class Run(folder.Run):
     image files: what `load_run` and `train_head` return."""
 
     def predict_images(self, paths, top_k: int = 3, **options) -> list[dict]:
-        """`predict` on image files or folders (options: weights, batch_size, workers, device, precision): one row
-        per image, as the CSV has them (`proba` holds every class's probability)."""
+        """`predict` on an image file or folder, or a list of them (options: weights, batch_size, workers, device,
+        precision): one row per image, as the CSV has them (`proba` holds every class's probability)."""
         from pipeline.serve.config import PredictConfig
         from pipeline.serve.predict import predict
 
+        paths = [paths] if isinstance(paths, (str, Path)) else list(paths)  # a str is one path, not its characters
         return predict(PredictConfig(run=self.folder, images=tuple(map(Path, paths)), top_k=top_k, **options),
                        quiet=True)
 

@@ -34,7 +34,7 @@ def train_head(cfg: TrainConfig) -> Run:
     if cfg.track:
         from pipeline.train import tracking
 
-        tracking.load_mlflow()  # a missing extra is said now, not after the fit
+        tracking.check_store()  # a missing extra or a store that cannot work is said now, not after the fit
     start = time.perf_counter()
     with open_cache(cfg.features) as cache:  # open to the end: a streamed split reads from it
         out = out or cfg.models_dir / _default_name(cfg.features, cfg.head.kind)

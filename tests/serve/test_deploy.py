@@ -288,6 +288,28 @@ def test_the_api_gives_what_the_cli_gives(tmp_path):
     np.testing.assert_array_equal(run.predict_features(X), cli_run.predict_features(X))
 
 
+def test_predict_images_takes_one_path_as_a_string(runs):
+    data, made = runs
+    path = sorted((data / "test").rglob("*.jpg"))[0]
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "proba"} for r in rows]
+    assert strip(made["logreg"].predict_images(str(path))) == strip(made["logreg"].predict_images([path]))
+    assert len(made["logreg"].predict_images(str(data / "test"))) == len(list((data / "test").rglob("*.jpg")))
+
+
+def test_the_public_names_stay_functions_whatever_is_imported():
+    """No submodule shadows a name of `pipeline` (importing `pipeline.extract` once rebound it to a module)."""
+    code = ("import importlib, inspect, pkgutil, pipeline\n"
+            "names = {n: getattr(pipeline, n) for n in pipeline.__all__}\n"
+            "for m in pkgutil.walk_packages(pipeline.__path__, 'pipeline.'):\n"
+            "    if m.name != 'pipeline.__main__':\n"
+            "        importlib.import_module(m.name)\n"
+            "from pipeline import extract\n"
+            "bad = [n for n in pipeline.__all__ if inspect.ismodule(getattr(pipeline, n)) or getattr(pipeline, n) is not names[n]]\n"
+            "print(bad, inspect.isfunction(extract))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.stdout.strip() == "[] True", done.stderr[-2000:]
+
+
 SCRIPT = Path(__file__).resolve().parents[2] / "docs" / "score_with_onnxruntime.py"
 
 

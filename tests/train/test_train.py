@@ -3,6 +3,7 @@ itself: tests/runs/)."""
 
 import csv
 import json
+import re
 
 import h5py
 import pytest
@@ -203,3 +204,50 @@ def test_track_without_the_extra_says_how_to_install_it_before_the_fit(tmp_path,
     with pytest.raises(UserError, match=r"--track mlflow needs MLflow: pip install -e '\.\[track\]'"):
         train_head(TrainConfig(features=feature_file(tmp_path / "f.h5"), out=tmp_path / "run", track="mlflow"))
     assert not (tmp_path / "run").exists()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("uri, says", [
+    ("sqlite:///{tmp}/x.db", "is a database store, which needs the full mlflow package (pip install mlflow)"),
+    ("http://127.0.0.1:{port}/", "the tracking server does not answer"),
+    ("ftp://host/store", "'ftp' is not a store MLflow knows"),
+], ids=["sqlite", "server-down", "unknown-scheme"])
+def test_a_tracking_store_that_cannot_work_is_one_line_before_the_fit(tmp_path, monkeypatch, uri, says):
+    pytest.importorskip("mlflow")
+    try:
+        import sqlalchemy  # noqa: F401
+        if uri.startswith("sqlite"):
+            pytest.skip("the full mlflow package is installed here: sqlite stores work")
+    except ImportError:
+        pass
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri.format(tmp=tmp_path, port=_free_port()))
+    monkeypatch.setattr("pipeline.train.runner.sweep", lambda *a: pytest.fail("the head was fitted"))
+    with pytest.raises(UserError, match=f"^MLFLOW_TRACKING_URI .*{re.escape(says)}"):
+        train_head(TrainConfig(features=feature_file(tmp_path / "f.h5"), out=tmp_path / "run", track="mlflow"))
+
+
+def test_a_file_store_uri_logs_there(tmp_path, monkeypatch):
+    mlflow = pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file://{tmp_path}/store")
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    run = train_head(TrainConfig(features=feature_file(tmp_path / "f.h5"), out=tmp_path / "run", track="mlflow"))
+    client = mlflow.tracking.MlflowClient(f"file://{tmp_path}/store")
+    logged = client.search_runs([client.get_experiment_by_name("vggcache").experiment_id])[0]
+    assert logged.data.params["chosen.C"] == f"{run.record.head.chosen['C']:g}"
+
+
+def test_a_failure_while_logging_is_one_line_and_the_run_stays_saved(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr("pipeline.train.tracking._log", lambda run: (_ for _ in ()).throw(RuntimeError("quota\nmore")))
+    with pytest.raises(UserError, match=r"^--track mlflow: logging to file:\./mlruns failed \(quota\); the run is saved in"):
+        train_head(TrainConfig(features=feature_file(tmp_path / "f.h5"), out=tmp_path / "run", track="mlflow"))
+    assert (tmp_path / "run" / "run.json").is_file()
