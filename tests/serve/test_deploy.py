@@ -318,7 +318,7 @@ def test_the_docs_onnxruntime_example_scores_a_folder_as_predict_does(runs, tmp_
     data, made = runs
     run = made["logreg"]
     page = (SCRIPT.parent / "production.md").read_text()
-    assert SCRIPT.read_text().split('"""\n', 2)[2] in page  # the docs show the file as it is
+    assert SCRIPT.read_text().split('"""\n', 1)[1] in page  # the docs show the file as it is
     out = tmp_path / "m.onnx"
     assert CliRunner().invoke(app, ["export", str(run.folder), "--out", str(out)]).exit_code == 0
     done = subprocess.run([sys.executable, "-S", "-c", f"import sys; sys.path = [p for p in sys.path if 'pipeline' not in p]; "
@@ -332,3 +332,41 @@ def test_the_docs_onnxruntime_example_scores_a_folder_as_predict_does(runs, tmp_
     assert len(lines) == len(expected) == 9
     for path, predicted, probability in lines:
         assert predicted == expected[path]["predicted"] and abs(float(probability) - float(expected[path]["probability"])) < 1e-3
+
+
+def _images_of_every_mode(folder: Path) -> list[Path]:
+    """One image per mode the project reads, with content that clipping or a wrong conversion would change."""
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 65535, 40 * 56).reshape(40, 56)
+    made = {"sixteen.png": Image.fromarray(ramp.astype(np.uint16)),  # I;16: Pillow's convert("RGB") clips at 255
+            "int32.tif": Image.fromarray((ramp * 3).astype(np.int32)),  # I: over 65535 too
+            "float.tif": Image.fromarray((ramp / 9e3 - 2).astype(np.float32)),  # F: negative and above 1
+            "gray.jpg": Image.fromarray(rng.integers(0, 255, (40, 56), dtype=np.uint8)),
+            "rgba.png": Image.fromarray(rng.integers(0, 255, (40, 56, 4), dtype=np.uint8), "RGBA"),
+            "cmyk.jpg": Image.fromarray(rng.integers(0, 255, (40, 56, 4), dtype=np.uint8), "CMYK"),
+            "bits.bmp": Image.fromarray(rng.integers(0, 2, (40, 56), dtype=np.uint8) * 255).convert("1")}
+    palette = Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).convert("P")
+    palette.info["transparency"] = 3
+    made["palette.png"] = palette
+    paths = []
+    for name, image in made.items():
+        image.save(folder / name, **({"transparency": 3} if name == "palette.png" else {}))
+        paths.append(folder / name)
+    turned = Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8))
+    exif = turned.getexif()
+    exif[0x0112] = 6  # rotated 90 degrees: both must turn it upright
+    turned.save(folder / "turned.jpg", exif=exif)
+    return [*paths, folder / "turned.jpg"]
+
+
+def test_the_docs_snippet_preprocesses_every_image_mode_as_the_package_does(runs, tmp_path):
+    """16-bit and float images are rescaled by both (Pillow alone clips them: up to 99 levels apart before)."""
+    import runpy
+
+    snippet = runpy.run_path(str(SCRIPT), run_name="snippet")
+    data, made = runs
+    fcfg = made["logreg"].feature_config
+    for path in _images_of_every_mode(tmp_path):
+        ours = api.preprocess(path, made["logreg"]).numpy()
+        theirs = snippet["preprocess"](path, fcfg.resize_size, fcfg.image_size)
+        assert theirs.shape == ours.shape and np.array_equal(theirs, ours), path.name
