@@ -27,3 +27,21 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TB"
+
+
+# A spreadsheet evaluates a cell that starts with one of these as a formula (OWASP, "CSV Injection")
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value):
+    """A value as a CSV cell a spreadsheet shows as text: text that starts like a formula gets a leading `'`
+    (OWASP's advice; the spreadsheet hides the quote), and so does text that starts with `'`, so that
+    `from_csv_cell` gives every name back exactly. Numbers are left alone."""
+    if isinstance(value, str) and value.startswith((*FORMULA_STARTS, "'")):
+        return "'" + value
+    return value
+
+
+def from_csv_cell(cell: str) -> str:
+    """The text that csv_cell wrote as `cell`."""
+    return cell[1:] if cell.startswith("'") else cell

@@ -160,6 +160,22 @@ def test_predict_writes_a_name_that_is_not_utf8_as_its_bytes(made, tmp_path):
     assert stdout.exit_code == 0 and odd in stdout.stdout_bytes
 
 
+def test_predict_writes_a_name_that_looks_like_a_formula_as_text(made, tmp_path, monkeypatch):
+    """OWASP's CSV injection advice: a cell a spreadsheet would evaluate starts with a quote it hides."""
+    import csv
+
+    image = next((made["images"] / "train/circle").iterdir()).read_bytes()
+    names = ("=HYPERLINK(1).jpg", "@SUM(A1).jpg", "-2+3.jpg", "'quoted.jpg", "plain.jpg")
+    for name in names:
+        (tmp_path / name).write_bytes(image)
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["predict", str(made["run"]), "--out", "p.csv", "--", *names])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(open(tmp_path / "p.csv", encoding="utf-8", newline="")))
+    assert sorted(r["path"] for r in rows) == ["''quoted.jpg", "'-2+3.jpg", "'=HYPERLINK(1).jpg", "'@SUM(A1).jpg",
+                                              "plain.jpg"]
+
+
 COMMANDS = ["extract", "info", "train-head", "evaluate", "predict", "report", "export", "serve", "runs", "audit",
             "projection", "map", "make-demo-data"]  # every command of 0.1.0 (map: projection's old name), in order
 

@@ -22,7 +22,7 @@ from pipeline.cache.store import Cache, open_cache
 from pipeline.cache.summary import copies, pairs_per_splits
 from pipeline.look.config import AuditConfig
 from pipeline.look.neighbours import similar_pairs_and_neighbours
-from pipeline.text import printable
+from pipeline.text import csv_cell, printable
 
 
 @dataclass(frozen=True)
@@ -141,9 +141,11 @@ def write_csv(report: AuditReport, path: Path) -> Path:
         w = csv.writer(f)
         w.writerow(CSV_HEADER)
         for p in report.exact + report.near:
-            w.writerow((p.kind, f"{p.similarity:.4f}", p.a.split, p.a.path, p.a.label, p.b.split, p.b.path, p.b.label))
+            w.writerow((p.kind, f"{p.similarity:.4f}", *map(csv_cell, (p.a.split, p.a.path, p.a.label, p.b.split,
+                                                                     p.b.path, p.b.label))))
         for s in report.suspects:
-            w.writerow(("mislabel?", f"{s.similarity:.4f}", s.entry.split, s.entry.path, s.entry.label, "", "", s.suggested))
+            w.writerow(("mislabel?", f"{s.similarity:.4f}", *map(csv_cell, (s.entry.split, s.entry.path, s.entry.label,
+                                                                         "", "", s.suggested))))
     return Path(path)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import UserError
+from pipeline.text import csv_cell, from_csv_cell
 
 ERRORS_CSV = "errors.csv"
 HEADER = ("split", "path", "true", "predicted", "probability")
@@ -39,7 +40,8 @@ def write_csv(folder: Path, found: list[Mistake]) -> None:
     with open(Path(folder) / ERRORS_CSV, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
         w = csv.writer(f)
         w.writerow(HEADER)
-        w.writerows((m.split, m.path, m.true, m.predicted, f"{m.probability:.4f}") for m in found)
+        w.writerows((m.split, csv_cell(m.path), csv_cell(m.true), csv_cell(m.predicted), f"{m.probability:.4f}")
+                    for m in found)
 
 
 def read_csv(folder: Path) -> list[Mistake]:
@@ -49,7 +51,8 @@ def read_csv(folder: Path) -> list[Mistake]:
         return []
     try:
         with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
-            return [Mistake(r["split"], r["path"], r["true"], r["predicted"], float(r["probability"]))
+            return [Mistake(r["split"], from_csv_cell(r["path"]), from_csv_cell(r["true"]), from_csv_cell(r["predicted"]),
+                            float(r["probability"]))
                     for r in csv.DictReader(f)]
     except (KeyError, ValueError, csv.Error) as e:
         raise UserError(f"{path} is damaged ({e}); retrain the run") from None

@@ -19,6 +19,7 @@ from pipeline.look import drift
 from pipeline.runs import reference
 from pipeline.runs.folder import Run, load_run
 from pipeline.serve.config import PredictConfig
+from pipeline.text import csv_cell
 
 log = logging.getLogger(__name__)
 
@@ -179,4 +180,4 @@ def write_csv(rows: list[dict], out: Path | None) -> None:
 def _write_rows(f, rows: list[dict]) -> None:
     writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({k: csv_cell(v) for k, v in row.items()} for row in rows)

@@ -18,7 +18,7 @@ from pipeline.cache.summary import describe_copies
 from pipeline.cache.writer import write_atomic
 from pipeline.extraction.runner import extract
 from pipeline.heads.config import HeadConfig
-from pipeline.look.audit import CSV_HEADER, audit, summary
+from pipeline.look.audit import CSV_HEADER, AuditReport, Entry, Pair, Suspect, audit, summary, write_csv
 from pipeline.look.config import AuditConfig
 from pipeline.look.neighbours import similar_pairs_and_neighbours
 from pipeline.train.config import TrainConfig
@@ -73,6 +73,17 @@ def test_the_csv_lists_every_finding(planted, tmp_path):
         rows = list(csv.DictReader(f))
     assert tuple(rows[0]) == CSV_HEADER
     assert [r["kind"] for r in rows] == ["exact"] * 2 + ["near"] + ["mislabel?"] * len(report.suspects)
+
+
+def test_the_csv_quotes_text_a_spreadsheet_would_evaluate(tmp_path):
+    a, b = Entry("train", "=cmd|' /C calc'!A0.jpg", "+cats"), Entry("val", "@b.jpg", "-dogs")
+    report = AuditReport(rows=2, threshold=0.95, neighbours=5, near=[Pair("near", -0.5, a, b)],
+                         suspects=[Suspect(a, "-dogs", 0.9)])
+    write_csv(report, tmp_path / "a.csv")
+    with open(tmp_path / "a.csv", newline="") as f:
+        rows = list(csv.reader(f))[1:]
+    assert rows == [["near", "-0.5000", "train", "'=cmd|' /C calc'!A0.jpg", "'+cats", "val", "'@b.jpg", "'-dogs"],
+                    ["mislabel?", "0.9000", "train", "'=cmd|' /C calc'!A0.jpg", "'+cats", "", "", "'-dogs"]]
 
 
 @pytest.mark.parametrize("screen_bf16", [False, True], ids=["float32", "bf16-screened"])

@@ -108,6 +108,14 @@ def test_no_mistakes_is_still_a_sheet(tmp_path):
     assert (tmp_path / ERRORS_CSV).read_text().splitlines() == ["split,path,true,predicted,probability"]
 
 
+def test_errors_csv_quotes_formulas_and_reads_every_name_back(tmp_path):
+    found = [Mistake("val", "=1+1.jpg", "@home", "-minus", 0.9), Mistake("test", "'quoted.jpg", "'a", "plain", 0.8)]
+    write_csv(tmp_path, found)
+    assert (tmp_path / ERRORS_CSV).read_text().splitlines()[1:] == ["val,'=1+1.jpg,'@home,'-minus,0.9000",
+                                                                    "test,''quoted.jpg,''a,plain,0.8000"]
+    assert read_csv(tmp_path) == found
+
+
 @pytest.mark.parametrize("method", ["pca", "tsne"])
 def test_the_projection_is_a_png_with_the_runs_mistakes_ringed(trained, tmp_path, method):
     _, cache, run = trained
