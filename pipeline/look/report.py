@@ -22,7 +22,8 @@ from pipeline.runs.record import describe_chosen
 STYLE = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 24px auto; max-width: 1100px; padding: 0 16px; color: #222; }
 h1 { font-size: 20px; word-break: break-all; } h2 { font-size: 16px; margin-top: 28px; }
-table { border-collapse: collapse; margin: 8px 0; } td, th { border: 1px solid #ddd; padding: 3px 8px; text-align: left; }
+table { border-collapse: collapse; margin: 8px 0; max-width: 100%; }
+td, th { border: 1px solid #ddd; padding: 3px 8px; text-align: left; overflow-wrap: anywhere; }  /* long names wrap */
 th { background: #f4f4f4; } td.n { text-align: right; font-variant-numeric: tabular-nums; }
 .note { background: #fff3cd; border: 1px solid #e0c36a; padding: 8px 12px; }
 img { max-width: 100%; border: 1px solid #eee; } code { font-size: 12px; word-break: break-all; }

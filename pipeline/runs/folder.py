@@ -208,6 +208,16 @@ class RunWriter:
         return Run(self.folder, record, metrics)
 
 
+def _utf8_text(path: Path) -> str:
+    """A run file's text; a byte that is not UTF-8 is damage (JSON is UTF-8, and this tool writes it as ASCII), not
+    something to replace with U+FFFD and carry into an export."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is damaged: byte 0x{data[e.start]:02x} at offset {e.start} is not UTF-8") from None
+
+
 def load_run(folder: Path) -> Run:
     folder = Path(folder)
     if not folder.is_dir():
@@ -215,9 +225,9 @@ def load_run(folder: Path) -> Run:
     for name in (RUN_FILE, METRICS_FILE):
         if not (folder / name).is_file():
             raise UserError(f"run {folder} is missing {name}")
-    record = RunRecord.from_json((folder / RUN_FILE).read_text(errors="replace"), folder / RUN_FILE)
+    record = RunRecord.from_json(_utf8_text(folder / RUN_FILE), folder / RUN_FILE)
     try:
-        metrics = json.loads((folder / METRICS_FILE).read_text(errors="replace"))
+        metrics = json.loads(_utf8_text(folder / METRICS_FILE))
     except json.JSONDecodeError as e:
         raise UserError(f"{folder / METRICS_FILE} is not valid JSON ({e})") from None
     if not isinstance(metrics, dict) or not all(isinstance(m, dict) for m in metrics.values()):

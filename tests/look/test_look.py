@@ -4,6 +4,7 @@ import csv
 import logging
 import shutil
 import subprocess
+import re
 import sys
 from pathlib import Path
 
@@ -280,6 +281,25 @@ def test_the_report_page_renders_in_a_browser(trained, tmp_path):
     dom, pixels = render(page, tmp_path)
     assert rendered_without_errors(dom) and not_blank(pixels)
     assert run.folder.name in dom and "accuracy" in dom and "data:image/png;base64," in dom
+
+
+@needs_chromium
+def test_a_long_class_name_wraps_on_the_report_page(tmp_path):
+    """A 200-character class name pushed the per-class columns off-screen; it wraps, and the page is no wider than
+    the window (measured by the browser)."""
+    data = make_image_folder(tmp_path / "data", {"train": 4, "val": 3}, size=(40, 36), seed=3)
+    long = "vehicle_" + "x" * 192
+    for split in ("train", "val"):
+        (data / split / "circle").rename(data / split / long)
+    cache = extract(extract_config(data, tmp_path / "f.h5")).out
+    run = train_head(TrainConfig(features=cache, out=tmp_path / "run", head=HeadConfig("logreg", C=0.01)))
+    page = tmp_path / "measured.html"
+    page.write_text((run.folder / "report.html").read_text().replace(
+        "</body>", "<script>document.body.dataset.wide = document.documentElement.scrollWidth + '/' + "
+                   "window.innerWidth;</script></body>"))
+    dom, _ = render(page, tmp_path, size=(1000, 800))
+    wide, window = map(int, re.search(r'data-wide="(\d+)/(\d+)"', dom).groups())
+    assert rendered_without_errors(dom) and long in dom and wide <= window == 1000
 
 
 @needs_chromium

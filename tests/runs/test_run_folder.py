@@ -91,6 +91,20 @@ def test_a_damaged_run_record_is_one_line(tmp_path, edit, message):
     assert result.exit_code == 2 and message in result.output and len(result.output.strip().splitlines()) == 1, result.output
 
 
+@pytest.mark.parametrize("name", ["run.json", "metrics.json"])
+def test_a_byte_that_is_not_utf8_in_a_run_file_is_damage(tmp_path, name):
+    """Read strictly: a class `circ\xe9le` was read as `circ\ufffdle` and carried into the exported model."""
+    run = train_head(TrainConfig(features=feature_file(tmp_path / "f.h5"), out=tmp_path / "run", head=HeadConfig(C=1.0)))
+    path = run.folder / name
+    text = path.read_bytes()
+    at = text.index(b'"', text.index(b":")) + 1  # inside the first string value
+    path.write_bytes(text[:at] + b"\xe9" + text[at:])
+    result = invoke("export", run.folder, "--out", tmp_path / "m.onnx")
+    assert result.exit_code == 2 and result.output.strip() == (f"error: {path} is damaged: byte 0xe9 at offset {at} is "
+                                                               "not UTF-8"), result.output
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_run_json_keeps_the_names_every_vggcache_reads(tmp_path):
     """`patience` in code and on the command line, `n_iter_no_change` in run.json (as ever): a run reads back."""
     run = train_head(TrainConfig(features=feature_file(tmp_path / "f.h5"), out=tmp_path / "run",
