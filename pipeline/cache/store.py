@@ -61,10 +61,19 @@ class Cache:
     def close(self) -> None:
         self._file.close()
 
+    @property
+    def _h5(self) -> h5py.File:
+        """The open file; reading a closed cache says so, as a closed Python file does (h5py would only say
+        'invalid identifier type')."""
+        if not self._file:
+            raise ValueError(f"the cache {self.path} is closed: read it inside `with open_cache(...) as cache:`, or "
+                             "open it again")
+        return self._file
+
     def _group(self, split: str) -> h5py.Group:
         if split not in self.splits:
             raise UserError(f"{self.path} has no split {split!r} (splits: {', '.join(self.splits) or 'none'})")
-        return self._file[split]
+        return self._h5[split]
 
     @property
     def class_names(self) -> list[str]:
@@ -121,7 +130,7 @@ class Cache:
                        np.array([split for split, d in parts for _ in d.paths]), [p for _, d in parts for p in d.paths])
 
     def _transformed(self, split: str, transform, dataset: str = "features") -> np.ndarray:
-        ds = self._file[split][dataset]
+        ds = self._h5[split][dataset]
         n, dim = ds.shape
         chunk_rows = (ds.chunks or ds.shape)[0]
         step = chunk_rows * max(1, POOLING_BYTES // max(1, chunk_rows * dim * 4))
@@ -159,7 +168,7 @@ class Cache:
         what `extract --verify` extracts again."""
         keys = set()
         for split in self.splits:
-            g, paths = self._file[split], None
+            g, paths = self._h5[split], None
             for dataset in (d for d in ("features", "views") if d in g):
                 bad = self._nonfinite_rows(split, dataset)
                 if len(bad):
@@ -169,7 +178,7 @@ class Cache:
         return keys
 
     def _nonfinite_rows(self, split: str, dataset: str) -> np.ndarray:
-        ds = self._file[split][dataset]
+        ds = self._h5[split][dataset]
         step = max(1, (64 << 20) // max(1, ds.shape[1] * ds.dtype.itemsize))
         with self._reading(split):
             bad = [start + np.flatnonzero(~np.isfinite(ds[start:start + step]).all(1))
@@ -203,7 +212,7 @@ class Cache:
         """Every record (rows, then failures, per split) without reading any features."""
         out = []
         for split in self.splits:
-            g = self._file[split]
+            g = self._h5[split]
             with self._reading(split):
                 columns = zip(g["paths"].asstr(errors="surrogateescape")[:], g["labels"][:], g["sizes"][:],
                               g["mtimes_ns"][:], [h.decode("ascii") for h in g["sha256"][:]])
@@ -217,6 +226,7 @@ class Cache:
     @contextlib.contextmanager
     def _reading(self, split: str):
         """Bytes damaged inside a dataset surface as h5py errors of many types: one line instead."""
+        self._h5  # noqa: B018 (a closed cache says so, not that it is damaged)
         try:
             yield
         except (KeyError, OSError, RuntimeError, ValueError, UnicodeDecodeError) as e:

@@ -41,6 +41,17 @@ def test_round_trip(tmp_path):
     assert not (tmp_path / "c.h5.tmp").exists()
 
 
+@pytest.mark.parametrize("read", [lambda c: c.load("train"), lambda c: c.read_paths("train"), lambda c: c.records(),
+                                  lambda c: c.nonfinite_keys()], ids=["load", "paths", "records", "verify"])
+def test_a_closed_cache_says_it_is_closed(tmp_path, read):
+    path = tmp_path / "c.h5"
+    write_example(path)
+    with open_cache(path) as cache:
+        pass
+    with pytest.raises(ValueError, match=f"^the cache {path} is closed: read it inside "):
+        read(cache)
+
+
 def test_plain_h5py_sees_the_documented_schema(tmp_path):
     path = tmp_path / "c.h5"
     write_example(path)
