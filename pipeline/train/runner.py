@@ -14,6 +14,7 @@ from pipeline.backbone.weights import weights_spec
 from pipeline.cache.header import Header
 from pipeline.cache.store import Cache, open_cache
 from pipeline.cache.summary import copies_across_splits
+from pipeline.errors import EXIT_CTRL_C, EXIT_SIGTERM, Interrupted, Terminated
 from pipeline.heads.metrics import classification_metrics
 from pipeline.heads.registry import HEADS, full_proba
 from pipeline.look import pictures
@@ -29,7 +30,28 @@ log = logging.getLogger(__name__)
 
 
 def train_head(cfg: TrainConfig) -> Run:
-    """Fit, choose, score and save one head on a feature cache (opened once); returns the saved run."""
+    """Fit, choose, score and save one head on a feature cache (opened once); returns the saved run. Ctrl-C or
+    SIGTERM ends in one line that says what is saved (errors.Interrupted)."""
+    stage = {"now": "fit", "out": cfg.out}
+    try:
+        return _train_head(cfg, stage)
+    except KeyboardInterrupt as e:
+        code = EXIT_SIGTERM if isinstance(e, Terminated) else EXIT_CTRL_C
+        raise Interrupted(_what_is_saved(cfg, stage), code) from None
+
+
+def _what_is_saved(cfg: TrainConfig, stage: dict) -> str:
+    """The one line of a stopped train-head: the run folder is complete or absent (RunWriter), never half-written."""
+    if stage["now"] == "track":
+        return f"stopped while logging to MLflow: the run is saved in {stage['out']}, not tracked"
+    kept = f"the cache {cfg.features} is unchanged"
+    if stage["now"] == "save":
+        return f"stopped while saving the run: no run saved, its files in {stage['out']} removed; {kept}"
+    where = f"; {stage['out']} is as it was" if stage["out"] and Path(stage["out"]).exists() else ""
+    return f"stopped during the fit, before anything was written: no run saved{where}; {kept}"
+
+
+def _train_head(cfg: TrainConfig, stage: dict) -> Run:
     out = Path(cfg.out) if cfg.out else None
     if cfg.track:
         from pipeline.train import tracking
@@ -37,7 +59,7 @@ def train_head(cfg: TrainConfig) -> Run:
         tracking.check_store()  # a missing extra or a store that cannot work is said now, not after the fit
     start = time.perf_counter()
     with open_cache(cfg.features) as cache:  # open to the end: a streamed split reads from it
-        out = out or cfg.models_dir / _default_name(cfg.features, cfg.head.kind)
+        out = stage["out"] = out or cfg.models_dir / _default_name(cfg.features, cfg.head.kind)
         ensure_free(out, cfg.force)  # before the fit, not after it
         plan = plan_loading(cfg, cache)
         cfg = _with_weights(cfg, cache.header)
@@ -61,7 +83,9 @@ def train_head(cfg: TrainConfig) -> Run:
         _warn_of_copies_across_splits(cfg, cache)
         arrays = reference.compute(d.X_train, d.y_train, d.X_val, proba_val.max(1), len(names))
         fields = _record_fields(cfg, cache.header, choice, head, (start, loaded, fitted, time.perf_counter()))
+    stage["now"] = "save"
     run = _save(out, head, fields, metrics, wrong, arrays, cache.header.source.root, cfg.force)
+    stage["now"] = "track"
     if cfg.track:
         log.info("tracked in %s", tracking.track(cfg.track, run))
     return run

@@ -121,3 +121,39 @@ def test_streaming_peak_memory_does_not_grow_with_rows(tmp_path):
     # 15,000 more rows are 29 MB as float32, and loading them grows the peak by ~55 MB (measured: 846 -> 902 MB);
     # streamed, the peak is one block and a capped held-out set, whatever the rows (measured: 837 -> 839 MB)
     assert after - before < 15, f"peak RSS grew from {before} to {after} MB for 4x the rows"
+
+
+def _has_open(pid: int, path) -> bool:
+    fds = f"/proc/{pid}/fd"
+    try:
+        return any(os.path.realpath(os.path.join(fds, fd)) == str(path.resolve()) for fd in os.listdir(fds))
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new-out", "forced-over-a-run"])
+def test_ctrl_c_of_a_streamed_fit_says_no_run_was_saved_and_leaves_out_as_it_was(tmp_path, existing):
+    import signal
+    import time
+
+    from conftest import interruptible
+
+    f = hard_cache(tmp_path / "f.h5", n=500)
+    out = tmp_path / "run"
+    if existing:
+        train_head(TrainConfig(features=f, out=out, head=HeadConfig(kind="knn", k=3)))
+    before = {p.name: p.read_bytes() for p in out.iterdir()} if existing else None
+    child = subprocess.Popen([sys.executable, "-m", "pipeline", "train-head", str(f), "--head", "linear", "--stream",
+                              "--epochs", "100000", "--patience", "100000", "--weight-decay", "0.01", "--out", str(out),
+                              *(["--force"] if existing else [])],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
+    deadline = time.monotonic() + 120
+    while not _has_open(child.pid, f) and time.monotonic() < deadline:  # the cache open: the fit is under way
+        time.sleep(0.1)
+    time.sleep(1.0)
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=60)
+    where = f"; {out} is as it was" if existing else ""
+    assert child.returncode == 130 and err.strip().splitlines() == [
+        f"stopped during the fit, before anything was written: no run saved{where}; the cache {f} is unchanged"], err
+    assert ({p.name: p.read_bytes() for p in out.iterdir()} == before) if existing else not out.exists()
