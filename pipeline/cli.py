@@ -342,18 +342,20 @@ def runs(models: Path = typer.Argument(Path("models"), help="Folder of run folde
               fmt(r["test_accuracy"]), fmt(r["test_macro_f1"]), fmt(r["val_accuracy"]) + ("*" if r["selection_score"] else ""),
               f"{r['fit_seconds']:.2f}") for r in rows]
     header = ("name", "head", "features", "chosen", "test acc", "test F1", "val acc", "fit s")
-    for line in _fitted_columns(header, table, shutil.get_terminal_size((120, 24)).columns):
+    width = shutil.get_terminal_size((120, 24)).columns if sys.stdout.isatty() else None  # piped: nothing shortened
+    for line in _fitted_columns(header, table, width):
         _echo(line)
     if any(r["selection_score"] for r in rows):
         _echo("* no test split: the validation score chose the run's settings among its candidates, so it is optimistic")
 
 
-def _fitted_columns(header: tuple, table: list[tuple], width: int) -> list[str]:
-    """Left-aligned text columns, numbers right-aligned; the widest text columns are shortened in the middle
-    (`abc...xyz`) until the table fits `width`."""
+def _fitted_columns(header: tuple, table: list[tuple], width: int | None) -> list[str]:
+    """Left-aligned text columns, numbers right-aligned; the features and chosen columns, the widest first, are
+    shortened in the middle (`abc...xyz`) until the table fits `width` (None: never). A run's name is always whole:
+    it is what `evaluate`, `predict` and `export` take."""
     widths = [max(len(str(row[i])) for row in [header, *table]) for i in range(len(header))]
-    texts = [0, 2, 3]  # name, features, chosen: the columns that may be shortened
-    while sum(widths) + 2 * (len(widths) - 1) > width and max(widths[i] for i in texts) > 12:
+    texts = [2, 3]  # features, chosen: the columns that may be shortened
+    while width and sum(widths) + 2 * (len(widths) - 1) > width and max(widths[i] for i in texts) > 12:
         widest = max(texts, key=lambda i: widths[i])
         widths[widest] -= 1
     cell = lambda value, i: shortened_to(str(value), widths[i]).ljust(widths[i]) if i < 4 else str(value).rjust(widths[i])

@@ -117,6 +117,20 @@ def test_runs_table_sorted_by_validation_score(tmp_path):
     assert text.index("strong") < text.index("weak") and "C=1e-06" in text
 
 
+def test_runs_never_shortens_a_run_name_and_shortens_nothing_when_piped(tmp_path):
+    from pipeline.cli import _fitted_columns
+
+    name, features = "vehicles-3f2a9c1b7d4e-logreg-20261204-101500-" + "n" * 60, "vehicles-" + "f" * 70 + ".h5"
+    header = ("name", "head", "features", "chosen", "test acc", "test F1", "val acc", "fit s")
+    row = (name, "logreg", features, "C=0.01,norm=l2", "0.9000", "0.8900", "0.9100", "0.15")
+    narrow = _fitted_columns(header, [row], 100)
+    assert narrow[1].split()[0] == name and features not in narrow[1] and "..." in narrow[1]
+    assert _fitted_columns(header, [row], None)[1].split()[:3] == [name, "logreg", features]
+    f = feature_file(tmp_path / "f.h5")
+    train_head(TrainConfig(features=f, out=tmp_path / "models" / name, head=HeadConfig(C=1.0)))
+    assert invoke("runs", tmp_path / "models").output.splitlines()[1].split()[0] == name  # not a terminal: whole
+
+
 def test_end_to_end_on_tiny_images(image_folder, tmp_path, weights_file):
     out = tmp_path / "f.h5"
     fast = ["--image-size", SIZE, "--batch-size", 8, "--workers", 0]
