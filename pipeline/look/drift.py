@@ -1,10 +1,10 @@
 """Do new images look like the data a head was trained on? (`predict --report`)
 
 The new images are measured as the run's reference measured its validation images (runs/reference.py), and
-compared with them: when their distances to the class centroids, or the head's confidence on them, are distributed
-otherwise (a two-sample Kolmogorov-Smirnov test on the stored histograms), they do not look like the training data.
-Both ways matter: images far from every class (another domain) move the distances up; washed-out images (blur, no
-colour) move them down, towards the mean, and the confidence with them.
+compared with them: when their distances to the training images (each to its 5th nearest), or the head's confidence
+on them, are distributed otherwise (a two-sample Kolmogorov-Smirnov test on the stored histograms), they do not look
+like the training data. Both ways matter: images of another domain move the distances up; a batch of near-copies of
+training images moves them down, and a harder or blurred batch moves the confidence down.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def _ks(reference_hist: np.ndarray, values: np.ndarray, bins: np.ndarray) -> flo
 
 
 def verdict(ref: dict, d_new: np.ndarray, confidence_new: np.ndarray) -> tuple[bool, str]:
-    """(drifted, one line saying why): the new images drift when their distances to the class centroids, or the
+    """(drifted, one line saying why): the new images drift when their distances to the training images, or the
     head's confidence on them, are distributed unlike the validation images' (two-sample Kolmogorov-Smirnov
     distance over both the 1% critical value and MIN_SHIFT, so that a huge batch is not flagged for a tiny shift)."""
     n_val, n_new = int(ref["distance_hist"].sum()), len(d_new)
@@ -46,7 +46,7 @@ def verdict(ref: dict, d_new: np.ndarray, confidence_new: np.ndarray) -> tuple[b
     beyond = float((d_new > ref["distance_q95"]).mean())
     look = "do NOT look like the training data" if drifted else "look like the training data"
     return drifted, (f"{n_new} new images {look}: against the {n_val} validation images, their distance to the "
-                     f"nearest class centroid differs by KS D = {d_dist:.2f}, the head's confidence by D = {d_conf:.2f} "
+                     f"training images differs by KS D = {d_dist:.2f}, the head's confidence by D = {d_conf:.2f} "
                      f"(drift above {limit:.2f}); {beyond:.0%} lie beyond 95% of validation's distances; median "
                      f"confidence {float(np.median(confidence_new)):.2f} (validation {float(ref['confidence_median']):.2f})")
 
@@ -62,13 +62,13 @@ def fewest_images(n_val: int) -> int | None:
 
 
 def figure(ref: dict, d_new: np.ndarray, confidence_new: np.ndarray, title: str):
-    """Distance to the nearest centroid and confidence: validation against the new images, as densities; the
+    """Distance to the training images and confidence: validation against the new images, as densities; the
     verdict above, wrapped; each axis spans the values present."""
     from pipeline.look.plots import pyplot, wrapped
 
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.0), constrained_layout=True)
-    panels = ((axes[0], DISTANCE_BINS, ref["distance_hist"], d_new, "cosine distance to the nearest class centroid"),
+    panels = ((axes[0], DISTANCE_BINS, ref["distance_hist"], d_new, "cosine distance to the 5th nearest training image"),
               (axes[1], CONFIDENCE_BINS, ref["confidence_hist"], confidence_new, "confidence (top probability)"))
     for ax, bins, val_hist, new, xlabel in panels:
         width = np.diff(bins)

@@ -23,8 +23,8 @@ from pipeline.text import csv_cell
 
 log = logging.getLogger(__name__)
 
-# distance_percentile: the image's distance to the nearest class centroid as a percentile of the validation images'
-# (runs/reference.py); unusual: "yes" beyond reference.UNUSUAL_PERCENTILE (empty when the run keeps no ref)
+# distance_percentile: the image's distance to its 5th nearest training image as a percentile of the validation
+# images'; unusual: "yes" beyond the run's conformal threshold (runs/reference.py; both empty: the run keeps no ref)
 COLUMNS = ("path", "predicted", "probability", "top_k", "distance_percentile", "unusual", "error")
 
 
@@ -82,13 +82,13 @@ class Predictor:
         """Probabilities over every class of the run (0 for a class the head never saw), from its input rows."""
         return full_proba(self.head, rows, len(self.class_names))
 
-    def percentiles(self, rows: np.ndarray) -> np.ndarray | None:
-        """How far each row is from every class, as a percentile of the validation images' distances (the
-        `distance_percentile` column; None when the run keeps no reference)."""
+    def far(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """How far each row is from the training data (runs/reference.py): (its distance as a percentile of the
+        validation images', whether it is unusual); None when the run keeps no reference."""
         if self.reference is None:
             return None
-        return reference.percentiles(self.reference, reference.distances(rows, self.reference["mean"],
-                                                                         self.reference["centroids"]))
+        d = reference.distances(self.reference, rows)
+        return reference.percentiles(self.reference, d), reference.unusual(self.reference, d)
 
     def batches(self, paths: list[str], batch_size: int = 32, workers: int = 0):
         """(batch, features) for image files, decoded and preprocessed as extract does."""
@@ -117,14 +117,15 @@ def predict(cfg: PredictConfig, quiet: bool = False) -> list[dict]:
         if ok:
             by_k = dict(zip(ok, predictor.proba(features)))
             if ref is not None:
-                d_new.append(reference.distances(features, ref["mean"], ref["centroids"]))
-                far = dict(zip(ok, reference.percentiles(ref, d_new[-1])))
+                d_new.append(reference.distances(ref, features))
+                far = dict(zip(ok, zip(reference.percentiles(ref, d_new[-1]), reference.unusual(ref, d_new[-1]))))
         rows += [_row(paths[i], by_k.get(k), batch["error"][k], run.class_names, cfg.top_k, far.get(k))
                  for k, i in enumerate(batch["index"].tolist())]
     unusual = sum(r["unusual"] == "yes" for r in rows)
     if unusual:
-        log.warning("%d of %d images are unusual: farther from every class than %g%% of the validation images "
-                    "(column unusual)", unusual, len(rows), reference.UNUSUAL_PERCENTILE)
+        log.warning("%d of %d images are unusual: farther from the training images than the run's threshold, which "
+                    "flags at most %g%% of images like its validation images (column unusual)", unusual, len(rows),
+                    float(ref["alpha"]) * 100)
     if cfg.out or not quiet:
         write_csv(rows, cfg.out)
     if cfg.report:
@@ -153,9 +154,9 @@ def _report(ref: dict, d_new: np.ndarray, rows: list[dict], cfg: PredictConfig, 
     (log.warning if drifted else log.info)("%s (%s)", line, cfg.report_path)
 
 
-def _row(path: str, proba, error: str, names: list[str], k: int, percentile: float | None = None) -> dict:
-    far = {"distance_percentile": "" if percentile is None else f"{percentile:.1f}",
-           "unusual": "" if percentile is None else ("yes" if percentile > reference.UNUSUAL_PERCENTILE else "no")}
+def _row(path: str, proba, error: str, names: list[str], k: int, far: tuple | None = None) -> dict:
+    far = {"distance_percentile": "" if far is None else f"{far[0]:.1f}",
+           "unusual": "" if far is None else ("yes" if far[1] else "no")}
     if proba is None:
         return {"path": path, "predicted": "", "probability": "", "top_k": "", "error": error, "proba": None} | far
     order = np.argsort(-proba, kind="stable")[:k]

@@ -40,7 +40,6 @@ except ImportError:  # the serve extra is missing: serve() says so in one line
     Request = None
 
 from pipeline.errors import UserError
-from pipeline.runs.reference import UNUSUAL_PERCENTILE
 from pipeline.serve.config import ServeConfig
 
 log = logging.getLogger(__name__)
@@ -65,7 +64,7 @@ class _Job:
 
     def __init__(self, images: list, loop, future):
         self.images, self.loop, self.future = images, loop, future
-        self.done, self.parts = 0, []  # images embedded so far; their (proba, percentiles) blocks
+        self.done, self.parts = 0, []  # images embedded so far; their (proba, far) blocks (Predictor.far)
 
     @property
     def left(self) -> int:
@@ -83,7 +82,7 @@ class Batcher:
         threading.Thread(target=self._run, daemon=True, name="vggcache-batcher").start()
 
     async def embed(self, images: list) -> tuple[np.ndarray, np.ndarray | None]:
-        """(probabilities, distance percentiles or None) of `images`, in order."""
+        """(probabilities, (distance percentiles, unusual flags) or None) of `images`, in order."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self.jobs.put(_Job(images, loop, future))
@@ -108,7 +107,8 @@ class Batcher:
             for job in pending:
                 if job.left == 0 and job.parts is not None:
                     proba = np.concatenate([p for p, _ in job.parts])
-                    far = None if job.parts[0][1] is None else np.concatenate([f for _, f in job.parts])
+                    far = None if job.parts[0][1] is None else tuple(
+                        np.concatenate([f[i] for _, f in job.parts]) for i in (0, 1))
                     job.loop.call_soon_threadsafe(_settle, job.future, (proba, far))
             pending = [job for job in pending if job.left]
 
@@ -128,10 +128,10 @@ class Batcher:
 
         images = torch.stack([image for job, n in chunks for image in job.images[job.done:job.done + n]])
         rows = self.predictor.features(images)
-        proba, far = self.predictor.proba(rows), self.predictor.percentiles(rows)
+        proba, far = self.predictor.proba(rows), self.predictor.far(rows)
         start = 0
         for job, n in chunks:
-            job.parts.append((proba[start:start + n], None if far is None else far[start:start + n]))
+            job.parts.append((proba[start:start + n], None if far is None else tuple(f[start:start + n] for f in far)))
             job.done += n
             start += n
 
@@ -208,7 +208,8 @@ def make_app(cfg: ServeConfig):
         except BadImage as e:
             return error(422, f"{e.file} is not an image this server can read ({e.reason})", file=e.file)
         proba, far = await batcher.embed(images)
-        return {"results": [_result(name, p, run.class_names, cfg.top_k, None if far is None else far[i])
+        return {"results": [_result(name, p, run.class_names, cfg.top_k,
+                                    None if far is None else (far[0][i], far[1][i]))
                             for i, ((name, _), p) in enumerate(zip(uploads, proba))]}
 
     return app
@@ -243,12 +244,12 @@ def _client(request) -> str:
     return f"{client.host}:{client.port}" if client else "unknown"
 
 
-def _result(name: str, proba: np.ndarray, names: list[str], k: int, percentile: float | None) -> dict:
+def _result(name: str, proba: np.ndarray, names: list[str], k: int, far: tuple | None) -> dict:
     order = np.argsort(-proba, kind="stable")[:k]
     return {"file": name, "predicted": names[order[0]], "probability": float(proba[order[0]]),
             "top_k": [{"class": names[j], "probability": float(proba[j])} for j in order],
-            "distance_percentile": None if percentile is None else round(float(percentile), 1),
-            "unusual": None if percentile is None else bool(percentile > UNUSUAL_PERCENTILE)}
+            "distance_percentile": None if far is None else round(float(far[0]), 1),
+            "unusual": None if far is None else bool(far[1])}
 
 
 class _LimitedBody:

@@ -2,9 +2,9 @@
 
 import csv
 import logging
+import re
 import shutil
 import subprocess
-import re
 import sys
 from pathlib import Path
 
@@ -146,9 +146,9 @@ def test_drift_verdict_on_the_same_and_on_a_shifted_distribution():
     X = rng.standard_normal((600, 16)) + np.repeat(np.eye(16)[:2] * 4, 300, axis=0)
     y = np.repeat([0, 1], 300)
     ref = reference(X[::2], y[::2], X[1::2], np.full(300, 0.9), 2)
-    same, _ = drift.verdict(ref, distances(X[1::2], ref["mean"], ref["centroids"]), np.full(300, 0.9))
+    same, _ = drift.verdict(ref, distances(ref, X[1::2]), np.full(300, 0.9))
     shifted = rng.standard_normal((300, 16)) + np.eye(16)[5] * 4
-    moved, line = drift.verdict(ref, distances(shifted, ref["mean"], ref["centroids"]), np.full(300, 0.6))
+    moved, line = drift.verdict(ref, distances(ref, shifted), np.full(300, 0.6))
     assert not same and moved and "do NOT look like the training data" in line
 
 
@@ -165,7 +165,7 @@ def test_a_drift_verdict_needs_enough_images_to_decide(n_new, drifted, says):
     y = np.repeat([0, 1], 300)
     ref = reference(X[::2], y[::2], X[1::2], np.full(300, 0.9), 2)
     far = np.full((n_new, 16), 40.0)
-    verdict, line = drift.verdict(ref, distances(far, ref["mean"], ref["centroids"]), np.full(n_new, 0.5))
+    verdict, line = drift.verdict(ref, distances(ref, far), np.full(n_new, 0.5))
     assert verdict == drifted and says in line
 
 
@@ -173,9 +173,9 @@ def test_the_drift_picture_shows_validation_against_the_new_images():
     rng = np.random.default_rng(0)
     X = rng.standard_normal((600, 16)) + np.repeat(np.eye(16)[:2] * 4, 300, axis=0)
     ref = reference(X[::2], np.repeat([0, 1], 150), X[1::2], np.full(300, 0.9), 2)
-    d_new, confidence = distances(rng.standard_normal((20, 16)) * 5, ref["mean"], ref["centroids"]), np.full(20, 0.6)
+    d_new, confidence = distances(ref, rng.standard_normal((20, 16)) * 5), np.full(20, 0.6)
     fig = drift.figure(ref, d_new, confidence, "run: 20 new images do NOT look like the training data")
-    assert [ax.get_xlabel() for ax in fig.axes] == ["cosine distance to the nearest class centroid",
+    assert [ax.get_xlabel() for ax in fig.axes] == ["cosine distance to the 5th nearest training image",
                                                     "confidence (top probability)"]
     assert all(sorted(t.get_text() for t in ax.get_legend().get_texts()) == ["new images", "validation"]
                for ax in fig.axes)

@@ -44,7 +44,7 @@ def _drift():
            "confidence_hist": np.histogram(np.random.default_rng(3).uniform(0.6, 1, 500), CONFIDENCE_BINS)[0],
            "distance_q95": np.array(0.57)}
     line = ("15 new images do NOT look like the training data: against the 153 validation images, their distance to "
-            "the nearest class centroid differs by KS D = 0.52, the head's confidence by D = 0.73 (drift above 0.42); "
+            "the training images differs by KS D = 0.52, the head's confidence by D = 0.73 (drift above 0.42); "
             "47% lie beyond 95% of validation's distances; median confidence 0.73 (validation 0.94)")
     return figure(ref, np.linspace(0.5, 0.9, 15), np.linspace(0.5, 0.9, 15), f"{NAME}: {line}")
 

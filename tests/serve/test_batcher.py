@@ -25,8 +25,8 @@ class SlowPredictor:
     def proba(self, rows):
         return np.concatenate([rows, 1 - rows], 1)
 
-    def percentiles(self, rows):
-        return rows[:, 0] * 10
+    def far(self, rows):
+        return rows[:, 0] * 10, rows[:, 0] > 5
 
 
 def images(tag: int, n: int) -> list:
@@ -60,4 +60,5 @@ def test_a_single_image_is_not_kept_waiting_by_a_large_request():
     arrived = next(k for k, f in enumerate(predictor.forwards) if 2 in f)
     assert arrived <= 4 and all(len(f) <= 8 for f in predictor.forwards)  # in a forward soon after it came
     assert big.shape == (256, 2) and (big[:, 0] == 1).all() and small.tolist() == [[2.0, -1.0]]
-    assert big_far.shape == (256,) and small_far.tolist() == [20.0]
+    assert big_far[0].shape == big_far[1].shape == (256,) and not big_far[1].any()
+    assert small_far[0].tolist() == [20.0] and small_far[1].tolist() == [False]
