@@ -21,12 +21,12 @@ GPUS ?=
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
 
-install: $(STAMP)  ## Make .venv and install the project (editable) with its test, export, serve, track and docs extras
+install: $(STAMP)  ## Make .venv and install the project (editable) with its test, export, serve, track, docs and hub extras
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,export,serve,track,docs]'
+	$(PY) -m pip install --quiet -e '.[test,export,serve,track,docs,hub]'
 	touch $@
 
 demo: $(STAMP)  ## Generate a small dataset and run the whole job on it (offline, ~1 minute on 2 cores)

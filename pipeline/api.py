@@ -103,13 +103,25 @@ def preprocess(image, run: folder.Run | str | Path):
 
 
 def is_demo_folder(root: Path) -> bool:
-    """A folder that holds only what make_demo_data writes: <split>/<shape>/<nnnnn>.jpg."""
+    """A folder that holds only what make_demo_data writes: <split>/<shape>/<nnnnn>.jpg, as real folders and regular
+    files (a link is not followed: what it leads to is not the demo's to delete)."""
+    import os
     import re
 
     from pipeline.synthetic import SHAPES
 
-    pattern = re.compile(rf"(train|val|test)/({'|'.join(SHAPES)})/\d{{5}}\.jpg")
-    return all(pattern.fullmatch(p.relative_to(root).as_posix()) for p in Path(root).rglob("*") if not p.is_dir())
+    split, shape = "(train|val|test)", f"({'|'.join(map(re.escape, SHAPES))})"
+    folder, image = re.compile(rf"{split}(/{shape})?"), re.compile(rf"{split}/{shape}/\d{{5}}\.jpg")
+    for dirpath, dirnames, filenames in os.walk(root):  # links to folders are listed, not entered
+        rel = Path(dirpath).relative_to(root)
+        for name in dirnames:
+            if os.path.islink(os.path.join(dirpath, name)) or not folder.fullmatch((rel / name).as_posix()):
+                return False
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path) or not os.path.isfile(path) or not image.fullmatch((rel / name).as_posix()):
+                return False
+    return True
 
 
 def make_demo_data(out: Path, per_class: dict[str, int], seed: int = 0, force: bool = False) -> Path:

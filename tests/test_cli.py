@@ -193,3 +193,23 @@ def test_make_demo_data_makes_its_folder_again_with_force_only(tmp_path):
     assert again.exit_code == 2 and f"OUT {out} already holds demo data: choose another OUT, or --force" in again.output
     forced = runner.invoke(app, ["make-demo-data", str(out), "--force", "--train", "1", "--val", "1", "--test", "1"])
     assert forced.exit_code == 0 and len(list(out.rglob("*.jpg"))) == 9  # 3 classes x 3 splits, none left of before
+
+
+@pytest.mark.parametrize("odd", ["linked-class-folder", "linked-image", "foreign-folder"])
+def test_make_demo_data_force_never_deletes_what_it_did_not_make(tmp_path, odd):
+    out, elsewhere = tmp_path / "demo", tmp_path / "elsewhere"
+    assert runner.invoke(app, ["make-demo-data", str(out), "--train", "1", "--val", "1", "--test", "1"]).exit_code == 0
+    elsewhere.mkdir()
+    (elsewhere / "00000.jpg").write_bytes(b"mine")
+    if odd == "linked-class-folder":
+        (out / "train" / "circle").rename(tmp_path / "moved")
+        (out / "train" / "circle").symlink_to(elsewhere, target_is_directory=True)
+    elif odd == "linked-image":
+        (out / "val" / "circle" / "00001.jpg").symlink_to(elsewhere / "00000.jpg")
+    else:
+        (out / "train" / "notes").mkdir()
+    before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    forced = runner.invoke(app, ["make-demo-data", str(out), "--force"])
+    assert forced.exit_code == 2 and "is not empty and holds no demo data" in forced.output, forced.output
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before
+    assert (elsewhere / "00000.jpg").read_bytes() == b"mine"

@@ -56,7 +56,8 @@ def _record(run: Run) -> str:
 
 
 def _files(folder: Path) -> str:
-    names = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != REPORT_HTML) if folder.is_dir() else []
+    names = sorted(p.name for p in folder.iterdir()  # hidden files: the save's mark (runs/folder.py: SAVING_MARK)
+             if p.is_file() and p.name != REPORT_HTML and not p.name.startswith(".")) if folder.is_dir() else []
     return "<ul>" + "".join(f'<li><a href="{escaped(name)}">{escaped(name)}</a></li>' for name in names) + "</ul>"
 
 

@@ -47,6 +47,10 @@ RUN_FILE, METRICS_FILE, REPORT_FILE = "run.json", "metrics.json", "report.txt"
 CONFUSION_FILE, SWEEP_FILE, ERRORS_PNG, REPORT_HTML = "confusion_matrix.png", "sweep.png", "errors.png", "report.html"
 RUN_FILES = (HEAD_FILE, METRICS_FILE, REPORT_FILE, CONFUSION_FILE, SWEEP_FILE, mistakes.ERRORS_CSV, ERRORS_PNG,
              reference.REFERENCE_FILE, REPORT_HTML, RUN_FILE)  # every file a run folder holds, run.json last
+# made before a save's first file and removed after run.json: a folder a killed save left is still known as ours
+SAVING_MARK = ".vggcache-saving"
+RUN_MARKS = ("schema_version", "head", "features", "head_sha256")  # fields every run.json has had
+MAX_RECORD_BYTES = 64 << 20
 
 
 @dataclass
@@ -135,9 +139,20 @@ def _inside(folder: Path, name: str) -> Path:
 
 
 def is_run_folder(folder: Path) -> bool:
-    """A run, or what an interrupted save left of one: it holds run.json, or only files a run folder holds."""
+    """A folder train-head made: its run.json is a run record (a JSON object with a run's fields, of any schema
+    version), or it holds SAVING_MARK, what a save killed before run.json leaves. Files that are only named like a
+    run's (a report.html, an errors.csv, a run.json of the user's own) are not enough: they may be the user's."""
     folder = Path(folder)
-    return (folder / RUN_FILE).exists() or all(p.name in RUN_FILES and p.is_file() for p in folder.iterdir())
+    mark, path = folder / SAVING_MARK, folder / RUN_FILE
+    if mark.is_file() and not mark.is_symlink():
+        return True
+    if path.is_symlink() or not path.is_file() or path.stat().st_size > MAX_RECORD_BYTES:
+        return False
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("schema_version"), int) and all(k in data for k in RUN_MARKS)
 
 
 def ensure_free(folder: Path, force: bool = False) -> bool:
@@ -163,16 +178,18 @@ class RunWriter:
         self.head_file: Path | None = None
 
     def __enter__(self) -> "RunWriter":
-        if ensure_free(self.folder, self.force):
+        replacing = ensure_free(self.folder, self.force)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / SAVING_MARK).write_text("a train-head save in progress, or killed: --force replaces it\n")
+        if replacing:
             for name in RUN_FILES[::-1]:  # run.json first: never a complete-looking mix of two runs
                 (self.folder / name).unlink(missing_ok=True)
-        self.folder.mkdir(parents=True, exist_ok=True)
         return self
 
     def __exit__(self, kind, error, traceback) -> None:
         if error is None:
             return
-        for name in RUN_FILES:  # no half-written run left behind
+        for name in (*RUN_FILES, SAVING_MARK):  # no half-written run left behind
             (self.folder / name).unlink(missing_ok=True)
         if isinstance(error, OSError):
             raise UserError(f"cannot write the run into {self.folder} ({error.strerror or error})") from None
@@ -205,6 +222,7 @@ class RunWriter:
     def commit(self, record: RunRecord, metrics: dict) -> "Run":
         """run.json, last: the folder is a complete run from now on."""
         (self.folder / RUN_FILE).write_text(record.to_json())
+        (self.folder / SAVING_MARK).unlink(missing_ok=True)
         return Run(self.folder, record, metrics)
 
 

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.heads.config import HeadConfig
-from pipeline.runs.folder import load_run
+from pipeline.runs.folder import SAVING_MARK, load_run
 from pipeline.train.config import TrainConfig
 from pipeline.train.runner import train_head
 
@@ -154,9 +154,40 @@ def test_an_empty_folder_and_an_interrupted_runs_leftovers_are_fine_outs(tmp_pat
     (tmp_path / "empty").mkdir()
     assert invoke("train-head", f, "--out", tmp_path / "empty").exit_code == 0
     (tmp_path / "cut").mkdir()
-    (tmp_path / "cut" / "head.npz").write_bytes(b"half")  # a save killed before run.json
+    (tmp_path / "cut" / SAVING_MARK).write_text("")  # a save killed before run.json: its mark and a file
+    (tmp_path / "cut" / "head.npz").write_bytes(b"half")
     assert "already holds a run" in invoke("train-head", f, "--out", tmp_path / "cut").output
     assert invoke("train-head", f, "--out", tmp_path / "cut", "--force").exit_code == 0
+    assert sorted(p.name for p in (tmp_path / "cut").iterdir() if p.name.startswith(".")) == []
+
+
+def test_the_saving_mark_stands_until_run_json_is_written(tmp_path, monkeypatch):
+    from pipeline.runs import folder as run_folder
+
+    f = feature_file(tmp_path / "f.h5")
+    seen, commit = [], run_folder.RunWriter.commit
+
+    def watched(self, record, metrics):
+        seen.append(sorted(p.name for p in self.folder.iterdir() if p.name.startswith(".")))
+        return commit(self, record, metrics)
+
+    monkeypatch.setattr(run_folder.RunWriter, "commit", watched)
+    run = train_head(TrainConfig(features=f, out=tmp_path / "run", head=HeadConfig(C=1.0)))
+    assert seen == [[SAVING_MARK]] and not (run.folder / SAVING_MARK).exists()
+
+
+@pytest.mark.parametrize("files", [{"report.html": "<p>mine</p>", "errors.csv": "a,b\n"}, {"run.json": "mine"},
+                                   {"run.json": '{"note": "my own json"}'}], ids=["run-named-files", "text-run-json",
+                                                                                  "foreign-json"])
+def test_force_never_replaces_a_folder_of_files_only_named_like_a_runs(tmp_path, files):
+    f = feature_file(tmp_path / "f.h5")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for name, text in files.items():
+        (mine / name).write_text(text)
+    result = invoke("train-head", f, "--out", mine, "--force")
+    assert result.exit_code == 2 and "is not empty and holds no run" in result.output
+    assert {p.name: p.read_text() for p in mine.iterdir()} == files
 
 
 def test_run_and_class_names_that_are_not_utf8(tmp_path):
