@@ -34,11 +34,15 @@ class Run(folder.Run):
     def predict_images(self, paths, top_k: int = 3, **options) -> list[dict]:
         """`predict` on an image file or folder, or a list of them (options: weights, batch_size, workers, device,
         precision): one row per image, as the CSV has them (`proba` holds every class's probability)."""
+        import os
+
         from pipeline.serve.config import PredictConfig
         from pipeline.serve.predict import predict
 
-        paths = [paths] if isinstance(paths, (str, Path)) else list(paths)  # a str is one path, not its characters
-        return predict(PredictConfig(run=self.folder, images=tuple(map(Path, paths)), top_k=top_k, **options),
+        # a str (or bytes) is one path, not its characters
+        paths = [paths] if isinstance(paths, (str, bytes, os.PathLike)) else list(paths)
+        images = tuple(Path(os.fsdecode(p)) for p in paths)
+        return predict(PredictConfig(run=self.folder, images=images, top_k=top_k, **options),
                        quiet=True)
 
 
@@ -91,14 +95,14 @@ def preprocess(image, run: folder.Run | str | Path):
     from PIL import Image
 
     from pipeline.extraction.reader import preprocess as crop
-    from pipeline.images import open_image, to_rgb
+    from pipeline.images import open_image, read_image_file, to_rgb
 
     fcfg = (run if isinstance(run, folder.Run) else load_run(run)).feature_config
     if isinstance(image, Image.Image):
         from PIL import ImageOps
 
         return crop(to_rgb(ImageOps.exif_transpose(image)), fcfg.resize_size, fcfg.image_size)
-    data = image if isinstance(image, bytes) else Path(image).read_bytes()
+    data = image if isinstance(image, bytes) else read_image_file(image)
     return crop(open_image(data, fcfg.resize_size), fcfg.resize_size, fcfg.image_size)
 
 

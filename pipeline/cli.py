@@ -86,7 +86,7 @@ def _user_errors(command):
 
 def _echo(text: str, err: bool = False) -> None:
     """Print text for a person: a file name that is not UTF-8 shows its odd bytes as \\xNN escapes."""
-    typer.echo(printable(text), err=err)
+    typer.echo(printable(text, lines=True), err=err)
 
 
 @app.command()
@@ -137,7 +137,7 @@ def extract(
     _echo(f"extracted {s.extracted} {'images and views' if s.views else 'images'} in {s.seconds:.1f} s ({s.images_per_s:.1f} images/s through the model), "
           f"reused {s.reused} from the cache, resumed {s.resumed} from an interrupted run; fingerprint {s.fingerprint}")
     for r in s.failed:
-        _echo(f"  failed {r.path}: {r.reason}")
+        _echo(f"  failed {printable(r.path)}: {r.reason}")
     if s.views:
         _echo(f"views        {s.views} augmented views cached beside their images (--augment)")
 
@@ -172,11 +172,11 @@ def info(file: Path = typer.Argument(..., help="A feature cache (.h5)."),
         _echo(f"extraction   {e.device} {e.precision}, {e.images_per_s} images/s")
     _echo(f"copies       {describe_copies(file)}")
     for split, s in sorted(d.splits.items()):
-        per_class = ", ".join(f"{name} {n}" for name, n in s.per_class.items())
+        per_class = ", ".join(f"{printable(name)} {n}" for name, n in s.per_class.items())
         views = f", {s.views} augmented views ({s.views // max(1, s.rows)} per row)" if s.views else ""
         _echo(f"split {split}: {s.rows} rows ({per_class}){views}, {len(s.failed)} failed")
         for r in s.failed:
-            _echo(f"  failed {r.path}: {r.reason}")
+            _echo(f"  failed {printable(r.path)}: {r.reason}")
 
 
 @app.command("train-head")
@@ -338,7 +338,7 @@ def runs(models: Path = typer.Argument(Path("models"), help="Folder of run folde
         typer.echo(json.dumps(rows, indent=2))
         return
     fmt = lambda v: "-" if v is None else f"{v:.4f}"
-    table = [(r["name"], r["head"], r["features"], describe_chosen(r["chosen"]).replace(", ", ","),
+    table = [(printable(r["name"]), r["head"], printable(r["features"]), describe_chosen(r["chosen"]).replace(", ", ","),
               fmt(r["test_accuracy"]), fmt(r["test_macro_f1"]), fmt(r["val_accuracy"]) + ("*" if r["selection_score"] else ""),
               f"{r['fit_seconds']:.2f}") for r in rows]
     header = ("name", "head", "features", "chosen", "test acc", "test F1", "val acc", "fit s")

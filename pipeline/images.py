@@ -5,6 +5,9 @@ the Python API and the pictures of a run.
   Pillow is only asked to try these plugins. Pillow also reads PostScript, EPS and PDF by running Ghostscript on
   the file, a program of whoever wrote it, with no time limit (a 200-byte upload named cat.jpg ran `gs` on the
   server); those, and every other format, are refused without a byte of them being interpreted.
+- **A bound before reading**: only a regular file is read (links followed), opened so that a FIFO or a device
+  never blocks or streams for ever, and only when it is at most `MAX_FILE_BYTES` (256 MB unless the environment's
+  VGGCACHE_MAX_IMAGE_BYTES says otherwise: a 3 GB file of zeros named .jpg was read whole before this).
 - **A bound before decoding**: Pillow's decompression-bomb limit (`Image.MAX_IMAGE_PIXELS`, 89.5 Mpx), an error
   at any size over it (Pillow itself only warns up to twice the limit).
 - **A bound after resizing**: an image whose sides are more than `MAX_ASPECT`:1 apart is refused before it is
@@ -16,6 +19,8 @@ the Python API and the pictures of a run.
 from __future__ import annotations
 
 import io
+import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -26,18 +31,45 @@ RASTER_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP")
 READ_AS = "a JPEG, PNG, BMP, GIF, TIFF or WebP image"
 MAX_ASPECT = 20  # longest side / shortest side of an image that is resized by its short side
 _SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
+MAX_FILE_BYTES = int(os.environ.get("VGGCACHE_MAX_IMAGE_BYTES", str(256 << 20)))
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
 
 class Refused(ValueError):
     """An input that is not read: not an allowed raster format, or a shape whose resizing would cost too much."""
 
 
+def read_image_file(path: str | Path) -> bytes:
+    """The bytes of the image file at `path`: a regular file (links followed) of at most MAX_FILE_BYTES. Raises
+    Refused for anything else, OSError when it cannot be opened. Opened non-blocking, so that a FIFO named cat.jpg
+    is refused at once instead of waiting for a writer for ever."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = next((name for test, name in _KINDS if test(st.st_mode)), "not a file")
+            raise Refused(f"not a regular file ({kind})")
+        if st.st_size > MAX_FILE_BYTES:
+            raise Refused(f"{st.st_size:,} bytes: over the {MAX_FILE_BYTES:,}-byte limit of one image file")
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:  # it grew while being read
+        raise Refused(f"over the {MAX_FILE_BYTES:,}-byte limit of one image file")
+    return data
+
+
 def opened(source: bytes | str | Path):
-    """A lazily opened Pillow image of the allowed formats (only the header read so far), from bytes or a path.
-    Raises Refused for any other format, Pillow's DecompressionBombError for an image over its pixel limit."""
+    """A lazily opened Pillow image of the allowed formats (only the header read so far), from bytes or a path (read
+    by read_image_file). Raises Refused for any other format, Pillow's DecompressionBombError for an image over its
+    pixel limit."""
     from PIL import Image, UnidentifiedImageError
 
-    fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
+    data = source if isinstance(source, (bytes, bytearray, memoryview)) else read_image_file(source)
+    fp = io.BytesIO(data)
     with warnings.catch_warnings():
         # Pillow only warns between 1x and 2x its pixel limit; every image over the limit is a bomb here
         warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -1,16 +1,23 @@
-"""Text for a person: a file name's odd bytes shown as \\xNN (as `ls -b` does), text shortened in the middle to fit,
-sizes in KB, MB, GB."""
+"""Text for a person: a file name's odd bytes and control characters shown as \\xNN (as `ls -b` does), text
+shortened in the middle to fit, sizes in KB, MB, GB."""
 
 from __future__ import annotations
 
+# C0 and C1 control characters, DEL: a name holding ESC [ ... could move a terminal's cursor or retitle its window,
+# and a newline would break a table's line; shown as \xNN, as `ls -b` shows them
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+_CONTROLS_BUT_LINES = {c: shown for c, shown in _CONTROLS.items() if chr(c) not in "\n\t"}
 
-def printable(text: str) -> str:
+
+def printable(text: str, lines: bool = False) -> str:
     """Text for a person: the bytes of a file name that is not UTF-8 (which Python keeps as surrogate escapes)
-    are shown as \\xNN, as `ls -b` would."""
+    and control characters are shown as \\xNN, as `ls -b` would. `lines`: text laid out in lines (a table, a
+    report) keeps its newlines and tabs; the names that go into one are made printable first."""
     try:
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     except UnicodeEncodeError:  # a lone surrogate that no file name produces
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text.translate(_CONTROLS_BUT_LINES if lines else _CONTROLS)
 
 
 def shortened_to(text: str, room: int) -> str:

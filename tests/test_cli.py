@@ -213,3 +213,16 @@ def test_make_demo_data_force_never_deletes_what_it_did_not_make(tmp_path, odd):
     assert forced.exit_code == 2 and "is not empty and holds no demo data" in forced.output, forced.output
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before
     assert (elsewhere / "00000.jpg").read_bytes() == b"mine"
+
+
+def test_info_shows_a_class_and_a_failed_file_with_control_characters_escaped(tmp_path):
+    from pipeline.synthetic import make_image_folder
+
+    data = make_image_folder(tmp_path / "data", {"train": 2, "val": 1}, size=(40, 40))
+    for split in ("train", "val"):
+        os.rename(data / split / "circle", data / split / "ci\x1b[31mrcle")
+    (data / "train" / "checks" / "bad\nname.jpg").write_bytes(b"not an image")
+    extract(extract_config(data, tmp_path / "f.h5"))
+    result = runner.invoke(app, ["info", str(tmp_path / "f.h5")])
+    assert result.exit_code == 0 and "\x1b" not in result.output
+    assert "ci\\x1b[31mrcle 2" in result.output and "  failed train/checks/bad\\x0aname.jpg: not a JPEG" in result.output

@@ -2,11 +2,13 @@
 before and after resizing."""
 
 import io
+import os
 
 import pytest
 from PIL import EpsImagePlugin, Image
 
-from pipeline.images import MAX_ASPECT, Refused, open_image, opened, why_not_read
+from pipeline import images
+from pipeline.images import MAX_ASPECT, Refused, open_image, opened, read_image_file, why_not_read
 
 POSTSCRIPT = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n0 1 150000000 {pop} for\nshowpage\n"
 
@@ -53,3 +55,29 @@ def test_the_shape_bound_is_for_resizing_only():
     """A caller that caps the long side itself (multi-scale views) reads any shape."""
     assert open_image(encoded("PNG", size=(300, 2)), resize_to=64, capped=True).size == (300, 2)
     assert opened(encoded("PNG", size=(300, 2))).size == (300, 2)
+
+
+def test_a_regular_image_file_is_read_whole(tmp_path):
+    (tmp_path / "a.png").write_bytes(encoded("PNG"))
+    assert read_image_file(tmp_path / "a.png") == encoded("PNG")
+
+
+@pytest.mark.parametrize("make, kind", [
+    (lambda p: os.mkfifo(p), "a FIFO"),
+    (lambda p: os.symlink("/dev/zero", p), "a character device"),
+    (lambda p: os.mkdir(p), "a folder"),
+], ids=["fifo", "link-to-dev-zero", "folder"])
+def test_what_is_not_a_regular_file_is_refused_without_blocking_or_reading(tmp_path, make, kind):
+    make(tmp_path / "x.jpg")  # a FIFO with no writer would block an open() for ever; /dev/zero never ends
+    with pytest.raises(Refused) as refused:
+        read_image_file(tmp_path / "x.jpg")
+    assert str(refused.value) == f"not a regular file ({kind})"
+
+
+def test_a_file_over_the_size_limit_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    monkeypatch.setattr(images, "MAX_FILE_BYTES", 1000)
+    with open(tmp_path / "big.jpg", "wb") as f:
+        f.truncate(1001)  # sparse: its size is known without a byte written
+    with pytest.raises(Refused) as refused:
+        read_image_file(tmp_path / "big.jpg")
+    assert str(refused.value) == "1,001 bytes: over the 1,000-byte limit of one image file"

@@ -18,7 +18,7 @@ from torchvision.transforms import functional as TF
 from pipeline.cache.record import unreadable_reason, view_of
 from pipeline.extraction.augment import view_params
 from pipeline.extraction.distributed import quiet_resource_sharer
-from pipeline.images import check_shape, open_image, opened, why_not_read
+from pipeline.images import Refused, check_shape, open_image, opened, read_image_file, why_not_read
 
 
 def preprocess(img: Image.Image, resize_size: int, crop_size: int) -> torch.Tensor:
@@ -31,9 +31,12 @@ def describe_failure(e: Exception, n_bytes: int | None) -> str:
     """A short, deterministic reason a file was not read (images.why_not_read).
 
     `n_bytes` None: the file could not be read at all; `store.unreadable_reason` marks it so, which tells the
-    next run to try it again (a permission or I/O problem can be fixed without changing the file).
+    next run to try it again (a permission or I/O problem can be fixed without changing the file). A file refused
+    before reading (not a regular file, too large: images.read_image_file) is not retried until it changes.
     """
-    return unreadable_reason(e) if n_bytes is None else why_not_read(e, n_bytes)
+    if n_bytes is None:
+        return str(e) if isinstance(e, Refused) else unreadable_reason(e)
+    return why_not_read(e, n_bytes)
 
 
 class ImageFiles(torch.utils.data.Dataset):
@@ -47,8 +50,7 @@ class ImageFiles(torch.utils.data.Dataset):
         return len(self.paths)
 
     def read(self, index: int) -> bytes:
-        with open(self.root / self.paths[index], "rb") as f:
-            return f.read()
+        return read_image_file(self.root / self.paths[index])
 
     def empty(self):
         """What a file that could not be decoded stands for in its batch."""
@@ -79,8 +81,7 @@ class AugmentedImageFiles(ImageFiles):
 
     def read(self, index: int) -> bytes:
         view = view_of(self.paths[index])
-        with open(self.root / (view[0] if view else self.paths[index]), "rb") as f:
-            return f.read()
+        return read_image_file(self.root / (view[0] if view else self.paths[index]))
 
     def decode(self, data: bytes, index: int):
         view = view_of(self.paths[index])
@@ -98,6 +99,26 @@ def augmented_view(img: Image.Image, seed: int, path: str, view: int, size: int)
 
 
 MAX_ASPECT = 4  # multi-scale views: the longer side is at most this many times the scale
+MIN_SIDE = 32  # VGG16's five 2x2 poolings need at least this many pixels a side
+
+
+def scaled_size(width: int, height: int, scale: int) -> tuple[int, int]:
+    """(short, long) sides of an image resized so its short side is `scale` and its long side at most MAX_ASPECT x
+    `scale`, computed as torchvision's resize(max_size=...) does."""
+    short, long = min(width, height), max(width, height)
+    new_short, new_long = scale, int(scale * long / short)
+    if new_long > MAX_ASPECT * scale:
+        new_short, new_long = int(MAX_ASPECT * scale * new_short / new_long), MAX_ASPECT * scale
+    return new_short, new_long
+
+
+def check_scaled(width: int, height: int, scale: int) -> None:
+    """Refuse an image too long and thin for a scale: with its long side capped, its short side would be under
+    MIN_SIDE (a 4000 x 100 panorama at scale 64 would be 256 x 6 px, which VGG16 cannot take)."""
+    short, long = scaled_size(width, height, scale)
+    if short < MIN_SIDE:
+        raise Refused(f"{width}x{height} px: at scale {scale} (its long side capped at {long} px) its short side "
+                      f"would be {short} px, under the {MIN_SIDE} px VGG16 needs")
 
 
 class ScaledImageFiles(ImageFiles):
@@ -112,6 +133,7 @@ class ScaledImageFiles(ImageFiles):
         return []
 
     def decode(self, data: bytes, index: int):
+        check_scaled(*opened(data).size, min(self.scales))  # the smallest scale makes the thinnest view
         img = open_image(data, max(self.scales), capped=True)  # a JPEG draft never below the largest scale
         # the longer side is capped at MAX_ASPECT x the scale: a 2 x 300 px strip must not become 64 x 9600
         return [TF.pil_to_tensor(TF.resize(img, s, interpolation=InterpolationMode.BILINEAR, antialias=True,

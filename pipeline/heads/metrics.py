@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline.text import printable
+
 EPS = np.finfo(np.float64).eps
 
 
@@ -59,12 +61,13 @@ def top_k_accuracy(y_true: np.ndarray, proba: np.ndarray, k: int) -> float:
 
 def format_metrics(m: dict, title: str) -> str:
     """A plain-text report: the headline numbers, then precision/recall/F1/support per class."""
-    width = max([len(name) for name in m["per_class"]] + [9])
+    names = {name: printable(name) for name in m["per_class"]}  # a newline in a class name must not break the table
+    width = max([len(name) for name in names.values()] + [9])
     lines = [f"{title}  (n={m['n']})",
              f"  accuracy {m['accuracy']:.4f}   balanced accuracy {m['balanced_accuracy']:.4f}   "
              f"macro-F1 {m['macro_f1']:.4f}   log loss {m['log_loss']:.4f}"
              + (f"   top-5 {m['top5_accuracy']:.4f}" if "top5_accuracy" in m else ""),
              f"  {'class':<{width}}  precision  recall     f1  support"]
     for name, c in m["per_class"].items():
-        lines.append(f"  {name:<{width}}  {c['precision']:9.3f}  {c['recall']:6.3f}  {c['f1']:5.3f}  {c['support']:7d}")
+        lines.append(f"  {names[name]:<{width}}  {c['precision']:9.3f}  {c['recall']:6.3f}  {c['f1']:5.3f}  {c['support']:7d}")
     return "\n".join(lines)

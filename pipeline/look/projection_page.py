@@ -90,7 +90,7 @@ if (location.hash === "#selftest" && data.points.length) {  // what a person doe
 """
 
 STYLE = """
-body { font: 13px system-ui, sans-serif; margin: 16px; color: #222; } h1 { font-size: 16px; word-break: break-all; }
+body { font: 13px system-ui, sans-serif; margin: 16px; color: #222; } h1 { font-size: 16px; overflow-wrap: anywhere; }
 #wrap { display: flex; gap: 16px; align-items: flex-start; } svg { border: 1px solid #ccc; background: #fff; }
 #side label { display: block; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; max-width: 260px; }
 #side h2 { font-size: 13px; margin: 12px 0 4px; } .dot { display: inline-block; width: 9px; height: 9px; border-radius: 50%; margin-right: 4px; }

@@ -21,7 +21,7 @@ from pipeline.runs.record import describe_chosen
 
 STYLE = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 24px auto; max-width: 1100px; padding: 0 16px; color: #222; }
-h1 { font-size: 20px; word-break: break-all; } h2 { font-size: 16px; margin-top: 28px; }
+h1 { font-size: 20px; overflow-wrap: anywhere; } h2 { font-size: 16px; margin-top: 28px; }
 table { border-collapse: collapse; margin: 8px 0; max-width: 100%; }
 td, th { border: 1px solid #ddd; padding: 3px 8px; text-align: left; overflow-wrap: anywhere; }  /* long names wrap */
 th { background: #f4f4f4; } td.n { text-align: right; font-variant-numeric: tabular-nums; }

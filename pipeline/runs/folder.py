@@ -203,7 +203,7 @@ class RunWriter:
         name = printable(self.folder.name)
         text = "\n\n".join(format_metrics(m, f"{name} on {split}") for split, m in metrics.items())
         text += f"\n\n{note}" if note else ""
-        (self.folder / REPORT_FILE).write_text(printable(text) + "\n", encoding="utf-8")
+        (self.folder / REPORT_FILE).write_text(printable(text, lines=True) + "\n", encoding="utf-8")
 
     def write_mistakes(self, found: list[mistakes.Mistake]) -> None:
         mistakes.write_csv(self.folder, found)

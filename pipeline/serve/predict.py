@@ -29,12 +29,15 @@ COLUMNS = ("path", "predicted", "probability", "top_k", "distance_percentile", "
 
 
 def collect_images(paths: tuple[Path, ...]) -> list[str]:
-    """Files as given; folders searched recursively for image extensions."""
+    """Files as given (whatever they hold: one that is not an image, or not a regular file, gets its error row);
+    folders searched recursively for image extensions."""
+    if not paths:
+        raise UserError("no image paths given (expected image files or folders)")
     found = []
     for p in map(Path, paths):
         if p.is_dir():
-            found += sorted(str(f) for f in p.rglob("*") if f.is_file() and is_image_name(f.name))
-        elif p.is_file():
+            found += sorted(str(f) for f in p.rglob("*") if not f.is_dir() and is_image_name(f.name))
+        elif p.exists():
             found.append(str(p))
         else:
             raise UserError(f"image path not found: {p}")

@@ -17,7 +17,8 @@ One thread runs the model, a forward of at most `batch` images at a time (MAX_BA
 where a forward of 64 takes seconds): a request's images are embedded in such chunks, and every request waiting
 gets its share of each forward (`Batcher`), so a request of hundreds of images delays another client's single image
 by about one forward, not by all of them. Requests that arrive while the model runs join its next forward (no
-waiting added: alone, a request runs at once). It binds 127.0.0.1 by default and has no authentication and no TLS:
+waiting added: alone, a request runs at once). At most DECODE_SLOTS images are decoded at once, all requests
+together, which bounds the memory decoding takes (each image at most Pillow's 89.5 Mpx while it is decoded). It binds 127.0.0.1 by default and has no authentication and no TLS:
 put it behind your proxy for anything else.
 """
 
@@ -50,6 +51,9 @@ log = logging.getLogger(__name__)
 MAX_BATCH = int(os.environ.get("VGGCACHE_SERVE_MAX_BATCH", "64"))
 CPU_BATCH = min(MAX_BATCH, 8)
 MAX_FILES = 4 * 64  # images in one request: a small multiple of a GPU forward
+# images decoded at once, all requests together: each may take up to Pillow's limit (89.5 Mpx, ~270 MB as RGB)
+# while it is decoded, so this bounds the server's decoding memory (~1 GB at 4), whatever the clients send
+DECODE_SLOTS = max(1, min(4, os.cpu_count() or 1))
 CONFIG_ENV = "VGGCACHE_SERVE"  # the server's config, as JSON, for uvicorn's worker processes (--workers N)
 
 
@@ -156,6 +160,18 @@ def decode(name: str, data: bytes, fcfg):
         raise BadImage(name, why_not_read(e, len(data))) from None
 
 
+class Decoder:
+    """Decodes uploads in worker threads, at most `slots` at a time across every request (each thread holds one
+    image, up to Pillow's pixel limit, while it decodes it)."""
+
+    def __init__(self, fcfg, slots: int):
+        self.fcfg, self.slots = fcfg, asyncio.Semaphore(slots)
+
+    async def __call__(self, name: str, data: bytes):
+        async with self.slots:
+            return await asyncio.to_thread(decode, name, data, self.fcfg)
+
+
 def make_app(cfg: ServeConfig):
     """The FastAPI application of one run (loaded here, once)."""
     from fastapi import FastAPI
@@ -173,6 +189,7 @@ def make_app(cfg: ServeConfig):
     app = FastAPI(title=f"vggcache: {run.record.name}", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(_LimitedBody, limit=int(cfg.max_request_mb * (1 << 20)))
     error = lambda status, message, **more: JSONResponse({"error": message, **more}, status_code=status)
+    decoded = Decoder(predictor.fcfg, DECODE_SLOTS)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException):
@@ -204,7 +221,7 @@ def make_app(cfg: ServeConfig):
         if not uploads:
             return error(422, "no file: send one or more image files as multipart/form-data")
         try:
-            images = [await asyncio.to_thread(decode, name, data, predictor.fcfg) for name, data in uploads]
+            images = [await decoded(name, data) for name, data in uploads]
         except BadImage as e:
             return error(422, f"{e.file} is not an image this server can read ({e.reason})", file=e.file)
         proba, far = await batcher.embed(images)

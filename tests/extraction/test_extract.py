@@ -88,6 +88,16 @@ def test_bad_images_are_skipped_and_recorded(image_folder, tmp_path):
     assert np.isfinite(train.features).all()
 
 
+def test_a_fifo_or_a_device_named_like_an_image_is_recorded_not_waited_on(image_folder, tmp_path):
+    os.mkfifo(image_folder / "train/circle/pipe.jpg")  # with no writer, reading it would wait for ever
+    os.symlink("/dev/zero", image_folder / "train/circle/zeros.jpg")  # reading it would never end
+    s = extract(extract_config(image_folder, tmp_path / "f.h5"))
+    assert {r.path: r.reason for r in s.failed} == {"train/circle/pipe.jpg": "not a regular file (a FIFO)",
+                                                    "train/circle/zeros.jpg": "not a regular file (a character device)"}
+    assert s.rows == {"train": 12, "val": 6}
+    assert extract(extract_config(image_folder, tmp_path / "f.h5")).up_to_date  # and the rerun does not wait either
+
+
 def test_rerun_is_a_no_op_without_loading_the_model(image_folder, tmp_path, monkeypatch):
     out = tmp_path / "f.h5"
     extract(extract_config(image_folder, out))
@@ -271,14 +281,16 @@ def unreadable(monkeypatch):
     """Make files unreadable the way chmod 000 does for a non-root user (tests may run as root, which chmod
     cannot stop): opening them raises PermissionError until the returned set is emptied."""
     blocked: set[str] = set()
-    real_open = open
 
-    def guarded_open(file, *args, **kwargs):
-        if os.fspath(file) in blocked:
-            raise PermissionError(13, "Permission denied", os.fspath(file))
-        return real_open(file, *args, **kwargs)
+    def guarded(real_open):
+        def guarded_open(file, *args, **kwargs):
+            if os.fspath(file) in blocked:
+                raise PermissionError(13, "Permission denied", os.fspath(file))
+            return real_open(file, *args, **kwargs)
+        return guarded_open
 
-    monkeypatch.setattr("builtins.open", guarded_open)
+    monkeypatch.setattr("builtins.open", guarded(open))
+    monkeypatch.setattr(os, "open", guarded(os.open))  # how images.read_image_file opens an image
     return blocked
 
 

@@ -62,3 +62,29 @@ def test_a_single_image_is_not_kept_waiting_by_a_large_request():
     assert big.shape == (256, 2) and (big[:, 0] == 1).all() and small.tolist() == [[2.0, -1.0]]
     assert big_far[0].shape == big_far[1].shape == (256,) and not big_far[1].any()
     assert small_far[0].tolist() == [20.0] and small_far[1].tolist() == [False]
+
+
+def test_no_more_images_are_decoded_at_once_than_the_slots_all_requests_together(monkeypatch):
+    from pipeline.serve import server
+
+    busy, most, lock = [0], [0], threading.Lock()
+
+    def slow_decode(name, data, fcfg):
+        with lock:
+            busy[0] += 1
+            most[0] = max(most[0], busy[0])
+        time.sleep(0.02)
+        with lock:
+            busy[0] -= 1
+        return name
+
+    monkeypatch.setattr(server, "decode", slow_decode)
+    decoder = server.Decoder(fcfg=None, slots=3)
+
+    async def requests():
+        async def one_request(r):  # a request decodes its files one after another, as the endpoint does
+            return [await decoder(f"{r}-{i}", b"") for i in range(4)]
+        return await asyncio.gather(*(one_request(r) for r in range(10)))
+
+    got = asyncio.run(requests())
+    assert most[0] == 3 and got[9] == ["9-0", "9-1", "9-2", "9-3"]

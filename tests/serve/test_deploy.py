@@ -25,6 +25,7 @@ from typer.testing import CliRunner
 
 from pipeline import api
 from pipeline.cli import app
+from pipeline.errors import UserError
 from pipeline.extraction.runner import extract
 from pipeline.heads.config import HeadConfig
 from pipeline.synthetic import make_image_folder
@@ -294,6 +295,22 @@ def test_predict_images_takes_one_path_as_a_string(runs):
     strip = lambda rows: [{k: v for k, v in r.items() if k != "proba"} for r in rows]
     assert strip(made["logreg"].predict_images(str(path))) == strip(made["logreg"].predict_images([path]))
     assert len(made["logreg"].predict_images(str(data / "test"))) == len(list((data / "test").rglob("*.jpg")))
+
+
+def test_predict_images_takes_bytes_and_refuses_no_paths_in_one_line(runs, tmp_path):
+    data, made = runs
+    path = sorted((data / "test").rglob("*.jpg"))[0]
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "proba"} for r in rows]
+    assert strip(made["logreg"].predict_images(os.fsencode(path))) == strip(made["logreg"].predict_images([path]))
+    with pytest.raises(UserError, match="^no image paths given"):
+        made["logreg"].predict_images([])
+
+
+def test_predict_gives_a_fifo_its_error_row_at_once(runs, tmp_path):
+    data, made = runs
+    os.mkfifo(tmp_path / "pipe.jpg")
+    rows = made["logreg"].predict_images([tmp_path / "pipe.jpg", sorted((data / "test").rglob("*.jpg"))[0]])
+    assert [r["error"] for r in rows] == ["not a regular file (a FIFO)", ""]
 
 
 def test_the_public_names_stay_functions_whatever_is_imported():

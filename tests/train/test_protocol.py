@@ -322,9 +322,37 @@ def test_a_long_strip_is_capped_at_four_times_the_scale(tmp_path):
 
     from pipeline.extraction.reader import MAX_ASPECT, ScaledImageFiles
 
-    Image.new("RGB", (300, 2), (10, 200, 30)).save(tmp_path / "strip.png")
+    Image.new("RGB", (300, 40), (10, 200, 30)).save(tmp_path / "strip.png")  # 64 x 480, capped to 34 x 256
     item = ScaledImageFiles(tmp_path, ["strip.png"], (64,))[0]
-    assert not item["error"] and max(item["image"][0].shape[1:]) == MAX_ASPECT * 64
+    assert not item["error"] and tuple(item["image"][0].shape[1:]) == (34, MAX_ASPECT * 64)
+
+
+def test_a_strip_too_thin_for_vgg_once_capped_is_a_failed_file(tmp_path):
+    from PIL import Image
+
+    from pipeline.extraction.reader import ScaledImageFiles
+
+    Image.new("RGB", (3000, 100), (10, 200, 30)).save(tmp_path / "panorama.png")  # at 48: 192 x 6 px
+    item = ScaledImageFiles(tmp_path, ["panorama.png"], (64, 48))[0]
+    assert item["error"] == ("3000x100 px: at scale 48 (its long side capped at 192 px) its short side would be 6 px, "
+                             "under the 32 px VGG16 needs")
+
+
+def test_extract_with_scales_records_a_panorama_and_extracts_the_rest(folder, tmp_path):
+    import shutil
+
+    from PIL import Image
+
+    from pipeline.cache.store import open_cache
+
+    data = tmp_path / "data"
+    shutil.copytree(folder, data)
+    Image.new("RGB", (4000, 100), (90, 20, 30)).save(data / "train" / "circle" / "panorama.jpg")
+    out = extract(extract_config(data, tmp_path / "scales.h5", dtype="float32", scales=(48, 64))).out
+    with open_cache(out) as cache:
+        failed = {r.path: r.reason for r in cache.records() if not r.ok}
+        assert list(failed) == ["train/circle/panorama.jpg"] and "4 px, under the 32 px" in failed["train/circle/panorama.jpg"]
+        assert cache.load("train").features.shape[0] == 4 * 3
 
 
 def _overlapping_map_cache(path: Path, n_train: int = 90, n_val: int = 60, classes: int = 3) -> Path:
