@@ -1,11 +1,12 @@
 """vggcache: run a frozen VGG16 body over an image folder once, then train fast heads on the cached features.
 
-The Python API (pipeline/api.py): `open_cache`, `load_run`, `extract`, `train_head`, `preprocess`, loaded on first
+The Python API (pipeline/api.py): `open_cache`, `load_run`, `extract`, `train_head`, `preprocess`, `export_features`,
+`similar`, loaded on first
 use, so that `import pipeline` stays instant and imports no torch.
 """
 
 __version__ = "0.1.0"
-__all__ = ["open_cache", "load_run", "extract", "train_head", "preprocess"]
+__all__ = ["open_cache", "load_run", "extract", "train_head", "preprocess", "export_features", "similar"]
 
 
 def __getattr__(name: str):

@@ -89,6 +89,29 @@ def train_config(features, **options) -> TrainConfig:
     return TrainConfig(features=Path(features), head=head, **train)
 
 
+def export_features(features, out, **options):
+    """`pipeline export-features FEATURES --out DIR [options]`: the cache's rows as Parquet (hub/parquet.py);
+    options by their CLI names (`pool="avg"`, `splits=("train",)`, `part_mb=128`, `force=True`)."""
+    from pipeline.hub.config import ExportConfig
+    from pipeline.hub.parquet import export_features as run_export
+
+    return run_export(ExportConfig(features=Path(features), out=Path(out), **options))
+
+
+def similar(features, queries, **options):
+    """`pipeline similar FEATURES QUERY...`: the nearest cached images to each query (an image file, or a path in
+    the cache), from an index kept beside the cache (hub/similar.py); options by their CLI names (`k=10`,
+    `splits=("train",)`, `out="n.csv"`, `html="n.html"`)."""
+    import os
+
+    from pipeline.hub.config import SimilarConfig
+    from pipeline.hub.similar import similar as run_similar
+
+    queries = [queries] if isinstance(queries, (str, bytes, os.PathLike)) else list(queries)
+    return run_similar(SimilarConfig(features=Path(features), queries=tuple(os.fsdecode(q) for q in queries),
+                                     **options))
+
+
 def preprocess(image, run: folder.Run | str | Path):
     """An image (a path, bytes or a PIL image) as the run's model takes it: decoded, upright, RGB, resized and
     centre-cropped exactly as `extract` does; a uint8 tensor (3, S, S) (what an exported model takes, batched)."""

@@ -22,6 +22,7 @@ from pipeline.errors import Interrupted, UserError
 from pipeline.extraction.config import ExtractConfig
 from pipeline.heads.config import HeadConfig
 from pipeline.heads.registry import HEADS
+from pipeline.hub.config import ExportConfig, SimilarConfig
 from pipeline.look.config import AuditConfig, ProjectionConfig
 from pipeline.serve.config import PredictConfig, ServeConfig
 from pipeline.text import human_bytes, printable, shortened_to
@@ -312,12 +313,15 @@ def serve(run: Path = typer.Argument(..., help="A run folder made by train-head.
           max_request_mb: float = typer.Option(ServeConfig.max_request_mb, help="Largest request body accepted (413 above)."),
           top_k: int = typer.Option(ServeConfig.top_k, help="Classes listed per image."),
           weights: Optional[str] = typer.Option(None, help="The weights file, if the run's has moved (checked by sha256)."),
-          device: str = typer.Option(ServeConfig.device, help="auto, cpu, cuda or mps.")):
-    """Serve a run over HTTP: POST /predict (multipart image files) -> JSON; GET /health, GET /info."""
+          device: str = typer.Option(ServeConfig.device, help="auto, cpu, cuda or mps."),
+          features: Optional[Path] = typer.Option(None, help="The run's feature cache: also answer GET/POST /similar from it.")):
+    """Serve a run over HTTP: POST /predict (multipart image files) -> JSON; GET /health, GET /info; with
+    --features, GET/POST /similar."""
     from pipeline.serve.server import serve as run_serve
 
     run_serve(ServeConfig(run=str(run), host=host, port=port, workers=workers, max_request_mb=max_request_mb,
-                          top_k=top_k, weights=weights, device=device))
+                          top_k=top_k, weights=weights, device=device,
+                          features=None if features is None else str(features)))
 
 
 @app.command()
@@ -379,6 +383,56 @@ def audit(features: Path = typer.Argument(..., help="A feature cache made by `ex
     for line in summary(report):
         _echo(line)
     _echo(f"wrote {cfg.csv_path}")
+
+
+@app.command("export-features")
+@_user_errors
+def export_features(features: Path = typer.Argument(..., help="A feature cache made by `extract`."),
+                    out: Path = typer.Option(..., help="A new or empty folder for the Parquet files."),
+                    pool: Optional[str] = typer.Option(None, help=f"A map cache's rows pooled: {', '.join(HEAD_POOLS)} (default avg)."),
+                    split: Optional[list[str]] = typer.Option(None, help="Only this split (repeat for more; default: all)."),
+                    part_mb: int = typer.Option(ExportConfig.part_mb, help="About this many MB of embeddings per Parquet file."),
+                    force: bool = typer.Option(False, "--force", help="Replace an earlier export in --out.")):
+    """Write the cache's rows as Parquet (path, split, label, class, sha256, embedding as float32), readable by
+    pandas, DuckDB, Spark and Hugging Face datasets without vggcache."""
+    from pipeline.hub.parquet import export_features as run_export
+
+    s = run_export(ExportConfig(features=features, out=out, pool=pool, splits=tuple(split or ()), part_mb=part_mb,
+                                force=force))
+    _echo(f"wrote {s.rows} rows x {s.dim} to {s.out}: {len(s.files)} Parquet files, {human_bytes(s.bytes)}, "
+          f"{s.seconds:.1f} s")
+
+
+@app.command()
+@_user_errors
+def similar(features: Path = typer.Argument(..., help="A feature cache made by `extract`."),
+            queries: list[str] = typer.Argument(..., help="Image files, or paths already in the cache (as `info` lists them)."),
+            k: int = typer.Option(SimilarConfig.k, "--k", help="Neighbours per query."),
+            split: Optional[list[str]] = typer.Option(None, help="Search only this split (repeat for more; default: all)."),
+            pool: Optional[str] = typer.Option(None, help=f"A map cache's rows pooled: {', '.join(HEAD_POOLS)} (default avg)."),
+            out: Optional[Path] = typer.Option(None, help="Write the neighbours as CSV."),
+            html: Optional[Path] = typer.Option(None, help="Write a page of the queries and their neighbours as thumbnails."),
+            index: str = typer.Option(SimilarConfig.index, help="auto (exact up to a measured size, approximate above), exact or approximate."),
+            weights: Optional[str] = typer.Option(None, help="The weights file, if the cache's has moved (checked by sha256)."),
+            device: str = typer.Option(SimilarConfig.device, help="auto, cpu, cuda or mps (to embed image files)."),
+            force: bool = typer.Option(False, "--force", help="Replace --out / --html even if they are not what similar writes.")):
+    """The k nearest cached images to each query, by cosine similarity of the cached features, from an index kept
+    beside the cache."""
+    from pipeline.hub.similar import similar as run_similar
+
+    r = run_similar(SimilarConfig(features=features, queries=tuple(queries), k=k, splits=tuple(split or ()), pool=pool,
+                                  out=out, html=html, index=index, weights=weights, device=device, force=force))
+    for q in r.results:
+        if q.error:
+            _echo(f"{printable(q.query)}: {q.error}")
+            continue
+        _echo(f"{printable(q.query)} ({'in the cache' if q.source == 'cache' else 'image file'}):")
+        width = max(len(printable(n.path)) for n in q.neighbours) if q.neighbours else 0
+        for rank, n in enumerate(q.neighbours, 1):
+            _echo(f"  {rank:>3}  {n.similarity:7.4f}  {printable(n.path):<{width}}  {n.split}  {printable(n.label)}")
+    _echo(f"index: {r.index}; {r.seconds:.2f} s")
+    for path in r.written:
+        _echo(f"wrote {path}")
 
 
 def _projection_options(name: str):

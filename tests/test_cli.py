@@ -177,7 +177,7 @@ def test_predict_writes_a_name_that_looks_like_a_formula_as_text(made, tmp_path,
 
 
 COMMANDS = ["extract", "info", "train-head", "evaluate", "predict", "report", "export", "serve", "runs", "audit",
-            "projection", "map", "make-demo-data"]  # every command of 0.1.0 (map: projection's old name), in order
+            "export-features", "similar", "projection", "map", "make-demo-data"]  # in order (map: projection's old name)
 
 
 def test_help_lists_every_command():

@@ -51,6 +51,7 @@ class ServeConfig:
     top_k: int = 3
     weights: str | None = None  # the weights file, when the run's features came from one and it has moved
     device: str = "auto"
+    features: str | None = None  # the run's feature cache: GET/POST /similar search it (hub/similar.py)
 
     PARAMS = {"port": Interval(int, 1, 65535), "workers": Interval(int, 1, 64), "top_k": Interval(int, 1, 1 << 20),
               "max_request_mb": Interval(float, 0, 4096, open_low=True), "device": OneOf(DEVICES)}
