@@ -155,11 +155,11 @@ def plan_export(cache: Cache, cfg: ExportConfig) -> Plan:
         count = -(-n // part_rows)
         parts += [Part(split, i * part_rows, min(n, (i + 1) * part_rows), i, count,
                        f"{stems[split]}-{i:05d}-of-{count:05d}.parquet") for i in range(count)]
-        if n == 0:
-            log.info("split %s has no rows: no file for it", split)
     if not parts:
         raise UserError(f"{cache.path} has no rows in {', '.join(splits) or 'any split'}: nothing to export "
                         "(failed files have no row; `pipeline info` lists them)")
+    for split in sorted(set(splits) - {p.split for p in parts}):
+        log.info("split %s has no rows: no file for it", split)
     return Plan(tuple(splits), pool, config.pooled_name(pool), dim, block_rows, tuple(parts))
 
 
