@@ -20,6 +20,7 @@ from pipeline import files
 from pipeline.cache.record import Record
 from pipeline.cache.store import Cache, open_cache
 from pipeline.cache.summary import copies, pairs_per_splits
+from pipeline.hub.index import unit_rows
 from pipeline.look.config import AuditConfig
 from pipeline.look.neighbours import similar_pairs_and_neighbours
 from pipeline.text import csv_cell, printable
@@ -93,10 +94,8 @@ def centred_unit_rows(cache: Cache) -> tuple[np.ndarray, list[Entry], np.ndarray
     rows = cache.all_rows()
     X, labels = rows.features, rows.labels
     entries = [Entry(str(s), p, cache.header.class_names[y]) for s, p, y in zip(rows.splits, rows.paths, labels)]
-    if len(X):
-        X -= X.mean(0, keepdims=True)
-    X /= np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
-    return X, entries, labels
+    mean = X.mean(0) if len(X) else np.zeros(X.shape[1], np.float32)
+    return unit_rows(X, mean), entries, labels  # the similarity `similar` ranks by (hub/index.py)
 
 
 def likely_mislabelled(entries: list[Entry], labels: np.ndarray, idx: np.ndarray, sim: np.ndarray,

@@ -6,6 +6,10 @@
                     preprocessing, extractor, rounding, head and reference)
     GET  /health    {"status": "ok"}   (HEAD too, as load balancers probe)
     GET  /info      run name, classes, fingerprint, crop size, head, library versions   (HEAD too)
+    GET  /similar?path=P&k=K   with --features CACHE (the run's cache): the k nearest cached images to the cached
+                    image P (HEAD too); POST /similar?k=K: to one uploaded image (multipart), embedded as /predict
+                    embeds: {"query", "neighbours": [{"path", "split", "class", "similarity"}]} (hub/similar.py's
+                    answer; k at most MAX_K). Without --features: 404, saying so.
 
 Bad input is a 4xx JSON error ({"error": ...}), never a 500: a file that is not an allowed raster image (images.py:
 a PostScript program is refused unread), truncated, empty, over Pillow's decompression-bomb limit or of an extreme
@@ -50,6 +54,7 @@ log = logging.getLogger(__name__)
 # interleaved with the others at a fine grain
 MAX_BATCH = int(os.environ.get("VGGCACHE_SERVE_MAX_BATCH", "64"))
 CPU_BATCH = min(MAX_BATCH, 8)
+MAX_K = 100  # neighbours one /similar request may ask for
 MAX_FILES = 4 * 64  # images in one request: a small multiple of a GPU forward
 # images decoded at once, all requests together: each may take up to Pillow's limit (89.5 Mpx, ~270 MB as RGB)
 # while it is decoded, so this bounds the server's decoding memory (~1 GB at 4), whatever the clients send
@@ -66,9 +71,17 @@ class BadImage(Exception):
 class _Job:
     """A request's decoded images, embedded a share at a time."""
 
-    def __init__(self, images: list, loop, future):
-        self.images, self.loop, self.future = images, loop, future
-        self.done, self.parts = 0, []  # images embedded so far; their (proba, far) blocks (Predictor.far)
+    def __init__(self, images: list, loop, future, rows_only: bool = False):
+        self.images, self.loop, self.future, self.rows_only = images, loop, future, rows_only
+        self.done, self.parts = 0, []  # images embedded so far; their (proba, far, rows) blocks (Predictor.far)
+
+    def result(self):
+        """What the request waits for: its feature rows (rows_only: /similar), else (proba, far)."""
+        if self.rows_only:
+            return np.concatenate([rows for _, _, rows in self.parts])
+        proba = np.concatenate([p for p, _, _ in self.parts])
+        far = None if self.parts[0][1] is None else tuple(np.concatenate([f[i] for _, f, _ in self.parts]) for i in (0, 1))
+        return proba, far
 
     @property
     def left(self) -> int:
@@ -85,11 +98,12 @@ class Batcher:
         self.predictor, self.batch, self.jobs = predictor, max(1, batch), queue.Queue()
         threading.Thread(target=self._run, daemon=True, name="vggcache-batcher").start()
 
-    async def embed(self, images: list) -> tuple[np.ndarray, np.ndarray | None]:
-        """(probabilities, (distance percentiles, unusual flags) or None) of `images`, in order."""
+    async def embed(self, images: list, rows_only: bool = False):
+        """(probabilities, (distance percentiles, unusual flags) or None) of `images`, in order; `rows_only`: their
+        feature rows (the head's inputs) instead."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self.jobs.put(_Job(images, loop, future))
+        self.jobs.put(_Job(images, loop, future, rows_only))
         return await future
 
     def _run(self) -> None:
@@ -110,10 +124,7 @@ class Batcher:
                         job.parts = None
             for job in pending:
                 if job.left == 0 and job.parts is not None:
-                    proba = np.concatenate([p for p, _ in job.parts])
-                    far = None if job.parts[0][1] is None else tuple(
-                        np.concatenate([f[i] for _, f in job.parts]) for i in (0, 1))
-                    job.loop.call_soon_threadsafe(_settle, job.future, (proba, far))
+                    job.loop.call_soon_threadsafe(_settle, job.future, job.result())
             pending = [job for job in pending if job.left]
 
     def shares(self, left: list[int]) -> list[int]:
@@ -135,7 +146,8 @@ class Batcher:
         proba, far = self.predictor.proba(rows), self.predictor.far(rows)
         start = 0
         for job, n in chunks:
-            job.parts.append((proba[start:start + n], None if far is None else tuple(f[start:start + n] for f in far)))
+            job.parts.append((proba[start:start + n], None if far is None else tuple(f[start:start + n] for f in far),
+                              rows[start:start + n]))
             job.done += n
             start += n
 
@@ -190,6 +202,7 @@ def make_app(cfg: ServeConfig):
     app.add_middleware(_LimitedBody, limit=int(cfg.max_request_mb * (1 << 20)))
     error = lambda status, message, **more: JSONResponse({"error": message, **more}, status_code=status)
     decoded = Decoder(predictor.fcfg, DECODE_SLOTS)
+    similar = SimilarRows(cfg.features, predictor) if cfg.features else None
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException):
@@ -229,7 +242,78 @@ def make_app(cfg: ServeConfig):
                                     None if far is None else (far[0][i], far[1][i]))
                             for i, ((name, _), p) in enumerate(zip(uploads, proba))]}
 
+    @app.api_route("/similar", methods=["GET", "HEAD", "POST"])
+    async def similar_images(request: Request):
+        if similar is None:
+            return error(404, "this server answers /similar only when started with --features CACHE (the run's cache)")
+        k = _k(request.query_params.get("k", "10"))
+        if k is None:
+            return error(422, f"k must be a whole number from 1 to {MAX_K}")
+        if request.method in ("GET", "HEAD"):
+            path = request.query_params.get("path")
+            if path is None:
+                return error(422, "GET /similar?path=P: the path of an image in the cache (or POST one image)")
+            row = similar.searcher.row_of.get(path)
+            if row is None:
+                return error(404, f"{path[:300]!r} is not a path in the cache", path=path[:300])
+            return {"query": path, "neighbours": similar.answer(similar.searcher.of_row(row, k))}
+        try:
+            uploads = await _uploads(request)
+        except TooManyFiles:
+            return error(413, f"more than {MAX_FILES} files in one request: POST /similar takes one image")
+        except ClientDisconnect:
+            log.warning("a client (%s) went away during its upload", _client(request))
+            return Response(status_code=400)
+        if len(uploads) != 1:
+            return error(422, f"POST /similar takes one image file as multipart/form-data ({len(uploads)} sent)")
+        name, data = uploads[0]
+        try:
+            image = await decoded(name, data)
+        except BadImage as e:
+            return error(422, f"{e.file} is not an image this server can read ({e.reason})", file=e.file)
+        rows = await batcher.embed([image], rows_only=True)
+        found = await asyncio.to_thread(similar.searcher.of_raw, similar.pooled(rows)[0], k)
+        return {"query": name, "neighbours": similar.answer(found)}
+
     return app
+
+
+def _k(text: str) -> int | None:
+    """k of a /similar request, or None when it is not a whole number from 1 to MAX_K."""
+    return int(text) if text.isdigit() and len(text) <= 4 and 1 <= int(text) <= MAX_K else None
+
+
+class SimilarRows:
+    """The run's cache searched by /similar: refused at start, in one line, unless it holds the run's features;
+    its index (hub/index.py) loaded or built once, searched with one faiss thread (the model has the cores)."""
+
+    def __init__(self, features: str, predictor):
+        from pipeline.cache.store import open_cache
+        from pipeline.hub.index import Selection
+        from pipeline.hub.similar import Searcher
+
+        run = predictor.run
+        with open_cache(Path(features)) as cache:
+            if cache.header.fingerprint != run.fingerprint:
+                raise UserError(f"--features {features} holds features {cache.header.fingerprint}, but the run "
+                                f"{run.record.name} was trained on {run.fingerprint}: give the run's own cache")
+            fcfg = cache.header.feature_config(cache.path)
+            pool = run.record.pool or ("avg" if fcfg.is_map else None)
+            # a run that takes a map as it is (block5) has raw maps for rows: average-pooled here, as the index's
+            self.extra = fcfg.head_pooling("avg") if fcfg.is_map and run.record.pool is None else None
+            self.searcher = Searcher(cache, Selection(pool, ()), threads=1)
+        log.info("/similar searches %s: %s", features, self.searcher.index.describe())
+
+    def pooled(self, rows: np.ndarray) -> np.ndarray:
+        return self.extra(rows) if self.extra else rows
+
+    @staticmethod
+    def answer(neighbours) -> list[dict]:
+        from pipeline.text import printable  # a name's bytes that are not UTF-8 as \xNN: JSON must be valid UTF-8
+
+        return [{"path": printable(n.path), "split": printable(n.split), "class": printable(n.label),
+                 "similarity": round(n.similarity, 6)}
+                for n in neighbours]
 
 
 class TooManyFiles(Exception):
