@@ -71,7 +71,7 @@ def extract(data, **options):
 
 def extract_config(data, views: str = "none", scales: str = "", **options) -> ExtractConfig:
     """The ExtractConfig of CLI-named options (`views`, `scales` as the CLI spells them)."""
-    return ExtractConfig(data=Path(data), flip=flip_option(views), scales=scales_option(scales), **options)
+    return ExtractConfig(data=data, flip=flip_option(views), scales=scales_option(scales), **options)
 
 
 def train_head(features, **options) -> Run:

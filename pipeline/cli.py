@@ -93,7 +93,7 @@ def _echo(text: str, err: bool = False) -> None:
 @app.command()
 @_user_errors
 def extract(
-    data: Path = typer.Argument(..., help="ImageFolder tree (DATA/<split>/<class>/... or DATA/<class>/...) or a CSV manifest path,label[,split]."),
+    data: list[str] = typer.Argument(..., help="ImageFolder tree (DATA/<split>/<class>/... or DATA/<class>/...), a CSV manifest path,label[,split], or WebDataset tar shards: [SPLIT=]PATTERN..., e.g. 'train=shards/train-{000..099}.tar' (local paths, globs, URLs through fsspec)."),
     out: Optional[Path] = typer.Option(None, help="Output file (default: features/<dataset>-<fingerprint>.h5)."),
     weights: str = typer.Option(extract_default("weights"), help="imagenet (torchvision download), none (seeded random init), or a local state-dict file."),
     pool: str = typer.Option(extract_default("pool"), help=", ".join(f"{p.name} ({p.dim(VGG16_CHANNELS)} at 224)" for p in POOLS.values())
@@ -113,6 +113,7 @@ def extract(
     force: bool = typer.Option(False, "--force", help="Rebuild from scratch, replacing any existing file."),
     verify: bool = typer.Option(False, "--verify", help="Hash every file to detect content changes, and retry every failed file."),
     shard: Optional[str] = typer.Option(None, help="I/N: extract part I of N (a job array) into the journal; the last part to finish writes the cache."),
+    label_from: str = typer.Option(extract_default("label_from"), help="Tar shards: a sample's class from its .cls (cls), .txt (txt) or a .json field (json:FIELD); auto: the first of .cls, .json's label, .txt that the first sample has."),
 ):
     """Run the frozen VGG16 body over every image once and cache the pooled features in HDF5.
 
@@ -123,7 +124,7 @@ def extract(
     s = api.extract(data, out=out, weights=weights, pool=pool, image_size=image_size, layer=layer, views=views,
                     scales=scales, augment=augment, augment_seed=augment_seed, batch_size=batch_size, workers=workers,
                     device=device, precision=precision, dtype=dtype, decode=decode, force=force, verify=verify,
-                    shard=shard)
+                    shard=shard, label_from=label_from)
     if not s.wrote_cache:
         if s.remaining:  # a part of a job array; a rank other than 0 prints nothing but its progress
             _echo(f"{s.worker}: extracted {s.extracted} images; {s.remaining} images of other parts remain: the last "

@@ -4,6 +4,7 @@ config (`cache.identity.FeatureConfig`) such an extraction makes.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,10 +23,12 @@ from pipeline.cache.identity import (
 from pipeline.device import DEVICES, PRECISIONS
 from pipeline.errors import UserError
 from pipeline.extraction.augment import RECIPE
+from pipeline.extraction.tars import is_tar_spec
 from pipeline.params import BOOLEAN, Interval, OneOf, Optional, Satisfies, parse_option, validate
 
 POOLS = tuple(pools.POOLS)
 DECODERS = ("cpu", "gpu")
+LABEL_FROM = r"auto|cls|txt|json:[^\s]{1,100}"
 LAYERS = tuple(pools.LAYERS)
 
 
@@ -55,7 +58,7 @@ def parse_scales(text: str) -> tuple[int, ...] | None:
 class ExtractConfig:
     """What `pipeline extract` was asked to do."""
 
-    data: Path
+    data: Path | str | tuple[str, ...]  # a folder or CSV, or WebDataset tar shards: [SPLIT=]PATTERN, one or more
     out: Path | None = None
     weights: str = "imagenet"  # imagenet | none | path to a state dict
     pool: str = "avg"
@@ -75,6 +78,7 @@ class ExtractConfig:
     verify: bool = False  # hash every file, not only those whose size or mtime changed
     shard: str | None = None  # "I/N": this process extracts part I of N of a job array (no process group)
     features_dir: Path = field(default=Path("features"))
+    label_from: str = "auto"  # tar shards: where a sample's class is (tars.py): auto, cls, txt or json:FIELD
 
     PARAMS = {
         "pool": OneOf(POOLS),
@@ -91,11 +95,14 @@ class ExtractConfig:
         "augment": Interval(int, 0, 64),
         "augment_seed": Interval(int, 0, 2**32 - 1),
         "scales": Satisfies(scale_sizes, SCALES_EXPECTED),
+        "label_from": Satisfies(lambda v: isinstance(v, str) and re.fullmatch(LABEL_FROM, v) is not None,
+                                "auto, cls, txt or json:FIELD"),
     }
     OPTIONS = {"flip": "--views"}
 
     def __post_init__(self):
         validate(self)
+        object.__setattr__(self, "data", _data(self.data))
         if pools.get(self.pool).keeps_map and (self.flip or self.scales):
             raise UserError("--pool map keeps one centre-crop view: --views and --scales need a pooled --pool "
                             f"({', '.join(pools.HEAD_POOLS)})")
@@ -105,6 +112,18 @@ class ExtractConfig:
     @property
     def shard_part(self) -> tuple[int, int] | None:
         return _shard_part(self.shard) if self.shard is not None else None
+
+
+def _data(data) -> Path | tuple[str, ...]:
+    """A folder or CSV as a Path (one given in a list too); tar shard specs as a tuple of strings (a URL must not
+    go through Path, which would fold its '//')."""
+    given = [data] if isinstance(data, (str, Path)) else list(data)
+    if not given:
+        raise UserError("no DATA given: a folder, a CSV manifest, or tar shards")
+    texts = [os.fspath(d) for d in given]
+    if len(texts) == 1 and not is_tar_spec(texts[0]):
+        return Path(texts[0])
+    return tuple(texts)
 
 
 def _shard_part(text: str) -> tuple[int, int] | None:

@@ -1,4 +1,5 @@
-"""Find the images of a dataset (ImageFolder tree or CSV manifest), its splits and its label map."""
+"""Find the images of a dataset (ImageFolder tree, CSV manifest or WebDataset tar shards: tars.py), its splits and
+its label map; an image's stamp (size, mtime) and sha256, wherever its bytes lie."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import UserError
+from pipeline.extraction.tars import TarIndex, dataset_name, is_tar_spec, list_shards
+from pipeline.files import sha256_file
 
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
@@ -27,13 +30,15 @@ class Item:
 
 @dataclass(frozen=True)
 class Dataset:
-    """What discovery found: where the images live, their class names (label order) and the images."""
+    """What discovery found: where the images live, their class names (label order) and the images; for tar
+    shards, `tars` says where each image's bytes lie."""
 
     root: Path
     name: str
-    kind: str  # "folder" or "csv"
+    kind: str  # "folder", "csv" or "webdataset"
     class_names: tuple[str, ...]
     items: tuple[Item, ...]
+    tars: TarIndex | None = None
 
     def label_index(self) -> dict[str, int]:
         return {name: i for i, name in enumerate(self.class_names)}
@@ -42,14 +47,43 @@ class Dataset:
     def splits(self) -> list[str]:
         return sorted({item.split for item in self.items})
 
+    @property
+    def location(self) -> str:
+        """Where the dataset is, as a cache's header records it."""
+        return self.tars.root if self.tars else str(self.root.resolve())
+
+    def stamp(self, path: str) -> tuple[int, int] | None:
+        """(size, mtime_ns) of image `path`, None if it is gone."""
+        if self.tars:
+            return self.tars.stamp(path)
+        try:
+            st = os.stat(self.root / path)
+        except OSError:
+            return None
+        return st.st_size, st.st_mtime_ns
+
+    def digest(self, path: str) -> str:
+        """The sha256 of image `path`'s bytes."""
+        return self.tars.digest(path) if self.tars else sha256_file(self.root / path)
+
+    def file(self, path: str) -> Path | None:
+        """The file of image `path` (None: its bytes lie in a tar shard)."""
+        return None if self.tars else self.root / path
+
 
 def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def discover(source: Path) -> Dataset:
-    """Describe the dataset at `source`: a folder tree or a `.csv` manifest."""
-    source = Path(source)
+def discover(source, label_from: str = "auto") -> Dataset:
+    """Describe the dataset at `source`: a folder tree, a `.csv` manifest, or WebDataset tar shards (one or more
+    `[SPLIT=]PATTERN`, as a string or a list; `label_from` says where their classes are)."""
+    specs = [source] if isinstance(source, (str, Path)) else list(source)
+    if any(is_tar_spec(os.fspath(spec)) for spec in specs):
+        return _discover_tars([os.fspath(spec) for spec in specs], label_from)
+    if len(specs) != 1:
+        raise UserError(f"{len(specs)} data paths given: extract takes one folder or CSV, or tar shards (.tar)")
+    source = Path(specs[0])
     if not source.exists():
         raise UserError(f"data path not found: {source}")
     if source.is_file():
@@ -62,6 +96,25 @@ def discover(source: Path) -> Dataset:
         root, name, kind = source, source.resolve().name, "folder"
     class_names = _class_names(items, source)
     return Dataset(root=root, name=name, kind=kind, class_names=class_names, items=tuple(sorted(items, key=_order)))
+
+
+def _discover_tars(specs: list[str], label_from: str) -> Dataset:
+    not_tars = [spec for spec in specs if not is_tar_spec(spec)]
+    if not_tars:
+        raise UserError(f"{not_tars[0]} is not a tar shard (.tar): give either tar shards or one folder or CSV")
+    found = list_shards(specs, label_from)
+    items = []
+    for split, path, label in found.items:
+        if split_problem(split):
+            raise UserError(f"tar sample {path}: split {split!r} {split_problem(split)} (a split is a group of the "
+                            "cache: a name such as train, val or test)")
+        items.append(Item(split, path, label))
+    class_names = _class_names(items, found.index.root)
+    if all(name.isdecimal() for name in class_names):  # .cls numbers: label i is class "i" when all are present
+        class_names = tuple(sorted(class_names, key=int))
+    return Dataset(root=Path(found.index.root) if not found.index.root.count("://") else Path("."),
+                   name=dataset_name(found.index), kind="webdataset", class_names=class_names,
+                   items=tuple(sorted(items, key=_order)), tars=found.index)
 
 
 def _order(item: Item) -> tuple[str, str]:

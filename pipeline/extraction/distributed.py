@@ -86,6 +86,11 @@ class Worker:
         """A part of this worker's job array, itself included (shards named part<J>of<N>)."""
         return self.part and writer.startswith("part") and writer.endswith(f"of{self.count}")
 
+    def take_by(self, items: list, group_of) -> list:
+        """This worker's share of `items` by group (a tar shard): every `count`-th group, starting at `index`, so
+        that each group is read whole by one worker."""
+        return [item for item in items if group_of(item) % self.count == self.index]
+
     def take(self, items: list, batch_size: int) -> list:
         """This worker's share of `items`: every `count`-th batch of `batch_size`, starting at batch `index`."""
         batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]

@@ -24,6 +24,7 @@ from pipeline.cache.identity import FeatureConfig
 from pipeline.cache.record import Record, shown
 from pipeline.errors import EXIT_CTRL_C, EXIT_SIGTERM, EXIT_WORKER_DIED, Interrupted, Terminated, UserError, first_line
 from pipeline.extraction.config import ExtractConfig
+from pipeline.extraction.dataset import Dataset
 from pipeline.extraction.distributed import Worker, quiet_resource_sharer
 from pipeline.extraction.journal import Journal
 from pipeline.progress import Progress
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 COMMIT_EVERY_S = float(os.environ.get("VGGCACHE_COMMIT_EVERY_S", "2.0"))
 
 
-def run_model(cfg: ExtractConfig, fcfg: FeatureConfig, root: Path, todo: list[Record], journal: Journal,
+def run_model(cfg: ExtractConfig, fcfg: FeatureConfig, dataset: Dataset, todo: list[Record], journal: Journal,
               worker: Worker, keep: set[str]) -> Extraction:
     """Embed this worker's share of `todo` (the images of it in `keep`) in batches, committing to the journal as it
     goes; says how it ran."""
@@ -52,9 +53,11 @@ def run_model(cfg: ExtractConfig, fcfg: FeatureConfig, root: Path, todo: list[Re
     if worker.part:
         journal.agree_on_batch_size(batch_size)  # parts on other kinds of node must cut the same batches
     workers = cfg.workers if cfg.workers >= 0 else default_workers(on_cuda, worker.local_count)
-    # whole batches, as a single process cuts them: the same values, whatever the number of workers
-    mine = [r for r in worker.take(todo, batch_size) if r.path in keep]
-    batches = image_batches(cfg.decode, root, [r.path for r in mine], fcfg, batch_size, workers, extractor.device)
+    # whole batches, as a single process cuts them: the same values, whatever the number of workers; tar shards
+    # whole, each read by one worker
+    share = worker.take_by(todo, _source_shard(dataset)) if dataset.tars else worker.take(todo, batch_size)
+    mine = [r for r in share if r.path in keep]
+    batches = image_batches(cfg.decode, dataset, [r.path for r in mine], fcfg, batch_size, workers, extractor.device)
     log.info("extracting %d images on %s (%s), batch %d, %d workers, %s decode", len(mine), extractor.device,
              extractor.precision, batch_size, workers, cfg.decode)
     start = time.perf_counter()
@@ -87,27 +90,40 @@ def _device(asked: str, worker: Worker) -> str:
     return f"cuda:{worker.local_rank}" if torch.cuda.is_available() else asked
 
 
-def image_batches(decode: str, root: Path, paths: list[str], fcfg: FeatureConfig, batch_size: int, workers: int,
-                  device):
-    """Batches of {index, image (uint8), error, sha256}: decoded by Pillow in workers, or by nvJPEG on the GPU;
-    for multi-scale features (`fcfg.scales`) `image` is, per file, its list of whole images at each scale."""
+def _source_shard(dataset: Dataset):
+    """The tar shard of a record (an image's path, or one of its views' keys)."""
+    def shard(record: Record) -> int:
+        view = record.view
+        return dataset.tars.shard_of(view[0] if view else record.path)
+    return shard
+
+
+def image_batches(decode: str, source: Dataset | Path, paths: list[str], fcfg: FeatureConfig, batch_size: int,
+                  workers: int, device):
+    """Batches of {index, image (uint8), error, sha256} of `paths` in `source` (a dataset, or the folder they are
+    relative to): decoded by Pillow in workers, or by nvJPEG on the GPU; for multi-scale features (`fcfg.scales`)
+    `image` is, per file, its list of whole images at each scale. Files are read by index; tar shards streamed,
+    each by one worker (reader.TarSamples)."""
     from pipeline.extraction import reader
 
+    tars = source.tars if isinstance(source, Dataset) else None
+    root = source.root if isinstance(source, Dataset) else Path(source)
+    read = (lambda images: reader.TarSamples(images, tars)) if tars else (lambda images: images)
     if fcfg.scales:
         if decode != "cpu":
             raise UserError("--scales decodes with Pillow: use --decode cpu")
         images = reader.ScaledImageFiles(root, paths, fcfg.scales)
-        return reader.batches_of(reader.make_loader(images, batch_size, workers, pin_memory=False,
+        return reader.batches_of(reader.make_loader(read(images), batch_size, workers, pin_memory=False,
                                                     yield_to_model=device.type == "cpu", collate_fn=reader.collate_scaled))
     if fcfg.augment and decode != "cpu":
         raise UserError("--augment crops its views with Pillow: use --decode cpu")
     if decode == "cpu":
         images = reader.AugmentedImageFiles(root, paths, fcfg.resize_size, fcfg.image_size, fcfg.augment_seed) \
             if fcfg.augment else reader.ImageFiles(root, paths, fcfg.resize_size, fcfg.image_size)
-        return reader.batches_of(reader.make_loader(images, batch_size, workers, pin_memory=device.type == "cuda",
+        return reader.batches_of(reader.make_loader(read(images), batch_size, workers, pin_memory=device.type == "cuda",
                                                     yield_to_model=device.type == "cpu"))
     images = reader.EncodedFiles(root, paths, fcfg.resize_size, fcfg.image_size)
-    loader = reader.batches_of(reader.make_encoded_loader(images, batch_size, workers))
+    loader = reader.batches_of(reader.make_encoded_loader(read(images), batch_size, workers))
     return (reader.decode_on_device(items, fcfg.resize_size, fcfg.image_size, device) for items in loader)
 
 

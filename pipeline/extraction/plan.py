@@ -6,7 +6,6 @@ Pure bookkeeping on file stats, hashes and records: no torch, so an up-to-date r
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -14,7 +13,6 @@ from pipeline.cache.header import Header
 from pipeline.cache.record import Record, unreadable_reason, view_key
 from pipeline.extraction.augment import augments
 from pipeline.extraction.dataset import Dataset
-from pipeline.files import sha256_file
 
 FROM_CACHE, FROM_JOURNAL = "cache", "journal"  # where a done row of a plan comes from (Plan.sources)
 
@@ -28,25 +26,20 @@ class Plan:
     todo: list[Record] = field(default_factory=list)
 
 
-def _stat(path: Path) -> tuple[int, int] | None:
+def _unreadable_now(file: Path | None) -> str:
+    """Why `file` cannot be read now (the reason recorded for it), or "" when it can (an image in a tar shard is
+    tried again: its shard was listed, so it can be read)."""
+    if file is None:
+        return ""
     try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_size, st.st_mtime_ns
-
-
-def _unreadable_now(path: Path) -> str:
-    """Why `path` cannot be read now (the reason recorded for it), or "" when it can."""
-    try:
-        with open(path, "rb") as f:
+        with open(file, "rb") as f:
             f.read(1)
     except OSError as e:
         return unreadable_reason(e)
     return ""
 
 
-def _done_before(prev: Record | None, stamp: tuple[int, int], path: Path, verify: bool, digest) -> Record | None:
+def _done_before(prev: Record | None, stamp: tuple[int, int], file: Path | None, verify: bool, digest) -> Record | None:
     """`prev` if it still describes the file: same size and mtime, or (after a touch or copy) the same content.
 
     A failure is redone when the file changed, always with `verify`, and, when the file could not be read at all,
@@ -59,7 +52,7 @@ def _done_before(prev: Record | None, stamp: tuple[int, int], path: Path, verify
         if verify or (prev.size, prev.mtime_ns) != stamp:
             return None
         if prev.unreadable:
-            reason = _unreadable_now(path)
+            reason = _unreadable_now(file)
             return replace(prev, reason=reason) if reason else None
         return prev
     if (prev.size, prev.mtime_ns) == stamp and not verify:
@@ -79,13 +72,14 @@ def make_plan(dataset: Dataset, cached: list[Record], journal: dict, verify: boo
     labels, old = dataset.label_index(), {r.path: r for r in cached}
     plan = Plan()
     for item in dataset.items:
-        path, label = dataset.root / item.path, labels[item.label]
-        stamp = _stat(path)
+        label, stamp = labels[item.label], dataset.stamp(item.path)
         if stamp is None:
             plan.records.append(Record(item.split, item.path, -1, -1, -1, "", "FileNotFoundError: listed but missing"))
             continue
-        digest = functools.cache(lambda path=path: sha256_file(path))  # hashed at most once, and only if needed
-        plan_one = functools.partial(_plan_one, plan, journal, old, item.split, label, stamp, path, verify, digest)
+        # hashed at most once, and only if needed
+        digest = functools.cache(lambda path=item.path: dataset.digest(path))
+        plan_one = functools.partial(_plan_one, plan, journal, old, item.split, label, stamp,
+                                     dataset.file(item.path), verify, digest)
         image = plan_one(item.path)
         if augment and augments(item.split) and image.ok:  # (a record still to do is ok until it fails)
             views = [plan_one(view_key(item.path, j)) for j in range(augment)]
@@ -93,11 +87,11 @@ def make_plan(dataset: Dataset, cached: list[Record], journal: dict, verify: boo
     return plan
 
 
-def _plan_one(plan: Plan, journal: dict, old: dict, split: str, label: int, stamp, path: Path, verify: bool,
+def _plan_one(plan: Plan, journal: dict, old: dict, split: str, label: int, stamp, file: Path | None, verify: bool,
               digest, key: str) -> Record:
     """The record of `key` (an image's path, or one of its views' keys), done before or added to `plan.todo`."""
     for source, prev in ((FROM_JOURNAL, journal.get(key, (None,))[0]), (FROM_CACHE, old.get(key))):
-        done = _done_before(prev, stamp, path, verify, digest)
+        done = _done_before(prev, stamp, file, verify, digest)
         if done is not None:
             plan.records.append(replace(done, split=split, label=label if done.ok else -1))
             plan.sources[key] = source

@@ -61,14 +61,24 @@ class ImageFiles(torch.utils.data.Dataset):
         return preprocess(open_image(data, self.resize_size), self.resize_size, self.crop_size)
 
     def __getitem__(self, index: int) -> dict:
-        image, error, digest, data = self.empty(), "", "", None
         try:
             data = self.read(index)
-            digest = hashlib.sha256(data).hexdigest()
-            image = self.decode(data, index)
         except Exception as e:  # any failure is this file's, not the run's: report it and go on
-            error = describe_failure(e, None if data is None else len(data))
+            return self.failed(index, e)
+        return self.item(index, data)
+
+    def item(self, index: int, data: bytes) -> dict:
+        """The batch item of file `index` from its bytes (TarSamples gives them from a tar shard)."""
+        image, error, digest = self.empty(), "", hashlib.sha256(data).hexdigest()
+        try:
+            image = self.decode(data, index)
+        except Exception as e:
+            error = describe_failure(e, len(data))
         return {"index": index, "image": image, "error": error, "sha256": digest}
+
+    def failed(self, index: int, e: Exception) -> dict:
+        """The batch item of file `index`, which could not be read."""
+        return {"index": index, "image": self.empty(), "error": describe_failure(e, None), "sha256": ""}
 
 
 class AugmentedImageFiles(ImageFiles):
@@ -138,6 +148,47 @@ class ScaledImageFiles(ImageFiles):
         # the longer side is capped at MAX_ASPECT x the scale: a 2 x 300 px strip must not become 64 x 9600
         return [TF.pil_to_tensor(TF.resize(img, s, interpolation=InterpolationMode.BILINEAR, antialias=True,
                                            max_size=MAX_ASPECT * s)) for s in self.scales]
+
+
+class TarSamples(torch.utils.data.IterableDataset):
+    """The items of `files` (an ImageFiles of image paths in tar shards, or of their views' keys) from their
+    shards: each shard read once, from start to end, by one DataLoader worker (shard i by worker i mod workers),
+    its wanted members decoded by `files` as they come. A shard that breaks mid-way has its images not yet read
+    recorded as unreadable, so that the next run tries them again."""
+
+    def __init__(self, files: ImageFiles, tars):
+        self.files, self.tars = files, tars
+
+    def _by_shard(self) -> dict[int, dict[str, list[int]]]:
+        """shard -> member -> the indices of `files` it gives (an image and its views share their member)."""
+        wanted: dict[int, dict[str, list[int]]] = {}
+        for index, path in enumerate(self.files.paths):
+            view = view_of(path)
+            sample = self.tars.samples[view[0] if view else path]
+            wanted.setdefault(sample.shard, {}).setdefault(sample.member, []).append(index)
+        return wanted
+
+    def __iter__(self):
+        from pipeline.extraction.tars import stream_members
+
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        for shard, members in sorted(self._by_shard().items()):
+            if shard % workers != worker:
+                continue
+            left = dict(members)
+            try:
+                for member, data in stream_members(self.tars.shards[shard], set(members)):
+                    for index in left.pop(member):
+                        yield self.files.failed(index, data) if isinstance(data, Exception) else self.files.item(index, data)
+            except Exception as e:  # a shard cut or damaged mid-way: what is left of it is retried by the next run
+                cause = e if isinstance(e, OSError) else OSError(f"{type(e).__name__} in its tar shard: {e}")
+                for indices in left.values():
+                    yield from (self.files.failed(index, cause) for index in indices)
+                continue
+            for member, indices in left.items():  # listed, but not in the shard any more: it changed since
+                gone = OSError(f"not in tar shard {self.tars.shards[shard].name} any more")
+                yield from (self.files.failed(index, gone) for index in indices)
 
 
 def collate_scaled(items: list[dict]) -> dict:
@@ -213,12 +264,14 @@ def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
 class EncodedFiles(ImageFiles):
     """Baseline RGB/greyscale JPEGs come back as raw bytes for nvJPEG; anything else is decoded here on the CPU."""
 
-    def __getitem__(self, index: int) -> dict:
-        item = {"index": index, "raw": None, "orientation": 1, "image": None, "error": "", "sha256": ""}
-        data = None
+    def failed(self, index: int, e: Exception) -> dict:
+        return {"index": index, "raw": None, "orientation": 1, "image": None, "error": describe_failure(e, None),
+                "sha256": ""}
+
+    def item(self, index: int, data: bytes) -> dict:
+        item = {"index": index, "raw": None, "orientation": 1, "image": None, "error": "",
+                "sha256": hashlib.sha256(data).hexdigest()}
         try:
-            data = self.read(index)
-            item["sha256"] = hashlib.sha256(data).hexdigest()
             header = opened(data)  # parses the header only: format, size, mode, EXIF
             check_shape(*header.size, self.resize_size)
             if header.format == "JPEG" and header.mode in ("RGB", "L"):
@@ -227,7 +280,7 @@ class EncodedFiles(ImageFiles):
             else:
                 item["image"] = preprocess(open_image(data, self.resize_size), self.resize_size, self.crop_size)
         except Exception as e:
-            item["error"] = describe_failure(e, None if data is None else len(data))
+            item["error"] = describe_failure(e, len(data))
         return item
 
 

@@ -81,7 +81,7 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
     if cfg.force and worker.part:
         raise UserError("--force with --shard would discard the other parts' work: run a plain extract --force, "
                         "or delete the cache and its .partial folder, then start the parts")
-    dataset = discover(cfg.data)
+    dataset = discover(cfg.data, cfg.label_from)
     if cfg.augment and not any(augments(split) for split in dataset.splits):
         # not refused: a test set extracted with a training cache's config (views and all) serves its runs
         log.warning("--augment makes views of the training split (%s), and %s has %s: no views are made (name the "
@@ -170,7 +170,7 @@ def _extract_share(job: _Job, plan: Plan, shared: list[Record], journal: Journal
     """This worker's batches of `shared`, less the images already done (`plan.todo` holds those still to do)."""
     files.ensure_free_space(job.out.parent, _bytes_needed(plan, job.fcfg), f"extracting {len(plan.todo)} images")
     still_to_do = {r.path for r in plan.todo}
-    return embed.run_model(job.cfg, job.fcfg, job.dataset.root, shared, journal, job.worker, keep=still_to_do)
+    return embed.run_model(job.cfg, job.fcfg, job.dataset, shared, journal, job.worker, keep=still_to_do)
 
 
 def _finish(job: _Job, journal: Journal, extraction: Extraction | None, job_todo: int,
@@ -230,7 +230,7 @@ def _header(fcfg: FeatureConfig, dataset: Dataset, old: Header | None,
             extraction: Extraction | None) -> Header:
     """The new cache's header; without an extraction in this run (only removals), the previous one's, as it was."""
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    source = Source(root=str(dataset.root.resolve()), kind=dataset.kind, name=dataset.name)
+    source = Source(root=dataset.location, kind=dataset.kind, name=dataset.name)
     kept = extraction is None and old is not None
     return Header(fingerprint=fcfg.fingerprint(), config=fcfg, class_names=list(dataset.class_names),
                         feature_dim=fcfg.feature_dim, source=source, extraction=old.extraction if kept else extraction,
