@@ -51,7 +51,7 @@ EMBEDDING_LEAF = "embedding.list.element"  # the Parquet column of the embedding
 COMPRESSION, EMBEDDING_ENCODING = "zstd", "BYTE_STREAM_SPLIT"
 # Rows read, pooled, converted and written together (one row group): the memory an export holds, a few times over
 # (raw rows, float32 rows, the Arrow table), whatever the size of the cache. Tests lower it.
-BLOCK_BYTES = 32 << 20
+BLOCK_BYTES = 16 << 20
 MARK = ".vggcache-export"  # hidden: pandas, DuckDB, Spark and `datasets` skip names starting with a dot
 MARK_TEXT = "an export-features write in progress, or killed: export-features --force replaces this folder\n"
 PART_NAME = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5,})-of-(?P<count>\d{5,})\.parquet$")
@@ -322,9 +322,11 @@ def _write_part(pa, pq, cache: Cache, plan: Plan, part: Part, header: dict, path
     schema = _schema(pa, plan.dim, header, part, cache.class_names)
     transform = cache.pooling(plan.pool)
     step = plan.block_rows[part.split]
+    # the system allocator gives a finished block's buffers back at once; Arrow's default (mimalloc) keeps them, and
+    # a command's peak memory grew by a block's worth more (measured: bench/parquet_export.py)
     with pq.ParquetWriter(path, schema, compression=COMPRESSION, use_dictionary=list(COLUMNS[:-1]),
-                          column_encoding={EMBEDDING_LEAF: EMBEDDING_ENCODING},
-                          write_statistics=list(COLUMNS[:-1])) as writer:
+                          column_encoding={EMBEDDING_LEAF: EMBEDDING_ENCODING}, write_statistics=list(COLUMNS[:-1]),
+                          memory_pool=pa.system_memory_pool()) as writer:
         for start in range(part.start, part.stop, step):
             stop = min(start + step, part.stop)
             writer.write_table(_block(pa, cache, part.split, start, stop, transform, schema))

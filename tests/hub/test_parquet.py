@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -52,6 +53,17 @@ def make_cache(path: Path, rows: dict[str, int], dim: int = 16, dtype: str = "fl
     header = Header(fingerprint=config.fingerprint(), config=config, class_names=list(CLASSES), feature_dim=dim)
     write_atomic(path, header, records, lambda rs: np.stack([values[r.path] for r in rs]), dtype)
     return path
+
+
+@pytest.fixture(autouse=True)
+def logging_restored():
+    """The CLI points logging at CliRunner's stream, closed once the command ends: put the handlers back after each
+    test, so that a later export's progress lines do not fail to print."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 def map_config():
@@ -318,8 +330,8 @@ def test_an_out_of_someone_else_is_refused_and_untouched(cache, tmp_path, case, 
 def test_force_replaces_an_earlier_export_and_nothing_else(cache, tmp_path):
     out = tmp_path / "e"
     export_features(cache, out)
-    again = runner.invoke(app, ["export-features", str(cache), "--out", str(out), "--split", "val"])
-    assert again.exit_code == 2 and "already holds a Parquet export of features" in again.output
+    with pytest.raises(UserError, match="already holds a Parquet export of features: choose another --out, or --force"):
+        export_features(cache, out, splits=("val",))
     (out / "NOTES.md").write_text("mine")  # the user's file beside the parts: kept
     summary = export_features(cache, out, splits=("val",), force=True)
     assert sorted(p.name for p in out.iterdir()) == ["NOTES.md", "val-00000-of-00001.parquet"]
