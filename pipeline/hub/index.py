@@ -38,9 +38,10 @@ from pipeline.errors import UserError
 log = logging.getLogger(__name__)
 
 FORMAT = "vggcache-index-1"
-# auto: exact up to this many rows, approximate above. bench/similar_index.py (2-core Xeon, AVX512-BF16, 512 dims):
-# an exact query costs ~0.1 us a row (10 ms at 100,000 rows); above 250,000 rows it passes 25 ms, a tenth of
-# embedding one image, while the approximate index keeps recall@10 >= 0.95 at a tenth of the cost
+# auto: exact up to this many rows, approximate above. bench/similar_index.py (2-core Xeon with AVX512-BF16, shared,
+# 512 dims, clustered rows): an exact query costs ~0.6 us a row (64 ms at 100,000 rows), so ~160 ms at 250,000, most
+# of what embedding one image costs (0.25 s); IVF answers in ~1 ms with recall@10 >= 0.95, for a build paid once
+# (53 s at 100,000 rows against 0.1 s)
 APPROXIMATE_ABOVE = 250_000
 NPROBE_SHARE = 1 / 16  # cells searched per query, of nlist: recall@10 >= 0.95 on clustered rows (the bench)
 SPOT_CHECKS = 8  # stored rows compared with the cache's on every load (plus every cached query's own row)
