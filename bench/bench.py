@@ -40,8 +40,11 @@ import finetune  # noqa: E402
 import protocol  # noqa: E402
 import scale  # noqa: E402
 import serve_load  # noqa: E402
+import parquet_export  # noqa: E402
+import similar_index  # noqa: E402
 import stage_two  # noqa: E402
 import sweeps  # noqa: E402
+import tar_shards  # noqa: E402
 import tutorial  # noqa: E402
 
 GFLOP_PER_IMAGE = 30.7  # VGG16 convolutional body at 224x224
@@ -385,6 +388,17 @@ def markdown(r: dict) -> str:
                          f"fit {v['fit_seconds']:.1f} s, peak RSS {v['peak_mb']:.0f} MB, val acc {v['val_accuracy']:.3f} |")
     lines += serve_load.markdown_rows(r["serve"])
     lines += stage_two.markdown_rows(r["stage_two"], r["extract"]["images_per_s"])
+    for e in r["export_features"]["exports"]:
+        lines.append(f"| 17 | `export-features`, {e['rows']:,} x {e['dim']} float16 cache (whole command) | "
+                     f"{e['rows_per_s']:,} rows/s, {e['bytes_per_row']} bytes a row on disk "
+                     f"({e['parquet_over_cache']} of the HDF5 cache), peak RSS {e['command_peak_rss_mb']} MB |")
+    lines += [f"| 18 | similar's index: rows, kind, build s, ms a query, recall@10 | "
+              f"{' '.join(cell.strip() for cell in row.strip('|').split('|'))} |" for row in r["similar_index"]]
+    t = r["tar_shards"]
+    lines.append(f"| 19 | reading {t['images']} JPEGs (no forward): tar shards / folder | "
+                 f"{t['read_tars_images_per_s']:.0f} / {t['read_folder_images_per_s']:.0f} images/s |")
+    lines.append(f"| 19 | `extract` end to end, the same images: tar shards / folder | "
+                 f"{t['extract_tars_s']:.1f} / {t['extract_folder_s']:.1f} s |")
     a = r["audit"]
     lines.append(f"| 12 | `audit`, {a['rows']:,} x {a['dim']} synthetic float16 rows (whole command) | "
                  f"{a['seconds']:.1f} s, peak RSS {a['peak_rss_mb']:,.0f} MB, {a['exact_found']} of 100 planted copies |")
@@ -482,6 +496,12 @@ def run(args, tmp: Path) -> dict:
     r["serve"] = serve_load.bench_serve(tmp / "serve")
     print("16. stage two as a user meets it", flush=True)
     r["stage_two"] = stage_two.bench_stage_two(tmp, tmp / "bench.h5")
+    print("17. export-features", flush=True)
+    r["export_features"] = parquet_export.run(tmp / "export")
+    print("18. similar's index", flush=True)
+    r["similar_index"] = similar_index.bench_index()
+    print("19. tar shards against a folder", flush=True)
+    r["tar_shards"] = tar_shards.run(tmp / "tars")
     r["targets"] = ratios_and_targets(r)
     return r
 

@@ -45,6 +45,12 @@ def measure(n: int, queries: int, faiss) -> list[str]:
     return lines
 
 
+def bench_index(sizes=(10_000, 100_000), queries: int = 200) -> list[str]:
+    """`make bench` row 18: the table rows of `measure` at each size."""
+    faiss = faiss_module()
+    return [line for n in sizes for line in measure(n, queries, faiss)]
+
+
 def _filled(index, X):
     index.add(X)
     return index

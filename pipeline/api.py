@@ -41,7 +41,7 @@ class Run(folder.Run):
 
         # a str (or bytes) is one path, not its characters
         paths = [paths] if isinstance(paths, (str, bytes, os.PathLike)) else list(paths)
-        images = tuple(Path(os.fsdecode(p)) for p in paths)
+        images = tuple(paths)  # checked and made Paths by PredictConfig
         return predict(PredictConfig(run=self.folder, images=images, top_k=top_k, **options),
                        quiet=True)
 
@@ -105,7 +105,7 @@ def similar(features, queries, **options):
     import os
 
     from pipeline.hub.config import SimilarConfig
-    from pipeline.hub.similar import similar as run_similar
+    from pipeline.look.similar_page import similar as run_similar
 
     queries = [queries] if isinstance(queries, (str, bytes, os.PathLike)) else list(queries)
     return run_similar(SimilarConfig(features=Path(features), queries=tuple(os.fsdecode(q) for q in queries),

@@ -227,7 +227,7 @@ def train_head(
                          solver=solver, seed=seed, device=device, track=track, force=force)
     for split, m in run.metrics.items():
         _echo(format_metrics(m, f"{run.folder.name} on {split}") + "\n")
-    from pipeline.runs.folder import selection_note
+    from pipeline.runs.folder import RUN_FILES, selection_note
     from pipeline.runs.record import describe_chosen
 
     r = run.record
@@ -240,7 +240,7 @@ def train_head(
     note = selection_note(len(r.sweep), run.metrics)
     if note:
         _echo(note)
-    _echo(f"saved {run.folder}: {', '.join(sorted(p.name for p in run.folder.iterdir()))}")
+    _echo(f"saved {run.folder}: {', '.join(name for name in sorted(RUN_FILES) if (run.folder / name).is_file())}")
 
 
 @app.command()
@@ -260,7 +260,7 @@ def evaluate(run: Path = typer.Argument(..., help="A run folder made by train-he
 @app.command()
 @_user_errors
 def predict(run: Path = typer.Argument(..., help="A run folder made by train-head."),
-            images: list[Path] = typer.Argument(..., help="Image files or folders (searched recursively)."),
+            images: list[str] = typer.Argument(..., help="Image files or folders (searched recursively)."),
             out: Optional[Path] = typer.Option(None, help="CSV file to write (default: standard output)."),
             top_k: int = typer.Option(predict_default("top_k"), help="Classes listed per image."),
             weights: Optional[str] = typer.Option(None, help="The weights file, if the run's has moved (checked by sha256)."),
@@ -419,7 +419,7 @@ def similar(features: Path = typer.Argument(..., help="A feature cache made by `
             force: bool = typer.Option(False, "--force", help="Replace --out / --html even if they are not what similar writes.")):
     """The k nearest cached images to each query, by cosine similarity of the cached features, from an index kept
     beside the cache."""
-    from pipeline.hub.similar import similar as run_similar
+    from pipeline.look.similar_page import similar as run_similar
 
     r = run_similar(SimilarConfig(features=features, queries=tuple(queries), k=k, splits=tuple(split or ()), pool=pool,
                                   out=out, html=html, index=index, weights=weights, device=device, force=force))

@@ -86,6 +86,8 @@ def ensure_writable_file(path: Path, option: str, inputs: tuple = (), output: Ou
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{option} {path} is a folder, expected a file name")
+    if path.exists() and not path.is_file():  # opening a FIFO waits for a reader for ever; a device is not a report
+        raise UserError(f"{option} {path} is not a regular file (a FIFO, socket or device): choose a file name")
     for given in map(Path, inputs):
         if path.resolve() == given.resolve() or (given.is_dir() and given.resolve() in path.resolve().parents):
             raise UserError(f"{option} {path} would overwrite {given}, which this command reads: choose another file")

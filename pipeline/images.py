@@ -57,6 +57,8 @@ def read_image_file(path: str | Path) -> bytes:
         raise
     with os.fdopen(fd, "rb") as f:
         data = f.read(MAX_FILE_BYTES + 1)
+    if data is None:  # a special file (/proc/kmsg) that would wait for data: never an image
+        raise Refused("not a regular file (it would wait for data)")
     if len(data) > MAX_FILE_BYTES:  # it grew while being read
         raise Refused(f"over the {MAX_FILE_BYTES:,}-byte limit of one image file")
     return data
@@ -105,20 +107,33 @@ def open_image(data: bytes, resize_to: int | None = None, capped: bool = False):
     return to_rgb(ImageOps.exif_transpose(img))
 
 
+ROWS_AT_ONCE = 256  # 16-bit and float images are rescaled this many rows at a time: float64 copies of a whole
+# 89 Mpx image took 2.6 GB a decode
+
+
 def to_rgb(img):
     """Any Pillow mode to 8-bit RGB: 16-bit and float images are rescaled rather than clipped."""
     from PIL import Image
 
     if img.mode in _SIXTEEN_BIT:
-        arr = np.asarray(img, dtype=np.float64)
-        img = Image.fromarray((np.clip(arr, 0, 65535) / 257).round().astype(np.uint8), "L")
+        img = Image.fromarray(_rescaled(np.asarray(img), lambda a: np.clip(a, 0, 65535) / 257), "L")
     elif img.mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
-        span = float(arr.max() - arr.min()) or 1.0
-        img = Image.fromarray(((arr - arr.min()) / span * 255).round().astype(np.uint8), "L")
+        arr = np.asarray(img)
+        low = float(arr.min())
+        span = float(arr.max()) - low or 1.0
+        img = Image.fromarray(_rescaled(arr, lambda a: (a - low) / span * 255), "L")
     elif img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")  # palette transparency must go through RGBA, as Pillow warns
     return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _rescaled(arr: np.ndarray, scale) -> np.ndarray:
+    """uint8 of round(scale(rows)) in float64, a block of rows at a time (the same values as the whole at once)."""
+    out = np.empty(arr.shape, np.uint8)
+    for start in range(0, arr.shape[0], ROWS_AT_ONCE):
+        block = arr[start:start + ROWS_AT_ONCE].astype(np.float64)
+        out[start:start + ROWS_AT_ONCE] = scale(block).round()
+    return out
 
 
 def why_not_read(e: Exception, n_bytes: int) -> str:

@@ -6,6 +6,9 @@ from __future__ import annotations
 # C0 and C1 control characters, DEL: a name holding ESC [ ... could move a terminal's cursor or retitle its window,
 # and a newline would break a table's line; shown as \xNN, as `ls -b` shows them
 _CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+# and the invisible characters that reorder or break what follows them on a line (bidirectional overrides and
+# isolates, the line and paragraph separators): a name holding U+202E would show the rest of its line reversed
+_CONTROLS |= {c: f"\\u{c:04x}" for c in (*range(0x200E, 0x2010), *range(0x2028, 0x202F), *range(0x2066, 0x206A))}
 _CONTROLS_BUT_LINES = {c: shown for c, shown in _CONTROLS.items() if chr(c) not in "\n\t"}
 
 

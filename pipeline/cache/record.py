@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pipeline.text import printable
+
 UNREADABLE = "cannot read"  # how the reason of a file that could not be read at all starts (see Record.unreadable)
 
 
@@ -54,7 +56,7 @@ def view_of(key: str) -> tuple[str, int] | None:
 def shown(path: str) -> str:
     """A record's path as a person reads it: 'a/b.jpg (view 2)' for a view."""
     view = view_of(path)
-    return f"{view[0]} (view {view[1]})" if view else path
+    return printable(f"{view[0]} (view {view[1]})" if view else path)
 
 
 def unreadable_reason(e: Exception) -> str:

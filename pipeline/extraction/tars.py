@@ -27,7 +27,6 @@ import logging
 import os
 import re
 import stat
-import tarfile
 from dataclasses import dataclass, field
 from glob import glob
 from pathlib import Path
@@ -350,6 +349,8 @@ def _grouped(shard: TarShard):
 
 def _headers(shard: TarShard):
     """(TarInfo, reader of its data) for each member of `shard`, in order; one line for a malformed tar."""
+    import tarfile  # here: an up-to-date rerun of a folder never pays for it (nor for bz2, lzma, gzip)
+
     with _opened(shard) as f:
         try:
             with tarfile.open(fileobj=f, mode="r:" if shard.seekable else "r|*") as tar:
@@ -374,6 +375,8 @@ def stream_members(shard: TarShard, wanted: set[str]):
     """(member name, its bytes, or the exception that refused it) for each member of `shard` in `wanted`, in the
     shard's order, reading it once from start to end; a member over images.MAX_FILE_BYTES is refused unread. A
     shard that breaks mid-way raises OSError (its remaining images are then recorded as unreadable)."""
+    import tarfile
+
     left = set(wanted)
     with _opened(shard) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
         for info in tar:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,12 @@ class PredictConfig:
 
     def __post_init__(self):
         validate(self)
+        for image in self.images:
+            if not isinstance(image, (str, bytes, os.PathLike)):
+                raise UserError(f"image path {image!r} is not a path (expected image files or folders)")
+            if os.fsdecode(image) == "":  # Path("") is ".": an unset $IMAGES would predict the working folder
+                raise UserError("an image path is empty (expected image files or folders)")
+        object.__setattr__(self, "images", tuple(Path(os.fsdecode(image)) for image in self.images))
         if self.report and not self.out:
             raise UserError("--report draws its picture beside the predictions: pass --out FILE.csv too")
 

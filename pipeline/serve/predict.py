@@ -19,7 +19,7 @@ from pipeline.look import drift
 from pipeline.runs import reference
 from pipeline.runs.folder import Run, load_run
 from pipeline.serve.config import PredictConfig
-from pipeline.text import csv_cell
+from pipeline.text import csv_cell, printable
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +174,8 @@ def write_csv(rows: list[dict], out: Path | None) -> None:
             _write_rows(f, rows)
         return
     stdout = io.TextIOWrapper(sys.stdout.buffer, encoding="utf-8", errors="surrogateescape", newline="", write_through=True)
+    if sys.stdout.isatty():  # a person reads it: a name's escape sequences must not reach the terminal
+        rows = [{k: printable(v) if isinstance(v, str) else v for k, v in row.items()} for row in rows]
     try:
         _write_rows(stdout, rows)
         stdout.flush()

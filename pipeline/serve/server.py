@@ -56,9 +56,12 @@ MAX_BATCH = int(os.environ.get("VGGCACHE_SERVE_MAX_BATCH", "64"))
 CPU_BATCH = min(MAX_BATCH, 8)
 MAX_K = 100  # neighbours one /similar request may ask for
 MAX_FILES = 4 * 64  # images in one request: a small multiple of a GPU forward
-# images decoded at once, all requests together: each may take up to Pillow's limit (89.5 Mpx, ~270 MB as RGB)
-# while it is decoded, so this bounds the server's decoding memory (~1 GB at 4), whatever the clients send
+# images decoded at once, all requests together: an image at Pillow's limit (89.5 Mpx) takes up to ~0.7 GB while
+# it is decoded (a 16-bit PNG, measured), so this bounds the server's decoding memory whatever the clients send
 DECODE_SLOTS = max(1, min(4, os.cpu_count() or 1))
+# connections (and requests) at once, a worker process: uvicorn answers 503 above. With --max-request-mb it bounds
+# what uploads held in memory take (64 x 32 MB by default): 100 clients of 28 MB each took 2.65 GB without it
+MAX_CONNECTIONS = 64
 CONFIG_ENV = "VGGCACHE_SERVE"  # the server's config, as JSON, for uvicorn's worker processes (--workers N)
 
 
@@ -429,8 +432,8 @@ def serve(cfg: ServeConfig) -> None:
     log.info("serving %s on http://%s:%d (no authentication, no TLS: put it behind your proxy beyond localhost)",
              cfg.run, cfg.host, cfg.port)
     if cfg.workers == 1:
-        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
+        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", limit_concurrency=MAX_CONNECTIONS)
         return
     os.environ[CONFIG_ENV] = json.dumps(asdict(cfg))
     uvicorn.run("pipeline.serve.server:app_from_environment", factory=True, host=cfg.host, port=cfg.port,
-                workers=cfg.workers, log_level="warning")
+                workers=cfg.workers, log_level="warning", limit_concurrency=MAX_CONNECTIONS)
