@@ -226,3 +226,28 @@ def test_info_shows_a_class_and_a_failed_file_with_control_characters_escaped(tm
     result = runner.invoke(app, ["info", str(tmp_path / "f.h5")])
     assert result.exit_code == 0 and "\x1b" not in result.output
     assert "ci\\x1b[31mrcle 2" in result.output and "  failed train/checks/bad\\x0aname.jpg: not a JPEG" in result.output
+
+
+@pytest.mark.parametrize("command", ["predict", "audit"])
+def test_an_out_that_is_a_fifo_is_refused_not_waited_on(made, tmp_path, command):
+    os.mkfifo(tmp_path / "p.csv")  # opening it to write would wait for a reader for ever
+    argv = {"predict": ["predict", made["run"], made["images"] / "val"], "audit": ["audit", made["features"]]}[command]
+    result = runner.invoke(app, [*map(str, argv), "--out", str(tmp_path / "p.csv"), "--force"])
+    assert result.exit_code == 2 and result.output.strip() == (
+        f"error: --out {tmp_path / 'p.csv'} is not a regular file (a FIFO, socket or device): choose a file name")
+
+
+def test_an_empty_image_path_is_refused_not_read_as_the_working_folder(made):
+    result = runner.invoke(app, ["predict", str(made["run"]), ""])
+    assert result.exit_code == 2 and result.output.strip() == (
+        "error: an image path is empty (expected image files or folders)")
+
+
+def test_extract_warns_of_a_bad_file_with_its_control_characters_escaped(tmp_path, caplog):
+    from pipeline.synthetic import make_image_folder
+
+    data = make_image_folder(tmp_path / "data", {"train": 1}, size=(40, 40))
+    (data / "train" / "circle" / "bad\x1b]0;t\x07.jpg").write_bytes(b"junk")
+    extract(extract_config(data, tmp_path / "f.h5"))
+    assert [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()] == [
+        "skipped train/circle/bad\\x1b]0;t\\x07.jpg: not a JPEG, PNG, BMP, GIF, TIFF or WebP image (4 bytes)"]

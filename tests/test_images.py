@@ -81,3 +81,37 @@ def test_a_file_over_the_size_limit_is_refused_before_it_is_read(tmp_path, monke
     with pytest.raises(Refused) as refused:
         read_image_file(tmp_path / "big.jpg")
     assert str(refused.value) == "1,001 bytes: over the 1,000-byte limit of one image file"
+
+
+@pytest.mark.parametrize("mode, values", [("I;16", (0, 65535)), ("I", (-5, 70000)), ("F", (-2.5, 3.25))],
+                         ids=["16-bit", "32-bit", "float"])
+def test_rescaling_by_blocks_of_rows_gives_what_the_whole_image_gives(mode, values):
+    """to_rgb rescales ROWS_AT_ONCE rows at a time (memory), to the same bytes as one float64 pass over the image."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    arr = rng.uniform(*values, (images.ROWS_AT_ONCE * 2 + 37, 50))
+    img = Image.fromarray(arr.astype({"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode]))
+    assert img.mode == mode
+    whole = np.asarray(img, dtype=np.float64)
+    if mode == "F":
+        want = ((whole - whole.min()) / (whole.max() - whole.min()) * 255).round().astype(np.uint8)
+    else:
+        want = (np.clip(whole, 0, 65535) / 257).round().astype(np.uint8)
+    got = np.asarray(images.to_rgb(img))
+    assert got.shape == (*arr.shape, 3) and np.array_equal(got[..., 0], want)
+
+
+def test_a_special_file_that_would_wait_is_refused(tmp_path, monkeypatch):
+    class WouldWait(io.RawIOBase):  # what a non-blocking /proc/kmsg gives: no data yet
+        def __init__(self, fd, mode):
+            super().__init__()
+            os.close(fd)
+
+        def read(self, n=-1):
+            return None
+
+    (tmp_path / "kmsg.jpg").write_bytes(b"")
+    monkeypatch.setattr(os, "fdopen", WouldWait)
+    with pytest.raises(Refused, match=r"^not a regular file \(it would wait for data\)$"):
+        read_image_file(tmp_path / "kmsg.jpg")

@@ -15,7 +15,10 @@ from pipeline.text import csv_cell, from_csv_cell, printable
     ("c1\x9bcontrol", "c1\\x9bcontrol"),
     (os.fsdecode(b"caf\xe9.jpg"), "caf\\xe9.jpg"),
     ("café.jpg", "café.jpg"),
-], ids=["plain", "osc-title", "csi-clear", "newline", "c1-csi", "not-utf8", "utf8"])
+    ("\u202eelcric", "\\u202eelcric"),
+    ("line\u2028break", "line\\u2028break"),
+], ids=["plain", "osc-title", "csi-clear", "newline", "c1-csi", "not-utf8", "utf8", "right-to-left-override",
+        "line-separator"])
 def test_a_name_is_shown_without_any_control_character(name, shown):
     assert printable(name) == shown
 
