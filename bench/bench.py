@@ -37,10 +37,10 @@ from pipeline.synthetic import make_image_folder  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
 import finetune  # noqa: E402
+import parquet_export  # noqa: E402
 import protocol  # noqa: E402
 import scale  # noqa: E402
 import serve_load  # noqa: E402
-import parquet_export  # noqa: E402
 import similar_index  # noqa: E402
 import stage_two  # noqa: E402
 import sweeps  # noqa: E402

@@ -261,3 +261,25 @@ def test_a_member_named_outside_the_shard_is_skipped_never_a_path(tmp_path):
         add(tar, "ok.txt", b"circle")
     found = tars.list_shards([str(tmp_path / "s.tar")])
     assert [path for _, path, _ in found.items] == ["s.tar/ok.jpg"]
+
+
+def test_two_torchrun_ranks_take_whole_shards_and_make_the_single_process_cache(folder, tmp_path):
+    specs = shard_specs(pack(folder, tmp_path / "shards"))
+    single = features_by_image(extract(extract_config(specs, tmp_path / "single.h5", dtype="float32")).out)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "pipeline", "-q", "extract", *specs, "--out", str(tmp_path / "ranks.h5"), "--weights",
+                           "none", "--image-size", "32", "--batch-size", "4", "--workers", "0", "--precision", "fp32",
+                           "--dtype", "float32"], env=dict(os.environ, VGGCACHE_COMMIT_EVERY_S="0", OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    ranks = features_by_image(tmp_path / "ranks.h5")
+    assert sorted(ranks) == sorted(single) and all(np.array_equal(ranks[k], single[k]) for k in single)
+
+
+def test_a_worker_takes_whole_shards_every_nth_from_its_index():
+    from pipeline.extraction.distributed import Worker, WorkerKind
+
+    items = [(shard, i) for shard in range(5) for i in range(3)]
+    shares = [Worker(WorkerKind.RANK, rank, 2).take_by(items, lambda item: item[0]) for rank in (0, 1)]
+    assert [sorted({s for s, _ in share}) for share in shares] == [[0, 2, 4], [1, 3]]
+    assert sorted(shares[0] + shares[1]) == items
