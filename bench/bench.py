@@ -497,6 +497,7 @@ def run(args, tmp: Path) -> dict:
     print("16. stage two as a user meets it", flush=True)
     r["stage_two"] = stage_two.bench_stage_two(tmp, tmp / "bench.h5")
     print("17. export-features", flush=True)
+    (tmp / "export").mkdir()
     r["export_features"] = parquet_export.run(tmp / "export")
     print("18. similar's index", flush=True)
     r["similar_index"] = similar_index.bench_index()
