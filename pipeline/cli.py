@@ -18,7 +18,7 @@ from typer.core import TyperGroup
 
 from pipeline.cache.identity import VGG16_CHANNELS, VIEWS
 from pipeline.cache.pools import HEAD_POOLS, POOLS
-from pipeline.errors import Interrupted, UserError
+from pipeline.errors import Interrupted, UserError, forget_interrupted_string_evals
 from pipeline.extraction.config import ExtractConfig
 from pipeline.heads.config import HeadConfig
 from pipeline.heads.registry import HEADS
@@ -80,6 +80,7 @@ def _user_errors(command):
             raise typer.Exit(2) from None
         except Interrupted as e:
             _echo(str(e), err=True)
+            forget_interrupted_string_evals()
             raise typer.Exit(e.exit_code) from None
 
     return wrapper

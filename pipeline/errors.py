@@ -23,6 +23,25 @@ class Terminated(KeyboardInterrupt):
 EXIT_CTRL_C, EXIT_SIGTERM, EXIT_WORKER_DIED = 130, 143, 75
 
 
+def interruption_in(e: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C (or SIGTERM) that `e` is or wraps: Python turns a KeyboardInterrupt raised while a class is being
+    made (`__set_name__`, as a lazy import of scikit-learn or torch defines its classes) into a RuntimeError."""
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, KeyboardInterrupt):
+            return e
+        e, seen = (e.__cause__ if isinstance(e, RuntimeError) else None), seen + 1
+    return None
+
+
+def forget_interrupted_string_evals() -> None:
+    """Let the exit code stand after a Ctrl-C that was handled. CPython (3.11 to 3.13) remembers a KeyboardInterrupt
+    that ended code run from a string (`exec("...")`: dataclasses and namedtuple build their methods that way while
+    a lazy import runs) even when a caller caught it, and under `python -m` it then ends the process by SIGINT
+    after the exit code is set (-2 for the parent, not 130). Every string eval clears that flag first: this one."""
+    exec("None")
+
+
 def first_line(e: BaseException, empty: str | None = None) -> str:
     """An exception's text on one line, for a one-line message: its first line, or `empty` (default: its type's
     name) when it has no text."""

@@ -251,3 +251,28 @@ def test_extract_warns_of_a_bad_file_with_its_control_characters_escaped(tmp_pat
     extract(extract_config(data, tmp_path / "f.h5"))
     assert [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()] == [
         "skipped train/circle/bad\\x1b]0;t\\x07.jpg: not a JPEG, PNG, BMP, GIF, TIFF or WebP image (4 bytes)"]
+
+
+def test_a_ctrl_c_python_wrapped_while_a_class_was_made_is_still_an_interruption():
+    from pipeline.errors import interruption_in
+
+    stop = KeyboardInterrupt()
+    wrapped = RuntimeError("Error calling __set_name__ on 'cached_property' instance")
+    wrapped.__cause__ = stop
+    assert interruption_in(wrapped) is stop and interruption_in(stop) is stop
+    assert interruption_in(RuntimeError("CUDA out of memory")) is None
+
+
+def test_a_handled_ctrl_c_in_a_string_eval_keeps_the_exit_code_under_python_m(tmp_path):
+    """CPython remembers a KeyboardInterrupt that ended an exec'd string (as dataclasses run while a lazy import
+    defines classes) and, under `python -m`, ends the process by SIGINT after it chose its exit code."""
+    import subprocess
+    import sys
+
+    (tmp_path / "probe").mkdir()
+    (tmp_path / "probe" / "__main__.py").write_text(
+        "import sys\nfrom pipeline.errors import forget_interrupted_string_evals\n"
+        "try:\n    exec('raise KeyboardInterrupt')\nexcept KeyboardInterrupt:\n"
+        "    if sys.argv[1:] == ['forget']:\n        forget_interrupted_string_evals()\n    sys.exit(130)\n")
+    run = lambda *args: subprocess.run([sys.executable, "-m", "probe", *args], cwd=tmp_path).returncode
+    assert run("forget") == 130  # without it: -2 on CPython 3.11 to 3.13

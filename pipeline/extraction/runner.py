@@ -23,7 +23,7 @@ from pipeline.cache.identity import FeatureConfig
 from pipeline.cache.record import Record
 from pipeline.cache.store import Cache, open_cache, row_positions
 from pipeline.cache.writer import estimated_bytes, write_atomic
-from pipeline.errors import UserError
+from pipeline.errors import UserError, interruption_in
 from pipeline.extraction import distributed, embed
 from pipeline.extraction.augment import AUGMENTED_SPLITS, augments
 from pipeline.extraction.config import ExtractConfig, extract_feature_config
@@ -117,9 +117,10 @@ def _saying_what_is_saved(job: _Job, journal: Journal):
     except KeyboardInterrupt as e:
         raise embed.interruption(job.worker, journal, e) from None
     except (RuntimeError, ConnectionError, EOFError) as e:  # a decode worker's death is reported asynchronously
-        if not embed.worker_died(e):
+        stop = interruption_in(e)  # or a Ctrl-C while a lazy import made a class (Python wraps it)
+        if stop is None and not embed.worker_died(e):
             raise
-        raise embed.interruption(job.worker, journal, e) from None
+        raise embed.interruption(job.worker, journal, stop or e) from None
 
 
 def _open_journal(job: _Job, group: distributed.Group, stack: contextlib.ExitStack) -> Journal:

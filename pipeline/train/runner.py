@@ -14,7 +14,7 @@ from pipeline.backbone.weights import weights_spec
 from pipeline.cache.header import Header
 from pipeline.cache.store import Cache, open_cache
 from pipeline.cache.summary import copies_across_splits
-from pipeline.errors import EXIT_CTRL_C, EXIT_SIGTERM, Interrupted, Terminated
+from pipeline.errors import EXIT_CTRL_C, EXIT_SIGTERM, Interrupted, Terminated, interruption_in
 from pipeline.heads.metrics import classification_metrics
 from pipeline.heads.registry import HEADS, full_proba
 from pipeline.look import pictures
@@ -35,8 +35,11 @@ def train_head(cfg: TrainConfig) -> Run:
     stage = {"now": "fit", "out": cfg.out}
     try:
         return _train_head(cfg, stage)
-    except KeyboardInterrupt as e:
-        code = EXIT_SIGTERM if isinstance(e, Terminated) else EXIT_CTRL_C
+    except (KeyboardInterrupt, RuntimeError) as e:
+        stop = interruption_in(e)
+        if stop is None:
+            raise
+        code = EXIT_SIGTERM if isinstance(stop, Terminated) else EXIT_CTRL_C
         raise Interrupted(_what_is_saved(cfg, stage), code) from None
 
 
