@@ -23,7 +23,7 @@ from pipeline.cache.identity import (
 from pipeline.device import DEVICES, PRECISIONS
 from pipeline.errors import UserError
 from pipeline.extraction.augment import RECIPE
-from pipeline.extraction.tars import is_tar_spec
+from pipeline.extraction.dataset import is_tar_spec
 from pipeline.params import BOOLEAN, Interval, OneOf, Optional, Satisfies, parse_option, validate
 
 POOLS = tuple(pools.POOLS)

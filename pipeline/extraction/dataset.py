@@ -6,17 +6,34 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.errors import UserError
-from pipeline.extraction.tars import TarIndex, dataset_name, is_tar_spec, list_shards
 from pipeline.files import sha256_file
+
+if TYPE_CHECKING:
+    from pipeline.extraction.tars import TarIndex
 
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 FLAT_SPLIT = "all"
 MANIFEST_HEADER = ("path", "label", "split")
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
+_SPLIT_PREFIX = re.compile(r"^(?P<split>[A-Za-z0-9_.-]+)=(?P<pattern>.+)$")
+
+
+def tar_spec(text: str) -> tuple[str | None, str]:
+    """A DATA argument `[SPLIT=]PATTERN` as (split or None, pattern); a path that exists is never split."""
+    match = _SPLIT_PREFIX.match(text)
+    return (match["split"], match["pattern"]) if match and not os.path.exists(text) else (None, text)
+
+
+def is_tar_spec(text: str) -> bool:
+    """Whether a DATA argument names WebDataset tar shards (`[SPLIT=]PATTERN` ending in .tar, .tar.gz...)."""
+    return tar_spec(text)[1].lower().endswith(TAR_SUFFIXES)
 
 
 @dataclass(frozen=True)
@@ -102,7 +119,9 @@ def _discover_tars(specs: list[str], label_from: str) -> Dataset:
     not_tars = [spec for spec in specs if not is_tar_spec(spec)]
     if not_tars:
         raise UserError(f"{not_tars[0]} is not a tar shard (.tar): give either tar shards or one folder or CSV")
-    found = list_shards(specs, label_from)
+    from pipeline.extraction.tars import dataset_name, list_shards  # here: a folder's rerun does not import it
+
+    found = list_shards([tar_spec(spec) for spec in specs], label_from)
     items = []
     for split, path, label in found.items:
         if split_problem(split):

@@ -40,16 +40,7 @@ IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 LABEL_MEMBERS = ("cls", "json", "txt")  # auto: the first of these the first sample has (json: its "label" field)
 JSON_LABEL, JSON_SPLIT = "label", "split"
 MAX_SIDE_BYTES = 1 << 20  # a .cls, .txt or .json read for a sample's class or split: at most this much
-TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
-_SPLIT_PREFIX = re.compile(r"^(?P<split>[A-Za-z0-9_.-]+)=(?P<pattern>.+)$")
 _RANGE = re.compile(r"\{(-?\d+)\.\.(-?\d+)\}")
-
-
-def is_tar_spec(text: str) -> bool:
-    """Whether a DATA argument names tar shards (`[SPLIT=]PATTERN` ending in .tar, .tar.gz...)."""
-    match = _SPLIT_PREFIX.match(text)
-    pattern = match["pattern"] if match and not os.path.exists(text) else text
-    return pattern.lower().endswith(TAR_SUFFIXES)
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -166,10 +157,11 @@ class TarIndex:
         return self._digests.get(path, "")
 
 
-def list_shards(specs: list[str], label_from: str = "auto") -> Found:
-    """Every shard of `specs` (`[SPLIT=]PATTERN`), listed: its samples, their class and split. One line for a
-    missing or malformed shard, a sample without a class, an image listed twice."""
-    located = [(split, location) for spec in specs for split, location in _expand_spec(spec)]
+def list_shards(specs: list[tuple[str | None, str]], label_from: str = "auto") -> Found:
+    """Every shard of `specs` ((split or None, pattern): dataset.py parses DATA's `[SPLIT=]PATTERN`), listed: its
+    samples, their class and split. One line for a missing or malformed shard, a sample without a class, an image
+    listed twice."""
+    located = [(split, location) for split, pattern in specs for location in _expand_pattern(pattern)]
     seen = {}
     for split, location in located:
         if location in seen:
@@ -198,9 +190,7 @@ def dataset_name(index: TarIndex) -> str:
     return Path(index.root.rstrip("/")).name or "shards"
 
 
-def _expand_spec(spec: str) -> list[tuple[str | None, str]]:
-    match = _SPLIT_PREFIX.match(spec)
-    split, pattern = (match["split"], match["pattern"]) if match and not os.path.exists(spec) else (None, spec)
+def _expand_pattern(pattern: str) -> list[str]:
     locations = []
     for expanded in expand_braces(pattern):
         if not is_url(expanded) and any(c in expanded for c in "*?["):
@@ -210,7 +200,7 @@ def _expand_spec(spec: str) -> list[tuple[str | None, str]]:
             locations += found
         else:
             locations.append(expanded.removeprefix("file://"))
-    return [(split, location) for location in locations]
+    return locations
 
 
 def _common_root(locations: list[str]) -> str:

@@ -259,7 +259,7 @@ def test_a_member_named_outside_the_shard_is_skipped_never_a_path(tmp_path):
         add(tar, "../../evil.txt", b"circle")
         add(tar, "ok.jpg", b"y")
         add(tar, "ok.txt", b"circle")
-    found = tars.list_shards([str(tmp_path / "s.tar")])
+    found = tars.list_shards([(None, str(tmp_path / "s.tar"))])
     assert [path for _, path, _ in found.items] == ["s.tar/ok.jpg"]
 
 
