@@ -22,6 +22,7 @@ any URL fsspec opens) and compressed ones are read through once to list them, an
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -43,22 +44,36 @@ MAX_SIDE_BYTES = 1 << 20  # a .cls, .txt or .json read for a sample's class or s
 _RANGE = re.compile(r"\{(-?\d+)\.\.(-?\d+)\}")
 
 
+MAX_SHARDS = 1_000_000  # what one DATA pattern may expand to: checked before any name is made
+
+
 def expand_braces(pattern: str) -> list[str]:
     """`a-{000..003}.tar` -> a-000.tar ... a-003.tar (zero-padded as written), `{x,y}` -> both, as bash and
-    WebDataset's braceexpand do; several braces multiply."""
-    start = pattern.find("{")
-    if start < 0:
-        return [pattern]
-    depth, end = 0, -1
-    for i in range(start, len(pattern)):
-        depth += {"{": 1, "}": -1}.get(pattern[i], 0)
-        if depth == 0:
-            end = i
-            break
-    if end < 0:
-        raise UserError(f"shard pattern {pattern!r} has a '{{' without its '}}'")
-    head, body, tail = pattern[:start], pattern[start + 1:end], pattern[end + 1:]
-    return [head + choice + rest for choice in _choices(body, pattern) for rest in expand_braces(tail)]
+    WebDataset's braceexpand do; several braces multiply, refused in one line above MAX_SHARDS names."""
+    parts = _parts(pattern)
+    count = 1
+    for choices in parts:
+        count *= len(choices)
+        if count > MAX_SHARDS:
+            raise UserError(f"shard pattern {pattern!r} expands to over {MAX_SHARDS:,} shards")
+    return ["".join(names) for names in itertools.product(*parts)]
+
+
+def _parts(pattern: str) -> list[list[str]]:
+    """The pattern as a sequence of choices: a literal is one choice, a brace group its expansions."""
+    parts, rest = [], pattern
+    while (start := rest.find("{")) >= 0:
+        depth, end = 0, -1
+        for i in range(start, len(rest)):
+            depth += {"{": 1, "}": -1}.get(rest[i], 0)
+            if depth == 0:
+                end = i
+                break
+        if end < 0:
+            raise UserError(f"shard pattern {pattern!r} has a '{{' without its '}}'")
+        parts += [[rest[:start]], _choices(rest[start + 1:end], pattern)]
+        rest = rest[end + 1:]
+    return parts + [[rest]]
 
 
 def _choices(body: str, pattern: str) -> list[str]:
@@ -67,20 +82,23 @@ def _choices(body: str, pattern: str) -> list[str]:
         first, last = whole[1], whole[2]
         width = len(first) if first.lstrip("-").startswith("0") and len(first.lstrip("-")) > 1 else 0
         a, b = int(first), int(last)
-        if abs(b - a) > 1_000_000:
-            raise UserError(f"shard pattern {pattern!r}: the range {{{first}..{last}}} is over a million shards")
+        if abs(b - a) >= MAX_SHARDS:
+            raise UserError(f"shard pattern {pattern!r} expands to over {MAX_SHARDS:,} shards")
         step = 1 if b >= a else -1
         return [str(n).zfill(width) for n in range(a, b + step, step)]
-    parts, depth, current = [], 0, ""
+    alternatives, depth, current = [], 0, ""
     for c in body:
         if c == "," and depth == 0:
-            parts.append(current)
+            alternatives.append(current)
             current = ""
             continue
         depth += {"{": 1, "}": -1}.get(c, 0)
         current += c
-    parts.append(current)
-    return [expanded for part in parts for expanded in expand_braces(part)]
+    alternatives.append(current)
+    expanded = [name for alternative in alternatives for name in expand_braces(alternative)]
+    if len(expanded) > MAX_SHARDS:
+        raise UserError(f"shard pattern {pattern!r} expands to over {MAX_SHARDS:,} shards")
+    return expanded
 
 
 def is_url(text: str) -> bool:
@@ -359,6 +377,26 @@ def _opened(shard: TarShard):
         return open(shard.location, "rb")
     except OSError as e:
         raise UserError(f"cannot read tar shard {shard.location} ({e.strerror or type(e).__name__})") from None
+
+
+def read_member(path: Path) -> bytes | None:
+    """The bytes of a cached image of a shard dataset, `<folder>/<shard>.tar/<member>`, read from the local shard
+    (for thumbnails); None when `path` names no such member, or one over images.MAX_FILE_BYTES."""
+    import tarfile
+
+    path = Path(path)
+    for shard in path.parents:
+        if shard.is_file():  # the one component of the path that is a file: the shard
+            member = path.relative_to(shard).as_posix()
+            try:
+                with tarfile.open(shard, "r:*") as tar:
+                    info = tar.getmember(member)
+                    if not info.isfile() or info.size > MAX_FILE_BYTES:
+                        return None
+                    return tar.extractfile(info).read()
+            except (KeyError, OSError, tarfile.TarError, EOFError):
+                return None
+    return None
 
 
 def stream_members(shard: TarShard, wanted: set[str]):

@@ -257,7 +257,10 @@ def _matches(cache: Cache, selection: Selection, index, mean: np.ndarray, rows, 
 def _load(faiss, files: tuple[Path, Path], key: str, n: int):
     """(index, mean) from the pair of files, or None (absent, stale or damaged: said in one line)."""
     faiss_file, json_file = files
-    if not json_file.is_file() and not faiss_file.is_file():
+    if not json_file.exists() and not faiss_file.exists():
+        return None
+    if not (json_file.is_file() and faiss_file.is_file()):  # a FIFO would block a read for ever: never read one
+        log.warning("the index %s cannot be used (its files are not both regular files): building it", faiss_file)
         return None
     try:
         if json_file.stat().st_size > MAX_JSON_BYTES:

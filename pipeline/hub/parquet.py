@@ -319,7 +319,7 @@ def _fsync_folder(folder: Path) -> None:
 
 def _write_part(pa, pq, cache: Cache, plan: Plan, part: Part, header: dict, path: Path, progress: Progress) -> None:
     """One part, a block (one row group) at a time, fsynced before it may be renamed into place."""
-    schema = _schema(pa, plan.dim, header, part, cache.class_names)
+    schema = _schema(pa, plan.dim, header, part, [_utf8(name) for name in cache.class_names])
     transform = cache.pooling(plan.pool)
     step = plan.block_rows[part.split]
     # the system allocator gives a finished block's buffers back at once; Arrow's default (mimalloc) keeps them, and
@@ -347,7 +347,7 @@ def _block(pa, cache: Cache, split: str, start: int, stop: int, transform, schem
         pa.array(paths, pa.string()),
         pa.repeat(split, stop - start).cast(pa.string()),
         pa.array(labels, pa.int64()),
-        pa.array(cache.class_names, pa.string()).take(pa.array(labels)),
+        pa.array([_utf8(name) for name in cache.class_names], pa.string()).take(pa.array(labels)),
         pa.array(sha256, pa.string()),
         pa.FixedSizeListArray.from_arrays(values, type=schema.field("embedding").type),
     ], schema=schema)
@@ -364,8 +364,8 @@ def _column(cache: Cache, split: str, dataset: str, start: int, stop: int) -> np
 
 
 def _utf8(path: str) -> str:
-    """Parquet text is UTF-8: a file name that is not (kept by Python as surrogate escapes) is written with its odd
-    bytes as \\xNN, as `pipeline info` shows it."""
+    """Parquet text is UTF-8: a file or class name that is not (kept by Python as surrogate escapes) is written with
+    its odd bytes as \\xNN, as `pipeline info` shows it."""
     try:
         path.encode("utf-8")
         return path
@@ -390,7 +390,8 @@ def _header_metadata(cache: Cache, plan: Plan) -> dict:
     """What every part says of the cache it came from (no absolute paths: an export is made to be shared)."""
     header = cache.header
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "fingerprint": header.fingerprint,
-            "config": header.config_dict, "class_names": list(header.class_names), "dataset": header.source.name,
+            "config": header.config_dict, "class_names": [_utf8(name) for name in header.class_names],
+            "dataset": header.source.name and _utf8(header.source.name),
             "cache_dim": header.feature_dim, "cache_dtype": str(_stored_dtype(cache, plan.splits[0])),
             "pool": plan.pool, "embedding_pool": plan.pooled_name, "dim": plan.dim, "columns": list(COLUMNS),
             "vggcache": _vggcache_version()}

@@ -134,12 +134,16 @@ def resolve_queries(cache: Cache, texts: tuple[str, ...]) -> list[Query]:
 
 
 def _check_image(path: str, cache: Cache) -> None:
-    from pipeline.images import open_image, read_image_file, why_not_read
+    from pipeline.images import Refused, open_image, read_image_file, why_not_read
 
     fcfg = cache.header.feature_config(cache.path)
-    data = b""
     try:
-        data = read_image_file(path)
+        data = read_image_file(path)  # a folder, a FIFO, a device or a file over the size limit: refused unread
+    except Refused as e:
+        raise UserError(f"query {printable(path)!r} is not an image this tool reads ({e})") from None
+    except OSError as e:
+        raise UserError(f"query {printable(path)!r} cannot be read ({e.strerror or type(e).__name__})") from None
+    try:
         open_image(data, fcfg.resize_size).close()
     except Exception as e:
         raise UserError(f"query {printable(path)!r} is not an image this tool reads ({why_not_read(e, len(data))})") from None

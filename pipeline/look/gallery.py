@@ -24,12 +24,16 @@ def thumbnail(path: Path | None, size: int = THUMB) -> np.ndarray | None:
     below twice that); None when it cannot be read."""
     from PIL import ImageOps
 
+    from pipeline.extraction.tars import read_member
     from pipeline.images import opened
 
     if path is None:
         return None
     try:
-        with opened(path) as img:  # the allowed formats only: a dataset file is never given to Ghostscript
+        source = path if Path(path).exists() else read_member(path)  # an image of a tar shard dataset
+        if source is None:
+            return None
+        with opened(source) as img:  # the allowed formats only: a dataset file is never given to Ghostscript
             if img.format == "JPEG":
                 img.draft("RGB", (size * 2, size * 2))
             img = ImageOps.exif_transpose(img).convert("RGB")

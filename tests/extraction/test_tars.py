@@ -212,6 +212,13 @@ def test_brace_patterns_expand_as_bash_and_webdataset_do(pattern, expanded):
     assert expand_braces(pattern) == expanded
 
 
+@pytest.mark.parametrize("pattern", ["s-{0..1000000}.tar", "{0..9}{0..9}{0..9}{0..9}{0..9}{0..9}{0..9}.tar"],
+                         ids=["one-range", "a-product"])
+def test_a_pattern_of_over_a_million_shards_is_one_line_before_any_name_is_made(pattern):
+    with pytest.raises(UserError, match=r"expands to over 1,000,000 shards$"):
+        expand_braces(pattern)
+
+
 def malformed(tmp_path: Path) -> list[str]:
     (tmp_path / "junk.tar").write_bytes(b"this is not a tar file at all" * 40)
     return [str(tmp_path / "junk.tar")]
@@ -283,3 +290,13 @@ def test_a_worker_takes_whole_shards_every_nth_from_its_index():
     shares = [Worker(WorkerKind.RANK, rank, 2).take_by(items, lambda item: item[0]) for rank in (0, 1)]
     assert [sorted({s for s, _ in share}) for share in shares] == [[0, 2, 4], [1, 3]]
     assert sorted(shares[0] + shares[1]) == items
+
+
+def test_a_cached_image_of_a_local_shard_is_read_back_for_thumbnails(folder, tmp_path):
+    from pipeline.look.gallery import thumbnail
+
+    shards = pack(folder, tmp_path / "shards")
+    member = tars.read_member(tmp_path / "shards" / "train-000.tar" / "checks_00000.jpg")
+    assert member == (folder / "train" / "checks" / "00000.jpg").read_bytes()
+    assert tars.read_member(tmp_path / "shards" / "train-000.tar" / "absent.jpg") is None
+    assert thumbnail(shards[0] / "checks_00000.jpg").shape[2] == 3

@@ -59,6 +59,16 @@ def test_a_damaged_index_is_rebuilt_not_trusted(cache_file, damage, caplog):
     assert _open(cache_file).how == "loaded"  # and the pair written again is whole
 
 
+def test_an_index_file_replaced_by_a_fifo_is_never_read(cache_file, caplog):
+    built = _open(cache_file)
+    json_file = built.where.with_suffix(".json")
+    json_file.unlink()
+    os.mkfifo(json_file)  # reading it would wait for a writer for ever
+    again = _open(cache_file)
+    assert again.how != "loaded" and again.index.ntotal == 90
+    assert "its files are not both regular files" in caplog.text
+
+
 def test_rows_changed_in_place_are_caught_by_the_spot_checks(cache_file, caplog):
     import h5py
 

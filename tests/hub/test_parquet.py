@@ -433,3 +433,15 @@ def test_the_cli_starts_without_pyarrow():
                           capture_output=True, text=True)
     assert done.returncode == 0 and "--part-mb" in done.stdout, done.stderr[-2000:]
     assert "pyarrow" not in done.stderr and "typer" in done.stderr  # -X importtime lists every module imported
+
+
+def test_a_class_name_that_is_not_utf8_is_written_with_its_odd_byte_shown(tmp_path):
+    import os
+
+    from conftest import feature_file
+
+    odd = os.fsdecode(b"caf\xff")
+    summary = export_features(feature_file(tmp_path / "c.h5", classes=("a", odd, "c")), tmp_path / "e")
+    table = read_parts(summary.out)
+    assert set(table["class_name"].to_pylist()) == {"a", "caf\\xff", "c"}
+    assert json.loads(table.schema.metadata[b"vggcache"])["class_names"] == ["a", "caf\\xff", "c"]

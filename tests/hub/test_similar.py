@@ -2,6 +2,7 @@
 reports); the same image as a file meets its own row; --split, k, bad queries, the CSV and the page."""
 
 import csv
+import os
 import shutil
 
 import pytest
@@ -65,12 +66,18 @@ def test_k_above_the_rows_gives_every_row_once(cached):
     assert sims == sorted(sims, reverse=True)
 
 
-@pytest.mark.parametrize("query, says", [("train/nope.jpg", "neither a path in"), ("notes.txt", "is not an image")],
-                         ids=["unknown", "not-an-image"])
+@pytest.mark.parametrize("query, says", [
+    ("train/nope.jpg", "neither a path in"),
+    ("notes.txt", "is not an image"),
+    ("folder", "is not an image this tool reads (not a regular file (a folder))"),
+    ("pipe.jpg", "is not an image this tool reads (not a regular file (a FIFO))"),
+], ids=["unknown", "not-an-image", "a-folder", "a-fifo"])
 def test_a_bad_query_is_one_line_before_any_work(cached, tmp_path, monkeypatch, query, says):
     _, cache = cached
     monkeypatch.chdir(tmp_path)
     (tmp_path / "notes.txt").write_text("=1+1")
+    (tmp_path / "folder").mkdir()
+    os.mkfifo(tmp_path / "pipe.jpg")
     result = CliRunner().invoke(app, ["similar", str(cache), SOURCE, query])
     assert result.exit_code == 2 and says in result.output and len(result.output.strip().splitlines()) == 1
 
