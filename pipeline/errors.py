@@ -1,5 +1,9 @@
 """The exceptions the CLI turns into one line and an exit code: a user error (exit 2), an interrupted run (130, 143
-or 75); and `first_line`, the one way an exception's text is put on one line."""
+or 75), SIGTERM taken as Ctrl-C; and `first_line`, the one way an exception's text is put on one line."""
+
+import contextlib
+import signal
+import threading
 
 
 class UserError(Exception):
@@ -21,6 +25,25 @@ class Terminated(KeyboardInterrupt):
 
 
 EXIT_CTRL_C, EXIT_SIGTERM, EXIT_WORKER_DIED = 130, 143, 75
+
+
+@contextlib.contextmanager
+def sigterm_as_ctrl_c():
+    """Inside: SIGTERM (what schedulers and `docker stop` send, and torchrun a job's other ranks when one fails)
+    raises `Terminated` where Ctrl-C raises KeyboardInterrupt, so that a command stops as it does on Ctrl-C (saying
+    what is saved) and exits 143. Only the main thread can take signals: elsewhere, nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def interruption_in(e: BaseException) -> KeyboardInterrupt | None:

@@ -21,12 +21,11 @@ import datetime
 import hashlib
 import logging
 import os
-import signal
 import traceback
 from dataclasses import dataclass
 from enum import Enum
 
-from pipeline.errors import Terminated, UserError, first_line
+from pipeline.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -187,22 +186,6 @@ def quiet_unless_leader(worker: Worker) -> None:
 def plan_digest(paths: list[str], batch_size: int) -> str:
     text = "\n".join([str(batch_size), *paths])
     return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:16]
-
-
-@contextlib.contextmanager
-def stopped_by_sigterm(worker: Worker):
-    """SIGTERM (what schedulers and `docker stop` send, and torchrun and SLURM send a job's other ranks when one
-    fails) ends an extraction as Ctrl-C does: the worker commits what it has and says how to continue, instead of
-    dying with uncommitted batches; it exits 143, not 130. (Decode workers ignore SIGTERM: reader.make_loader.)"""
-
-    def interrupt(signum, frame):
-        raise Terminated
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def quiet_resource_sharer(previous):

@@ -161,7 +161,7 @@ def _embed_all(extractor, loader, todo: list[Record], journal: Journal, fcfg: Fe
                     commit()
                 progress.advance(len(records))
         commit()
-    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (distributed.stopped_by_sigterm)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (errors.sigterm_as_ctrl_c)
         commit()
         raise interruption(worker, journal, e) from None
     except (RuntimeError, ConnectionError, EOFError) as e:

@@ -23,7 +23,7 @@ from pipeline.cache.identity import FeatureConfig
 from pipeline.cache.record import Record
 from pipeline.cache.store import Cache, open_cache, row_positions
 from pipeline.cache.writer import estimated_bytes, write_atomic
-from pipeline.errors import UserError, interruption_in
+from pipeline.errors import UserError, interruption_in, sigterm_as_ctrl_c
 from pipeline.extraction import distributed, embed
 from pipeline.extraction.augment import AUGMENTED_SPLITS, augments
 from pipeline.extraction.config import ExtractConfig, extract_feature_config
@@ -91,7 +91,9 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
     files.ensure_writable_file(job.out, "--out")
     distributed.quiet_unless_leader(worker)
     group = distributed.Group(worker)
-    with distributed.stopped_by_sigterm(worker), embed.quiet_about_dead_workers(), group.started(cfg.device), \
+    # SIGTERM: the worker commits what it has and says how to continue, instead of dying with uncommitted batches
+    # (decode workers ignore it: reader.make_loader)
+    with sigterm_as_ctrl_c(), embed.quiet_about_dead_workers(), group.started(cfg.device), \
             contextlib.ExitStack() as stack:
         journal = _open_journal(job, group, stack)
         stack.enter_context(_saying_what_is_saved(job, journal))

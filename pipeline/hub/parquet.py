@@ -24,8 +24,6 @@ import json
 import logging
 import os
 import re
-import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +32,7 @@ import numpy as np
 
 from pipeline.cache.schema import Damaged, decode_path
 from pipeline.cache.store import Cache, open_cache
-from pipeline.errors import EXIT_CTRL_C, EXIT_SIGTERM, Interrupted, Terminated, UserError, first_line
+from pipeline.errors import EXIT_CTRL_C, EXIT_SIGTERM, Interrupted, Terminated, UserError, first_line, sigterm_as_ctrl_c
 from pipeline.files import DiskFull, ensure_free_space, ensure_output_folder, is_disk_full
 from pipeline.hub.config import ExportConfig
 from pipeline.progress import Progress
@@ -112,7 +110,7 @@ def export_features(cfg: ExportConfig) -> ExportSummary:
         ensure_free_space(_existing(out), plan.rows * plan.dim * 4 + (1 << 20), "the export")
         stage = {"now": "write"}
         try:
-            with _sigterm_as_ctrl_c():
+            with sigterm_as_ctrl_c():
                 files = _export(pa, pq, cache, plan, out, replacing, stage)
         except KeyboardInterrupt as e:
             raise Interrupted(_what_is_left(out, stage), EXIT_SIGTERM if isinstance(e, Terminated) else EXIT_CTRL_C) \
@@ -421,19 +419,3 @@ def _vggcache_version() -> str:
         return "unknown"
 
 
-@contextlib.contextmanager
-def _sigterm_as_ctrl_c():
-    """SIGTERM (a scheduler, `docker stop`) stops an export as Ctrl-C does: its temporary files removed, --out as
-    it was. Only the main thread can take signals."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise Terminated
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
