@@ -46,7 +46,7 @@ APPROXIMATE_ABOVE = 250_000
 NPROBE_SHARE = 1 / 16  # cells searched per query, of nlist: recall@10 >= 0.95 on clustered rows (the bench)
 SPOT_CHECKS = 8  # stored rows compared with the cache's on every load (plus every cached query's own row)
 MAX_JSON_BYTES = 64 << 20  # the side file: a mean row of at most a few million floats
-RANGE_ROWS = 4096  # queries per range search: bounds the pairs held at once to what a block can find
+QUERY_ROWS = 4096  # queries per search call: bounds the results held at once
 
 
 def faiss_module(threads: int | None = None):
@@ -72,7 +72,7 @@ def unit_rows(X: np.ndarray, mean: np.ndarray) -> np.ndarray:
     return X
 
 
-def exact_search(index, queries: np.ndarray, k: int, block: int = RANGE_ROWS) -> tuple[np.ndarray, np.ndarray]:
+def exact_search(index, queries: np.ndarray, k: int, block: int = QUERY_ROWS) -> tuple[np.ndarray, np.ndarray]:
     """(similarities, row ids) of each query's k best rows by exact inner product, a block of queries at a time;
     -1 ids (and -inf) where there are fewer rows than k."""
     k = max(1, min(k, max(index.ntotal, 1)))
@@ -81,21 +81,6 @@ def exact_search(index, queries: np.ndarray, k: int, block: int = RANGE_ROWS) ->
     if not parts:
         return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
     return np.concatenate([d for d, _ in parts]), np.concatenate([i for _, i in parts])
-
-
-def pairs_at_least(index, queries: np.ndarray, floor: float, block: int = RANGE_ROWS):
-    """(query, row, similarity) of every query and row whose inner product is at least `floor`, a block of queries
-    at a time (faiss's range search keeps those strictly above its radius: the radius is one float under)."""
-    radius = float(np.nextafter(np.float32(floor), np.float32(-np.inf)))
-    qs, rs, ss = [], [], []
-    for s in range(0, len(queries), block):
-        lims, D, I = index.range_search(np.ascontiguousarray(queries[s:s + block], np.float32), radius)
-        qs.append(np.repeat(np.arange(s, s + len(lims) - 1), np.diff(lims.astype(np.int64))))
-        rs.append(I.astype(np.int64))
-        ss.append(D)
-    if not qs:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-    return np.concatenate(qs), np.concatenate(rs), np.concatenate(ss)
 
 
 @dataclass(frozen=True)
