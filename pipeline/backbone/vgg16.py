@@ -13,7 +13,7 @@ from torchvision.models import VGG16_Weights, vgg16
 from torchvision.models.vgg import cfgs, make_layers
 
 from pipeline.backbone.torch_pools import TORCH_POOLS
-from pipeline.backbone.weights import IMAGENET_WEIGHTS, RANDOM_SEED, weights_identity
+from pipeline.backbone.weights import IMAGENET_WEIGHTS, RANDOM_SEED, weights_identity, weights_spec
 from pipeline.cache import pools
 from pipeline.cache.identity import IMAGENET_CROP, IMAGENET_MEAN, IMAGENET_RESIZE, IMAGENET_STD, FeatureConfig
 from pipeline.device import autocast, resolve_device, resolve_precision
@@ -121,6 +121,22 @@ def build_body(feature_cfg: FeatureConfig, weights: str) -> VGG16Body:
     body = VGG16Body(layers, feature_cfg.pool, feature_cfg.mean, feature_cfg.std, flip=feature_cfg.flip)
     body.requires_grad_(False)
     return body.eval()
+
+
+def rebuilt_extractor(fcfg: FeatureConfig, weights_file: str | None, weights: str | None, extracted_at: str | None,
+                      device: str = "auto", precision: str = "auto") -> "Extractor":
+    """The extractor that made features of `fcfg`, made again for new images (predict, serve, similar): the same
+    weights (`weights` when the recorded `weights_file` has moved; checked by hash) and, unless `precision` says
+    otherwise, the precision the features were extracted at (fp32 or bf16), so that a cached image gives its own
+    row again."""
+    if precision == "auto" and extracted_at in ("fp32", "bf16"):
+        precision = extracted_at
+    return Extractor(build_body(fcfg, weights_spec(fcfg.weights_id, weights_file, weights)), device, precision)
+
+
+def as_stored(rows: np.ndarray, fcfg: FeatureConfig) -> np.ndarray:
+    """Feature rows rounded through the cache's storage dtype, as float32: what a cache holds of such an image."""
+    return rows.astype(fcfg.dtype).astype(np.float32)
 
 
 class Extractor:

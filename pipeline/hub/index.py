@@ -127,13 +127,13 @@ def choose_kind(asked: str, rows: int) -> str:
     return asked if asked != "auto" else "approximate" if rows > APPROXIMATE_ABOVE else "exact"
 
 
-def selected_rows(cache: Cache, splits: tuple[str, ...]) -> list[tuple[str, int, str]]:
-    """(split, position, path) of every row of the selected splits (all: ()), in the index's order."""
+def selected_rows(cache: Cache, splits: tuple[str, ...]) -> list[tuple[str, int]]:
+    """(split, position) of every row of the selected splits (all: ()), in the index's order."""
     for split in splits:
         if split not in cache.splits:
             raise UserError(f"--split {split}: {cache.path} has no such split (splits: {', '.join(cache.splits) or 'none'})")
     chosen = [s for s in cache.splits if not splits or s in splits]
-    return [(split, i, p) for split in chosen for i, p in enumerate(cache.read_paths(split))]
+    return [(split, i) for split in chosen for i in range(cache.split_shape(split)[0])]
 
 
 def content_key(cache: Cache, selection: Selection, kind: str) -> str:
@@ -156,8 +156,7 @@ def open_index(cache: Cache, selection: Selection, asked: str = "auto", check_ro
     compared with the cache's (a cached query's own row)."""
     start = time.perf_counter()
     faiss = faiss_module(threads)
-    located = selected_rows(cache, selection.splits)
-    rows = [(s, i) for s, i, _ in located]
+    rows = selected_rows(cache, selection.splits)
     kind = choose_kind(asked, len(rows))
     key = content_key(cache, selection, kind)
     folder = Path(f"{cache.path}.index")

@@ -26,7 +26,7 @@ from pipeline import files
 from pipeline.cache.store import Cache, open_cache
 from pipeline.errors import UserError
 from pipeline.hub.config import SimilarConfig
-from pipeline.hub.index import RowIndex, Selection, open_index, pooled_rows
+from pipeline.hub.index import RowIndex, Selection, open_index, pooled_rows, selected_rows
 from pipeline.text import csv_cell, printable
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def similar(cfg: SimilarConfig, draw: Callable | None = None) -> SimilarResult:
         selection = Selection(head_pool(cache, cfg.pool), tuple(cfg.splits))
         queries = resolve_queries(cache, cfg.queries)
         embed = FileEmbedder(cache, selection.pool, cfg) if any(q.source == "file" for q in queries) else None
-        place_rows = _place_rows(cache, selection)
+        place_rows = {place: row for row, place in enumerate(selected_rows(cache, selection.splits))}
         index = open_index(cache, selection, cfg.index, tuple(place_rows[q.place] for q in queries
                                                               if q.source == "cache" and q.place in place_rows))
         results = answer(cache, index, queries, cfg.k, embed)
@@ -149,34 +149,21 @@ def _check_image(path: str, cache: Cache) -> None:
         raise UserError(f"query {printable(path)!r} is not an image this tool reads ({why_not_read(e, len(data))})") from None
 
 
-def _place_rows(cache: Cache, selection: Selection) -> dict[tuple[str, int], int]:
-    """(split, position) -> index row, for the selected splits (in the index's order)."""
-    chosen = [s for s in cache.splits if not selection.splits or s in selection.splits]
-    out, row = {}, 0
-    for split in chosen:
-        n = cache.split_shape(split)[0]
-        out.update({(split, i): row + i for i in range(n)})
-        row += n
-    return out
-
-
 class FileEmbedder:
     """The cache's own extractor, rebuilt as predict rebuilds a run's: the same config, the weights checked by
     hash, the precision the cache was extracted at (so that a cached image meets its own row)."""
 
     def __init__(self, cache: Cache, pool: str | None, cfg: SimilarConfig):
-        from pipeline.backbone.vgg16 import Extractor, build_body
-        from pipeline.backbone.weights import weights_spec
+        from pipeline.backbone.vgg16 import rebuilt_extractor
 
         h = cache.header
         self.fcfg = h.feature_config(cache.path)
-        spec = weights_spec(self.fcfg.weights_id, h.weights_file, cfg.weights)
-        precision = h.precision if h.precision in ("fp32", "bf16") else "auto"
-        self.extractor = Extractor(build_body(self.fcfg, spec), cfg.device, precision)
+        self.extractor = rebuilt_extractor(self.fcfg, h.weights_file, cfg.weights, h.precision, cfg.device)
         self.pooling = self.fcfg.head_pooling(pool)
 
     def __call__(self, paths: list[str]) -> tuple[dict[int, np.ndarray], dict[int, str]]:
         """Rows of the files that decode (by position in `paths`), and the reason of each that does not."""
+        from pipeline.backbone.vgg16 import as_stored
         from pipeline.extraction.embed import image_batches
         from pipeline.extraction.reader import decoded_images
 
@@ -185,7 +172,7 @@ class FileEmbedder:
             ok, images = decoded_images(batch)
             positions = batch["index"].tolist()
             if ok:
-                features = self.extractor(images).astype(self.fcfg.dtype).astype(np.float32)
+                features = as_stored(self.extractor(images), self.fcfg)
                 features = self.pooling(features) if self.pooling else features
                 rows.update({positions[k]: f for k, f in zip(ok, features)})
             errors.update({positions[k]: batch["error"][k] for k in range(len(positions)) if k not in ok})

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import files
-from pipeline.backbone.weights import weights_spec
 from pipeline.errors import UserError
 from pipeline.extraction.dataset import is_image_name
 from pipeline.heads.registry import full_proba
@@ -46,28 +45,17 @@ def collect_images(paths: tuple[Path, ...]) -> list[str]:
     return found
 
 
-def weights_for(run: Run, override: str | None) -> str:
-    """The --weights spec that rebuilds the run's extractor; build_body then checks it is the very same."""
-    return weights_spec(run.feature_config.weights_id, run.record.features.weights_file, override)
-
-
-def precision_for(run: Run, asked: str) -> str:
-    """By default, the precision the training features were extracted with, so a cached image predicts the same."""
-    recorded = run.record.features.precision
-    return recorded if asked == "auto" and recorded in ("fp32", "bf16") else asked
-
-
 class Predictor:
     """A run ready to predict: its extractor rebuilt (same weights, checked by hash), its head loaded; loaded once
     by `predict`, the server and the Python API."""
 
     def __init__(self, run: Run | Path, weights: str | None = None, device: str = "auto", precision: str = "auto"):
-        from pipeline.backbone.vgg16 import Extractor, build_body
+        from pipeline.backbone.vgg16 import rebuilt_extractor
 
         self.run = run if isinstance(run, Run) else load_run(run)
         self.head, self.fcfg = self.run.load_head(), self.run.feature_config
-        self.extractor = Extractor(build_body(self.fcfg, weights_for(self.run, weights)), device,
-                                   precision_for(self.run, precision))
+        source = self.run.record.features
+        self.extractor = rebuilt_extractor(self.fcfg, source.weights_file, weights, source.precision, device, precision)
         self.pooled = self.run.head_pooling()  # a head trained on a map cache pools the map as it did
         self.reference = reference.load(self.run.folder)  # None: the run keeps none (too wide inputs)
 
@@ -78,7 +66,9 @@ class Predictor:
     def features(self, images) -> np.ndarray:
         """uint8 images (B, 3, S, S) -> the head's input rows, rounded through the cache's storage dtype (the head
         was trained on exactly such values) and pooled as the run's head pools a map."""
-        rows = self.extractor(images).astype(self.fcfg.dtype).astype(np.float32)
+        from pipeline.backbone.vgg16 import as_stored
+
+        rows = as_stored(self.extractor(images), self.fcfg)
         return self.pooled(rows) if self.pooled else rows
 
     def proba(self, rows: np.ndarray) -> np.ndarray:
