@@ -119,7 +119,7 @@ def _discover_tars(specs: list[str], label_from: str) -> Dataset:
     not_tars = [spec for spec in specs if not is_tar_spec(spec)]
     if not_tars:
         raise UserError(f"{not_tars[0]} is not a tar shard (.tar): give either tar shards or one folder or CSV")
-    from pipeline.extraction.tars import dataset_name, list_shards  # here: a folder's rerun does not import it
+    from pipeline.extraction.tars import dataset_name, is_url, list_shards  # here: a folder's rerun never imports it
 
     found = list_shards([tar_spec(spec) for spec in specs], label_from)
     items = []
@@ -131,7 +131,7 @@ def _discover_tars(specs: list[str], label_from: str) -> Dataset:
     class_names = _class_names(items, found.index.root)
     if all(name.isdecimal() for name in class_names):  # .cls numbers: label i is class "i" when all are present
         class_names = tuple(sorted(class_names, key=int))
-    return Dataset(root=Path(found.index.root) if not found.index.root.count("://") else Path("."),
+    return Dataset(root=Path(".") if is_url(found.index.root) else Path(found.index.root),
                    name=dataset_name(found.index), kind="webdataset", class_names=class_names,
                    items=tuple(sorted(items, key=_order)), tars=found.index)
 

@@ -55,7 +55,8 @@ def run_model(cfg: ExtractConfig, fcfg: FeatureConfig, dataset: Dataset, todo: l
     workers = cfg.workers if cfg.workers >= 0 else default_workers(on_cuda, worker.local_count)
     # whole batches, as a single process cuts them: the same values, whatever the number of workers; tar shards
     # whole, each read by one worker
-    share = worker.take_by(todo, _source_shard(dataset)) if dataset.tars else worker.take(todo, batch_size)
+    share = worker.take_by(todo, lambda r: dataset.tars.sample_of(r.path).shard) if dataset.tars else \
+        worker.take(todo, batch_size)
     mine = [r for r in share if r.path in keep]
     batches = image_batches(cfg.decode, dataset, [r.path for r in mine], fcfg, batch_size, workers, extractor.device)
     log.info("extracting %d images on %s (%s), batch %d, %d workers, %s decode", len(mine), extractor.device,
@@ -88,14 +89,6 @@ def _device(asked: str, worker: Worker) -> str:
     import torch
 
     return f"cuda:{worker.local_rank}" if torch.cuda.is_available() else asked
-
-
-def _source_shard(dataset: Dataset):
-    """The tar shard of a record (an image's path, or one of its views' keys)."""
-    def shard(record: Record) -> int:
-        view = record.view
-        return dataset.tars.shard_of(view[0] if view else record.path)
-    return shard
 
 
 def image_batches(decode: str, source: Dataset | Path, paths: list[str], fcfg: FeatureConfig, batch_size: int,

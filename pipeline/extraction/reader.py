@@ -163,8 +163,7 @@ class TarSamples(torch.utils.data.IterableDataset):
         """shard -> member -> the indices of `files` it gives (an image and its views share their member)."""
         wanted: dict[int, dict[str, list[int]]] = {}
         for index, path in enumerate(self.files.paths):
-            view = view_of(path)
-            sample = self.tars.samples[view[0] if view else path]
+            sample = self.tars.sample_of(path)
             wanted.setdefault(sample.shard, {}).setdefault(sample.member, []).append(index)
         return wanted
 

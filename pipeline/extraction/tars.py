@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from glob import glob
 from pathlib import Path
 
+from pipeline.cache.record import view_of
 from pipeline.errors import UserError
 from pipeline.images import MAX_FILE_BYTES, Refused
 
@@ -154,8 +155,10 @@ class TarIndex:
         sample = self.samples.get(path)
         return None if sample is None else (sample.size, self.shards[sample.shard].mtime_ns)
 
-    def shard_of(self, path: str) -> int:
-        return self.samples[path].shard
+    def sample_of(self, key: str) -> Sample:
+        """The sample of an image's path, or of one of its augmented views' keys (cache.record.view_key)."""
+        view = view_of(key)
+        return self.samples[view[0] if view else key]
 
     def digest(self, path: str) -> str:
         """The sha256 of an image's bytes: read at its offset in a local tar, else from one pass over its shard
