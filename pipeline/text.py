@@ -12,15 +12,20 @@ _CONTROLS |= {c: f"\\u{c:04x}" for c in (*range(0x200E, 0x2010), *range(0x2028, 
 _CONTROLS_BUT_LINES = {c: shown for c, shown in _CONTROLS.items() if chr(c) not in "\n\t"}
 
 
-def printable(text: str, lines: bool = False) -> str:
-    """Text for a person: the bytes of a file name that is not UTF-8 (which Python keeps as surrogate escapes)
-    and control characters are shown as \\xNN, as `ls -b` would. `lines`: text laid out in lines (a table, a
-    report) keeps its newlines and tabs; the names that go into one are made printable first."""
+def valid_utf8(text: str) -> str:
+    """`text` as valid UTF-8: the bytes of a file name that is not (which Python keeps as surrogate escapes) shown
+    as \\xNN, as `ls -b` would; everything else as it is."""
     try:
-        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     except UnicodeEncodeError:  # a lone surrogate that no file name produces
-        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return text.translate(_CONTROLS_BUT_LINES if lines else _CONTROLS)
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def printable(text: str, lines: bool = False) -> str:
+    """Text for a person: `valid_utf8`, and control characters shown as \\xNN too, as `ls -b` would. `lines`:
+    text laid out in lines (a table, a report) keeps its newlines and tabs; the names that go into one are made
+    printable first."""
+    return valid_utf8(text).translate(_CONTROLS_BUT_LINES if lines else _CONTROLS)
 
 
 def shortened_to(text: str, room: int) -> str:

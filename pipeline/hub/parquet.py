@@ -36,6 +36,7 @@ from pipeline.errors import EXIT_CTRL_C, EXIT_SIGTERM, Interrupted, Terminated, 
 from pipeline.files import DiskFull, ensure_free_space, ensure_output_folder, is_disk_full
 from pipeline.hub.config import ExportConfig
 from pipeline.progress import Progress
+from pipeline.text import valid_utf8
 
 log = logging.getLogger(__name__)
 
@@ -317,7 +318,8 @@ def _fsync_folder(folder: Path) -> None:
 
 def _write_part(pa, pq, cache: Cache, plan: Plan, part: Part, header: dict, path: Path, progress: Progress) -> None:
     """One part, a block (one row group) at a time, fsynced before it may be renamed into place."""
-    schema = _schema(pa, plan.dim, header, part, [_utf8(name) for name in cache.class_names])
+    names = [valid_utf8(name) for name in cache.class_names]
+    schema = _schema(pa, plan.dim, header, part, names)
     transform = cache.pooling(plan.pool)
     step = plan.block_rows[part.split]
     # the system allocator gives a finished block's buffers back at once; Arrow's default (mimalloc) keeps them, and
@@ -327,25 +329,25 @@ def _write_part(pa, pq, cache: Cache, plan: Plan, part: Part, header: dict, path
                           memory_pool=pa.system_memory_pool()) as writer:
         for start in range(part.start, part.stop, step):
             stop = min(start + step, part.stop)
-            writer.write_table(_block(pa, cache, part.split, start, stop, transform, schema))
+            writer.write_table(_block(pa, cache, part.split, start, stop, transform, schema, names))
             progress.advance(stop - start)
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
 
 
-def _block(pa, cache: Cache, split: str, start: int, stop: int, transform, schema):
-    """Rows start..stop of a split as an Arrow table of the export's schema."""
+def _block(pa, cache: Cache, split: str, start: int, stop: int, transform, schema, names: list[str]):
+    """Rows start..stop of a split as an Arrow table of the export's schema (`names`: the class names as written)."""
     rows = cache.read_rows(split, start, stop)
     embedding = np.ascontiguousarray(rows if transform is None else transform(rows), dtype=np.float32)
     labels = _column(cache, split, "labels", start, stop).astype(np.int64)
-    paths = [_utf8(decode_path(p)) for p in _column(cache, split, "paths", start, stop)]
+    paths = [valid_utf8(decode_path(p)) for p in _column(cache, split, "paths", start, stop)]
     sha256 = [h.decode("ascii") for h in _column(cache, split, "sha256", start, stop)]
     values = pa.array(embedding.reshape(-1))  # float16 -> float32 above is exact: the cache's values, unchanged
     return pa.Table.from_arrays([
         pa.array(paths, pa.string()),
         pa.repeat(split, stop - start).cast(pa.string()),
         pa.array(labels, pa.int64()),
-        pa.array([_utf8(name) for name in cache.class_names], pa.string()).take(pa.array(labels)),
+        pa.array(names, pa.string()).take(pa.array(labels)),
         pa.array(sha256, pa.string()),
         pa.FixedSizeListArray.from_arrays(values, type=schema.field("embedding").type),
     ], schema=schema)
@@ -359,16 +361,6 @@ def _column(cache: Cache, split: str, dataset: str, start: int, stop: int) -> np
     except (KeyError, OSError, RuntimeError, ValueError) as e:  # damaged bytes inside the dataset
         raise Damaged(f"{cache.path} is damaged: {split}/{dataset} cannot be read ({first_line(e)[:200]}); rebuild "
                       "it with extract --force") from None
-
-
-def _utf8(path: str) -> str:
-    """Parquet text is UTF-8: a file or class name that is not (kept by Python as surrogate escapes) is written with
-    its odd bytes as \\xNN, as `pipeline info` shows it."""
-    try:
-        path.encode("utf-8")
-        return path
-    except UnicodeEncodeError:
-        return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 # ------------------------------------------------------------------------------------------ schema, metadata
@@ -388,8 +380,8 @@ def _header_metadata(cache: Cache, plan: Plan) -> dict:
     """What every part says of the cache it came from (no absolute paths: an export is made to be shared)."""
     header = cache.header
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "fingerprint": header.fingerprint,
-            "config": header.config_dict, "class_names": [_utf8(name) for name in header.class_names],
-            "dataset": header.source.name and _utf8(header.source.name),
+            "config": header.config_dict, "class_names": [valid_utf8(name) for name in header.class_names],
+            "dataset": header.source.name and valid_utf8(header.source.name),
             "cache_dim": header.feature_dim, "cache_dtype": str(_stored_dtype(cache, plan.splits[0])),
             "pool": plan.pool, "embedding_pool": plan.pooled_name, "dim": plan.dim, "columns": list(COLUMNS),
             "vggcache": _vggcache_version()}
