@@ -46,6 +46,7 @@ import stage_two  # noqa: E402
 import sweeps  # noqa: E402
 import tar_shards  # noqa: E402
 import tutorial  # noqa: E402
+from probe import RSS_PROBE  # noqa: E402
 
 GFLOP_PER_IMAGE = 30.7  # VGG16 convolutional body at 224x224
 SHARED_DATA = ROOT.parent / "shared" / "data" / "hymenoptera"
@@ -205,18 +206,6 @@ def bench_hdf5_read(tmp: Path) -> dict:
     seconds = time.perf_counter() - start
     return {"rows": n, "megabytes": got.features.nbytes / 1e6, "seconds": seconds,
             "megabytes_per_s": got.features.nbytes / 1e6 / seconds}
-
-
-RSS_PROBE = """
-import json, sys
-from pipeline.cli import app
-try:
-    app(sys.argv[1:], standalone_mode=False)
-finally:
-    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so it would report the benchmark's own peak
-    hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
-    print(json.dumps({"peak_kb": hwm}))
-"""
 
 
 def bench_audit(tmp: Path, n: int = 100_000, dim: int = 512) -> dict:

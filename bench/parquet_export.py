@@ -30,17 +30,8 @@ from pipeline.cache.record import Record  # noqa: E402
 from pipeline.cache.writer import write_atomic  # noqa: E402
 from pipeline.hub import parquet  # noqa: E402
 
-# The whole command in a child process, its peak resident memory read from the kernel (VmHWM: ru_maxrss would carry
-# the parent's peak across exec).
-RSS_PROBE = """
-import json, sys
-from pipeline.cli import app
-try:
-    app(sys.argv[1:], standalone_mode=False)
-finally:
-    hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
-    print(json.dumps({"peak_kb": hwm}))
-"""
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from probe import RSS_PROBE  # noqa: E402
 
 
 def post_relu_rows(n: int, dim: int, seed: int = 0) -> np.ndarray:
