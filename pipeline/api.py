@@ -34,16 +34,18 @@ class Run(folder.Run):
     def predict_images(self, paths, top_k: int = 3, **options) -> list[dict]:
         """`predict` on an image file or folder, or a list of them (options: weights, batch_size, workers, device,
         precision): one row per image, as the CSV has them (`proba` holds every class's probability)."""
-        import os
-
         from pipeline.serve.config import PredictConfig
         from pipeline.serve.predict import predict
 
-        # a str (or bytes) is one path, not its characters
-        paths = [paths] if isinstance(paths, (str, bytes, os.PathLike)) else list(paths)
-        images = tuple(paths)  # checked and made Paths by PredictConfig
-        return predict(PredictConfig(run=self.folder, images=images, top_k=top_k, **options),
-                       quiet=True)
+        # checked and made Paths by PredictConfig
+        return predict(PredictConfig(run=self.folder, images=_paths(paths), top_k=top_k, **options), quiet=True)
+
+
+def _paths(given) -> tuple:
+    """One path (a str, bytes or path-like: one path, not its characters) or several, as a tuple."""
+    import os
+
+    return (given,) if isinstance(given, (str, bytes, os.PathLike)) else tuple(given)
 
 
 def _api(run: folder.Run) -> Run:
@@ -107,8 +109,7 @@ def similar(features, queries, **options):
     from pipeline.hub.config import SimilarConfig
     from pipeline.look.similar_page import similar as run_similar
 
-    queries = [queries] if isinstance(queries, (str, bytes, os.PathLike)) else list(queries)
-    return run_similar(SimilarConfig(features=Path(features), queries=tuple(os.fsdecode(q) for q in queries),
+    return run_similar(SimilarConfig(features=Path(features), queries=tuple(map(os.fsdecode, _paths(queries))),
                                      **options))
 
 

@@ -22,8 +22,8 @@ where a forward of 64 takes seconds): a request's images are embedded in such ch
 gets its share of each forward (`Batcher`), so a request of hundreds of images delays another client's single image
 by about one forward, not by all of them. Requests that arrive while the model runs join its next forward (no
 waiting added: alone, a request runs at once). At most DECODE_SLOTS images are decoded at once, all requests
-together, which bounds the memory decoding takes (each image at most Pillow's 89.5 Mpx while it is decoded). It binds 127.0.0.1 by default and has no authentication and no TLS:
-put it behind your proxy for anything else.
+together, which bounds the memory decoding takes (each image at most Pillow's 89.5 Mpx while it is decoded). It
+binds 127.0.0.1 by default and has no authentication and no TLS: put it behind your proxy for anything else.
 """
 
 from __future__ import annotations
